@@ -1,0 +1,45 @@
+"""The one place onnxq imports ONNX Runtime, so that a missing runtime gives one clear message.
+
+``onnxq[cpu]`` installs ``onnxruntime``; ``onnxq[gpu]`` installs ``onnxruntime-gpu`` (which also runs
+on the CPU). Either provides the ``onnxruntime`` module.
+"""
+
+from __future__ import annotations
+
+from onnxq.errors import MissingDependencyError
+
+__all__ = ["ort", "available_providers", "make_session"]
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # pragma: no cover - exercised only without onnxruntime
+    raise MissingDependencyError(
+        "onnxq needs ONNX Runtime: install it with `pip install \"onnxq[cpu]\"` "
+        "(or `\"onnxq[gpu]\"` for the CUDA execution provider)"
+    ) from exc
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers."""
+    return list(ort.get_available_providers())
+
+
+def make_session(
+    model_bytes_or_path: bytes | str,
+    *,
+    providers: list[str] | None = None,
+    optimization: str = "all",
+    threads: int = 0,
+) -> "ort.InferenceSession":
+    """An InferenceSession with a chosen graph-optimisation level ("disable", "basic", "extended", "all")."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes_or_path, sess_options=so, providers=providers or ["CPUExecutionProvider"])

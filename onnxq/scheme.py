@@ -273,31 +273,73 @@ def choose_qparams_from_range(
 
     Zero is always made representable (``rmin <= 0 <= rmax``). Symmetric schemes use
     ``scale = max(|rmin|, |rmax|) / qmax_half`` and the zero point of the type's middle; affine schemes
-    use ``scale = (rmax - rmin) / (qmax - qmin)`` and ``zero_point = round(qmin - rmin / scale)``. Empty
-    or non-finite ranges give ``scale = 1``.
+    use ``scale = (rmax - rmin) / (qmax - qmin)`` and ``zero_point = round(qmin - rmin / scale)``. NaN
+    and +-Inf ends are ignored (treated as 0); an empty or all-zero range gives ``scale = 1``.
+
+    Guarantees, for every group:
+
+    * ``scale`` is a finite, *normal* float32 ``> 0``: a subnormal scale loses precision in
+      ``x / scale`` (codes far outside the range) and becomes 0 on runtimes that flush denormals, so
+      it is raised to the smallest normal float32;
+    * the zero point is computed from the float32 scale with the same float32 division that
+      :func:`quantize` (and ONNX Runtime) use, so an affine ``quantize(rmin)`` is exactly ``qmin``;
+    * ``quantize`` maps ``rmin`` and ``rmax`` inside the scheme's range (``qrange``; for symmetric
+      schemes ``zero_point +- qmax_half``), and ``dequantize`` of those codes is finite. Where float32
+      rounding of the scale or a round-half-to-even tie would put an end one code outside (e.g. 64
+      for int8 affine reduced range), the scale is widened by an ulp or two (more only for ranges
+      within a step of the float32 maximum).
     """
-    lo = np.minimum(np.nan_to_num(np.asarray(rmin, np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
-    hi = np.maximum(np.nan_to_num(np.asarray(rmax, np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+    f32max = float(np.finfo(np.float32).max)
+    lo = np.nan_to_num(np.asarray(rmin, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    hi = np.nan_to_num(np.asarray(rmax, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = np.broadcast_arrays(lo, hi)
+    # quantize() sees float32 values: work with the float32 ends of the range
+    lo = np.clip(lo, -f32max, 0.0).astype(np.float32)
+    hi = np.clip(hi, 0.0, f32max).astype(np.float32)
     qmin, qmax = scheme.qrange
-    if scheme.symmetry is Symmetry.SYMMETRIC:
-        amax = np.maximum(np.abs(lo), np.abs(hi))
+    symmetric = scheme.symmetry is Symmetry.SYMMETRIC
+    if symmetric:
         if scheme.dtype.signed:
-            scale = amax / qmax
-            zp = np.zeros_like(scale)
+            steps, zp_sym = qmax, 0
         else:
-            half = (qmax - qmin + 1) // 2  # 128 for uint8
-            scale = amax / (half - 1)
-            zp = np.full_like(scale, half)
+            half = (qmax - qmin + 1) // 2  # 128 for uint8: codes 1..255 used
+            steps, zp_sym = half - 1, half
+        scale64 = np.maximum(-lo.astype(np.float64), hi.astype(np.float64)) / steps
     else:
-        scale = (hi - lo) / (qmax - qmin)
-        safe = np.where(scale > 0, scale, 1.0)
-        zp = np.clip(np.round(qmin - lo / safe), qmin, qmax)
-    scale = scale.astype(np.float32)
-    bad = ~(np.isfinite(scale) & (scale > 0))
-    scale = np.where(bad, np.float32(1.0), scale).astype(np.float32)
-    if scheme.symmetry is Symmetry.AFFINE:
-        # recompute the zero point for degenerate groups so that 0.0 maps exactly to an integer
-        zp = np.where(bad, np.clip(np.round(qmin - 0.0), qmin, qmax), zp)
+        steps, zp_sym = qmax - qmin, 0
+        scale64 = (hi.astype(np.float64) - lo.astype(np.float64)) / steps
+    with np.errstate(under="ignore"):
+        scale = np.maximum(scale64.astype(np.float32), np.finfo(np.float32).tiny)
+    scale = np.where(scale64 > 0, scale, np.float32(1.0)).astype(np.float32)
+
+    def zero_point(s: np.ndarray) -> np.ndarray:
+        if symmetric:
+            return np.full(s.shape, zp_sym, np.float64)
+        # float32 division exactly as in quantize(); qmin is even, so rint(qmin - b) == qmin + rint(-b)
+        return np.clip(np.rint(np.float64(qmin) - (lo / s).astype(np.float64)), qmin, qmax)
+
+    def needs_widening(s: np.ndarray, z: np.ndarray) -> np.ndarray:
+        low, high = (z - steps, z + steps) if symmetric else (qmin, qmax)
+        with np.errstate(over="ignore"):
+            q_lo = np.rint(lo / s).astype(np.float64) + z
+            q_hi = np.rint(hi / s).astype(np.float64) + z
+            x_lo = (q_lo - z).astype(np.float32) * s
+            x_hi = (q_hi - z).astype(np.float32) * s
+        return (q_lo < low) | (q_hi > high) | ~np.isfinite(x_lo) | ~np.isfinite(x_hi)
+
+    zp = zero_point(scale)
+    for i in range(64):
+        widen = needs_widening(scale, zp)
+        if not widen.any():
+            break
+        # one ulp first; growing steps only for ranges within a step of the float32 maximum
+        wider = np.maximum(
+            np.nextafter(scale, np.float32(np.inf)), (scale * (1.0 + 2.0 ** (i - 23))).astype(np.float32)
+        )
+        scale = np.where(widen, wider, scale).astype(np.float32)
+        zp = zero_point(scale)
+    else:  # pragma: no cover - a few ulps always suffice
+        raise AssertionError(f"choose_qparams_from_range: cannot fit the range into {scheme}")
     return scale, zp.astype(scheme.dtype.numpy_dtype)
 
 
@@ -333,8 +375,13 @@ def quantize(
 ) -> np.ndarray:
     """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)``.
 
-    Saturation is to the storage type's limits (as ONNX does); the scheme's narrower range only
-    influences how the scale was chosen. NaN maps to the low limit, as onnxruntime's CPU kernel does.
+    ``x / scale`` is a float32 division (not a multiplication by the reciprocal) and rounding is half
+    to even, so the result is bit-identical to onnxruntime's CPU kernel. Saturation is to the storage
+    type's limits (as ONNX does); the scheme's narrower range only influences how the scale was
+    chosen. Non-finite inputs follow onnxruntime's CPU kernel (every dtype and granularity): ``+Inf``
+    saturates to the high limit, ``-Inf`` to the low limit, and ``NaN`` maps to the low limit
+    (-128 for int8, 0 for uint8), whatever the zero point. (onnx's ``ReferenceEvaluator`` differs: it
+    casts ``NaN``/``Inf``/``|x / scale| >= 2**31`` to int32 unchecked and returns platform garbage.)
     """
     xf = np.asarray(x, dtype=np.float32)
     s = _broadcast_params(np.asarray(scale, np.float32), xf.shape, scheme.granularity)

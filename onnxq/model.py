@@ -1,0 +1,446 @@
+"""Model I/O at the edges of onnxq: safe loading, atomic saving, hashing, opset upgrade, graphsurgeon glue.
+
+Passes never touch files; everything that reads or writes a model goes through here so the safety rules
+live in one place: external-data paths must stay inside the model's folder, writes are atomic (temporary
+file, fsync, rename) and never overwrite the input, and models over protobuf's 2 GB limit are written
+with their tensors in one external-data file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, BinaryIO, Iterator
+
+import onnx
+import onnx.version_converter
+import onnx_graphsurgeon as gs
+
+from onnxq.errors import ModelLoadError, ModelSaveError, UnsafeModelError
+
+__all__ = ["load_model", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
+           "to_graph", "to_model"]
+
+logger = logging.getLogger(__name__)
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # tensor bytes above which save_model goes external (protobuf: 2 GB)
+_MIN_EXTERNAL_TENSOR = 1024  # smaller tensors stay inline
+_CHUNK = 1 << 22
+# Minimum IR version of element types added after IR 3 (onnx.proto's Version enum).
+_DTYPE_MIN_IR = {16: 4, 17: 9, 18: 9, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 12, 25: 13, 26: 13, 27: 14, 28: 14}
+
+
+def _iter_tensors(item: onnx.ModelProto | onnx.GraphProto | onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto: initializers, sparse initializers, node attributes, subgraphs, local functions."""
+    if isinstance(item, onnx.ModelProto):
+        yield from _iter_tensors(item.graph)
+        for node in (n for f in item.functions for n in f.node):
+            yield from _iter_tensors(node)
+    elif isinstance(item, onnx.GraphProto):
+        yield from item.initializer
+        for sparse in item.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in item.node:
+            yield from _iter_tensors(node)
+    else:
+        for attr in item.attribute:
+            yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _iter_tensors(g)
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return bool(t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def _external_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
+    """Check that every external-data reference is a file inside ``base_dir``; return the files, in order.
+
+    A crafted model must never make onnxq read arbitrary files, so absolute paths, escapes through ``..``
+    or symlinks, and missing files are UnsafeModelError before onnx's loader sees them.
+    """
+    root, files = base_dir.resolve(), {}
+    for t in filter(_is_external, _iter_tensors(model)):
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = f"tensor {t.name!r} has external data location {loc!r}"
+        if not loc or loc[0] in "/\\" or PurePosixPath(loc).is_absolute() or PureWindowsPath(loc).drive:
+            raise UnsafeModelError(f"{where}: only relative paths inside the model's folder {base_dir} are allowed")
+        target = (base_dir / loc).resolve()
+        if not target.is_relative_to(root):
+            raise UnsafeModelError(f"{where}, which points outside the model's folder {base_dir}; refusing to read it")
+        if (base_dir / loc).is_symlink():  # onnx's loader refuses links even inside the folder
+            raise UnsafeModelError(f"{where}, which is a symbolic link; onnx does not follow them, put the file there")
+        if not target.is_file():
+            raise UnsafeModelError(f"{where}, but {base_dir / loc} does not exist; copy the data file beside the model")
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise ModelLoadError(f"{where} with a non-numeric offset or length; the model looks corrupt") from None
+        if end > target.stat().st_size:
+            raise ModelLoadError(f"{where}, but that file ends before byte {end}: it looks truncated")
+        files[target] = None
+    return list(files)
+
+
+def _check_structure(model: onnx.ModelProto, path: Path) -> None:
+    """Catch what protobuf parses silently: a cut at a field boundary, dangling names, random bytes."""
+    bad = f"{path} looks truncated or corrupt"
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise ModelLoadError(f"{path} holds no ONNX graph: it is not an ONNX model, or it is truncated; re-export it")
+    if model.ir_version >= 3 and not model.opset_import:
+        raise ModelLoadError(f"{bad} (no opset imports after the graph); re-export or re-download it")
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    known |= {s.values.name for s in model.graph.sparse_initializer}
+    for node in model.graph.node:
+        missing = [n for n in node.input if n and n not in known]
+        if missing:
+            raise ModelLoadError(f"{bad}: node {node.name!r} ({node.op_type!r}) reads undefined tensor {missing[0]!r}")
+        known.update(node.output)
+    for out in model.graph.output:
+        if out.name not in known:
+            raise ModelLoadError(f"{bad}: graph output {out.name!r} is produced by no node; re-export it")
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model after validating the file and its external-data references.
+
+    The file is parsed without external data and checked for truncation or corruption (structure, then
+    ``onnx.checker``); every external-data location must stay inside the model's folder; only then does
+    onnx's own loader read the data (unless ``load_external_data`` is False). IR < 4 initializer inputs
+    are kept (see strip_initializer_inputs).
+
+    Raises:
+        ModelLoadError: Missing, directory, empty, not ONNX, truncated or invalid file; one line with the fix.
+        UnsafeModelError: External data outside the model's folder, a symlink, or missing.
+    """
+    path = Path(os.path.abspath(path))
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}; check the path")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not an ONNX file; pass the .onnx file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes); re-export or re-download the model")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:
+        with open(path, "rb") as f:  # ONNX files start with the ir_version field (tag 0x08)
+            what = "looks like a truncated or corrupt ONNX model" if f.read(1) == b"\x08" else "is not an ONNX model"
+        hint = "; a single-file ONNX model cannot exceed 2 GB" if size >= 2**31 else ""
+        raise ModelLoadError(f"{path} {what}: protobuf cannot decode it{hint}; re-export or re-download it") from None
+    try:
+        _check_structure(model, path)
+        files = _external_files(model, path.parent)
+        # The proto checker resolves external data against the CWD, so check by path when there is some.
+        onnx.checker.check_model(str(path) if files else model)
+        if files and load_external_data:
+            onnx.load_external_data_for_model(model, str(path.parent))
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # checker/loader errors, and UnicodeDecodeError from corrupt names
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{path} is not a valid ONNX model ({first}); it may be truncated or corrupt, "
+                             "re-export it") from None
+    logger.debug("loaded %s (IR %d, %d external data file(s))", path, model.ir_version, len(files))
+    return model
+
+
+def strip_initializer_inputs(model: onnx.ModelProto) -> int:
+    """Remove graph inputs that share a name with an initializer (IR < 4 style), in place; return how many.
+
+    Quantization treats initializers as constants, which it cannot while they are overridable inputs.
+    The IR version is raised to 4, the first that allows initializers that are not inputs.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    removed = len(model.graph.input) - len(keep)
+    if removed:
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.ir_version = max(model.ir_version, 4)
+        logger.info("removed %d graph inputs that are initializers", removed)
+    return removed
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The opset version of the default ("" / "ai.onnx") domain; ModelLoadError when there is none."""
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    raise ModelLoadError("the model imports no default-domain (ai.onnx) opset; re-export it with one")
+
+
+def _min_ir_version(model: onnx.ModelProto) -> int:
+    """Lowest IR version allowing the model's opsets, functions, element types and non-input initializers."""
+    ir = max(4, onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
+    g = model.graph
+    dtypes = [t.data_type for t in g.initializer]
+    dtypes += [v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]]
+    return max([ir, 8 if model.functions else 0] + [_DTYPE_MIN_IR.get(d, 0) for d in dtypes])
+
+
+def upgrade_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
+    """Convert the model to ``min_opset`` with onnx's version converter if its default opset is lower.
+
+    Quantization ops need recent opsets (per-axis QuantizeLinear needs 13). The IR version is raised first,
+    because the converter rejects IR < 4 models whose initializers are not inputs. The input is not changed.
+
+    Raises:
+        ModelLoadError: The conversion failed; names both opsets and the node or converter's reason.
+    """
+    current = default_opset(model)
+    if current >= min_opset:
+        return model
+    prefix = f"cannot upgrade the model from opset {current} to {min_opset}"
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+            raise ModelLoadError(f"{prefix}: node {node.name!r} has op type {node.op_type!r}, not an ONNX operator")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    target = [onnx.helper.make_opsetid("", min_opset)]
+    work.ir_version = max(work.ir_version, onnx.helper.find_min_ir_version_for(target, ignore_unknown=True))
+    try:
+        out = onnx.version_converter.convert_version(work, min_opset)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split("failed: ")[-1]
+        raise ModelLoadError(f"{prefix}: {reason}") from None
+    out.ir_version = max(out.ir_version, _min_ir_version(out))
+    logger.info("upgraded opset %d -> %d (IR %d)", current, min_opset, out.ir_version)
+    return out
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import a ModelProto into the onnx-graphsurgeon Graph that passes work on."""
+    try:
+        return gs.import_onnx(model)
+    except Exception as exc:
+        raise ModelLoadError(f"onnx-graphsurgeon cannot import the model: {exc}".splitlines()[0]) from None
+
+
+def to_model(graph: gs.Graph, *, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a Graph to a ModelProto, restoring the template's model-level fields.
+
+    graphsurgeon drops the model's doc_string and metadata_props, and keeps a stale default opset when a
+    pass changes ``graph.opset``. This takes the default opset from the graph, other domains from the
+    template and graph, and the template's IR version raised only as far as opsets and types require
+    (never above onnx's own; ORT 1.32 accepts IR <= 14).
+
+    Raises:
+        ModelSaveError: graphsurgeon cannot export the graph (e.g. an input or output without a dtype).
+    """
+    ops = [*(template.opset_import if template is not None else []), *(graph.import_domains or [])]
+    imports = {op.domain: int(op.version) for op in ops if op.domain not in ("", "ai.onnx")}
+    for n in [*graph.nodes, *(n for sub in graph.subgraphs(recursive=True) for n in sub.nodes)]:
+        if n.domain and n.domain != "ai.onnx":
+            imports.setdefault(n.domain, 1)
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in {"": int(graph.opset), **imports}.items()]
+    try:
+        model = gs.export_onnx(graph, opset_imports=opsets)
+    except Exception as exc:
+        raise ModelSaveError(f"cannot export the graph to ONNX: {exc}".splitlines()[0]) from None
+    base = graph.ir_version or 0
+    if template is not None:
+        base = template.ir_version
+        for name in ("producer_name", "producer_version", "doc_string", "domain", "model_version"):
+            setattr(model, name, getattr(template, name))
+        del model.metadata_props[:]
+        model.metadata_props.extend(template.metadata_props)
+    model.ir_version = min(max(base, _min_ir_version(model)), onnx.IR_VERSION)
+    return model
+
+
+def _stream(path: Path, h: Any = None) -> bool:
+    """Feed ``path`` to hash ``h`` in chunks; return whether it contains b"location" (external data)."""
+    found, tail = False, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            if h is not None:
+                h.update(chunk)
+            found = found or b"location" in chunk or b"location" in tail + chunk[:8]
+            tail = chunk[-8:]
+    return found
+
+
+def _external_files_of(path: Path, *, scanned: bool = False) -> list[Path]:
+    """The checked external-data files of a model file; parses it only if it can hold a reference."""
+    if not scanned and not _stream(path):
+        return []
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:
+        raise ModelLoadError(f"{path} is not an ONNX model (protobuf could not decode it)") from None
+    return _external_files(model, path.parent)
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a model file and then its external-data files, read in chunks.
+
+    It keys calibration caches and is recorded in outputs, so it must change when external weights do.
+    """
+    path = Path(os.path.abspath(path))
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}; check the path")
+    h = hashlib.sha256()
+    if _stream(path, h):
+        for file in _external_files_of(path, scanned=True):
+            _stream(file, h)
+    return h.hexdigest()
+
+
+def _refuse_input_overwrite(targets: list[Path], input_path: Path) -> None:
+    """ModelSaveError when a file to be written is the input model or one of its external-data files."""
+    protected = [input_path]
+    if input_path.is_file() and any(t.exists() for t in targets):
+        try:
+            protected += _external_files_of(input_path)
+        except ModelLoadError:
+            pass
+    for target in targets:
+        for p in protected:
+            same = os.path.samefile(target, p) if target.exists() and p.exists() else False
+            if same or os.path.realpath(target) == os.path.realpath(p):
+                raise ModelSaveError(f"refusing to overwrite the input: writing {target} would replace {p} "
+                                     f"(input model {input_path}); choose a different output path (-o)")
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    """Write ``data`` in 64 MiB pieces."""
+    view = memoryview(data)
+    for i in range(0, len(view), 1 << 26):
+        f.write(view[i:i + (1 << 26)])
+
+
+def _temp_for(dest: Path, temps: list[Path]) -> BinaryIO:
+    """A new temporary file beside ``dest`` (recorded in ``temps``), with dest's mode or 0644."""
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    temps.append(Path(name))
+    os.chmod(name, (dest.stat().st_mode & 0o777) if dest.is_file() else 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def _copy_fields(msg: Any, keep: Any) -> Any:
+    """A new message with only the fields of ``msg`` whose descriptor passes ``keep`` (the rest is not copied)."""
+    out = type(msg)()
+    for fd, value in msg.ListFields():
+        if keep(fd):
+            if hasattr(value, "extend"):
+                getattr(out, fd.name).extend(value)
+            elif hasattr(value, "CopyFrom"):
+                getattr(out, fd.name).CopyFrom(value)
+            else:
+                setattr(out, fd.name, value)
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def _serialize_external(model: onnx.ModelProto, f: BinaryIO, location: str) -> bytes:
+    """Write initializers of >= 1 KiB to ``f`` (aligned) and return the model file's bytes, pointing at them.
+
+    The proto is assembled field by field (ModelProto.graph is field 7, GraphProto.initializer field 5) so
+    that neither the caller's model nor a copy of all its data is needed: memory stays at the model plus
+    one tensor.
+    """
+    parts, offset = [], 0
+    for t in model.graph.initializer:
+        raw = t.raw_data if t.HasField("raw_data") else b""
+        if len(raw) < _MIN_EXTERNAL_TENSOR:
+            parts.append(t.SerializeToString())
+            continue
+        pad = -offset % (65536 if len(raw) >= 1 << 20 else 64)
+        _write_all(f, b"\0" * pad)
+        _write_all(f, raw)
+        offset += pad
+        skel = _copy_fields(t, lambda fd: fd.name not in ("raw_data", "data_location", "external_data"))
+        skel.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = skel.external_data.add()
+            entry.key, entry.value = key, value
+        offset += len(raw)
+        parts.append(skel.SerializeToString())
+    g = model.graph
+    graph = b"".join([_copy_fields(g, lambda fd: fd.number < 5).SerializeToString(),
+                      *(b"\x2a" + _varint(len(p)) + p for p in parts),
+                      _copy_fields(g, lambda fd: fd.number > 5).SerializeToString()])
+    blob = b"".join([_copy_fields(model, lambda fd: fd.number < 7).SerializeToString(), b"\x3a", _varint(len(graph)),
+                     graph, _copy_fields(model, lambda fd: fd.number > 7).SerializeToString()])
+    if len(blob) >= 2**31:
+        raise ModelSaveError("the model is over 2 GB even without its initializers; turn large Constant nodes "
+                             "into initializers first")
+    return blob
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+) -> list[Path]:
+    """Write a model atomically, never over the input; return the files written (the model is unchanged).
+
+    Each file goes to a temporary file in the destination folder (parents are created), is fsynced, then
+    renamed over the destination, so a failure leaves any previous output intact and no temporary files.
+    ``input_path``: writing over that model or its external data is refused. ``external_data``: True or
+    False to force; None uses it when tensor data exceeds ~1.8 GB. With external data, every initializer
+    of 1 KiB or more goes to one ``<name>.data`` beside the model (relative location), renamed in first.
+
+    Raises:
+        ModelSaveError: A bad output path, the output would overwrite the input, or the write failed.
+    """
+    out = Path(os.path.abspath(path))
+    if out.is_dir():
+        raise ModelSaveError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    ext = [t.name for t in _iter_tensors(model) if _is_external(t)]
+    if ext:
+        raise ModelSaveError(f"tensor {ext[0]!r} still refers to external data; load the model with its data first")
+    if external_data is None:
+        size = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in _iter_tensors(model))
+        external_data = size > EXTERNAL_DATA_THRESHOLD
+    written = [out.with_name(out.name + ".data"), out] if external_data else [out]
+    if input_path is not None:
+        _refuse_input_overwrite(written, Path(os.path.abspath(input_path)))
+    temps: list[Path] = []
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if external_data:
+            with _temp_for(written[0], temps) as f:
+                blob = _serialize_external(model, f, written[0].name)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            blob = model.SerializeToString()
+        with _temp_for(out, temps) as f:
+            _write_all(f, blob)
+            f.flush()
+            os.fsync(f.fileno())
+        del blob
+        for tmp, dest in zip(list(temps), written):
+            os.replace(tmp, dest)
+            temps.remove(tmp)
+    except BaseException as exc:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, ModelSaveError) or not isinstance(exc, Exception):
+            raise
+        hint = "; save it with external_data=True" if "2GB" in str(exc) or "too large" in str(exc) else ""
+        raise ModelSaveError(f"cannot write {out}: {exc}{hint}".splitlines()[0]) from None
+    with contextlib.suppress(OSError):  # make the renames durable where the platform allows it
+        dir_fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    logger.info("saved %s", ", ".join(map(str, written)))
+    return written

@@ -1,0 +1,555 @@
+"""Calibration sources: readers that stream feed dicts (input name -> array) into the calibration runner.
+
+Why: calibration needs realistic inputs, and people keep them in many forms (image folders, ``.npz``
+files, ONNX ``test_data_set`` folders) or have none at all (random, data-free). Every source streams one
+sample at a time, so memory never grows with the size of the set, and :meth:`CalibrationSource.validate`
+checks the data against the model's inputs before anything runs, raising a one-line
+:class:`~onnxq.errors.CalibrationError` that names the array and the input at fault.
+
+``limit=n`` on a source with more samples picks ``n`` samples **evenly spaced** over the sorted list
+(deterministic): image folders are usually sorted by class, so the first ``n`` would cover few classes.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.errors import CalibrationError, MissingDependencyError
+
+__all__ = ["InputSpec", "input_specs", "CalibrationSource", "ImageFolderSource", "ArrayFolderSource",
+           "TestDataSetSource", "RandomSource", "PREPROCESS", "IMAGE_SUFFIXES", "load_image", "open_source"]
+
+Dim = int | str | None
+#: Image file suffixes an image folder is searched for (case-insensitive).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+#: Named image preprocessings accepted by :func:`load_image` and :class:`ImageFolderSource`.
+PREPROCESS = ("torch", "caffe_bgr", "tf127", "raw255")
+_TDS_INPUT = re.compile(r"input_(\d+)\.(pb|npy)")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, numpy dtype and shape (ints for static dims, names or None for dynamic ones)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...]
+
+    @property
+    def batched(self) -> bool:
+        """True when dim 0 looks like a batch dim (rank >= 2, dim 0 dynamic or 1): samples then get batch 1."""
+        return len(self.shape) >= 2 and not (isinstance(self.shape[0], int) and self.shape[0] != 1)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller feeds: graph inputs that are not initializers (old IR versions list those too)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in (v for v in model.graph.input if v.name not in inits):
+        if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type == 0:
+            raise CalibrationError(f"model input '{vi.name}' is not a typed tensor; onnxq can only feed tensors")
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
+    return specs
+
+
+def _fmt(shape: Sequence[Dim]) -> str:
+    items = ["?" if d is None else str(d) for d in shape]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def _fits(shape: Sequence[int], dims: Sequence[Dim]) -> bool:
+    """Same rank and every static dim equal."""
+    return len(shape) == len(dims) and all(not isinstance(d, int) or d == s for s, d in zip(shape, dims))
+
+
+def _mismatch(what: str, arr_shape: Sequence[int], spec: InputSpec) -> CalibrationError:
+    return CalibrationError(f"{what} has shape {_fmt(arr_shape)} but model input '{spec.name}' expects {_fmt(spec.shape)}")
+
+
+def _even(total: int, limit: int | None) -> list[int]:
+    """``limit`` indices evenly spaced over ``range(total)`` (all of them when limit is None or >= total)."""
+    if limit is not None and limit < 1:
+        raise CalibrationError(f"calibration limit must be a positive number of samples, got {limit}")
+    return list(range(total)) if limit is None or limit >= total else [i * total // limit for i in range(limit)]
+
+
+def _castable(src: np.dtype, dst: np.dtype) -> bool:
+    return src == dst or np.can_cast(src, dst, casting="same_kind")
+
+
+def _natural(p: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+def _count(n: int, total: int, unit: str) -> str:
+    return f"{n} {unit}" if n == total else f"{n} of {total} {unit}, evenly spaced"
+
+
+class CalibrationSource(abc.ABC):
+    """A re-iterable stream of feed dicts, one per calibration sample (batch dim 1 where the model has one)."""
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Yield one feed dict per sample; each iteration starts again from the first sample."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """The number of samples one iteration yields."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for the report, e.g. ``image folder X (500 images, preprocess torch, 224x224)``."""
+
+    def _label(self, name: str) -> str:
+        """How error messages name the array that feeds input ``name``."""
+        return f"calibration input '{name}'"
+
+    def validate(self, specs: list[InputSpec]) -> None:
+        """Check names, dtypes, ranks and static dims of the first sample against ``specs`` before any run."""
+        with contextlib.closing(iter(self)) as it:  # type: ignore[type-var]
+            first = next(it, None)
+        if first is None:
+            raise CalibrationError(f"{self.describe()} yields no calibration samples")
+        names = [s.name for s in specs]
+        if sorted(first) != sorted(names):
+            raise CalibrationError(f"{self.describe()} has arrays {sorted(first)} but the model's inputs are {names}")
+        for s in specs:
+            arr = first[s.name]
+            if arr.dtype != s.dtype:
+                raise CalibrationError(f"{self._label(s.name)} has dtype {arr.dtype} but model input '{s.name}' expects {s.dtype}")
+            if not _fits(arr.shape, s.shape):
+                raise _mismatch(self._label(s.name), arr.shape, s)
+
+
+# ----------------------------------------------------------------------------------------------- images
+def _pil() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise MissingDependencyError('reading images needs Pillow: pip install "onnxq[images]"') from e
+    return Image
+
+
+def _check_preprocess(name: str) -> None:
+    if name not in PREPROCESS:
+        raise CalibrationError(f"unknown image preprocessing '{name}'; valid names: {', '.join(PREPROCESS)}")
+
+
+def load_image(path: str | Path, *, preprocess: str = "torch", resize: int = 256, crop: int | tuple[int, int] = 224,
+               layout: str = "NCHW", dtype: Any = np.float32, channels: int = 3) -> np.ndarray:
+    """Read one image with a named preprocessing; returns (1,C,H,W) or (1,H,W,C) of ``dtype``.
+
+    Resize the shorter side to ``resize`` (bilinear; long side truncated as torchvision does), center-crop
+    ``crop`` (int or (h, w)), then: ``torch`` RGB/255 minus mean [0.485,0.456,0.406] over std
+    [0.229,0.224,0.225]; ``caffe_bgr`` BGR 0..255 minus [104,117,123]; ``tf127`` (RGB-127)/128; ``raw255``
+    RGB 0..255. ``channels=1`` converts to L and averages the per-channel constants. Benchmarks call this
+    to evaluate models with exactly the calibration preprocessing.
+    """
+    Image = _pil()
+    _check_preprocess(preprocess)
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
+    try:
+        with Image.open(path) as im:
+            img = im.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CalibrationError(f"cannot read image {path}: {e}") from e
+    w, h = img.size
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    if size != img.size:
+        img = img.resize(size, Image.BILINEAR)
+    top, left = int(round((size[1] - ch) / 2.0)), int(round((size[0] - cw) / 2.0))
+    x = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.float32)
+    x = x[..., None] if x.ndim == 2 else x
+    if preprocess == "torch":
+        mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+        if channels == 1:
+            mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+        x = (x / 255.0 - mean) / std
+    elif preprocess == "caffe_bgr":
+        mean = np.array([104.0, 117.0, 123.0], np.float32)
+        x = x[..., ::-1] - mean if channels == 3 else x - mean.mean()
+    elif preprocess == "tf127":
+        x = (x - 127.0) / 128.0
+    x = x.transpose(2, 0, 1) if layout.upper() == "NCHW" else x
+    return np.ascontiguousarray(x[None]).astype(dtype)
+
+
+def _image_layout(spec: InputSpec) -> tuple[str, int]:
+    """(layout, channels) of a rank-4 image input: a channel dim of 3 (else 1) at position 1 or 3."""
+    if len(spec.shape) != 4:
+        raise CalibrationError(f"image input '{spec.name}' must have rank 4 (NCHW or NHWC), not {_fmt(spec.shape)}")
+    for c in (3, 1):
+        if spec.shape[1] == c or spec.shape[3] == c:
+            return ("NCHW" if spec.shape[1] == c else "NHWC"), c
+    return "NCHW", 3
+
+
+class ImageFolderSource(CalibrationSource):
+    """Images (jpg/jpeg/png/bmp/webp) under a folder, recursively, in sorted order, with a named preprocessing.
+
+    Layout (NCHW/NHWC), channels (3, or 1 -> grayscale) and dtype (float16 included) come from the input
+    spec. ``crop=None`` means the input's static spatial size (else 224); ``resize=None`` means
+    ``round(crop * 256 / 224)``. ``limit`` picks images evenly spaced over the sorted list.
+    """
+
+    def __init__(self, folder: str | Path, spec: InputSpec, *, preprocess: str = "torch", resize: int | None = None,
+                 crop: int | tuple[int, int] | None = None, limit: int | None = None) -> None:
+        _pil()
+        _check_preprocess(preprocess)
+        self.folder, self.spec, self.preprocess = Path(folder), spec, preprocess
+        self.layout, self.channels = _image_layout(spec)
+        hw = spec.shape[2:4] if self.layout == "NCHW" else spec.shape[1:3]
+        if crop is None:
+            crop = (hw[0], hw[1]) if all(isinstance(d, int) and d > 0 for d in hw) else 224  # type: ignore[assignment]
+        self.crop: tuple[int, int] = (crop, crop) if isinstance(crop, int) else tuple(crop)  # type: ignore[assignment]
+        self.resize = resize if resize is not None else int(round(min(self.crop) * 256 / 224))
+        self.files = sorted((p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                            key=lambda p: p.relative_to(self.folder).as_posix())
+        if not self.files:
+            raise CalibrationError(f"image folder {self.folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.indices = _even(len(self.files), limit)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in self.indices:
+            yield {self.spec.name: load_image(self.files[i], preprocess=self.preprocess, resize=self.resize, crop=self.crop,
+                                              layout=self.layout, dtype=self.spec.dtype, channels=self.channels)}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _label(self, name: str) -> str:
+        return f"preprocessed image {self.files[self.indices[0]].name}"
+
+    def describe(self) -> str:
+        gray = ", grayscale" if self.channels == 1 else ""
+        return (f"image folder {self.folder} ({_count(len(self), len(self.files), 'images')}, preprocess "
+                f"{self.preprocess}, resize {self.resize}, {self.crop[0]}x{self.crop[1]}, {self.layout} {self.spec.dtype}{gray})")
+
+
+# ----------------------------------------------------------------------------------------------- arrays
+@dataclass
+class _Array:
+    """One array in a .npy file or an .npz member, known by its header; rows are read from the file on demand."""
+
+    path: Path
+    key: str | None  # npz member name without .npy; None for a .npy file
+    shape: tuple[int, ...] = ()
+    dtype: np.dtype = np.dtype(np.float32)
+    fortran: bool = False
+    offset: int = 0  # where the data starts in the (member) stream
+
+    @property
+    def label(self) -> str:
+        return f"calibration array '{self.key}' in {self.path.name}" if self.key else f"calibration file {self.path.name}"
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[Any]:
+        """The raw byte stream of the file or npz member (closed, with its zip, on exit)."""
+        if self.key is None:
+            with open(self.path, "rb") as f:
+                yield f
+        else:
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.key + ".npy") as f:
+                yield f
+
+    def load(self) -> np.ndarray:
+        """The whole array (one-sample arrays and Fortran-ordered ones)."""
+        if self.key is None:
+            return np.load(self.path, allow_pickle=False)
+        with np.load(self.path, allow_pickle=False) as npz:
+            return npz[self.key]
+
+    def rows(self, indices: list[int]) -> Iterator[np.ndarray]:
+        """Rows ``a[i]`` for ascending ``indices``, streamed (a full load only for Fortran-ordered arrays)."""
+        if self.fortran:
+            yield from self.load()[indices]
+            return
+        rowbytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        with self.stream() as f:
+            for i in indices:
+                f.seek(self.offset + i * rowbytes)
+                buf = f.read(rowbytes)
+                if len(buf) != rowbytes:
+                    raise CalibrationError(f"{self.label} is truncated: sample {i} of {self.shape[0]} is incomplete")
+                yield np.frombuffer(buf, self.dtype).reshape(self.shape[1:])
+
+    @classmethod
+    def read_header(cls, path: Path, key: str | None) -> _Array:
+        """Shape/dtype from the .npy header without reading the data; pickled data is refused, never loaded."""
+        a = cls(path, key)
+        try:
+            with a.stream() as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                a.shape, a.fortran, a.dtype = read(f)
+                a.offset = f.tell()
+        except (ValueError, OSError, zipfile.BadZipFile, KeyError) as e:
+            raise CalibrationError(f"{a.label} is not a readable numpy array ({e}); save it with numpy.save/savez") from e
+        if a.dtype.hasobject:
+            raise CalibrationError(f"{a.label} holds a pickled object array; onnxq never unpickles calibration data "
+                                   "(allow_pickle=False): save plain numeric arrays")
+        return a
+
+
+def _mode(shape: tuple[int, ...], spec: InputSpec) -> str | None:
+    """How an array feeds ``spec``: split rows / add batch axis / add batch+channel axes / whole; None: no fit."""
+    dims, r = spec.shape, len(spec.shape)
+    if len(shape) == r:
+        return "split" if spec.batched and _fits(shape[1:], dims[1:]) else "whole" if _fits(shape, dims) else None
+    if len(shape) == r - 1 and spec.batched:
+        if _fits(shape, dims[1:]):
+            return "batch"
+        if r >= 3 and not (isinstance(dims[1], int) and dims[1] != 1) and _fits(shape[1:], dims[2:]):
+            return "channel"
+    return None
+
+
+class ArrayFolderSource(CalibrationSource):
+    """``.npz`` files (keyed by input name) and/or ``.npy`` files (single-input models), or one such file.
+
+    An array whose leading dim is the model's batch dim holds several samples, streamed from the file and
+    yielded one at a time; every file's headers are checked up front. For a single-input model, a file
+    whose keys do not match is still used when it holds one array, or exactly one array that fits (MNIST
+    ``images`` Nx28x28 -> Nx1x28x28, cast to float32); :meth:`describe` says so. Files are read with
+    ``allow_pickle=False`` semantics: object arrays are refused, never unpickled.
+    """
+
+    def __init__(self, path: str | Path, specs: list[InputSpec], *, limit: int | None = None) -> None:
+        self.path, self.specs = Path(path), list(specs)
+        self.files = sorted((p for p in self.path.iterdir() if p.suffix.lower() in (".npz", ".npy")),
+                            key=_natural) if self.path.is_dir() else [self.path]
+        if not self.files:
+            raise CalibrationError(f"calibration folder {self.path} holds no .npz/.npy files")
+        self.notes: dict[str, None] = {}  # ordered set of what describe() reports (reshapes, casts)
+        self.plan = [self._plan_file(f, self.specs) for f in self.files]
+        self.indices = _even(sum(n for n, _ in self.plan), limit)
+
+    def _plan_file(self, f: Path, specs: list[InputSpec]) -> tuple[int, dict[str, tuple[_Array, str]]]:
+        """(sample count, input name -> (array, mode)) for one file; raises on names, shapes, dtypes."""
+        names = [s.name for s in specs]
+        if f.suffix.lower() == ".npy":
+            if len(specs) != 1:
+                raise CalibrationError(f"calibration file {f.name} is .npy, which only feeds single-input models; the "
+                                       f"model's inputs are {names}: use .npz files keyed by input name")
+            arrays = {names[0]: _Array.read_header(f, None)}
+        else:
+            try:
+                with zipfile.ZipFile(f) as zf:
+                    keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+            except (zipfile.BadZipFile, OSError) as e:
+                raise CalibrationError(f"calibration file {f.name} is not a readable .npz file ({e})") from e
+            if all(n in keys for n in names):
+                arrays = {n: _Array.read_header(f, n) for n in names}
+            else:
+                headers = [_Array.read_header(f, k) for k in keys] if len(specs) == 1 else []
+                fitting = [a for a in headers if _mode(a.shape, specs[0])]
+                if len(specs) != 1 or (len(keys) != 1 and len(fitting) != 1):
+                    raise CalibrationError(f"calibration file {f.name} has arrays {keys} but the model's inputs are {names}")
+                arrays = {names[0]: (fitting or headers)[0]}
+                self.notes[f"array '{arrays[names[0]].key}' used for input '{names[0]}'"] = None
+        plan, counts = {}, set()
+        for s in specs:
+            a = arrays[s.name]
+            mode = _mode(a.shape, s)
+            if mode is None:
+                raise _mismatch(a.label, a.shape, s)
+            if not _castable(a.dtype, s.dtype):
+                raise CalibrationError(f"{a.label} has dtype {a.dtype} but model input '{s.name}' expects {s.dtype}")
+            if mode == "channel":
+                rest = "x".join(map(str, a.shape[1:]))
+                self.notes[f"reshaped Nx{rest} -> Nx1x{rest}"] = None
+            if a.dtype != s.dtype:
+                self.notes[f"cast {a.dtype} -> {s.dtype}"] = None
+            plan[s.name] = (a, mode)
+            counts.add(a.shape[0] if mode in ("split", "channel") else 1)
+        if len(counts) > 1:
+            raise CalibrationError(f"calibration file {f.name} holds arrays with different sample counts {sorted(counts)}")
+        return counts.pop(), plan
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        start = 0
+        for n, plan in self.plan:
+            local = [i - start for i in self.indices if start <= i < start + n]
+            start += n
+            if not local:
+                continue
+            with contextlib.ExitStack() as stack:
+                streams = {}
+                for name, (a, mode) in plan.items():
+                    streams[name] = a.rows(local) if mode in ("split", "channel") else iter([a.load()])
+                    stack.callback(getattr(streams[name], "close", lambda: None))
+                for _ in local:
+                    feed = {}
+                    for s in self.specs:
+                        x, mode = next(streams[s.name]), plan[s.name][1]
+                        x = x[None] if mode in ("split", "batch") else x[None, None] if mode == "channel" else x
+                        feed[s.name] = np.ascontiguousarray(x, dtype=s.dtype)
+                    yield feed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _label(self, name: str) -> str:
+        return self.plan[0][1][name][0].label if name in self.plan[0][1] else super()._label(name)
+
+    def describe(self) -> str:
+        total = sum(n for n, _ in self.plan)
+        kind = f"array folder {self.path} ({len(self.files)} files, " if self.path.is_dir() else f"array file {self.path} ("
+        return kind + "; ".join([_count(len(self), total, "samples"), *self.notes]) + ")"
+
+
+# ----------------------------------------------------------------------------------------- test_data_set
+def _tds_inputs(d: Path) -> list[tuple[int, Path]]:
+    return sorted((int(m.group(1)), p) for p in d.iterdir() if p.is_file() and (m := _TDS_INPUT.fullmatch(p.name)))
+
+
+def _tds_dirs(root: Path) -> list[Path]:
+    """Sample folders: ``root`` when it holds input_*.pb/.npy, else its ``test_data_set`` or subfolders that do."""
+    if not root.is_dir():
+        return []
+    if _tds_inputs(root):
+        return [root]
+    if (root / "test_data_set").is_dir():
+        return _tds_dirs(root / "test_data_set")
+    return sorted((d for d in root.iterdir() if d.is_dir() and _tds_inputs(d)), key=_natural)
+
+
+class TestDataSetSource(CalibrationSource):
+    """ONNX ``test_data_set_*/input_<i>.pb`` TensorProto folders, or ``test_data_set/<n>/input_<i>.npy``.
+
+    ``input_<i>`` feeds the i-th model input, unless the TensorProto's name is a model input name.
+    """
+
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(self, folder: str | Path, specs: list[InputSpec], *, limit: int | None = None) -> None:
+        self.folder, self.specs = Path(folder), list(specs)
+        self.dirs = _tds_dirs(self.folder)
+        if not self.dirs:
+            raise CalibrationError(f"calibration folder {self.folder} holds no test_data_set inputs (input_<i>.pb/.npy)")
+        self.indices = _even(len(self.dirs), limit)
+
+    def _sample(self, d: Path) -> dict[str, np.ndarray]:
+        by_name = {s.name: s for s in self.specs}
+        feed: dict[str, np.ndarray] = {}
+        for i, p in _tds_inputs(d):
+            try:
+                if p.suffix == ".pb":
+                    tp = onnx.TensorProto()
+                    tp.ParseFromString(p.read_bytes())
+                    name, x = tp.name, numpy_helper.to_array(tp)
+                else:
+                    name, x = "", np.load(p, allow_pickle=False)
+            except Exception as e:  # protobuf DecodeError, ValueError (pickled data), OSError
+                raise CalibrationError(f"cannot read calibration tensor {p}: {e}") from e
+            if name not in by_name:
+                if i >= len(self.specs):
+                    raise CalibrationError(f"calibration tensor {p} has index {i} but the model has {len(self.specs)} inputs")
+                name = self.specs[i].name
+            if name in feed:
+                raise CalibrationError(f"calibration tensor {p} feeds input '{name}', which another file in {d} feeds too")
+            dtype = by_name[name].dtype
+            feed[name] = x.astype(dtype, copy=False) if _castable(x.dtype, dtype) else x
+        return feed
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in self.indices:
+            yield self._sample(self.dirs[i])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _label(self, name: str) -> str:
+        return f"calibration tensor for '{name}' in {self.dirs[self.indices[0]]}"
+
+    def describe(self) -> str:
+        return f"test_data_set {self.folder} ({_count(len(self), len(self.dirs), 'samples')})"
+
+
+# ------------------------------------------------------------------------------------------------ random
+class RandomSource(CalibrationSource):
+    """Data-free calibration: floats ~ N(0, 1), ints in [0, 100), random bools; deterministic by ``seed``.
+
+    Symbolic dims take their size from ``dim_values`` (keyed by dim name), else 1.
+    """
+
+    def __init__(self, specs: list[InputSpec], *, count: int = 8, seed: int = 0,
+                 dim_values: dict[str, int] | None = None) -> None:
+        if count < 1:
+            raise CalibrationError(f"random calibration needs a positive sample count, got {count}")
+        self.specs, self.count, self.seed, self.dim_values = list(specs), count, seed, dict(dim_values or {})
+        for s in self.specs:
+            if not (s.dtype.kind in "fiub" or "float" in s.dtype.name):
+                raise CalibrationError(f"model input '{s.name}' has dtype {s.dtype}; random data covers numbers and bools")
+        self.shapes = {s.name: tuple(d if isinstance(d, int) else self.dim_values.get(d or "", 1) for d in s.shape)
+                       for s in self.specs}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(self.seed)
+        for _ in range(self.count):
+            feed = {}
+            for s in self.specs:
+                shape = self.shapes[s.name]
+                if s.dtype.kind == "b":
+                    feed[s.name] = rng.random(shape) < 0.5
+                elif s.dtype.kind in "iu":
+                    feed[s.name] = rng.integers(0, 100, shape).astype(s.dtype)
+                else:
+                    feed[s.name] = rng.standard_normal(shape, dtype=np.float32).astype(s.dtype)
+            yield feed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def describe(self) -> str:
+        shapes = ", ".join(f"{k} {_fmt(v)}" for k, v in self.shapes.items())
+        return f"random inputs ({self.count} samples, seed {self.seed}, floats N(0,1), ints [0,100); {shapes})"
+
+
+# ---------------------------------------------------------------------------------------------- chooser
+def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = None, resize: int | None = None,
+                crop: int | None = None, limit: int | None = None, seed: int = 0) -> CalibrationSource:
+    """The validated source for ``spec``: ``random[:N]``, a folder of images, ``.npz/.npy`` files (or one such
+    file) or ``test_data_set`` inputs. Raises a one-line CalibrationError when nothing there fits the model."""
+    specs = input_specs(model)
+    m = re.fullmatch(r"random(?::(\d+))?", spec.strip())
+    if m:
+        n = int(m.group(1)) if m.group(1) else (limit or 8)
+        count = min(n, limit) if limit else n
+        source: CalibrationSource = RandomSource(specs, count=count, seed=seed)
+        source.validate(specs)
+        return source
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise CalibrationError(f"calibration source not found: {spec}")
+    if p.is_file():
+        if p.suffix.lower() not in (".npz", ".npy"):
+            raise CalibrationError(f"calibration file {p} is not .npz/.npy; give a folder of images, .npz/.npy "
+                                   "files or test_data_set inputs, or 'random'")
+        source = ArrayFolderSource(p, specs, limit=limit)
+    elif _tds_dirs(p):
+        source = TestDataSetSource(p, specs, limit=limit)
+    elif any(q.suffix.lower() in (".npz", ".npy") for q in p.iterdir()):
+        source = ArrayFolderSource(p, specs, limit=limit)
+    elif any(q.suffix.lower() in IMAGE_SUFFIXES for q in p.rglob("*")):
+        if len(specs) != 1 or specs[0].dtype.kind != "f" or len(specs[0].shape) != 4:
+            got = ", ".join(f"'{s.name}' {s.dtype} {_fmt(s.shape)}" for s in specs)
+            raise CalibrationError(f"image folder {p} needs a model with a single float image input of rank 4 "
+                                   f"(NCHW or NHWC); this model's inputs are {got}")
+        source = ImageFolderSource(p, specs[0], preprocess=preprocess or "torch", resize=resize, crop=crop, limit=limit)
+    else:
+        raise CalibrationError(f"calibration folder {p} holds no images, .npz/.npy or test_data_set files")
+    source.validate(specs)
+    return source

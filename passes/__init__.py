@@ -1,0 +1,43 @@
+"""onnxq's graph passes, one module each; ``PASSES`` maps each pass's short name to its class.
+
+Recipes name passes by these short names (``recipe.passes``).
+"""
+
+from __future__ import annotations
+
+from onnxq.pipeline import Pass
+
+from .constant_folding import ConstantFoldingPass, fold_constants
+from .fold_batchnorm import FoldBatchNormPass, fold_batchnorm
+from .insert_qdq import InsertQDQPass, insert_qdq
+from .remove_dead_nodes import RemoveDeadNodesPass, remove_dead_nodes
+from .shape_inference import ShapeInferencePass, infer_shapes
+from .upcast_float16 import UpcastFloat16Pass, upcast_float16
+
+__all__ = [
+    "PASSES",
+    "ConstantFoldingPass",
+    "FoldBatchNormPass",
+    "InsertQDQPass",
+    "RemoveDeadNodesPass",
+    "ShapeInferencePass",
+    "UpcastFloat16Pass",
+    "fold_batchnorm",
+    "fold_constants",
+    "infer_shapes",
+    "insert_qdq",
+    "remove_dead_nodes",
+    "upcast_float16",
+]
+
+PASSES: dict[str, type[Pass]] = {
+    cls.name: cls
+    for cls in (
+        UpcastFloat16Pass,
+        ShapeInferencePass,
+        ConstantFoldingPass,
+        FoldBatchNormPass,
+        RemoveDeadNodesPass,
+        InsertQDQPass,
+    )
+}

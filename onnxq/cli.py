@@ -1,0 +1,212 @@
+"""The ``onnxq`` command line: thin click commands that build a Recipe and call the library.
+
+Exit codes: 0 success, 1 failure (one line on stderr, no traceback; ``--debug`` shows it), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from onnxq import __version__
+from onnxq.errors import OnnxqError
+
+__all__ = ["main"]
+
+_err = Console(stderr=True)
+_out = Console()
+
+
+def _fail(message: str) -> None:
+    _err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn onnxq errors into one line and exit code 1; ``--debug`` keeps the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except OnnxqError as exc:
+            if debug:
+                raise
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written")
+        except Exception as exc:  # noqa: BLE001 - last line of defence, still one line
+            if debug:
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback, and please report it)")
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="onnxq")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+def main(debug: bool) -> None:
+    """onnxq: turn a float ONNX model into a smaller, faster quantized ONNX model.
+
+    \b
+    Typical use:
+      onnxq quantize model.onnx -o model.int8.onnx --calib images/ --calib-preprocess torch
+      onnxq inspect model.int8.onnx
+      onnxq presets
+    """
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the quantized model (never the input).")
+@click.option("--preset", default=None, help="A preset name (see `onnxq presets`); default w8a8.")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
+@click.option("--calib", help="Calibration data: an image folder, .npz/.npy file or folder, a test_data_set folder, or 'random[:N]'.")
+@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders): torch = ImageNet mean/std on RGB 0..1; caffe_bgr = BGR 0..255 minus means; tf127 = (x-127)/128; raw255 = RGB 0..255.")
+@click.option("--calib-size", type=click.IntRange(min=1), help="How many calibration samples to use (evenly spaced over the source). Default: the recipe's (128).")
+@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side to this before cropping (default: crop*256/224).")
+@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size (default: the model's input size).")
+@click.option("--calibrator", type=click.Choice(["minmax", "ema-minmax"]), help="Activation range method (default: the recipe's).")
+@click.option("--target", help="Deployment target profile: auto (this CPU), x86-avx2, x86-avx2-u8, x86-vnni, arm64, generic, cuda.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs (auto prefers CUDA when onnxruntime-gpu sees a GPU).")
+@click.option("--exclude-op", multiple=True, help="Leave every node of this op type in float (repeatable).")
+@click.option("--exclude-node", multiple=True, help="Leave this node (exact name) in float (repeatable).")
+@click.option("--exclude-regex", multiple=True, help="Leave nodes whose name matches this regex in float (repeatable).")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json into this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a summary.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--checked", is_flag=True, help="Validate the graph (onnx.checker + ORT load) after every pass (slower).")
+@_handle_errors
+def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | None, calib: str | None,
+             calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
+             calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
+             exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], report_dir: Path | None,
+             as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
+    """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
+
+    \b
+    Example (MobileNetV2, 128 ImageNet images, the default w8a8 preset):
+      onnxq quantize mobilenetv2.onnx -o mnv2.int8.onnx \\
+            --calib imagenet/ --calib-preprocess torch --calib-size 128
+
+    The output is written atomically; on any error nothing is written and the exit code is 1.
+    """
+    from onnxq.quantize import CalibrationOptions, quantize_file
+    from onnxq.recipe import load_recipe
+    from onnxq.recipe import preset as get_preset
+
+    if preset and recipe_file:
+        raise click.UsageError("give either --preset or --recipe, not both")
+    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or "w8a8")
+    recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=target, device=device,
+                          exclude_op=exclude_op, exclude_node=exclude_node, exclude_regex=exclude_regex)  # fmt: skip
+    if recipe.needs_calibration() and not calib:
+        raise OnnxqError(
+            f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
+            ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)"
+        )
+    opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop)
+    result = quantize_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
+                           checked=checked, report_dir=report_dir)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result.report.to_dict(), indent=2, default=str))
+        return
+    _print_quantize_summary(result.report, output)
+
+
+def _apply_flags(recipe: Any, **flags: Any) -> Any:
+    """Fold the command-line overrides into the recipe."""
+    calib = recipe.calibration
+    if flags["calib_size"]:
+        calib = dataclasses.replace(calib, samples=flags["calib_size"])
+    if flags["calibrator"]:
+        calib = dataclasses.replace(calib, method=flags["calibrator"])
+    if flags["device"]:
+        calib = dataclasses.replace(calib, device=flags["device"])
+    ex = recipe.exclude
+    ex = dataclasses.replace(
+        ex,
+        op_types=ex.op_types + flags["exclude_op"],
+        names=ex.names + flags["exclude_node"],
+        name_regex=ex.name_regex + flags["exclude_regex"],
+    )
+    changes: dict[str, Any] = {"calibration": calib, "exclude": ex}
+    if flags["target"]:
+        from onnxq.target import resolve_target
+
+        resolve_target(flags["target"])  # validates the name
+        changes["target"] = flags["target"]
+    return recipe.with_(**changes)
+
+
+def _print_quantize_summary(report: Any, output: Path) -> None:
+    info = report.info
+    counts: dict[str, int] = {}
+    for step in report.steps:
+        for k, v in step.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    size = info.get("size", {})
+    _out.print(f"[bold green]wrote[/] {output}  ({size.get('input_bytes', 0) / 1e6:.2f} MB -> "
+               f"{size.get('output_bytes', 0) / 1e6:.2f} MB, {100 * size.get('ratio', 0):.1f}% of the input)")  # fmt: skip
+    tgt = info.get("target", {})
+    _out.print(f"target profile: [bold]{tgt.get('profile')}[/] ({tgt.get('reason')})")
+    cal = info.get("calibration")
+    if cal:
+        _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples on "
+                   f"{cal.get('provider')} in {cal.get('seconds')} s; source: {cal.get('source')}")  # fmt: skip
+    keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
+            "activations_absorbed", "batchnorms_folded", "nodes_folded")  # fmt: skip
+    _out.print("done: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in keys if counts.get(k)))
+    for note in report.notes:
+        if not note.startswith("target profile"):
+            _out.print(f"note: {note}", highlight=False)
+    _out.print(f"time {info.get('seconds')} s, peak RSS {info.get('peak_rss_mb')} MB")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_handle_errors
+def inspect(model: Path, as_json: bool) -> None:
+    """Show MODEL's op census, dtypes, sizes and the share of compute that is quantized."""
+    from onnxq.model import load_model
+    from onnxq.summary import render_summary, summarize
+
+    summary = summarize(load_model(model, load_external_data=False), model)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
+    else:
+        render_summary(summary, _out)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the presets as JSON.")
+def presets(as_json: bool) -> None:
+    """List the presets, one line each."""
+    from onnxq.recipe import PRESETS, recipe_to_dict
+
+    if as_json:
+        click.echo(json.dumps({k: recipe_to_dict(v) for k, v in PRESETS.items()}, indent=2))
+        return
+    table = Table(box=None, show_header=True, header_style="bold")
+    table.add_column("preset")
+    table.add_column("what it does")
+    for name, r in PRESETS.items():
+        table.add_row(name, r.description)
+    _out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

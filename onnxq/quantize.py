@@ -1,0 +1,220 @@
+"""The library entry point behind ``onnxq quantize``: load, run the recipe's passes, verify, save.
+
+Files are touched only at the two ends (:mod:`onnxq.model`). Every failure before the final atomic
+save leaves no output file; the input is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxq import __version__
+from onnxq.calibration.runner import CalibrationSession
+from onnxq.calibration.sources import CalibrationSource, open_source
+from onnxq.errors import OnnxqError, PassError
+from onnxq.model import (
+    default_opset,
+    load_model,
+    model_hash,
+    save_model,
+    strip_initializer_inputs,
+    to_graph,
+    to_model,
+    upgrade_opset,
+)
+from onnxq.passes import PASSES
+from onnxq.pipeline import PassContext, Pipeline
+from onnxq.recipe import Recipe, recipe_to_dict
+from onnxq.report import Report, peak_rss_mb
+from onnxq.scheme import QuantDtype
+from onnxq.target import resolve_target
+
+__all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Where calibration samples come from (``--calib`` and its companions)."""
+
+    source: str | None = None
+    preprocess: str | None = None
+    resize: int | None = None
+    crop: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class QuantizeResult:
+    """What a quantize run produced."""
+
+    model: onnx.ModelProto
+    report: Report
+    files: list[Path] = field(default_factory=list)
+
+
+def _required_opset(recipe: Recipe) -> int:
+    dtypes = {QuantDtype(recipe.activations.dtype), QuantDtype(recipe.weights.dtype)}
+    for o in recipe.overrides:
+        for spec in (o.activations, o.weights):
+            if "dtype" in spec:
+                dtypes.add(QuantDtype(spec["dtype"]))
+    return max([13] + [d.min_opset for d in dtypes])
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    recipe: Recipe,
+    *,
+    calibration: CalibrationOptions | None = None,
+    source: CalibrationSource | None = None,
+    progress: bool = False,
+    checked: bool = False,
+    report: Report | None = None,
+) -> QuantizeResult:
+    """Quantize an in-memory model with ``recipe`` and return the new model and its report.
+
+    Args:
+        model: the float model (float32 or float16); not modified.
+        recipe: what to do (a preset or a loaded recipe file).
+        calibration: where calibration samples come from (ignored when ``source`` is given).
+        source: an already-open calibration source.
+        progress: show progress bars.
+        checked: validate the graph (onnx.checker + ORT load) after every pass.
+        report: a report to add to (a new one when None).
+    """
+    report = report or Report()
+    t_start = time.perf_counter()
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    stripped = strip_initializer_inputs(work)
+    if stripped:
+        report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
+    before = default_opset(work)
+    work = upgrade_opset(work, _required_opset(recipe))
+    if default_opset(work) != before:
+        report.note(f"opset upgraded from {before} to {default_opset(work)} (per-channel QDQ needs opset 13+)")
+
+    target, why = resolve_target(recipe.target)
+    report.info["target"] = {"profile": target.name, "reason": why, "description": target.description}
+    report.note(f"target profile {target.name}: {why}; {target.description}")
+
+    calib_session = None
+    if recipe.needs_calibration():
+        if source is None and calibration is not None and calibration.source is not None:
+            source = open_source(
+                calibration.source,
+                work,
+                preprocess=calibration.preprocess,
+                resize=calibration.resize,
+                crop=calibration.crop,
+                limit=recipe.calibration.samples,
+                seed=calibration.seed,
+            )
+        if source is not None:
+            calib_session = CalibrationSession(source, recipe.calibration, progress=progress)
+            report.info["calibration"] = {"source": source.describe(), "samples": len(source),
+                                          "method": recipe.calibration.method}  # fmt: skip
+
+    ctx = PassContext(recipe=recipe, report=report, calibration=calib_session, checked=checked, progress=progress)
+    ctx.scratch["target"] = target
+    try:
+        passes = [PASSES[name]() for name in recipe.passes]
+    except KeyError as exc:
+        raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
+    graph = Pipeline(passes, checked=checked).run(to_graph(work), ctx)
+    out = to_model(graph, template=work)
+    _annotate(out, ctx.scratch.get("doc_strings", {}), recipe)
+    if calib_session is not None:
+        report.info["calibration"].update(
+            {"provider": calib_session.provider_used, "seconds": round(calib_session.seconds, 2),
+             "samples_seen": calib_session.samples_seen}  # fmt: skip
+        )
+    report.info["seconds"] = round(time.perf_counter() - t_start, 2)
+    report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return QuantizeResult(out, report)
+
+
+def _annotate(model: onnx.ModelProto, docs: dict[str, str], recipe: Recipe) -> None:
+    """Doc strings on inserted nodes and the recipe + onnxq version in metadata_props (for Netron)."""
+    for node in model.graph.node:
+        if node.name in docs:
+            node.doc_string = docs[node.name]
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta["onnxq.version"] = __version__
+    meta["onnxq.recipe"] = json.dumps(recipe_to_dict(recipe), sort_keys=True)
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def verify_loads(model: onnx.ModelProto) -> None:
+    """The final check before saving: onnx.checker and an ONNX Runtime CPU session load."""
+    from onnxq._ort import make_session
+
+    try:
+        onnx.checker.check_model(model, full_check=False)
+        if model.ByteSize() < 1_900_000_000:
+            make_session(model.SerializeToString(), optimization="basic")
+    except Exception as exc:  # noqa: BLE001
+        raise OnnxqError(f"the quantized model does not load ({exc}); nothing was written. Please report this.") from exc
+
+
+def quantize_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    recipe: Recipe,
+    *,
+    calibration: CalibrationOptions | None = None,
+    progress: bool = False,
+    checked: bool = False,
+    report_dir: str | os.PathLike | None = None,
+) -> QuantizeResult:
+    """Quantize the model file ``input_path`` into ``output_path`` (written atomically, input untouched)."""
+    src, dst = Path(input_path), Path(output_path)
+    report = Report()
+    model = load_model(src)
+    report.info.update({"input": str(src), "output": str(dst), "input_sha256": model_hash(src),
+                        "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
+    result = quantize_model(model, recipe, calibration=calibration, progress=progress, checked=checked, report=report)
+    result.model.metadata_props.add(key="onnxq.input_sha256", value=report.info["input_sha256"])
+    verify_loads(result.model)
+    result.files = save_model(result.model, dst, input_path=src)
+    in_bytes = _size_on_disk(src, model)
+    out_bytes = sum(p.stat().st_size for p in result.files)
+    report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
+    if report_dir is not None:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        report.write_json(Path(report_dir) / "report.json")
+    return result
+
+
+def _size_on_disk(path: Path, model: onnx.ModelProto) -> int:
+    total = path.stat().st_size
+    seen: set[str] = set()
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                f = path.parent / entry.value
+                total += f.stat().st_size if f.exists() else 0
+    return total
+
+
+def report_summary(report: Report) -> dict[str, Any]:
+    """The handful of numbers the CLI prints after a run."""
+    info = report.info
+    counts: dict[str, int] = {}
+    for step in report.steps:
+        for k, v in step.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    return {"info": info, "counts": counts}

@@ -1,0 +1,338 @@
+"""Recipes: what to quantize, how, and with which calibration; presets; strict TOML loading.
+
+A :class:`Recipe` is plain data. It names the passes to run, the activation and weight schemes, the
+calibration method, the target profile, exclusions and per-node overrides. Overrides resolve in a fixed
+order of priority, lowest first::
+
+    global settings  <  op type  <  node-name regex  <  exact node name
+
+A TOML recipe file mirrors the dataclasses; an unknown key anywhere is an error that names the key and
+lists the valid ones (a typo must never be silently ignored)::
+
+    preset = "w8a8"                 # start from a preset, then change what follows
+    [calibration]
+    method = "minmax"               # or "ema-minmax"
+    samples = 128
+    [activations]
+    dtype = "uint8"
+    [weights]
+    granularity = "per-channel"
+    reduce_range = "auto"           # "auto": decided by the target profile
+    [exclude]
+    op_types = ["Resize"]
+    names = ["conv1"]
+    name_regex = ["^head/"]
+    [[override]]
+    op_type = "Gemm"
+    weights = { granularity = "per-tensor" }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from onnxq.errors import RecipeError
+from onnxq.scheme import PerChannel, PerTensor, QuantDtype, QuantScheme, Symmetry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "ActivationSpec",
+    "WeightSpec",
+    "CalibrationSpec",
+    "ExcludeSpec",
+    "Override",
+    "NodeConfig",
+    "Recipe",
+    "PRESETS",
+    "preset",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
+]
+
+QUANTIZABLE_OPS: tuple[str, ...] = (
+    "Conv", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "Concat", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
+)  # fmt: skip
+"""Op types ``insert_qdq`` knows how to quantize (Relu/Clip are absorbed, not quantized)."""
+
+CALIBRATORS: tuple[str, ...] = ("minmax", "ema-minmax")
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """How activations are quantized (per tensor, from calibrated ranges)."""
+
+    dtype: str = "uint8"
+    symmetric: bool = False
+
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(
+            QuantDtype(self.dtype), Symmetry.SYMMETRIC if self.symmetric else Symmetry.AFFINE, PerTensor()
+        )
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How constant weights are quantized.
+
+    ``granularity``: ``"per-channel"`` (one scale per output channel) or ``"per-tensor"``.
+    ``reduce_range``: ``"auto"`` lets the target profile decide (7-bit weights where the CPU's int8
+    kernels can saturate), or ``true`` / ``false``.
+    """
+
+    dtype: str = "int8"
+    symmetric: bool = True
+    granularity: Literal["per-channel", "per-tensor"] = "per-channel"
+    reduce_range: bool | Literal["auto"] = "auto"
+
+    def scheme(self, axis: int, *, reduce_range: bool) -> QuantScheme:
+        gran = PerChannel(axis) if self.granularity == "per-channel" else PerTensor()
+        sym = Symmetry.SYMMETRIC if self.symmetric else Symmetry.AFFINE
+        return QuantScheme(QuantDtype(self.dtype), sym, gran, reduce_range=reduce_range)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration method and how many samples to use (``--calib-size``)."""
+
+    method: str = "ema-minmax"
+    samples: int = 128
+    ema_constant: float = 0.01
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class ExcludeSpec:
+    """Nodes left in float: by op type, by exact name, or by name regex (``re.search``)."""
+
+    op_types: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    name_regex: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Override:
+    """Settings for the nodes one selector matches. Exactly one of op_type, name, name_regex is set.
+
+    ``skip = true`` leaves the matched nodes in float; ``activations`` / ``weights`` replace fields of
+    the global specs for them.
+    """
+
+    op_type: str | None = None
+    name: str | None = None
+    name_regex: str | None = None
+    skip: bool = False
+    activations: Mapping[str, Any] = field(default_factory=dict)
+    weights: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        chosen = [k for k in ("op_type", "name", "name_regex") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise RecipeError(
+                f"an [[override]] needs exactly one of op_type, name or name_regex; got {chosen or 'none'}"
+            )
+        if self.name_regex is not None:
+            _compile(self.name_regex, "override name_regex")
+        _check_keys(dict(self.activations), ActivationSpec, "override.activations")
+        _check_keys(dict(self.weights), WeightSpec, "override.weights")
+
+    @property
+    def priority(self) -> int:
+        return 1 if self.op_type is not None else 2 if self.name_regex is not None else 3
+
+    def matches(self, name: str, op_type: str) -> bool:
+        if self.op_type is not None:
+            return op_type == self.op_type
+        if self.name is not None:
+            return name == self.name
+        return re.search(self.name_regex or "", name) is not None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The resolved settings for one node."""
+
+    activations: ActivationSpec
+    weights: WeightSpec
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete, serialisable description of one quantization run."""
+
+    name: str = "custom"
+    description: str = ""
+    version: int = 1
+    passes: tuple[str, ...] = (
+        "upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm",
+        "remove_dead_nodes", "insert_qdq",
+    )  # fmt: skip
+    target: str = "auto"
+    op_types: tuple[str, ...] = QUANTIZABLE_OPS
+    quantize_outputs: bool = False
+    activations: ActivationSpec = field(default_factory=ActivationSpec)
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    exclude: ExcludeSpec = field(default_factory=ExcludeSpec)
+    overrides: tuple[Override, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
+        if unknown:
+            raise RecipeError(f"op_types {unknown} cannot be quantized; valid: {', '.join(QUANTIZABLE_OPS)}")
+        if self.calibration.method not in CALIBRATORS:
+            raise RecipeError(
+                f"unknown calibration method '{self.calibration.method}'; valid: {', '.join(CALIBRATORS)}"
+            )
+        for spec in (self.activations.dtype, self.weights.dtype):
+            _check_dtype(spec)
+        if self.calibration.samples < 1:
+            raise RecipeError(f"calibration.samples must be >= 1, got {self.calibration.samples}")
+        for rx in self.exclude.name_regex:
+            _compile(rx, "exclude.name_regex")
+
+    def needs_calibration(self) -> bool:
+        return "insert_qdq" in self.passes
+
+    def config_for(self, name: str, op_type: str) -> NodeConfig | None:
+        """Resolved settings for a node, or None when it stays in float (excluded or skipped)."""
+        ex = self.exclude
+        if (
+            op_type not in self.op_types
+            or op_type in ex.op_types
+            or name in ex.names
+            or any(re.search(rx, name) for rx in ex.name_regex)
+        ):
+            return None
+        act, wt = self.activations, self.weights
+        for ov in sorted((o for o in self.overrides if o.matches(name, op_type)), key=lambda o: o.priority):
+            if ov.skip:
+                return None
+            act = dataclasses.replace(act, **dict(ov.activations))
+            wt = dataclasses.replace(wt, **dict(ov.weights))
+        return NodeConfig(act, wt)
+
+    def with_(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_dtype(value: str) -> None:
+    valid = [d.value for d in QuantDtype]
+    if value not in valid:
+        raise RecipeError(f"unknown dtype '{value}'; valid: {', '.join(valid)}")
+
+
+def _compile(rx: str, where: str) -> re.Pattern[str]:
+    try:
+        return re.compile(rx)
+    except re.error as exc:
+        raise RecipeError(f"{where} '{rx}' is not a valid regular expression: {exc}") from exc
+
+
+def _check_keys(data: Mapping[str, Any], cls: type, where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in valid:
+            raise RecipeError(f"unknown key '{key}' in {where}; valid keys: {', '.join(valid)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where} must be a table, got {type(data).__name__}")
+    _check_keys(data, cls, where)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise RecipeError(f"invalid {where}: {exc}") from exc
+
+
+PRESETS: dict[str, Recipe] = {
+    "w8a8": Recipe(
+        name="w8a8",
+        description="static int8, QDQ: uint8 activations (moving-average min-max), int8 per-channel "
+        "weights; weight range set by the target CPU",
+    ),
+    "w8a8-per-tensor": Recipe(
+        name="w8a8-per-tensor",
+        description="static int8 like w8a8 but one scale per weight tensor (for runtimes without per-channel)",
+        weights=WeightSpec(granularity="per-tensor"),
+    ),
+    "w8a16": Recipe(
+        name="w8a16",
+        description="int8 per-channel weights with uint16 activations: higher accuracy, QDQ (opset 21)",
+        activations=ActivationSpec(dtype="uint16"),
+    ),
+}
+
+
+def preset(name: str) -> Recipe:
+    """The preset called ``name``; an unknown name is a RecipeError listing the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise RecipeError(f"unknown preset '{name}'; valid presets: {', '.join(PRESETS)} (see `onnxq presets`)") from None
+
+
+_TOP_LEVEL = ("preset", "name", "description", "version", "passes", "target", "op_types", "quantize_outputs",
+              "activations", "weights", "calibration", "exclude", "override")  # fmt: skip
+
+
+def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
+    """Build a Recipe from plain data (a parsed TOML file), strictly."""
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise RecipeError(f"unknown key '{key}' in {where}; valid keys: {', '.join(_TOP_LEVEL)}")
+    base = preset(str(data["preset"])) if "preset" in data else Recipe()
+    changes: dict[str, Any] = {}
+    for key in ("name", "description", "version", "target", "quantize_outputs"):
+        if key in data:
+            changes[key] = data[key]
+    for key in ("passes", "op_types"):
+        if key in data:
+            changes[key] = tuple(data[key])
+    for key, cls in (("activations", ActivationSpec), ("weights", WeightSpec),
+                     ("calibration", CalibrationSpec), ("exclude", ExcludeSpec)):  # fmt: skip
+        if key in data:
+            current = dataclasses.asdict(getattr(base, key))
+            _check_keys(data[key], cls, f"[{key}] of {where}")
+            current.update(data[key])
+            changes[key] = _build(cls, current, f"[{key}] of {where}")
+    if "override" in data:
+        if not isinstance(data["override"], list):
+            raise RecipeError(f"'override' in {where} must be an array of tables: use [[override]]")
+        changes["overrides"] = tuple(_build(Override, o, f"[[override]] of {where}") for o in data["override"])
+    try:
+        return dataclasses.replace(base, **changes)
+    except TypeError as exc:
+        raise RecipeError(f"invalid {where}: {exc}") from exc
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a TOML recipe file (data only; nothing in it is ever executed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe file {p} is not valid TOML: {exc}") from exc
+    return recipe_from_dict(data, where=str(p))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain data for a recipe (for metadata_props and report.json)."""
+    data = dataclasses.asdict(recipe)
+    data["override"] = [dict(o) for o in data.pop("overrides")]
+    return data

@@ -1,0 +1,388 @@
+"""Static QDQ quantization: QuantizeLinear/DequantizeLinear pairs on activations, int8 weights.
+
+What the pass does, per quantized node (the recipe decides which nodes; excluded ones stay float):
+
+* **Activations** (float inputs and outputs of quantized nodes) get one ``Q -> DQ`` pair right after
+  their producer, shared by every consumer, with a scale and zero point from the calibrated range
+  (``ctx.calibration``). Graph outputs stay float unless ``recipe.quantize_outputs``.
+* **Pass-through ops** (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool, Resize) give their
+  output the *same* scale and zero point as their input, so they run on integers unchanged.
+* **Relu / Clip(0, c)** after a quantized node are *absorbed* when that is exact: the node's output is
+  quantized with the activation's parameters, whose zero point is the lowest code and whose top code
+  saturates at or below ``c``, so ``Q(x) == Q(relu(x))`` for every x and the Relu/Clip is removed.
+* **Weights** (constant inputs of Conv/Gemm/MatMul) are stored as int8 initializers behind a
+  ``DequantizeLinear`` (per output channel by default: axis 0 for Conv, the N axis for Gemm/MatMul).
+  The weight range follows the target profile (7-bit on CPUs whose int8 kernels saturate).
+* **Biases** of Conv/Gemm become int32 with scale ``x_scale * w_scale`` and zero point 0, which is what
+  ONNX Runtime's integer kernels expect, so they fuse into QLinearConv / QGemm.
+* **Constant operands** of Add/Mul/Concat are quantized per tensor with the activation scheme.
+* A constant used by several nodes (tied weights) is quantized once per scheme and shared.
+
+Inserted nodes are named after the tensor they serve (``<tensor>/QuantizeLinear``) and carry a doc
+string with the scheme, calibration method and range, so the result reads well in Netron.
+
+``ctx.scratch`` keys read: ``"target"`` (a :class:`onnxq.target.TargetProfile`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxq.errors import CalibrationError, PassError
+from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.recipe import NodeConfig
+from onnxq.scheme import (
+    PerChannel,
+    PerTensor,
+    QuantDtype,
+    QuantScheme,
+    Symmetry,
+    choose_qparams,
+    choose_qparams_from_range,
+    quantize,
+)
+from onnxq.target import PROFILES, TargetProfile
+
+__all__ = ["InsertQDQPass", "insert_qdq", "PASS_THROUGH_OPS"]
+
+logger = logging.getLogger(__name__)
+
+PASS_THROUGH_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize"})
+_WEIGHT_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+_CONST_OPERAND_OPS = frozenset({"Add", "Mul", "Concat"})
+_ABSORBABLE = frozenset({"Relu", "Clip"})
+_FLOAT_TYPES = (np.float32, np.float16, np.float64)
+
+
+@dataclass(frozen=True)
+class _QParams:
+    scale: np.ndarray
+    zero_point: np.ndarray
+    scheme: QuantScheme
+    rmin: float
+    rmax: float
+
+
+def _is_float(t: gs.Tensor) -> bool:
+    return t.dtype is not None and np.dtype(t.dtype) in [np.dtype(d) for d in _FLOAT_TYPES]
+
+
+def _activation_inputs(node: gs.Node) -> list[int]:
+    """Indices of the inputs of ``node`` that are quantized as activations (or constant operands)."""
+    if node.op in ("Conv", "Gemm"):
+        return [0]
+    if node.op == "MatMul":
+        return [i for i in (0, 1) if not isinstance(node.inputs[i], gs.Constant)]
+    if node.op in _CONST_OPERAND_OPS:
+        return list(range(len(node.inputs)))
+    return [0]
+
+
+def _weight_axis(node: gs.Node, index: int, weight: gs.Constant) -> int | None:
+    """Per-channel axis of a weight input (None: per-tensor only)."""
+    rank = weight.values.ndim
+    if node.op == "Conv" and index == 1:
+        return 0
+    if node.op == "Gemm" and index == 1:
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul" and index == 1 and rank == 2:
+        return 1
+    return None
+
+
+class InsertQDQPass(Pass):
+    """Insert Q/DQ pairs and quantize weights; see the module docstring."""
+
+    name = "insert_qdq"
+    in_place = True
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if ctx.calibration is None:
+            raise CalibrationError(
+                "static quantization needs calibration data: pass --calib (an image folder, .npz/.npy "
+                "files, a test_data_set folder, or 'random' for data-free ranges)"
+            )
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        recipe = ctx.recipe
+        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        counts = {"nodes_quantized": 0, "nodes_excluded": 0, "qdq_pairs": 0, "weights_quantized": 0,
+                  "biases_quantized": 0, "shared_weights": 0, "activations_absorbed": 0}  # fmt: skip
+        notes: list[str] = []
+
+        configs: dict[int, NodeConfig] = {}
+        excluded: set[int] = set()
+        for node in graph.nodes:
+            if node.op not in recipe.op_types:
+                continue
+            cfg = recipe.config_for(node.name, node.op)
+            if cfg is None:
+                excluded.add(id(node))
+                counts["nodes_excluded"] += 1
+            elif any(_is_float(t) for t in node.outputs):
+                configs[id(node)] = cfg
+        graph_outputs = {t.name for t in graph.outputs}
+
+        # 1. which tensors get a Q/DQ pair, and with which node's activation settings
+        wanted: dict[str, tuple[gs.Variable, NodeConfig]] = {}
+        for node in graph.nodes:
+            cfg = configs.get(id(node))
+            if cfg is None:
+                continue
+            for i in _activation_inputs(node):
+                t = node.inputs[i] if i < len(node.inputs) else None
+                if isinstance(t, gs.Variable) and _is_float(t):
+                    wanted.setdefault(t.name, (t, cfg))
+            out = node.outputs[0]
+            if _is_float(out) and out.outputs and (out.name not in graph_outputs or recipe.quantize_outputs):
+                wanted.setdefault(out.name, (out, cfg))
+            elif recipe.quantize_outputs and out.name in graph_outputs:
+                wanted.setdefault(out.name, (out, cfg))
+
+        # 2. Relu/Clip absorption candidates: quantized node -> T -> (only) Relu/Clip -> U (quantized)
+        absorb: dict[str, gs.Node] = {}
+        for name, (t, _cfg) in list(wanted.items()):
+            producer = t.inputs[0] if t.inputs else None
+            if producer is None or id(producer) not in configs or producer.op in PASS_THROUGH_OPS:
+                continue
+            if len(t.outputs) == 1 and t.outputs[0].op in _ABSORBABLE and t.name not in graph_outputs:
+                act = t.outputs[0]
+                u = act.outputs[0]
+                if u.name in wanted and len(act.outputs) == 1:
+                    absorb[name] = act
+
+        # 3. calibrate every tensor that needs its own range (pass-through outputs share their input's)
+        def shares_input(t: gs.Variable) -> gs.Variable | None:
+            producer = t.inputs[0] if t.inputs else None
+            if producer is not None and producer.op in PASS_THROUGH_OPS and id(producer) in configs:
+                src = producer.inputs[0]
+                if isinstance(src, gs.Variable) and src.name in wanted:
+                    return src
+            return None
+
+        need = [n for n, (t, _c) in wanted.items() if shares_input(t) is None]
+        assert ctx.calibration is not None
+        ranges = ctx.calibration.ranges(graph, need)
+
+        # 4. activation parameters, in topological order so shared parameters resolve
+        params: dict[str, _QParams] = {}
+        graph.toposort()
+        order = [t.name for n in graph.nodes for t in n.outputs] + [t.name for t in graph.inputs]
+        rank = {n: i for i, n in enumerate(order)}
+        for name in sorted(wanted, key=lambda n: rank.get(n, -1)):
+            t, cfg = wanted[name]
+            scheme = cfg.activations.scheme()
+            if target.symmetric_activations and not cfg.activations.symmetric:
+                scheme = scheme.with_(symmetry=type(scheme.symmetry).SYMMETRIC)
+            src = shares_input(t)
+            if src is not None and src.name in params:
+                params[name] = params[src.name]
+                continue
+            lo, hi = ranges[name]
+            scale, zp = choose_qparams_from_range(lo, hi, scheme)
+            params[name] = _QParams(scale, zp, scheme, lo, hi)
+
+        # 5. absorb Relu/Clip where exact
+        for name, act in absorb.items():
+            u = act.outputs[0]
+            p = params[u.name]
+            if not _absorption_exact(act, p):
+                continue
+            t = act.inputs[0]
+            producer = t.inputs[0]
+            producer.outputs[0] = u  # the producer now writes the activation's output directly
+            act.outputs.clear()
+            act.inputs.clear()
+            wanted.pop(name, None)
+            params.pop(name, None)
+            counts["activations_absorbed"] += 1
+
+        # 6. weights, biases and constant operands
+        docs: dict[str, str] = ctx.scratch.setdefault("doc_strings", {})
+        weight_cache: dict[tuple[str, str], tuple[gs.Variable, _QParams]] = {}
+        for node in list(graph.nodes):
+            cfg = configs.get(id(node))
+            if cfg is None:
+                continue
+            counts["nodes_quantized"] += 1
+            for i, inp in enumerate(list(node.inputs)):
+                if not isinstance(inp, gs.Constant) or not np.issubdtype(inp.values.dtype, np.floating):
+                    continue
+                if node.op in _WEIGHT_OPS and i == 1 or (node.op == "MatMul" and i == 0):
+                    scheme = _weight_scheme(node, i, inp, cfg, target)
+                elif node.op in _CONST_OPERAND_OPS:
+                    scheme = cfg.activations.scheme()
+                else:
+                    continue
+                key = (inp.name, str(scheme))
+                if key in weight_cache:
+                    counts["shared_weights"] += 1
+                else:
+                    weight_cache[key] = self._quantize_constant(graph, inp, scheme, len(weight_cache), counts, docs)
+                node.inputs[i] = weight_cache[key][0]
+            self._quantize_bias(graph, node, params, weight_cache, counts, notes, docs)
+
+        # 7. activation Q/DQ pairs
+        for name, (t, _cfg) in wanted.items():
+            p = params[name]
+            consumers = [c for c in t.outputs if id(c) not in excluded]
+            if not consumers and not (recipe.quantize_outputs and name in graph_outputs):
+                continue
+            dq_out = self._insert_pair(graph, t, p, ctx)
+            for c in consumers:
+                for j, inp in enumerate(c.inputs):
+                    if inp is t:
+                        c.inputs[j] = dq_out
+            if recipe.quantize_outputs and name in graph_outputs:
+                notes.append(f"graph output '{name}' is quantized (quantize_outputs = true)")
+            counts["qdq_pairs"] += 1
+
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        ctx.report.info.setdefault("activation_ranges", {}).update(
+            {n: [p.rmin, p.rmax] for n, p in params.items()}
+        )
+        return PassResult(graph, modified=counts["qdq_pairs"] > 0 or counts["weights_quantized"] > 0, counts=counts, notes=notes)
+
+    def _insert_pair(self, graph: gs.Graph, t: gs.Variable, p: _QParams, ctx: PassContext) -> gs.Variable:
+        base = t.name
+        scale = gs.Constant(f"{base}_scale", np.asarray(p.scale, np.float32).reshape(()))
+        zp = gs.Constant(f"{base}_zero_point", np.asarray(p.zero_point).reshape(()).astype(p.scheme.dtype.numpy_dtype))
+        q_out = gs.Variable(f"{base}_quantized", dtype=p.scheme.dtype.numpy_dtype, shape=t.shape)
+        dq_out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=t.shape)
+        method = ctx.recipe.calibration.method
+        doc = f"onnxq: activation {p.scheme}; calibration {method}; range [{p.rmin:.6g}, {p.rmax:.6g}]"
+        q = gs.Node("QuantizeLinear", f"{base}/QuantizeLinear", inputs=[t, scale, zp], outputs=[q_out])
+        dq = gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", inputs=[q_out, scale, zp], outputs=[dq_out])
+        docs = ctx.scratch.setdefault("doc_strings", {})
+        docs[q.name] = docs[dq.name] = doc
+        graph.nodes.extend([q, dq])
+        return dq_out
+
+    def _quantize_constant(
+        self,
+        graph: gs.Graph,
+        c: gs.Constant,
+        scheme: QuantScheme,
+        index: int,
+        counts: dict[str, int],
+        docs: dict[str, str],
+    ) -> tuple[gs.Variable, _QParams]:
+        values = np.asarray(c.values, np.float32)
+        scale, zp = choose_qparams(values, scheme)
+        q = quantize(values, scale, zp, scheme)
+        suffix = "" if index == 0 or not any(t == f"{c.name}_quantized" for t in graph.tensors()) else f"_{index}"
+        qc = gs.Constant(f"{c.name}_quantized{suffix}", q)
+        sc = gs.Constant(f"{c.name}_scale{suffix}", scale.astype(np.float32))
+        zc = gs.Constant(f"{c.name}_zero_point{suffix}", zp)
+        out = gs.Variable(f"{c.name}_dequantized{suffix}", dtype=np.float32, shape=list(values.shape))
+        attrs = {"axis": scheme.granularity.axis} if isinstance(scheme.granularity, PerChannel) else {}
+        dq = gs.Node("DequantizeLinear", f"{c.name}/DequantizeLinear{suffix}", attrs=attrs, inputs=[qc, sc, zc], outputs=[out])
+        docs[dq.name] = f"onnxq: weight {scheme}; min-max of the weight values"
+        graph.nodes.append(dq)
+        counts["weights_quantized"] += 1
+        lo, hi = float(np.nanmin(values)) if values.size else 0.0, float(np.nanmax(values)) if values.size else 0.0
+        return out, _QParams(scale, zp, scheme, lo, hi)
+
+    def _quantize_bias(
+        self,
+        graph: gs.Graph,
+        node: gs.Node,
+        params: dict[str, _QParams],
+        weight_cache: dict[tuple[str, str], tuple[gs.Variable, _QParams]],
+        counts: dict[str, int],
+        notes: list[str],
+        docs: dict[str, str],
+    ) -> None:
+        """Conv/Gemm bias -> int32 with scale x_scale * w_scale (what integer kernels accumulate in)."""
+        if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
+            return
+        bias, x, w = node.inputs[2], node.inputs[0], node.inputs[1]
+        if not isinstance(bias, gs.Constant) or bias.values.ndim != 1:
+            return
+        if node.op == "Gemm" and (node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+            notes.append(f"{node.name}: Gemm with alpha/beta != 1 keeps a float bias")
+            return
+        # activation Q/DQ pairs are inserted after this step, so x is still the float tensor
+        wq = next((p for (out, p) in weight_cache.values() if out is w), None)
+        x_name = x.name
+        if x_name not in params or wq is None:
+            return
+        x_scale = float(params[x_name].scale)
+        w_scale = np.asarray(wq.scale, np.float32).reshape(-1)
+        b = np.asarray(bias.values, np.float32)
+        scale = (np.float32(x_scale) * w_scale).astype(np.float32)
+        if scale.size == 1:
+            scale = np.full(b.shape, scale.item(), np.float32)
+        if scale.shape != b.shape:
+            return
+        q = np.clip(np.rint(b / scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+        name = f"{node.name or bias.name}/bias"
+        qc = gs.Constant(f"{bias.name}_quantized_{node.name}", q)
+        sc = gs.Constant(f"{bias.name}_scale_{node.name}", scale)
+        zc = gs.Constant(f"{bias.name}_zero_point_{node.name}", np.zeros(b.shape, np.int32))
+        out = gs.Variable(f"{bias.name}_dequantized_{node.name}", dtype=np.float32, shape=list(b.shape))
+        dq = gs.Node("DequantizeLinear", f"{name}/DequantizeLinear", attrs={"axis": 0}, inputs=[qc, sc, zc], outputs=[out])
+        docs[dq.name] = "onnxq: bias int32, scale = input scale x weight scale"
+        graph.nodes.append(dq)
+        node.inputs[2] = out
+        counts["biases_quantized"] += 1
+
+
+def _weight_scheme(node: gs.Node, index: int, weight: gs.Constant, cfg: NodeConfig, target: TargetProfile) -> QuantScheme:
+    """The weight scheme for one node input: recipe settings, then the target profile's choices."""
+    axis = _weight_axis(node, index, weight)
+    if cfg.weights.reduce_range == "auto":
+        group = int(node.attrs.get("group", 1))
+        reduce = target.reduce_weight_range(node.op, group, tuple(weight.values.shape))
+    else:
+        reduce = bool(cfg.weights.reduce_range)
+    scheme = cfg.weights.scheme(axis if axis is not None else 0, reduce_range=reduce)
+    if axis is None:
+        scheme = scheme.with_(granularity=PerTensor())
+    if target.uint8_weight_storage and scheme.dtype is QuantDtype.INT8 and scheme.symmetry is Symmetry.SYMMETRIC:
+        # the same symmetric 8-bit grid, stored with zero point 128: selects ORT's u8 x u8 kernels
+        scheme = scheme.with_(dtype=QuantDtype.UINT8)
+    return scheme
+
+
+def _absorption_exact(act: gs.Node, p: _QParams) -> bool:
+    """True when quantizing with ``p`` already performs what the Relu/Clip ``act`` does."""
+    qmin, qmax = (int(v) for v in (np.iinfo(p.scheme.dtype.numpy_dtype).min, np.iinfo(p.scheme.dtype.numpy_dtype).max))
+    zp = int(np.asarray(p.zero_point).item())
+    scale = np.float32(np.asarray(p.scale).item())
+    if zp != qmin:
+        return False  # codes below the zero point would represent negative values
+    if act.op == "Relu":
+        return True
+    lo, hi = _clip_bounds(act)
+    if lo is None or lo != 0.0:
+        return False
+    if hi is None:
+        return True
+    # every x >= hi must saturate to qmax, as Clip(x) = hi would
+    return bool(np.rint(np.float32(hi) / scale) + zp >= qmax)
+
+
+def _clip_bounds(act: gs.Node) -> tuple[float | None, float | None]:
+    if "min" in act.attrs or "max" in act.attrs:  # opset < 11
+        return float(act.attrs.get("min", -np.inf)), float(act.attrs.get("max", np.inf))
+    vals: list[float | None] = []
+    for i in (1, 2):
+        t = act.inputs[i] if len(act.inputs) > i else None
+        if t is None or (isinstance(t, gs.Variable) and t.name == ""):
+            vals.append(None)
+        elif isinstance(t, gs.Constant) and t.values.size == 1:
+            vals.append(float(t.values.reshape(())))
+        else:
+            return None, None
+    lo, hi = vals
+    return (lo if lo is not None else None), hi
+
+
+def insert_qdq(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    """Convenience function: run :class:`InsertQDQPass` on ``graph``."""
+    return InsertQDQPass()(graph, ctx).graph

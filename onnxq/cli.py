@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxq import __version__
+from onnxq.calibration.observers import OBSERVERS
 from onnxq.errors import OnnxqError
 
 __all__ = ["main"]
@@ -78,7 +79,7 @@ def main(debug: bool) -> None:
 @click.option("--calib-size", type=click.IntRange(min=1), help="How many calibration samples to use (evenly spaced over the source). Default: the recipe's (128).")
 @click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side to this before cropping (default: crop*256/224).")
 @click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size (default: the model's input size).")
-@click.option("--calibrator", type=click.Choice(["minmax", "ema-minmax"]), help="Activation range method (default: the recipe's).")
+@click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
 @click.option("--target", help="Deployment target profile: auto (this CPU), x86-avx2, x86-avx2-u8, x86-vnni, arm64, generic, cuda.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs (auto prefers CUDA when onnxruntime-gpu sees a GPU).")
 @click.option("--exclude-op", multiple=True, help="Leave every node of this op type in float (repeatable).")

@@ -65,7 +65,6 @@ QUANTIZABLE_OPS: tuple[str, ...] = (
 )  # fmt: skip
 """Op types ``insert_qdq`` knows how to quantize (Relu/Clip are absorbed, not quantized)."""
 
-CALIBRATORS: tuple[str, ...] = ("minmax", "ema-minmax")
 
 
 @dataclass(frozen=True)
@@ -191,9 +190,11 @@ class Recipe:
         unknown = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
         if unknown:
             raise RecipeError(f"op_types {unknown} cannot be quantized; valid: {', '.join(QUANTIZABLE_OPS)}")
-        if self.calibration.method not in CALIBRATORS:
+        from onnxq.calibration.observers import OBSERVERS
+
+        if self.calibration.method not in OBSERVERS:
             raise RecipeError(
-                f"unknown calibration method '{self.calibration.method}'; valid: {', '.join(CALIBRATORS)}"
+                f"unknown calibration method '{self.calibration.method}'; valid: {', '.join(OBSERVERS)}"
             )
         for spec in (self.activations.dtype, self.weights.dtype):
             _check_dtype(spec)

@@ -127,33 +127,41 @@ class InsertQDQPass(Pass):
                 configs[id(node)] = cfg
         graph_outputs = {t.name for t in graph.outputs}
 
-        # 1. which tensors get a Q/DQ pair, and with which node's activation settings
+        # 1. which tensors get a Q/DQ pair: decided backwards from demand. A tensor is quantized when a
+        #    quantized compute node reads it, or a quantized pass-through node / absorbable Relu/Clip
+        #    reads it and that node's own output is quantized. Outputs nobody quantized reads (a head
+        #    feeding the graph output, a Softmax) stay float: 8-bit logits would change the argmax.
+        graph.toposort()
         wanted: dict[str, tuple[gs.Variable, NodeConfig]] = {}
-        for node in graph.nodes:
-            cfg = configs.get(id(node))
-            if cfg is None:
-                continue
-            for i in _activation_inputs(node):
-                t = node.inputs[i] if i < len(node.inputs) else None
-                if isinstance(t, gs.Variable) and _is_float(t):
-                    wanted.setdefault(t.name, (t, cfg))
-            out = node.outputs[0]
-            if _is_float(out) and out.outputs and (out.name not in graph_outputs or recipe.quantize_outputs):
-                wanted.setdefault(out.name, (out, cfg))
-            elif recipe.quantize_outputs and out.name in graph_outputs:
-                wanted.setdefault(out.name, (out, cfg))
-
-        # 2. Relu/Clip absorption candidates: quantized node -> T -> (only) Relu/Clip -> U (quantized)
         absorb: dict[str, gs.Node] = {}
-        for name, (t, _cfg) in list(wanted.items()):
-            producer = t.inputs[0] if t.inputs else None
-            if producer is None or id(producer) not in configs or producer.op in PASS_THROUGH_OPS:
-                continue
-            if len(t.outputs) == 1 and t.outputs[0].op in _ABSORBABLE and t.name not in graph_outputs:
-                act = t.outputs[0]
-                u = act.outputs[0]
-                if u.name in wanted and len(act.outputs) == 1:
-                    absorb[name] = act
+        for node in reversed(graph.nodes):
+            cfg = configs.get(id(node))
+            if cfg is not None and node.op in PASS_THROUGH_OPS:
+                out, src = node.outputs[0], node.inputs[0]
+                demanded = out.name in wanted or (recipe.quantize_outputs and out.name in graph_outputs)
+                if demanded and isinstance(src, gs.Variable) and _is_float(src):
+                    wanted.setdefault(out.name, (out, cfg))
+                    wanted.setdefault(src.name, (src, cfg))
+            elif cfg is not None:
+                for i in _activation_inputs(node):
+                    t = node.inputs[i] if i < len(node.inputs) else None
+                    if isinstance(t, gs.Variable) and _is_float(t):
+                        wanted.setdefault(t.name, (t, cfg))
+                out = node.outputs[0]
+                if recipe.quantize_outputs and out.name in graph_outputs and _is_float(out):
+                    wanted.setdefault(out.name, (out, cfg))
+            elif node.op in _ABSORBABLE and node.outputs and node.outputs[0].name in wanted:
+                # quantized node -> T -> (only) Relu/Clip -> U (quantized): Q(U) may do the Relu's job
+                t = node.inputs[0]
+                producer = t.inputs[0] if t.inputs else None
+                if (
+                    producer is not None
+                    and id(producer) in configs
+                    and producer.op not in PASS_THROUGH_OPS
+                    and len(t.outputs) == 1
+                    and t.name not in graph_outputs
+                ):
+                    absorb[t.name] = node
 
         # 3. calibrate every tensor that needs its own range (pass-through outputs share their input's)
         def shares_input(t: gs.Variable) -> gs.Variable | None:
@@ -164,7 +172,7 @@ class InsertQDQPass(Pass):
                     return src
             return None
 
-        need = [n for n, (t, _c) in wanted.items() if shares_input(t) is None]
+        need = [n for n, (t, _c) in wanted.items() if shares_input(t) is None] + list(absorb)
         assert ctx.calibration is not None
         ranges = ctx.calibration.ranges(graph, need)
 
@@ -191,14 +199,17 @@ class InsertQDQPass(Pass):
             u = act.outputs[0]
             p = params[u.name]
             if not _absorption_exact(act, p):
+                # keep the Relu/Clip and quantize its input too (standard QDQ around it)
+                t_in, cfg_u = act.inputs[0], wanted[u.name][1]
+                lo, hi = ranges[name]
+                scale, zp = choose_qparams_from_range(lo, hi, p.scheme)
+                wanted[name] = (t_in, cfg_u)
+                params[name] = _QParams(scale, zp, p.scheme, lo, hi)
                 continue
-            t = act.inputs[0]
-            producer = t.inputs[0]
+            producer = act.inputs[0].inputs[0]
             producer.outputs[0] = u  # the producer now writes the activation's output directly
             act.outputs.clear()
             act.inputs.clear()
-            wanted.pop(name, None)
-            params.pop(name, None)
             counts["activations_absorbed"] += 1
 
         # 6. weights, biases and constant operands

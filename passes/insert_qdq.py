@@ -287,8 +287,8 @@ class InsertQDQPass(Pass):
         q = quantize(values, scale, zp, scheme)
         suffix = "" if index == 0 or not any(t == f"{c.name}_quantized" for t in graph.tensors()) else f"_{index}"
         qc = gs.Constant(f"{c.name}_quantized{suffix}", q)
-        sc = gs.Constant(f"{c.name}_scale{suffix}", scale.astype(np.float32))
-        zc = gs.Constant(f"{c.name}_zero_point{suffix}", zp)
+        sc = gs.Constant(f"{c.name}_scale{suffix}", np.asarray(scale, np.float32))
+        zc = gs.Constant(f"{c.name}_zero_point{suffix}", np.asarray(zp))
         out = gs.Variable(f"{c.name}_dequantized{suffix}", dtype=np.float32, shape=list(values.shape))
         attrs = {"axis": scheme.granularity.axis} if isinstance(scheme.granularity, PerChannel) else {}
         dq = gs.Node("DequantizeLinear", f"{c.name}/DequantizeLinear{suffix}", attrs=attrs, inputs=[qc, sc, zc], outputs=[out])

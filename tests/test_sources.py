@@ -213,7 +213,7 @@ def test_npy_refused_for_multi_input_models(tmp_path: Path) -> None:
 
 def test_single_unmatched_array_reshaped_like_mnist(tmp_path: Path) -> None:
     x = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
-    np.savez(tmp_path / "mnist.npz", x=x, y=np.arange(6))
+    np.savez(tmp_path / "mnist.npz", x=x)  # one array, one input: unambiguous, used whatever its name
     src = open_source(str(tmp_path / "mnist.npz"), make_model([("Input3", TensorProto.FLOAT, [1, 1, 28, 28])]))
     got = list(src)
     assert len(got) == 6 and got[0]["Input3"].shape == (1, 1, 28, 28) and got[0]["Input3"].dtype == np.float32
@@ -240,7 +240,15 @@ def test_name_mismatch_message(tmp_path: Path) -> None:
     m = make_model([("input", TensorProto.FLOAT, ["N", 4]), ("mask", TensorProto.FLOAT, ["N", 4])])
     with pytest.raises(CalibrationError) as e:
         open_source(str(tmp_path / "foo.npz"), m)
-    assert str(e.value) == "calibration file foo.npz has arrays ['a', 'b'] but the model's inputs are ['input', 'mask']"
+    assert str(e.value).startswith("calibration file foo.npz has arrays ['a', 'b'] but the model's inputs are ['input', 'mask']")
+    assert "np.savez(path, input=...)" in str(e.value)
+
+
+def test_ambiguous_array_names_refused_for_single_input(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", images=np.zeros((2, 28, 28), np.uint8), labels=np.arange(2))
+    m = make_model([("Input3", TensorProto.FLOAT, [1, 1, 28, 28])])
+    with pytest.raises(CalibrationError, match="'images', 'labels'.*Input3"):
+        open_source(str(tmp_path / "d.npz"), m)
 
 
 def test_shape_mismatch_message(tmp_path: Path) -> None:
@@ -357,9 +365,13 @@ def test_imagenet_with_mobilenetv2(assets: Path) -> None:
 
 
 @pytest.mark.assets
-def test_mnist_npz(assets: Path) -> None:
+def test_mnist_npz(assets: Path, tmp_path: Path) -> None:
     model = onnx.load(asset(assets, "mnist/model.onnx"))
-    src = open_source(str(asset(assets, "mnist/t10k-first5000.npz")), model, limit=16)
+    data = np.load(asset(assets, "mnist/t10k-first5000.npz"))
+    with pytest.raises(CalibrationError, match="Input3"):  # 'images' and 'labels': which one is ambiguous
+        open_source(str(asset(assets, "mnist/t10k-first5000.npz")), model)
+    np.savez(tmp_path / "mnist.npz", Input3=data["images"][:64])
+    src = open_source(str(tmp_path / "mnist.npz"), model, limit=16)
     feeds = list(src)
     assert len(feeds) == 16
     assert all(f["Input3"].shape == (1, 1, 28, 28) and f["Input3"].dtype == np.float32 for f in feeds)

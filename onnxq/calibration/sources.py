@@ -353,11 +353,13 @@ class ArrayFolderSource(CalibrationSource):
             if all(n in keys for n in names):
                 arrays = {n: _Array.read_header(f, n) for n in names}
             else:
-                headers = [_Array.read_header(f, k) for k in keys] if len(specs) == 1 else []
-                fitting = [a for a in headers if _mode(a.shape, specs[0])]
-                if len(specs) != 1 or (len(keys) != 1 and len(fitting) != 1):
-                    raise CalibrationError(f"calibration file {f.name} has arrays {keys} but the model's inputs are {names}")
-                arrays = {names[0]: (fitting or headers)[0]}
+                # a differently named array is used only when that is unambiguous: one array, one input
+                if len(specs) != 1 or len(keys) != 1:
+                    raise CalibrationError(
+                        f"calibration file {f.name} has arrays {keys} but the model's inputs are {names}; "
+                        f"save the arrays under the input names, e.g. np.savez(path, {names[0]}=...)"
+                    )
+                arrays = {names[0]: _Array.read_header(f, keys[0])}
                 self.notes[f"array '{arrays[names[0]].key}' used for input '{names[0]}'"] = None
         plan, counts = {}, set()
         for s in specs:

@@ -340,7 +340,7 @@ def choose_qparams_from_range(
         zp = zero_point(scale)
     else:  # pragma: no cover - a few ulps always suffice
         raise AssertionError(f"choose_qparams_from_range: cannot fit the range into {scheme}")
-    return scale, zp.astype(scheme.dtype.numpy_dtype)
+    return np.asarray(scale, np.float32), np.asarray(zp).astype(scheme.dtype.numpy_dtype)
 
 
 def choose_qparams(x: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
@@ -391,7 +391,7 @@ def quantize(
         y = np.rint(xf / s).astype(np.float64) + z
     y = np.where(np.isnan(y), lo, y)
     y = np.clip(y, lo, hi)
-    return y.astype(np.int64).astype(scheme.dtype.numpy_dtype)
+    return np.asarray(y).astype(np.int64).astype(scheme.dtype.numpy_dtype)  # 0-d stays an ndarray
 
 
 def dequantize(
@@ -401,7 +401,7 @@ def dequantize(
     qi = np.asarray(q).astype(np.int64)
     s = _broadcast_params(np.asarray(scale, np.float32), qi.shape, scheme.granularity)
     z = _broadcast_params(np.asarray(zero_point).astype(np.int64), qi.shape, scheme.granularity)
-    return ((qi - z).astype(np.float32) * s).astype(np.float32)
+    return np.asarray((qi - z).astype(np.float32) * s, dtype=np.float32)
 
 
 def fake_quantize(x: np.ndarray, scheme: QuantScheme) -> np.ndarray:

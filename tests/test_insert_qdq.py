@@ -21,6 +21,12 @@ from onnxq.target import PROFILES, cpu_features, detect_target
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _reseed() -> None:
+    """Every test sees the same random data whatever runs before it."""
+    RNG.bit_generator.state = np.random.default_rng(0).bit_generator.state
+
+
 def _graph(nodes: list[onnx.NodeProto], inputs, outputs, inits: dict[str, np.ndarray], opset: int = 13) -> onnx.ModelProto:
     g = onnx.helper.make_graph(
         nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()]
@@ -239,3 +245,65 @@ def test_per_tensor_weights_option() -> None:
     q, _, _ = _quantize(_matmul_model(shared=False), recipe)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
     assert inits["w_scale"].shape == ()
+
+
+def _mixed_model() -> onnx.ModelProto:
+    """Every op type insert_qdq handles, in one small graph."""
+    w = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32) * 0.3
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        onnx.helper.make_node("MaxPool", ["r"], ["mp"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+        onnx.helper.make_node("AveragePool", ["r"], ["ap"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]),
+        onnx.helper.make_node("Concat", ["mp", "ap"], ["cat"], name="concat", axis=1),
+        onnx.helper.make_node("Mul", ["cat", "k"], ["m"], name="mul"),
+        onnx.helper.make_node("Resize", ["m", "", "scales"], ["up"], name="resize", mode="nearest"),
+        onnx.helper.make_node("Conv", ["x", "w2"], ["r2"], name="conv_side", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Add", ["up", "r2"], ["a"], name="add"),
+        onnx.helper.make_node("Transpose", ["a"], ["t"], name="transpose", perm=[0, 2, 3, 1]),
+        onnx.helper.make_node("Unsqueeze", ["t", "ax"], ["u"], name="unsqueeze"),
+        onnx.helper.make_node("Squeeze", ["u", "ax"], ["s"], name="squeeze"),
+        onnx.helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+        onnx.helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        onnx.helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1),
+        onnx.helper.make_node("Softmax", ["s"], ["z"], name="softmax"),
+    ]
+    inits = {"w": w, "w2": RNG.normal(size=(8, 3, 3, 3)).astype(np.float32) * 0.3, "k": np.array(0.5, np.float32),
+             "scales": np.array([1, 1, 2, 2], np.float32), "ax": np.array([1], np.int64),
+             "fc": RNG.normal(size=(5, 8)).astype(np.float32)}  # fmt: skip
+    return _graph(nodes, [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 5]), _vi("z", [1, 8, 8, 8])], inits)
+
+
+def test_all_supported_ops_quantize_and_run() -> None:
+    model = _mixed_model()
+    q, result, _ = _quantize(model, target=detect_target()[0].name)
+    ops = op_types(q)
+    for op in ("MaxPool", "AveragePool", "Concat", "Mul", "Resize", "Add", "Transpose", "Gemm"):
+        assert op in ops
+    dq_inputs = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    for name in ("concat", "add", "resize", "transpose", "maxpool"):
+        node = next(n for n in q.graph.node if n.name == name)
+        assert node.input[0] in dq_inputs, f"{name} should read a dequantized tensor"
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    assert inits["mp_scale"] == inits["r_scale"], "MaxPool shares its input's scale"
+    assert inits["k_quantized"].dtype == np.uint8, "constant operand quantized with the activation scheme"
+    feed = _feed(model)
+    ref, got = run_ort(model, feed), run_ort(q, feed)
+    for r, g in zip(ref, got):
+        assert sqnr_db(r, g) > 18, f"SQNR {sqnr_db(r, g):.1f} dB (about six requantizations deep)"
+    for r, g in zip(got, run_ort(q, feed, optimize=True)):
+        assert sqnr_db(r, g) > 30, "ORT's fused kernels must compute what the QDQ graph says"
+
+
+def test_uint16_activations_need_and_get_opset_21() -> None:
+    from onnxq.quantize import quantize_model
+    from onnxq.recipe import preset
+
+    model = _conv_relu_model("Relu")
+    source = RandomSource(input_specs(model), count=4, seed=0)
+    result = quantize_model(model, preset("w8a16"), source=source, checked=True)
+    assert next(o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert inits["x_zero_point"].dtype == np.uint16
+    feed = _feed(model)
+    assert sqnr_db(run_ort(model, feed)[0], run_ort(result.model, feed)[0]) > 20

@@ -3,8 +3,14 @@
 Protocol (two methods): :meth:`Observer.observe` takes a batch (or :meth:`Observer.observe_minmax`
 takes a batch's already-reduced min and max, which is what the runner sends when the reduction ran
 inside the ONNX graph); :meth:`Observer.compute_range` returns ``(rmin, rmax)``. State is a few floats
-per tensor, so memory never grows with the number of calibration samples. Non-finite values (NaN,
-+-Inf) are ignored. Observers are registered by short name (``minmax``, ``ema-minmax``).
+per tensor (a fixed-size histogram for the histogram observers), so memory never grows with the number
+of calibration samples. Non-finite values (NaN, +-Inf) are ignored. Observers are registered by short
+name:
+
+* ``minmax``: the extremes; ``ema-minmax``: a moving average of each batch's extremes;
+* ``percentile``, ``mse``, ``entropy``: range selection on a 2048-bin histogram whose range grows by
+  merging bins (:class:`HistogramObserver`); these need whole tensors (``needs_tensors``). The
+  searches over candidate ranges are vectorised (all candidates at once from prefix sums).
 """
 
 from __future__ import annotations
@@ -17,7 +23,19 @@ import numpy as np
 
 from onnxq.errors import CalibrationError
 
-__all__ = ["Observer", "MinMaxObserver", "EMAMinMaxObserver", "OBSERVERS", "register_observer", "make_observer"]
+__all__ = [
+    "Observer",
+    "MinMaxObserver",
+    "EMAMinMaxObserver",
+    "HistogramObserver",
+    "PercentileObserver",
+    "MSEObserver",
+    "EntropyObserver",
+    "OBSERVERS",
+    "register_observer",
+    "make_observer",
+    "needs_tensors",
+]
 
 OBSERVERS: dict[str, type[Observer]] = {}
 
@@ -42,6 +60,12 @@ def make_observer(name: str, **options: float) -> Observer:
     return cls(**options)
 
 
+def needs_tensors(name: str) -> bool:
+    """Whether the observer registered as ``name`` needs whole tensors (not only each batch's min/max)."""
+    cls = OBSERVERS.get(name)
+    return bool(cls is not None and cls.needs_tensors)
+
+
 def finite_minmax(x: np.ndarray) -> tuple[float, float] | None:
     """Min and max of the finite values of ``x``; None when it holds none."""
     a = np.asarray(x)
@@ -60,6 +84,8 @@ class Observer(abc.ABC):
     """Accumulates the statistics of one tensor across calibration batches."""
 
     name: ClassVar[str] = "observer"
+    needs_tensors: ClassVar[bool] = False
+    """True when :meth:`observe_minmax` cannot be used (the observer needs the values themselves)."""
 
     def __init__(self) -> None:
         self.batches = 0
@@ -133,3 +159,310 @@ class EMAMinMaxObserver(Observer):
 
     def _range(self) -> tuple[float, float]:
         return self.lo, self.hi
+
+
+# ---------------------------------------------------------------------------------------------------
+# Histogram observers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _xlogx(v: np.ndarray) -> np.ndarray:
+    """``v * log(v)`` elementwise, with ``0 log 0 = 0``."""
+    v = np.asarray(v, np.float64)
+    return v * np.log(np.where(v > 0, v, 1.0))
+
+
+class HistogramObserver(Observer):
+    """A streaming histogram with a fixed number of bins over a range that grows by merging bins.
+
+    The grid is anchored at zero: bin ``k`` covers ``[(start + k) * width, (start + k + 1) * width)``
+    for an integer ``start <= 0``, and zero is always inside the covered range (a quantization range
+    always includes zero, so nothing of use is lost). When a batch falls outside the range, the width
+    is multiplied by the smallest power of two ``f`` for which the old and new values fit, and old bin
+    ``g`` (global index) is added to new bin ``floor(g / f)``: merging is exact, so the histogram is
+    always what ``np.histogram`` of every value seen so far would give on the final grid. Exact zeros
+    (ReLU outputs) are counted too. State: ``bins`` counts and a few scalars, whatever the number of
+    samples. NaN and +-Inf are ignored; the exact finite min and max are kept, and every computed
+    range lies inside them.
+
+    Subclasses pick the range from the histogram (:meth:`_select`). They need whole tensors:
+    :meth:`observe_minmax` is an error (the runner exposes the tensors whole for them).
+    """
+
+    needs_tensors: ClassVar[bool] = True
+
+    def __init__(self, bins: int = 2048) -> None:
+        super().__init__()
+        if bins < 8 or bins % 2:
+            raise CalibrationError(f"a histogram observer needs an even number of bins >= 8, got {bins}")
+        self.bins = int(bins)
+        self.hist = np.zeros(self.bins, np.int64)
+        self.width = 0.0  # 0 until a non-zero value is seen
+        self.start = 0  # global index of bin 0
+        self.count = 0  # finite values seen
+        self.zeros = 0  # of which exactly zero
+        self.lo = math.inf
+        self.hi = -math.inf
+
+    # -- accumulation ------------------------------------------------------------------------------
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The ``bins + 1`` bin edges (float64)."""
+        return (self.start + np.arange(self.bins + 1, dtype=np.float64)) * self.width
+
+    def _zero_bin(self) -> int:
+        return min(-self.start, self.bins - 1)
+
+    def observe(self, x: np.ndarray) -> None:
+        a = np.asarray(x)
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float32)
+        a = a.reshape(-1)
+        if a.size == 0:
+            return
+        mn, mx = float(a.min()), float(a.max())
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            a = a[np.isfinite(a)]
+            if a.size == 0:
+                return
+            mn, mx = float(a.min()), float(a.max())
+        self.batches += 1
+        self.lo, self.hi = min(self.lo, mn), max(self.hi, mx)
+        self.count += a.size
+        lo, hi = min(mn, 0.0), max(mx, 0.0)
+        if lo == hi:  # only zeros
+            if self.width:
+                self.hist[self._zero_bin()] += a.size
+            self.zeros += a.size
+            return
+        if not self.width:
+            self._init_grid(lo, hi)  # places the zeros seen so far
+        elif lo < self.start * self.width or hi > (self.start + self.bins) * self.width:
+            self._grow(lo, hi)
+        inv = 1.0 / self.width
+        if a.dtype == np.float32 and inv > 1e30:
+            a = a.astype(np.float64)
+        t = a * inv  # float32 stays float32 (at most ~4096 in magnitude: index error ~1e-4 bin)
+        t -= self.start
+        np.clip(t, 0, self.bins - 1, out=t)
+        self.hist += np.bincount(t.astype(np.intp), minlength=self.bins)
+        self.zeros += int(np.count_nonzero(a == 0))
+
+    def observe_minmax(self, lo: float, hi: float) -> None:
+        raise CalibrationError(f"the {self.name} calibrator needs whole tensors, not only their min and max")
+
+    def _init_grid(self, lo: float, hi: float) -> None:
+        # (bins - 1) bins of width w span [lo, hi]; flooring lo to the grid costs at most one more
+        self.width = (hi - lo) / (self.bins - 1)
+        self.start = math.floor(lo / self.width)
+        if self.zeros:  # zeros seen before any non-zero value
+            self.hist[self._zero_bin()] += self.zeros
+
+    def _grow(self, lo: float, hi: float) -> None:
+        """Merge bins (width x 2**k, the smallest k that fits) so the grid covers ``[lo, hi]`` too."""
+        old_lo, old_hi = self.start, self.start + self.bins  # global edge indices
+        f = 1
+        while True:
+            f *= 2
+            w = self.width * f
+            new_lo = min(old_lo // f, math.floor(lo / w))
+            new_hi = max(-(-old_hi // f), math.ceil(hi / w))
+            if new_hi - new_lo <= self.bins:
+                break
+        idx = (np.arange(old_lo, old_hi) // f) - new_lo
+        merged = np.zeros(self.bins, np.int64)
+        np.add.at(merged, idx, self.hist)
+        self.hist, self.width, self.start = merged, w, new_lo
+
+    # -- range selection ---------------------------------------------------------------------------
+
+    def _range(self) -> tuple[float, float]:
+        if not self.width:  # only zeros
+            return 0.0, 0.0
+        lo, hi = self._select()
+        lo, hi = max(float(lo), self.lo), min(float(hi), self.hi)
+        return (lo, hi) if lo <= hi else (hi, hi)
+
+    @abc.abstractmethod
+    def _select(self) -> tuple[float, float]:
+        """The range picked from the histogram (clamped to the observed min/max afterwards)."""
+
+
+def percentile_range(hist: np.ndarray, edges: np.ndarray, percentile: float) -> tuple[float, float]:
+    """The ``(100 - p)``-th and ``p``-th percentiles of a histogram, linear within a bin."""
+    cum = np.concatenate([[0], np.cumsum(hist)]).astype(np.float64)
+    total = cum[-1]
+
+    def at(q: float) -> float:
+        target = q * total
+        k = int(np.clip(np.searchsorted(cum, target, side="left") - 1, 0, len(hist) - 1))
+        inside = (target - cum[k]) / hist[k] if hist[k] else 0.0
+        return float(edges[k] + min(max(inside, 0.0), 1.0) * (edges[k + 1] - edges[k]))
+
+    return at(1.0 - percentile / 100.0), at(percentile / 100.0)
+
+
+@register_observer("percentile")
+class PercentileObserver(HistogramObserver):
+    """Range from the ``100 - p`` and ``p`` percentiles of a streamed histogram (default p = 99.99).
+
+    Each end is taken separately (uint8 affine activations are not symmetric), interpolated linearly
+    within its bin, so it is exact to within one bin of ``np.percentile`` over all the values.
+    """
+
+    def __init__(self, percentile: float = 99.99, bins: int = 2048) -> None:
+        super().__init__(bins)
+        if not 50.0 < percentile <= 100.0:
+            raise CalibrationError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = float(percentile)
+
+    def _select(self) -> tuple[float, float]:
+        return percentile_range(self.hist, self.edges, self.percentile)
+
+
+def mse_table(
+    hist: np.ndarray, start: int, zero_count: int, lo_idx: np.ndarray, hi_idx: np.ndarray, levels: int = 256
+) -> np.ndarray:
+    """Expected squared quantization error (in bin units, summed over values) of every candidate range.
+
+    The histogram's bin ``k`` covers ``[start + k, start + k + 1)`` in bin units; its values sit at the
+    bin centre. Candidate ``(i, j)`` is the range ``[start + lo_idx[i], start + hi_idx[j]]`` (edge
+    indices, ``lo`` ends <= 0 <= ``hi`` ends) quantized to ``levels`` evenly spaced codes of step
+    ``s = (hi - lo) / (levels - 1)``. Values below ``lo`` or above ``hi`` cost their squared distance to
+    the end (clipping); the other values cost ``s**2 / 12`` (uniform rounding), except the
+    ``zero_count`` exact zeros, which the grid always represents exactly. Returns a
+    ``(len(lo_idx), len(hi_idx))`` array, computed all at once from prefix sums.
+    """
+    h = np.asarray(hist, np.float64).copy()
+    zb = min(-start, len(h) - 1)
+    h[zb] -= zero_count
+    centre = start + np.arange(len(h)) + 0.5
+    c0 = np.concatenate([[0.0], np.cumsum(h)])
+    c1 = np.concatenate([[0.0], np.cumsum(h * centre)])
+    c2 = np.concatenate([[0.0], np.cumsum(h * centre * centre)])
+    lo_idx, hi_idx = np.asarray(lo_idx), np.asarray(hi_idx)
+    a = (start + lo_idx).astype(np.float64)
+    b = (start + hi_idx).astype(np.float64)
+    below = a * a * c0[lo_idx] - 2 * a * c1[lo_idx] + c2[lo_idx]
+    n0, n1, n2 = c0[-1] - c0[hi_idx], c1[-1] - c1[hi_idx], c2[-1] - c2[hi_idx]
+    above = b * b * n0 - 2 * b * n1 + n2
+    inside = c0[hi_idx][None, :] - c0[lo_idx][:, None]
+    step = (b[None, :] - a[:, None]) / (levels - 1)
+    return np.maximum(below, 0.0)[:, None] + np.maximum(above, 0.0)[None, :] + inside * step * step / 12.0
+
+
+def mse_search(hist: np.ndarray, start: int, zero_count: int, levels: int = 256, coarse: int = 256) -> tuple[int, int]:
+    """Edge indices ``(i, j)`` of the range with the least :func:`mse_table` error.
+
+    Candidates: every edge <= 0 for the low end and every edge >= 0 for the high end. Where that is more
+    than ``coarse`` per side, a grid with stride ``r`` is searched first, then every candidate within
+    ``r`` edges of its best, each stage vectorised.
+    """
+    n = len(hist)
+    z = -start  # the edge at zero
+    lo_all, hi_all = np.arange(0, z + 1), np.arange(z, n + 1)
+    stride = max(1, -(-max(len(lo_all), len(hi_all)) // coarse))
+    lo_c = np.unique(np.concatenate([lo_all[::-1][::stride], [0]]))
+    hi_c = np.unique(np.concatenate([hi_all[::stride], [n]]))
+    err = mse_table(hist, start, zero_count, lo_c, hi_c, levels)
+    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+    bi, bj = int(lo_c[i]), int(hi_c[j])
+    if stride > 1:
+        lo_c = np.arange(max(0, bi - stride), min(z, bi + stride) + 1)
+        hi_c = np.arange(max(z, bj - stride), min(n, bj + stride) + 1)
+        err = mse_table(hist, start, zero_count, lo_c, hi_c, levels)
+        i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+        bi, bj = int(lo_c[i]), int(hi_c[j])
+    return bi, bj
+
+
+@register_observer("mse")
+class MSEObserver(HistogramObserver):
+    """The clipping range that minimises the expected quantization MSE of the tensor (:func:`mse_search`).
+
+    The error model is that of the uint8 affine grid (``levels = 256`` codes over ``[lo, hi]``, zero
+    exact): clipping error of the values outside plus ``step**2 / 12`` rounding error of those inside.
+    Candidate ends are the histogram's edges on each side of zero (searched coarse, then fine).
+    """
+
+    def __init__(self, levels: int = 256, bins: int = 2048) -> None:
+        super().__init__(bins)
+        if levels < 2:
+            raise CalibrationError(f"mse levels must be >= 2, got {levels}")
+        self.levels = int(levels)
+
+    def _select(self) -> tuple[float, float]:
+        i, j = mse_search(self.hist, self.start, self.zeros, self.levels)
+        return (self.start + i) * self.width, (self.start + j) * self.width
+
+
+def fold_abs(hist: np.ndarray, start: int) -> np.ndarray:
+    """Histogram of ``|x|`` from a zero-anchored one: bin ``k`` covers ``[k, k + 1)`` in bin units."""
+    z = -start
+    out = np.zeros(max(z, len(hist) - z), np.int64)
+    out[: len(hist) - z] += hist[z:]
+    out[:z] += hist[:z][::-1]
+    return out
+
+
+def kl_divergences(hist: np.ndarray, quantized_bins: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """TensorRT's KL divergence for every threshold ``i`` in ``[quantized_bins, len(hist)]`` at once.
+
+    For threshold ``i`` (keep bins ``[0, i)``): P is the histogram's first ``i`` bins with every count
+    beyond added to bin ``i - 1``; Q quantizes the first ``i`` bins (without the outliers) into
+    ``quantized_bins`` groups of ``i // quantized_bins`` bins (the last group takes the remainder) and
+    spreads each group's count evenly over its bins where P is non-zero. Returns ``(thresholds,
+    KL(P || Q))``; a threshold where Q is zero where P is not gets ``inf``. Everything is computed from
+    prefix sums, as a ``(thresholds, quantized_bins)`` array.
+    """
+    h = np.asarray(hist, np.float64)
+    n, nq = len(h), quantized_bins
+    if n < nq:
+        raise CalibrationError(f"entropy calibration needs at least {nq} histogram bins, got {n}")
+    total = h.sum()
+    cum = np.concatenate([[0.0], np.cumsum(h)])
+    nzc = np.concatenate([[0], np.cumsum(h > 0)])
+    xl = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
+    thr = np.arange(nq, n + 1)
+    merged = thr // nq
+    bounds = np.arange(nq + 1)[None, :] * merged[:, None]
+    bounds[:, -1] = thr
+    q = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]  # chunk sums of the kept bins
+    nz = (nzc[bounds[:, 1:]] - nzc[bounds[:, :-1]]).astype(np.float64)
+    out = total - cum[thr]  # outliers, folded into bin i - 1 of P
+    last = h[thr - 1]
+    nz[:, -1] += (last == 0) & (out > 0)
+    p = q.copy()
+    p[:, -1] += out
+    # sum_k P_k log P_k over the kept bins (unnormalised), the last bin holding the outliers
+    plogp = xl[thr - 1] + _xlogx(last + out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        qk = q / (nz * cum[thr][:, None])  # Q's normalised value at each non-zero bin of a chunk
+        cross = np.where(p > 0, p * np.log(np.where(qk > 0, qk, 1.0)), 0.0).sum(axis=1)
+        kl = (plogp - cross) / total - np.log(total)
+    bad = ((p > 0) & (q == 0)).any(axis=1)
+    kl[bad] = np.inf
+    return thr, kl
+
+
+@register_observer("entropy")
+class EntropyObserver(HistogramObserver):
+    """TensorRT's entropy calibration: the threshold ``t`` on ``|x|`` that minimises KL(P || Q).
+
+    The 2048-bin histogram is folded onto ``|x|`` and :func:`kl_divergences` is evaluated for every
+    threshold from 128 bins up; the range is ``[-t, t]`` clamped to the observed min and max (so
+    ``[0, t]`` for ReLU outputs).
+    """
+
+    def __init__(self, quantized_bins: int = 128, bins: int = 2048) -> None:
+        super().__init__(bins)
+        if not 2 <= quantized_bins <= bins // 2:
+            raise CalibrationError(f"entropy quantized_bins must be in [2, {bins // 2}], got {quantized_bins}")
+        self.quantized_bins = int(quantized_bins)
+
+    def _select(self) -> tuple[float, float]:
+        thr, kl = kl_divergences(fold_abs(self.hist, self.start), self.quantized_bins)
+        i = int(thr[int(np.argmin(kl))]) if np.isfinite(kl).any() else int(thr[-1])
+        t = i * self.width
+        return -t, t

@@ -7,6 +7,12 @@ with the number of samples. When a reduced value is NaN or +-Inf (the tensor hol
 that batch is re-run through a second model exposing those tensors whole, and their finite values are
 used: min-max statistics ignore NaN/Inf exactly as the numpy observers do.
 
+Histogram observers (``percentile``, ``mse``, ``entropy``) need the values themselves: for them the
+observer model exposes the tensors whole and each batch's values go to :meth:`Observer.observe`, one
+batch at a time. Where all tensors of one batch would exceed a memory budget (estimated from the
+model's shapes), the tensors are observed in groups, one session and one pass over the source per
+group, so at most one batch of one group's tensors is ever held.
+
 The graph-optimisation level is ``all``: ORT's fusions never remove a tensor that is consumed by the
 added reductions, so every observed tensor keeps its float meaning, and the session runs the model's
 heavy ops with the fast (NCHWc) kernels.
@@ -27,19 +33,24 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxq._ort import available_providers, make_session
-from onnxq.calibration.observers import Observer, finite_minmax, make_observer
+from onnxq.calibration.observers import Observer, finite_minmax, make_observer, needs_tensors
 from onnxq.errors import CalibrationError
 from onnxq.progress import progress_bar
 
 if TYPE_CHECKING:
+    import onnxruntime as ort
+
     from onnxq.calibration.sources import CalibrationSource
     from onnxq.recipe import CalibrationSpec
 
-__all__ = ["CalibrationSession", "choose_providers", "build_observer_model"]
+__all__ = ["CalibrationSession", "choose_providers", "build_observer_model", "tensor_groups", "EXPOSE_BUDGET_BYTES"]
 
 logger = logging.getLogger(__name__)
 
 _MIN, _MAX = "/onnxq_observe_min", "/onnxq_observe_max"
+
+EXPOSE_BUDGET_BYTES = 1 << 30
+"""Most bytes of whole tensors one batch may expose at once (histogram observers); more go in groups."""
 
 
 def choose_providers(device: str) -> list[str]:
@@ -123,15 +134,67 @@ class CalibrationSession:
         for n in names:
             opts = {"averaging_constant": self.spec.ema_constant} if self.spec.method == "ema-minmax" else {}
             observers[n] = make_observer(self.spec.method, **opts)
-        obs_model = build_observer_model(model, names)
+        t0 = time.perf_counter()
+        if needs_tensors(self.spec.method):
+            seen = self._observe_tensors(model, names, observers)
+        else:
+            seen = self._observe_minmax(model, names, observers)
+        if seen == 0:
+            raise CalibrationError(f"the calibration source yielded no samples ({self.source.describe()})")
+        self.samples_seen = max(self.samples_seen, seen)
+        self.seconds += time.perf_counter() - t0
+        logger.info("calibrated %d tensors over %d samples in %.1fs on %s", len(names), seen, self.seconds, self.provider_used)
+        return {n: observers[n].compute_range() for n in names}
+
+    def _session(self, model: onnx.ModelProto) -> "ort.InferenceSession":
         try:
-            sess = make_session(obs_model.SerializeToString(), providers=self.providers, optimization="all")
+            sess = make_session(model.SerializeToString(), providers=self.providers, optimization="all")
         except Exception as exc:  # noqa: BLE001 - ORT raises many types
             raise CalibrationError(f"ONNX Runtime could not load the model for calibration: {exc}") from exc
         self.provider_used = sess.get_providers()[0]
+        return sess
+
+    def _observe_tensors(self, model: onnx.ModelProto, names: list[str], observers: dict[str, Observer]) -> int:
+        """Expose the tensors whole (in groups within the memory budget) and feed every batch to ``observe``."""
+        inputs = {i.name for i in model.graph.input}
+        from_graph = [n for n in names if n not in inputs]
+        batches = self._batches()
+        first = next(batches, None)
+        batches.close()
+        if first is None:
+            return 0
+        groups = tensor_groups(model, from_graph, first[0], EXPOSE_BUDGET_BYTES) if from_graph else [[]]
+        if len(groups) > 1:
+            logger.info("observing %d tensors in %d groups (one pass over the source each)", len(from_graph), len(groups))
+        total = len(self.source) * len(groups)
+        seen = 0
+        with progress_bar(total, "calibrating", enabled=self.progress) as advance:
+            for g, group in enumerate(groups):
+                sess = self._session(build_observer_model(model, group, reduce=False)) if group else None
+                seen = 0
+                for feed, count in self._batches():
+                    if sess is not None:
+                        try:
+                            outs = sess.run(group, feed)
+                        except Exception as exc:  # noqa: BLE001
+                            raise CalibrationError(f"calibration run failed on sample {seen}: {exc}") from exc
+                        for n, value in zip(group, outs):
+                            observers[n].observe(value)
+                        del outs
+                    if g == 0:
+                        for n in names:
+                            if n in inputs:
+                                observers[n].observe(feed[n])
+                    seen += count
+                    advance(count)
+                del sess
+        return seen
+
+    def _observe_minmax(self, model: onnx.ModelProto, names: list[str], observers: dict[str, Observer]) -> int:
+        """Reduce the tensors to min/max inside the graph; re-run whole only where a value is not finite."""
+        sess = self._session(build_observer_model(model, names))
         full_sess = None
         full_names: list[str] = []
-        t0 = time.perf_counter()
         total = len(self.source)
         seen = 0
         with progress_bar(total, "calibrating", enabled=self.progress) as advance:
@@ -162,12 +225,47 @@ class CalibrationSession:
                             observers[n].observe_minmax(*mm)
                 seen += count
                 advance(count)
-        if seen == 0:
-            raise CalibrationError(f"the calibration source yielded no samples ({self.source.describe()})")
-        self.samples_seen = max(self.samples_seen, seen)
-        self.seconds += time.perf_counter() - t0
-        logger.info("calibrated %d tensors over %d samples in %.1fs on %s", len(names), seen, self.seconds, self.provider_used)
-        return {n: observers[n].compute_range() for n in names}
+        return seen
+
+
+def tensor_groups(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray], budget: int) -> list[list[str]]:
+    """Split ``names`` into groups whose tensors for one batch (``feed``) fit in ``budget`` bytes.
+
+    Sizes come from the model's value_info shapes, with symbolic dims resolved from the feed's shapes
+    where a graph input names them and other unknown dims taken as 1; a tensor without any shape counts
+    as large as the largest known one. A single tensor over the budget gets a group of its own.
+    """
+    dims: dict[str, int] = {}
+    for vi in model.graph.input:
+        if vi.name in feed and vi.type.HasField("tensor_type"):
+            for d, size in zip(vi.type.tensor_type.shape.dim, np.shape(feed[vi.name])):
+                if d.dim_param:
+                    dims[d.dim_param] = int(size)
+    infos = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
+    sizes: dict[str, int | None] = {}
+    for n in names:
+        vi = infos.get(n)
+        tt = vi.type.tensor_type if vi is not None and vi.type.HasField("tensor_type") else None
+        if tt is None or not tt.HasField("shape"):
+            sizes[n] = None
+            continue
+        elems = 1
+        for d in tt.shape.dim:
+            elems *= d.dim_value if d.dim_value > 0 else dims.get(d.dim_param, 1)
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize if tt.elem_type else 4
+        sizes[n] = elems * itemsize
+    known = [v for v in sizes.values() if v is not None]
+    default = max(known) if known else budget
+    groups: list[list[str]] = [[]]
+    used = 0
+    for n in names:
+        size = sizes[n] if sizes[n] is not None else default
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += size
+    return groups
 
 
 def _concat(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -1,0 +1,87 @@
+"""Recipes: strict TOML, presets, override priority, exclusions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from onnxq.errors import RecipeError
+from onnxq.recipe import PRESETS, load_recipe, preset, recipe_from_dict, recipe_to_dict
+
+
+def test_presets_exist_and_describe_themselves() -> None:
+    assert "w8a8" in PRESETS
+    assert all(r.description for r in PRESETS.values())
+    with pytest.raises(RecipeError, match=r"unknown preset 'nope'; valid presets: w8a8"):
+        preset("nope")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"wieghts": {}}, "unknown key 'wieghts' in recipe; valid keys: preset, name"),
+        ({"weights": {"granularty": "x"}}, "unknown key 'granularty' in [weights]"),
+        ({"calibration": {"method": "magic"}}, "unknown calibration method 'magic'"),
+        ({"activations": {"dtype": "int3"}}, "unknown dtype 'int3'"),
+        ({"op_types": ["LSTM"]}, "cannot be quantized"),
+        ({"override": {"op_type": "Conv"}}, "use [[override]]"),
+        ({"override": [{"op_type": "Conv", "name": "x"}]}, "exactly one of op_type, name or name_regex"),
+        ({"override": [{"name_regex": "("}]}, "not a valid regular expression"),
+        ({"override": [{"op_type": "Conv", "weights": {"bits": 4}}]}, "unknown key 'bits' in override.weights"),
+        ({"calibration": {"samples": 0}}, "samples must be >= 1"),
+    ],
+)
+def test_strict_errors(data: dict, message: str) -> None:
+    with pytest.raises(RecipeError) as exc:
+        recipe_from_dict(data)
+    assert message in str(exc.value)
+
+
+def test_override_priority_global_optype_regex_name() -> None:
+    r = recipe_from_dict({
+        "weights": {"granularity": "per-channel"},
+        "override": [
+            {"name": "head/fc", "weights": {"symmetric": False}},
+            {"name_regex": "^head/", "weights": {"granularity": "per-tensor", "symmetric": True}},
+            {"op_type": "Gemm", "weights": {"granularity": "per-channel", "reduce_range": True}},
+        ],
+    })  # fmt: skip
+    fc = r.config_for("head/fc", "Gemm")
+    assert fc is not None
+    assert fc.weights.granularity == "per-tensor"  # regex beats op type
+    assert fc.weights.symmetric is False  # exact name beats regex
+    assert fc.weights.reduce_range is True  # op type beats global
+    other = r.config_for("body/fc", "Gemm")
+    assert other is not None and other.weights.granularity == "per-channel" and other.weights.symmetric
+
+
+def test_exclusions_and_skip() -> None:
+    r = recipe_from_dict({
+        "exclude": {"op_types": ["Resize"], "names": ["conv1"], "name_regex": ["^aux/"]},
+        "override": [{"op_type": "Add", "skip": True}],
+    })  # fmt: skip
+    assert r.config_for("up", "Resize") is None
+    assert r.config_for("conv1", "Conv") is None
+    assert r.config_for("aux/conv", "Conv") is None
+    assert r.config_for("add1", "Add") is None
+    assert r.config_for("conv2", "Conv") is not None
+    assert r.config_for("lstm", "LSTM") is None  # not a quantizable op
+
+
+def test_toml_round_trip(tmp_path: Path) -> None:
+    p = tmp_path / "r.toml"
+    p.write_text('preset = "w8a8"\nname = "mine"\n[calibration]\nsamples = 16\n[[override]]\nop_type = "Gemm"\nskip = true\n')
+    r = load_recipe(p)
+    assert r.name == "mine" and r.calibration.samples == 16 and r.overrides[0].skip
+    data = recipe_to_dict(r)
+    assert data["override"][0]["op_type"] == "Gemm" and data["calibration"]["samples"] == 16
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is = = not toml")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(bad)

@@ -74,11 +74,14 @@ def main(debug: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the quantized model (never the input).")
 @click.option("--preset", default=None, help="A preset name (see `onnxq presets`); default w8a8.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
-@click.option("--calib", help="Calibration data: an image folder, .npz/.npy file or folder, a test_data_set folder, or 'random[:N]'.")
+@click.option("--calib", help="Calibration data: an image folder, .npz/.npy file or folder, a test_data_set folder, a text file (.txt/.jsonl/.tsv, with --tokenizer), a token-id .json list, or 'random[:N]'.")
 @click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders): torch = ImageNet mean/std on RGB 0..1; caffe_bgr = BGR 0..255 minus means; tf127 = (x-127)/128; raw255 = RGB 0..255.")
 @click.option("--calib-size", type=click.IntRange(min=1), help="How many calibration samples to use (evenly spaced over the source). Default: the recipe's (128).")
 @click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side to this before cropping (default: crop*256/224).")
 @click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size (default: the model's input size).")
+@click.option("--tokenizer", help="tokenizer.json (or its folder) for text calibration files (.txt, .jsonl, .tsv/.csv).")
+@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens (default 128).")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files (default: the model's, else 512).")
 @click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
 @click.option("--target", help="Deployment target profile: auto (this CPU), x86-avx2, x86-avx2-u8, x86-vnni, arm64, generic, cuda.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs (auto prefers CUDA when onnxruntime-gpu sees a GPU).")
@@ -92,7 +95,7 @@ def main(debug: bool) -> None:
 @_handle_errors
 def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | None, calib: str | None,
              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
-             calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
+             tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
              exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], report_dir: Path | None,
              as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
     """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
@@ -118,7 +121,8 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
             f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
             ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)"
         )
-    opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop)
+    opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
+                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
     result = quantize_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
                            checked=checked, report_dir=report_dir)  # fmt: skip
     if as_json:

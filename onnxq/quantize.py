@@ -50,6 +50,9 @@ class CalibrationOptions:
     preprocess: str | None = None
     resize: int | None = None
     crop: int | None = None
+    tokenizer: str | None = None
+    max_length: int | None = None
+    seq_len: int | None = None
     seed: int = 0
 
 
@@ -117,6 +120,9 @@ def quantize_model(
                 preprocess=calibration.preprocess,
                 resize=calibration.resize,
                 crop=calibration.crop,
+                tokenizer=calibration.tokenizer,
+                max_length=calibration.max_length,
+                seq_len=calibration.seq_len,
                 limit=recipe.calibration.samples,
                 seed=calibration.seed,
             )
@@ -149,6 +155,9 @@ def _annotate(model: onnx.ModelProto, docs: dict[str, str], recipe: Recipe) -> N
     for node in model.graph.node:
         if node.name in docs:
             node.doc_string = docs[node.name]
+    if model.producer_name and model.producer_name != "onnxq":
+        model.metadata_props.add(key="onnxq.source_producer", value=f"{model.producer_name} {model.producer_version}".strip())
+    model.producer_name, model.producer_version = "onnxq", __version__
     meta = {p.key: p.value for p in model.metadata_props}
     meta["onnxq.version"] = __version__
     meta["onnxq.recipe"] = json.dumps(recipe_to_dict(recipe), sort_keys=True)

@@ -1,10 +1,13 @@
-"""Tests for calibration sources: image folders, .npz/.npy files, test_data_set folders, random inputs."""
+"""Tests for calibration sources: image folders, .npz/.npy files, test_data_set folders, random inputs, text with a
+tokenizer and token-id lists."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,6 +21,8 @@ from onnxq.calibration.sources import (
     InputSpec,
     RandomSource,
     TestDataSetSource,
+    TextSource,
+    TokenFileSource,
     input_specs,
     load_image,
     open_source,
@@ -349,6 +354,278 @@ def test_open_source_random() -> None:
     assert len(open_source("random", m)) == 8
 
 
+# -------------------------------------------------------------------------------------------------- text
+VOCAB = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "."]
+ID = {w: i for i, w in enumerate(VOCAB)}
+
+
+def make_tokenizer(path: Path, *, file_padding: bool = True) -> Path:
+    """A WordLevel tokenizer (whitespace pre-tokenizer, [CLS] $A [SEP]) saved as tokenizer.json; like MiniLM's
+    file it configures padding to a fixed length, which a text source must turn off by default."""
+    tk = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors
+
+    tok = tk.Tokenizer(models.WordLevel(vocab=ID, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    if file_padding:
+        tok.enable_padding(length=16, pad_id=1, pad_token="[PAD]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def ids(text: str) -> list[int]:
+    return [ID["[CLS]"], *(ID.get(w, 0) for w in text.replace(".", " .").split()), ID["[SEP]"]]
+
+
+def text_model(names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids"), *,
+               elem: int = TensorProto.INT64, seq: Any = "seq", extra: list[tuple[str, int, list]] | None = None) -> onnx.ModelProto:
+    """Embedding Gather on input_ids + ReduceMean, plus the mean of every other input cast to float."""
+    vis = [helper.make_tensor_value_info(n, elem, ["batch", seq]) for n in names]
+    vis += [helper.make_tensor_value_info(n, t, s) for n, t, s in extra or []]
+    emb = numpy_helper.from_array(np.random.default_rng(0).standard_normal((len(VOCAB), 4)).astype(np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", names[0]], ["e"]), helper.make_node("ReduceMean", ["e"], ["acc0"], keepdims=0)]
+    for i, v in enumerate(vis[1:]):
+        nodes += [helper.make_node("Cast", [v.name], [f"c{i}"], to=TensorProto.FLOAT),
+                  helper.make_node("ReduceMean", [f"c{i}"], [f"m{i}"], keepdims=0),
+                  helper.make_node("Add", [f"acc{i}", f"m{i}"], [f"acc{i + 1}"])]
+    nodes.append(helper.make_node("Identity", [f"acc{len(vis) - 1}"], ["y"]))
+    graph = helper.make_graph(nodes, "text", vis, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [emb])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run_ort(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+LINES = ["the cat sat on the mat .", "", "a dog ran far away", "   ", "the dog sat", "cat", "a cat ran", "the mat",
+         "dog on mat", "the cat ran away", "a dog sat", "far away ."]
+TEXTS = [t for t in LINES if t.strip()]
+
+
+def test_text_lines_fill_inputs_by_name(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    (tmp_path / "c.txt").write_text("\n".join(LINES) + "\n")
+    m = text_model()
+    src = open_source(str(tmp_path / "c.txt"), m, tokenizer=str(tok))
+    assert isinstance(src, TextSource) and len(src) == len(TEXTS) == 10
+    feeds = list(src)
+    assert len(feeds) == 10
+    for f, t in zip(feeds, TEXTS):
+        assert set(f) == {"input_ids", "attention_mask", "token_type_ids"}
+        assert all(v.dtype == np.int64 and v.shape == (1, len(ids(t))) for v in f.values())  # no padding
+        assert f["input_ids"][0].tolist() == ids(t)
+        assert (f["attention_mask"] == 1).all() and (f["token_type_ids"] == 0).all()
+    assert np.isfinite(run_ort(m, feeds[0])[0]).all()
+    d = src.describe()
+    assert "10 samples" in d and "one sample per line" in d and "padding none" in d and "tokenizer.json" in d
+    # the tokenizer argument may also be the folder holding tokenizer.json; iterations repeat
+    again = list(open_source(str(tmp_path / "c.txt"), m, tokenizer=str(tmp_path / "tok")))
+    assert [f["input_ids"].tolist() for f in again] == [f["input_ids"].tolist() for f in feeds]
+
+
+def test_text_truncation_and_padding(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.txt").write_text("the cat sat on the mat .\ncat\n")
+    specs = input_specs(text_model())
+    first = next(iter(TextSource(tmp_path / "c.txt", specs, tokenizer=tok, max_length=5)))
+    assert first["input_ids"][0].tolist() == [2, ID["the"], ID["cat"], ID["sat"], 3]  # room kept for [CLS]/[SEP]
+    padded = list(TextSource(tmp_path / "c.txt", specs, tokenizer=tok, max_length=6, padding="max_length"))
+    assert all(f["input_ids"].shape == (1, 6) for f in padded)
+    assert padded[1]["input_ids"][0].tolist() == [2, ID["cat"], 3, 1, 1, 1]  # the file's [PAD] id
+    assert padded[1]["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
+    longest = list(TextSource(tmp_path / "c.txt", specs, tokenizer=tok, padding="longest"))
+    assert longest[1]["input_ids"].shape == (1, 3)  # batches of one: same as none
+    with pytest.raises(CalibrationError, match="valid modes: none, longest, max_length"):
+        TextSource(tmp_path / "c.txt", specs, tokenizer=tok, padding="max")
+
+
+def test_text_max_length_padding_without_file_padding(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json", file_padding=False)
+    (tmp_path / "c.txt").write_text("cat\n")
+    f = next(iter(TextSource(tmp_path / "c.txt", input_specs(text_model()), tokenizer=tok, max_length=4, padding="max_length")))
+    assert f["input_ids"][0].tolist() == [2, ID["cat"], 3, ID["[PAD]"]]
+
+
+def test_text_int32_position_ids_and_static_length(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.txt").write_text("the cat sat\n")
+    m = text_model(("input_ids", "attention_mask", "position_ids"), elem=TensorProto.INT32)
+    f = next(iter(open_source(str(tmp_path / "c.txt"), m, tokenizer=str(tok))))
+    assert all(v.dtype == np.int32 for v in f.values())
+    assert f["position_ids"][0].tolist() == [0, 1, 2, 3, 4]
+    assert np.isfinite(run_ort(m, f)[0]).all()
+    static = text_model(seq=8)
+    src = open_source(str(tmp_path / "c.txt"), static, tokenizer=str(tok), max_length=64)
+    f = next(iter(src))
+    assert f["input_ids"].shape == (1, 8) and f["attention_mask"][0].tolist() == [1] * 5 + [0] * 3
+    assert "static sequence length 8" in src.describe()
+
+
+def test_text_limit_evenly_spaced(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.txt").write_text("\n".join(LINES))
+    src = open_source(str(tmp_path / "c.txt"), text_model(), tokenizer=str(tok), limit=4)
+    assert len(src) == 4 and src.indices == [0, 2, 5, 7]
+    assert [f["input_ids"][0].tolist() for f in src] == [ids(TEXTS[i]) for i in (0, 2, 5, 7)]
+    assert "4 of 10 samples, evenly spaced" in src.describe()
+
+
+def test_jsonl_field_choice(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    m = text_model()
+    rows = [{"id": 1, "text": "the cat", "title": "dog"}, {"id": 2, "text": "a dog ran", "title": "mat"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    src = open_source(str(tmp_path / "a.jsonl"), m, tokenizer=str(tok))
+    assert src.field == "text" and "JSONL, field 'text'" in src.describe()
+    assert [f["input_ids"][0].tolist() for f in src] == [ids("the cat"), ids("a dog ran")]
+    # no "text": the first string field of the first object
+    rows = [{"id": 1, "body": "cat sat", "title": "dog"}, {"id": 2, "body": "the mat", "title": "ran"}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    src = open_source(str(tmp_path / "b.jsonl"), m, tokenizer=str(tok))
+    assert src.field == "body" and "field 'body'" in src.describe()
+    assert [f["input_ids"][0].tolist() for f in src] == [ids("cat sat"), ids("the mat")]
+    (tmp_path / "c.jsonl").write_text('"the cat"\n"a dog"\n')  # bare strings
+    assert len(open_source(str(tmp_path / "c.jsonl"), m, tokenizer=str(tok))) == 2
+    (tmp_path / "d.jsonl").write_text('{"text": "cat"}\n{"text": "dog"\n')
+    with pytest.raises(CalibrationError, match="line 2 of .*d.jsonl is not JSON"):
+        open_source(str(tmp_path / "d.jsonl"), m, tokenizer=str(tok))
+    (tmp_path / "e.jsonl").write_text('{"text": "cat"}\n{"body": "dog"}\n')
+    with pytest.raises(CalibrationError, match="line 2 of .*e.jsonl has no string field 'text'"):
+        open_source(str(tmp_path / "e.jsonl"), m, tokenizer=str(tok))
+
+
+def test_tsv_takes_the_last_text_column(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    m = text_model()
+    # STS layout: tab-separated in a .csv, sentences in columns 6 and 7, some rows with two extra source columns
+    sts = ["main\tMSRvid\t2012test\t0000\t5.000\tthe cat sat\ta cat sat",
+           'main\theadlines\t2016\t0012\t4\tthe "dog" ran\tthe dog ran far\tsource one\tsource two', ""]
+    (tmp_path / "sts.csv").write_text("\n".join(sts))
+    src = open_source(str(tmp_path / "sts.csv"), m, tokenizer=str(tok))
+    assert src.column == 6 and not src.header and "tab-separated, column 7" in src.describe()
+    assert [f["input_ids"][0].tolist() for f in src] == [ids("a cat sat"), ids("the dog ran far")]
+    (tmp_path / "h.tsv").write_text("sentence\tlabel\nthe cat\t1\na dog\t0\n")
+    src = open_source(str(tmp_path / "h.tsv"), m, tokenizer=str(tok))
+    assert src.header and len(src) == 2 and "column 1 'sentence', header skipped" in src.describe()
+    (tmp_path / "q.csv").write_text('id,text\n1,"the cat, the dog"\n2,a mat\n')
+    src = open_source(str(tmp_path / "q.csv"), m, tokenizer=str(tok))
+    assert "comma-separated" in src.describe()
+    assert [f["input_ids"][0].tolist() for f in src] == [ids("the cat the dog")[:3] + [0] + ids("the dog")[1:], ids("a mat")]
+
+
+def test_text_needs_a_tokenizer(tmp_path: Path) -> None:
+    (tmp_path / "c.txt").write_text("the cat\n")
+    with pytest.raises(CalibrationError, match="text calibration needs --tokenizer tokenizer.json"):
+        open_source(str(tmp_path / "c.txt"), text_model())
+
+
+def test_bad_tokenizer_file_named(tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers")
+    (tmp_path / "c.txt").write_text("the cat\n")
+    (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(CalibrationError, match=r"cannot load tokenizer .*tokenizer\.json"):
+        open_source(str(tmp_path / "c.txt"), text_model(), tokenizer=str(tmp_path / "tokenizer.json"))
+    with pytest.raises(CalibrationError, match="tokenizer file not found: .*nope.json"):
+        open_source(str(tmp_path / "c.txt"), text_model(), tokenizer=str(tmp_path / "nope.json"))
+
+
+def test_missing_tokenizers_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "c.txt").write_text("the cat\n")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(MissingDependencyError, match=r'pip install "onnxq\[text\]"'):
+        open_source(str(tmp_path / "c.txt"), text_model(), tokenizer=str(tmp_path / "tokenizer.json"))
+
+
+def test_unknown_required_input_named(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.txt").write_text("the cat\n")
+    m = text_model(extra=[("past_key", TensorProto.INT64, ["batch", 4])])
+    with pytest.raises(CalibrationError) as e:
+        open_source(str(tmp_path / "c.txt"), m, tokenizer=str(tok))
+    msg = str(e.value)
+    assert "'past_key'" in msg and "cannot be filled by a text source" in msg
+    assert all(n in msg for n in ("input_ids", "attention_mask", "token_type_ids", "position_ids"))
+    m = text_model(extra=[("pixel_values", TensorProto.FLOAT, ["batch", 4])])
+    with pytest.raises(CalibrationError, match="'pixel_values' has dtype float32; a text source feeds int64/int32"):
+        open_source(str(tmp_path / "c.txt"), m, tokenizer=str(tok))
+    m = text_model(("attention_mask",), extra=[("token_type_ids", TensorProto.INT64, ["batch", "seq"])])
+    with pytest.raises(CalibrationError, match="no 'input_ids' input"):
+        open_source(str(tmp_path / "c.txt"), m, tokenizer=str(tok))
+
+
+def test_single_int_input_under_another_name(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.txt").write_text("the cat\n")
+    f = next(iter(open_source(str(tmp_path / "c.txt"), text_model(("tokens",)), tokenizer=str(tok))))
+    assert list(f) == ["tokens"] and f["tokens"][0].tolist() == ids("the cat")
+
+
+def test_empty_text_file_and_unknown_suffix(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "e.txt").write_text("\n  \n")
+    with pytest.raises(CalibrationError, match="holds no text samples"):
+        open_source(str(tmp_path / "e.txt"), text_model(), tokenizer=str(tok))
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(CalibrationError, match=r"is not .npz/.npy, text \(.txt/.jsonl/.tsv/.csv\) or a .json token list"):
+        open_source(str(tmp_path / "x.parquet"), text_model())
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CalibrationError, match="latin1.txt is not UTF-8"):
+        open_source(str(tmp_path / "latin1.txt"), text_model(), tokenizer=str(tok))
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+def test_token_windows(tmp_path: Path) -> None:
+    tokens = list(range(1, 24))  # 23 tokens: 4 windows of 5, 3 left over
+    (tmp_path / "t.json").write_text(json.dumps(tokens))
+    m = text_model(("input_ids", "attention_mask", "position_ids"))
+    src = open_source(str(tmp_path / "t.json"), m, seq_len=5)
+    assert isinstance(src, TokenFileSource) and len(src) == 4
+    feeds = list(src)
+    for k, f in enumerate(feeds):
+        assert f["input_ids"].shape == (1, 5) and f["input_ids"].dtype == np.int64
+        assert f["input_ids"][0].tolist() == tokens[5 * k:5 * k + 5]
+        assert (f["attention_mask"] == 1).all() and f["position_ids"][0].tolist() == [0, 1, 2, 3, 4]
+    assert "4 windows of 5 tokens" in src.describe() and "23 tokens, 3 left over" in src.describe()
+    small = [t % len(VOCAB) for t in tokens]
+    (tmp_path / "s.json").write_text(json.dumps(small))
+    assert np.isfinite(run_ort(m, next(iter(open_source(str(tmp_path / "s.json"), m, seq_len=5))))[0]).all()
+
+
+def test_token_windows_limit_and_structures(tmp_path: Path) -> None:
+    specs = input_specs(text_model(("input_ids",), elem=TensorProto.INT32))
+    tokens = list(range(100))
+    (tmp_path / "d.json").write_text(json.dumps({"input_ids": tokens, "name": "x"}))
+    src = TokenFileSource(tmp_path / "d.json", specs, seq_len=10, limit=4)
+    assert src.indices == [0, 2, 5, 7] and "4 of 10 windows of 10 tokens, evenly spaced" in src.describe()
+    assert [int(f["input_ids"][0, 0]) for f in src] == [0, 20, 50, 70]
+    assert next(iter(src))["input_ids"].dtype == np.int32
+    (tmp_path / "n.json").write_text(json.dumps([tokens[:50], tokens[50:]]))  # list of lists: joined
+    assert [int(f["input_ids"][0, 0]) for f in TokenFileSource(tmp_path / "n.json", specs, seq_len=30)] == [0, 30, 60]
+    (tmp_path / "bad.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(CalibrationError, match="JSON object with keys"):
+        TokenFileSource(tmp_path / "bad.json", specs)
+    (tmp_path / "f.json").write_text(json.dumps([1.5, 2.0]))
+    with pytest.raises(CalibrationError, match="does not hold a list of integer token ids"):
+        TokenFileSource(tmp_path / "f.json", specs)
+    with pytest.raises(CalibrationError, match="holds 100 tokens, fewer than one window of seq_len 512"):
+        TokenFileSource(tmp_path / "d.json", specs)
+    (tmp_path / "x.json").write_text("[1, 2,")
+    with pytest.raises(CalibrationError, match="x.json is not JSON"):
+        TokenFileSource(tmp_path / "x.json", specs)
+
+
+def test_token_file_uses_static_seq_len(tmp_path: Path) -> None:
+    (tmp_path / "t.json").write_text(json.dumps(list(range(40))))
+    src = open_source(str(tmp_path / "t.json"), text_model(("input_ids",), seq=16))
+    assert src.seq_len == 16 and len(src) == 2
+    with pytest.raises(CalibrationError, match=r"token window for 'input_ids' \(seq_len 8\).*expects \(batch, 16\)"):
+        open_source(str(tmp_path / "t.json"), text_model(("input_ids",), seq=16), seq_len=8)
+
+
 # ------------------------------------------------------------------------------------------- real assets
 @pytest.mark.assets
 def test_imagenet_with_mobilenetv2(assets: Path) -> None:
@@ -386,3 +663,47 @@ def test_mobilenet_test_data_set(assets: Path) -> None:
     assert isinstance(src, TestDataSetSource) and len(src) == 3
     x = next(iter(src))["input"]
     np.testing.assert_array_equal(x, np.load(folder / "0" / "input_0.npy"))
+
+
+@pytest.mark.assets
+def test_minilm_with_sts_text(assets: Path) -> None:
+    tk = pytest.importorskip("tokenizers")
+    ort = pytest.importorskip("onnxruntime")
+    model_path, tok = asset(assets, "minilm/model.onnx"), asset(assets, "minilm/tokenizer.json")
+    sts = asset(assets, "sts/sts-dev.csv")
+    model = onnx.load(model_path, load_external_data=False)
+    src = open_source(str(sts), model, tokenizer=str(tok), limit=4)
+    assert isinstance(src, TextSource) and len(src) == 4 and src.column == 6
+    assert "4 of 1500 samples" in src.describe() and "column 7" in src.describe()
+    feeds = list(src)
+    ref = tk.Tokenizer.from_file(str(tok))
+    ref.no_padding()
+    second = sts.read_text(encoding="utf-8").splitlines()[0].split("\t")[6]  # "A man wearing a hard hat is dancing."
+    assert feeds[0]["input_ids"][0].tolist() == ref.encode(second).ids
+    for f in feeds:
+        ids_ = f["input_ids"]
+        assert ids_.dtype == np.int64 and ids_[0, 0] == 101 and ids_[0, -1] == 102  # [CLS] ... [SEP], unpadded
+        assert f["attention_mask"].shape == ids_.shape and (f["attention_mask"] == 1).all()
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    hidden, emb = sess.run(["last_hidden_state", "sentence_embedding"], feeds[0])
+    assert hidden.shape == (1, feeds[0]["input_ids"].shape[1], 384) and emb.shape == (1, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb), 1.0, rtol=1e-4)
+
+
+@pytest.mark.assets
+def test_stories260k_with_token_file(assets: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model_path = asset(assets, "llm/stories260K/stories260K.onnx")
+    tokens_path = asset(assets, "text/tokens/stories260K__tinystories_valid_shared.json")
+    tokens = json.loads(tokens_path.read_text())
+    assert isinstance(tokens, list) and tokens[0] == 1  # a flat list of ids, BOS=1 first
+    src = open_source(str(tokens_path), onnx.load(model_path), seq_len=512, limit=4)
+    assert isinstance(src, TokenFileSource) and len(src) == 4
+    windows = len(tokens) // 512
+    assert f"4 of {windows} windows of 512 tokens" in src.describe()
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    for i, f in zip(src.indices, src):
+        assert list(f) == ["input_ids"] and f["input_ids"].shape == (1, 512) and f["input_ids"].dtype == np.int64
+        assert f["input_ids"][0].tolist() == tokens[i * 512:(i + 1) * 512]
+        logits = sess.run(None, f)[0]
+        assert logits.shape == (1, 512, 512) and np.isfinite(logits).all()

@@ -243,10 +243,13 @@ class HistogramObserver(Observer):
         inv = 1.0 / self.width
         if a.dtype == np.float32 and inv > 1e30:
             a = a.astype(np.float64)
-        t = a * inv  # float32 stays float32 (at most ~4096 in magnitude: index error ~1e-4 bin)
+        # bin index in float (float32 stays float32: |t| <= 2 * bins, so the index error is ~1e-4 bin);
+        # the grid covers every value, so t > -1 (truncates to 0) and t <= bins (the top edge: folded)
+        t = a * inv
         t -= self.start
-        np.clip(t, 0, self.bins - 1, out=t)
-        self.hist += np.bincount(t.astype(np.intp), minlength=self.bins)
+        counts = np.bincount(t.astype(np.intp), minlength=self.bins + 1)
+        self.hist += counts[: self.bins]
+        self.hist[-1] += counts[self.bins :].sum()
         self.zeros += int(np.count_nonzero(a == 0))
 
     def observe_minmax(self, lo: float, hi: float) -> None:
@@ -411,10 +414,10 @@ def kl_divergences(hist: np.ndarray, quantized_bins: int = 128) -> tuple[np.ndar
 
     For threshold ``i`` (keep bins ``[0, i)``): P is the histogram's first ``i`` bins with every count
     beyond added to bin ``i - 1``; Q quantizes the first ``i`` bins (without the outliers) into
-    ``quantized_bins`` groups of ``i // quantized_bins`` bins (the last group takes the remainder) and
-    spreads each group's count evenly over its bins where P is non-zero. Returns ``(thresholds,
-    KL(P || Q))``; a threshold where Q is zero where P is not gets ``inf``. Everything is computed from
-    prefix sums, as a ``(thresholds, quantized_bins)`` array.
+    ``quantized_bins`` groups (group ``j`` is bins ``[ceil(j i / n), ceil((j + 1) i / n))``, as in
+    NVIDIA's pytorch-quantization) and spreads each group's count evenly over its bins where P is
+    non-zero. Returns ``(thresholds, KL(P || Q))``; a threshold where Q is zero where P is not gets
+    ``inf``. Computed from prefix sums as one ``(thresholds, quantized_bins)`` array.
     """
     h = np.asarray(hist, np.float64)
     n, nq = len(h), quantized_bins
@@ -425,10 +428,8 @@ def kl_divergences(hist: np.ndarray, quantized_bins: int = 128) -> tuple[np.ndar
     nzc = np.concatenate([[0], np.cumsum(h > 0)])
     xl = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
     thr = np.arange(nq, n + 1)
-    merged = thr // nq
-    bounds = np.arange(nq + 1)[None, :] * merged[:, None]
-    bounds[:, -1] = thr
-    q = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]  # chunk sums of the kept bins
+    bounds = -((-np.arange(nq + 1)[None, :] * thr[:, None]) // nq)  # ceil(j * i / nq)
+    q = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]  # group sums of the kept bins
     nz = (nzc[bounds[:, 1:]] - nzc[bounds[:, :-1]]).astype(np.float64)
     out = total - cum[thr]  # outliers, folded into bin i - 1 of P
     last = h[thr - 1]
@@ -438,7 +439,7 @@ def kl_divergences(hist: np.ndarray, quantized_bins: int = 128) -> tuple[np.ndar
     # sum_k P_k log P_k over the kept bins (unnormalised), the last bin holding the outliers
     plogp = xl[thr - 1] + _xlogx(last + out)
     with np.errstate(divide="ignore", invalid="ignore"):
-        qk = q / (nz * cum[thr][:, None])  # Q's normalised value at each non-zero bin of a chunk
+        qk = q / (nz * cum[thr][:, None])  # Q's normalised value at each non-zero bin of a group
         cross = np.where(p > 0, p * np.log(np.where(qk > 0, qk, 1.0)), 0.0).sum(axis=1)
         kl = (plogp - cross) / total - np.log(total)
     bad = ((p > 0) & (q == 0)).any(axis=1)
@@ -446,23 +447,43 @@ def kl_divergences(hist: np.ndarray, quantized_bins: int = 128) -> tuple[np.ndar
     return thr, kl
 
 
+def entropy_threshold(abs_hist: np.ndarray, quantized_bins: int = 128) -> int:
+    """The threshold (in bins of ``abs_hist``) with the least KL divergence; the largest among ties.
+
+    As in NVIDIA's pytorch-quantization, bin 0 (which holds every exact zero, half of a ReLU output)
+    counts as much as bin 1: a zero spike would otherwise make the thresholds whose groups are one bin
+    wide look best, clipping ReLU outputs far too hard.
+    """
+    h = np.asarray(abs_hist, np.float64).copy()
+    if len(h) > 1:
+        h[0] = h[1]
+    if h.sum() == 0:
+        return len(h)
+    thr, kl = kl_divergences(h, quantized_bins)
+    if not np.isfinite(kl).any():
+        return len(h)
+    best = len(kl) - 1 - int(np.argmin(kl[::-1]))
+    return int(thr[best])
+
+
 @register_observer("entropy")
 class EntropyObserver(HistogramObserver):
     """TensorRT's entropy calibration: the threshold ``t`` on ``|x|`` that minimises KL(P || Q).
 
-    The 2048-bin histogram is folded onto ``|x|`` and :func:`kl_divergences` is evaluated for every
-    threshold from 128 bins up; the range is ``[-t, t]`` clamped to the observed min and max (so
-    ``[0, t]`` for ReLU outputs).
+    The 2048-bin histogram is folded onto ``|x|`` and :func:`entropy_threshold` evaluates every
+    threshold from ``quantized_bins`` bins up. ``quantized_bins`` (default 128) is the number of codes
+    per side of zero; a tensor that is never negative (a ReLU output) gets all of uint8's codes on one
+    side, so twice as many. The range is ``[-t, t]`` clamped to the observed min and max (``[0, t]``
+    for ReLU outputs).
     """
 
     def __init__(self, quantized_bins: int = 128, bins: int = 2048) -> None:
         super().__init__(bins)
-        if not 2 <= quantized_bins <= bins // 2:
-            raise CalibrationError(f"entropy quantized_bins must be in [2, {bins // 2}], got {quantized_bins}")
+        if not 2 <= quantized_bins <= bins // 4:
+            raise CalibrationError(f"entropy quantized_bins must be in [2, {bins // 4}], got {quantized_bins}")
         self.quantized_bins = int(quantized_bins)
 
     def _select(self) -> tuple[float, float]:
-        thr, kl = kl_divergences(fold_abs(self.hist, self.start), self.quantized_bins)
-        i = int(thr[int(np.argmin(kl))]) if np.isfinite(kl).any() else int(thr[-1])
-        t = i * self.width
+        nq = self.quantized_bins * (2 if self.lo >= 0 else 1)
+        t = entropy_threshold(fold_abs(self.hist, self.start), nq) * self.width
         return -t, t

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import csv
+import json
 import re
 import zipfile
 from dataclasses import dataclass
@@ -27,7 +29,8 @@ from onnx import helper, numpy_helper
 from onnxq.errors import CalibrationError, MissingDependencyError
 
 __all__ = ["InputSpec", "input_specs", "CalibrationSource", "ImageFolderSource", "ArrayFolderSource",
-           "TestDataSetSource", "RandomSource", "PREPROCESS", "IMAGE_SUFFIXES", "load_image", "open_source"]
+           "TestDataSetSource", "RandomSource", "TextSource", "TokenFileSource", "PREPROCESS", "IMAGE_SUFFIXES",
+           "TEXT_SUFFIXES", "TOKEN_INPUTS", "PADDING", "load_image", "open_source"]
 
 Dim = int | str | None
 #: Image file suffixes an image folder is searched for (case-insensitive).
@@ -35,6 +38,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 #: Named image preprocessings accepted by :func:`load_image` and :class:`ImageFolderSource`.
 PREPROCESS = ("torch", "caffe_bgr", "tf127", "raw255")
 _TDS_INPUT = re.compile(r"input_(\d+)\.(pb|npy)")
+#: Text file suffixes :class:`TextSource` reads: plain text (one sample a line), JSONL, TSV/CSV.
+TEXT_SUFFIXES = frozenset({".txt", ".jsonl", ".tsv", ".csv"})
+#: The model inputs a text or token source fills, and with what.
+TOKEN_INPUTS = {"input_ids": "token ids", "attention_mask": "ones", "token_type_ids": "zeros",
+                "position_ids": "0, 1, 2, ..."}
+#: Padding modes of :class:`TextSource`.
+PADDING = ("none", "longest", "max_length")
 
 
 @dataclass(frozen=True)
@@ -520,11 +530,372 @@ class RandomSource(CalibrationSource):
         return f"random inputs ({self.count} samples, seed {self.seed}, floats N(0,1), ints [0,100); {shapes})"
 
 
+# -------------------------------------------------------------------------------------- token inputs
+def _token_roles(specs: list[InputSpec], what: str) -> dict[str, str]:
+    """Input name -> which :data:`TOKEN_INPUTS` entry feeds it; raises for inputs a token source cannot fill.
+
+    A model with a single integer input under another name (``tokens``, ``ids``) gets the token ids there.
+    """
+    for s in specs:
+        if s.dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
+            raise CalibrationError(f"model input '{s.name}' has dtype {s.dtype}; a {what} feeds int64/int32 token "
+                                   f"inputs only ({', '.join(TOKEN_INPUTS)})")
+    if len(specs) == 1 and specs[0].name not in TOKEN_INPUTS:
+        return {specs[0].name: "input_ids"}
+    unknown = [s.name for s in specs if s.name not in TOKEN_INPUTS]
+    if unknown:
+        names = ", ".join(f"'{n}'" for n in unknown)
+        raise CalibrationError(f"model input{'s' if len(unknown) > 1 else ''} {names} cannot be filled by a {what}: "
+                               f"it fills {', '.join(f'{k} ({v})' for k, v in TOKEN_INPUTS.items())}; give .npz "
+                               "files keyed by input name instead")
+    if "input_ids" not in (s.name for s in specs):
+        raise CalibrationError(f"the model has no 'input_ids' input (its inputs are {[s.name for s in specs]}); "
+                               f"a {what} needs one to feed the token ids")
+    return {s.name: s.name for s in specs}
+
+
+def _static_seq(specs: list[InputSpec]) -> int | None:
+    """The static sequence length (dim 1 of a rank-2 token input), if any input has one."""
+    for s in specs:
+        if len(s.shape) == 2 and isinstance(s.shape[1], int) and s.shape[1] > 0:
+            return s.shape[1]
+    return None
+
+
+def _token_feed(specs: list[InputSpec], roles: dict[str, str], ids: Any, mask: Any = None,
+                type_ids: Any = None) -> dict[str, np.ndarray]:
+    """One feed (batch 1) from a token-id sequence; mask/type ids default to ones/zeros."""
+    n = len(ids)
+    feed = {}
+    for s in specs:
+        role = roles[s.name]
+        if role == "input_ids":
+            x = np.asarray(ids)
+        elif role == "attention_mask":
+            x = np.ones(n, np.int64) if mask is None else np.asarray(mask)
+        elif role == "token_type_ids":
+            x = np.zeros(n, np.int64) if type_ids is None else np.asarray(type_ids)
+        else:
+            x = np.arange(n)
+        feed[s.name] = np.ascontiguousarray(x.astype(s.dtype, copy=False)[None])
+    return feed
+
+
+def _tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise MissingDependencyError('text calibration needs the tokenizers package: pip install "onnxq[text]"') from e
+    return tokenizers
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- text
+class TextSource(CalibrationSource):
+    """Text samples tokenized with a Hugging Face ``tokenizers`` file (``tokenizer.json``), one sample per feed.
+
+    Formats, by suffix:
+
+    - ``.txt``: one sample per non-blank line (long running text such as wikitext or TinyStories is simply
+      taken line by line; blank lines are skipped).
+    - ``.jsonl``: one JSON value per non-blank line: an object whose field ``"text"`` is used, or, when the
+      first object has no string ``"text"``, its first string field (:meth:`describe` says which); a line
+      holding a bare JSON string is used as is.
+    - ``.tsv`` / ``.csv``: tab-separated when the first line holds a tab (the STS benchmark files are
+      tab-separated despite their ``.csv`` name), else comma-separated CSV. The column is fixed by the first
+      data row: its **last non-numeric cell** (for STS: column 7, the second sentence; the extra source
+      columns some later rows carry are ignored). The first row is a header, and skipped, when none of its
+      cells is a number while the second row has one. Rows with no text in that column are skipped.
+
+    Tokenization adds the tokenizer's special tokens and truncates to ``max_length`` tokens. One sample per
+    feed, so no padding is needed: ``padding="none"`` (the default) turns off any padding the tokenizer
+    file configures, ``"longest"`` is the same for batches of one, and ``"max_length"`` pads every sample to
+    ``max_length`` (the tokenizer's pad token, else ``[PAD]``/``<pad>``, else id 0; mask 0 there). A model
+    with a static sequence length gets every sample padded and truncated to it.
+
+    The model's inputs are filled by name (:data:`TOKEN_INPUTS`): ``input_ids``, ``attention_mask``,
+    ``token_type_ids`` and ``position_ids``, each [1, seq] in the input's own int dtype. The file is read
+    line by line: once up front to count the samples (``limit`` picks them evenly spaced), then once per
+    iteration.
+    """
+
+    def __init__(self, path: str | Path, specs: list[InputSpec], *, tokenizer: str | Path, max_length: int = 128,
+                 limit: int | None = None, padding: str = "none") -> None:
+        tk = _tokenizers()
+        self.path, self.specs = Path(path), list(specs)
+        if padding not in PADDING:
+            raise CalibrationError(f"unknown padding '{padding}'; valid modes: {', '.join(PADDING)}")
+        if max_length < 1:
+            raise CalibrationError(f"max_length must be a positive number of tokens, got {max_length}")
+        self.roles = _token_roles(self.specs, "text source")
+        self.notes: dict[str, None] = {}
+        static = _static_seq(self.specs)
+        if static is not None:
+            max_length, padding = static, "max_length"
+            self.notes[f"padded and truncated to the model's static sequence length {static}"] = None
+        self.max_length, self.padding = max_length, padding
+        tok_path = Path(tokenizer).expanduser()
+        if tok_path.is_dir():
+            tok_path = tok_path / "tokenizer.json"
+        if not tok_path.is_file():
+            raise CalibrationError(f"tokenizer file not found: {tok_path} (give a Hugging Face tokenizer.json)")
+        try:
+            self.tokenizer = tk.Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # the Rust side raises a plain Exception
+            raise CalibrationError(f"cannot load tokenizer {tok_path}: {e} (expected a Hugging Face tokenizers "
+                                   "tokenizer.json)") from e
+        self.tokenizer_path = tok_path
+        self._configure_tokenizer()
+        suffix = self.path.suffix.lower()
+        self.kind = "jsonl" if suffix == ".jsonl" else "table" if suffix in (".tsv", ".csv") else "lines"
+        self.field: str | None = None  # jsonl: the field used
+        self.column: int | None = None  # table: the 0-based column used
+        self.column_name: str | None = None  # table: its header, if the file has one
+        self.delimiter, self.header = "\t", False
+        try:
+            if self.kind == "jsonl":
+                self._plan_jsonl()
+            elif self.kind == "table":
+                self._plan_table()
+            self.total = sum(1 for _ in self._texts())
+        except UnicodeDecodeError as e:
+            raise CalibrationError(f"text calibration file {self.path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except OSError as e:
+            raise CalibrationError(f"cannot read text calibration file {self.path}: {e}") from e
+        if self.total == 0:
+            raise CalibrationError(f"text calibration file {self.path} holds no text samples")
+        self.indices = _even(self.total, limit)
+
+    def _configure_tokenizer(self) -> None:
+        tok = self.tokenizer
+        tok.enable_truncation(self.max_length)
+        if self.padding != "max_length":
+            tok.no_padding()
+            return
+        pad = tok.padding
+        if pad is not None:
+            pad_id, pad_token = pad["pad_id"], pad["pad_token"]
+        else:
+            found = [(t, tok.token_to_id(t)) for t in ("[PAD]", "<pad>", "<|pad|>") if tok.token_to_id(t) is not None]
+            pad_token, pad_id = found[0] if found else (tok.id_to_token(0) or "[PAD]", 0)
+        tok.enable_padding(length=self.max_length, pad_id=pad_id, pad_token=pad_token)
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        """(1-based line number, line without its newline) for every non-blank line."""
+        with open(self.path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield n, line.rstrip("\r\n")
+
+    def _plan_jsonl(self) -> None:
+        with contextlib.closing(self._lines()) as lines:
+            first = next(lines, None)
+        if first is None:
+            return
+        obj = self._json(*first)
+        if isinstance(obj, dict):
+            if isinstance(obj.get("text"), str):
+                self.field = "text"
+            else:
+                self.field = next((k for k, v in obj.items() if isinstance(v, str)), None)
+                if self.field is None:
+                    raise CalibrationError(f"line {first[0]} of {self.path} is a JSON object with no string field; "
+                                           "JSONL calibration text needs a \"text\" field")
+
+    def _json(self, n: int, line: str) -> Any:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"line {n} of {self.path} is not JSON ({e.msg}); a .jsonl file holds one JSON "
+                                   "object per line") from e
+        if not isinstance(obj, (dict, str)):
+            raise CalibrationError(f"line {n} of {self.path} holds a JSON {type(obj).__name__}, not an object or string")
+        return obj
+
+    def _rows(self) -> Iterator[tuple[int, list[str]]]:
+        """(1-based row number, cells) for every non-blank row of a TSV/CSV file."""
+        if self.delimiter == "\t":
+            for n, line in self._lines():
+                yield n, line.split("\t")
+            return
+        with open(self.path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if any(c.strip() for c in row):
+                    yield reader.line_num, row
+
+    def _plan_table(self) -> None:
+        with contextlib.closing(self._lines()) as lines:
+            first = next(lines, None)
+        if first is None:
+            return
+        self.delimiter = "\t" if "\t" in first[1] or self.path.suffix.lower() == ".tsv" else ","
+        with contextlib.closing(self._rows()) as rows:
+            head = [cells for _, (_, cells) in zip(range(2), rows)]
+        row0 = head[0]
+        self.header = (len(head) == 2 and not any(_is_number(c) for c in row0 if c.strip())
+                       and any(_is_number(c) for c in head[1] if c.strip()))
+        data = head[1] if self.header else row0
+        text_cols = [i for i, c in enumerate(data) if c.strip() and not _is_number(c)]
+        if not text_cols:
+            raise CalibrationError(f"the first data row of {self.path} has no text column (all its cells are numbers)")
+        self.column = text_cols[-1]
+        if self.header and self.column < len(row0):
+            self.column_name = row0[self.column].strip()
+
+    def _texts(self) -> Iterator[tuple[int, str]]:
+        """(line number, text) for every sample, in file order."""
+        if self.kind == "lines":
+            for n, line in self._lines():
+                yield n, line.strip()
+        elif self.kind == "jsonl":
+            for n, line in self._lines():
+                obj = self._json(n, line)
+                if isinstance(obj, dict):
+                    text = obj.get(self.field) if self.field is not None else None
+                    if not isinstance(text, str):
+                        raise CalibrationError(f"line {n} of {self.path} has no string field '{self.field or 'text'}'")
+                else:
+                    text = obj
+                if text.strip():
+                    yield n, text.strip()
+        else:
+            rows = self._rows()
+            if self.header:
+                next(rows, None)
+            assert self.column is not None
+            for n, row in rows:
+                text = row[self.column].strip() if self.column < len(row) else ""
+                if text:
+                    yield n, text
+
+    def encode(self, text: str) -> dict[str, np.ndarray]:
+        """The feed for one text (tokenized, truncated/padded as configured)."""
+        enc = self.tokenizer.encode(text)
+        return _token_feed(self.specs, self.roles, enc.ids, enc.attention_mask, enc.type_ids)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if not self.indices:
+            return
+        wanted, last = set(self.indices), self.indices[-1]
+        with contextlib.closing(self._texts()) as texts:
+            for i, (n, text) in enumerate(texts):
+                if i in wanted:
+                    feed = self.encode(text)
+                    if feed[next(iter(feed))].shape[1] == 0:
+                        raise CalibrationError(f"line {n} of {self.path} tokenizes to no tokens with {self.tokenizer_path}")
+                    yield feed
+                if i >= last:
+                    break
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _label(self, name: str) -> str:
+        return f"tokenized text for '{name}' from {self.path.name}"
+
+    def describe(self) -> str:
+        if self.kind == "jsonl":
+            fmt = f"JSONL, field '{self.field}'" if self.field else "JSONL strings"
+        elif self.kind == "table":
+            sep = "tab" if self.delimiter == "\t" else "comma"
+            name = f" '{self.column_name}'" if self.column_name else ""
+            fmt = f"{sep}-separated, column {(self.column or 0) + 1}{name}" + (", header skipped" if self.header else "")
+        else:
+            fmt = "one sample per line"
+        return (f"text file {self.path} ({_count(len(self), self.total, 'samples')}; {fmt}; tokenizer "
+                f"{self.tokenizer_path}, max_length {self.max_length}, padding {self.padding}; "
+                + "; ".join([f"inputs {', '.join(self.roles)}", *self.notes]) + ")")
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+_TOKEN_KEYS = ("input_ids", "tokens", "token_ids", "ids")
+
+
+class TokenFileSource(CalibrationSource):
+    """A JSON list of token ids (already tokenized text) cut into non-overlapping windows of ``seq_len`` tokens.
+
+    The file holds a flat list of ints (the shared ``text/tokens/*.json``), a list of such lists (joined in
+    order) or an object with one of the keys ``input_ids``, ``tokens``, ``token_ids``, ``ids`` (or a single
+    list-valued key) holding one. Each window is one sample, fed as ``input_ids`` [1, seq_len]; the tokens
+    after the last whole window are not used. ``attention_mask`` (ones), ``token_type_ids`` (zeros) and
+    ``position_ids`` are filled when the model has them. The list is loaded whole (token lists are small);
+    windows are cut lazily; ``limit`` picks windows evenly spaced. Needs no tokenizer.
+    """
+
+    def __init__(self, path: str | Path, specs: list[InputSpec], *, seq_len: int = 512, limit: int | None = None) -> None:
+        self.path, self.specs = Path(path), list(specs)
+        if seq_len < 1:
+            raise CalibrationError(f"seq_len must be a positive number of tokens, got {seq_len}")
+        self.seq_len = seq_len
+        self.roles = _token_roles(self.specs, "token file")
+        self.tokens = self._load()
+        self.windows = len(self.tokens) // seq_len
+        if self.windows == 0:
+            raise CalibrationError(f"token file {self.path} holds {len(self.tokens)} tokens, fewer than one window of "
+                                   f"seq_len {seq_len}; use a smaller --seq-len")
+        self.indices = _even(self.windows, limit)
+
+    def _load(self) -> np.ndarray:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CalibrationError(f"token file {self.path} is not JSON ({e}); it should hold a list of token ids") from e
+        except OSError as e:
+            raise CalibrationError(f"cannot read token file {self.path}: {e}") from e
+        if isinstance(data, dict):
+            key = next((k for k in _TOKEN_KEYS if isinstance(data.get(k), list)), None)
+            lists = [k for k, v in data.items() if isinstance(v, list)]
+            key = key if key is not None else lists[0] if len(lists) == 1 else None
+            if key is None:
+                raise CalibrationError(f"token file {self.path} is a JSON object with keys {sorted(data)[:8]}; it needs "
+                                       f"a list of token ids under one of {', '.join(_TOKEN_KEYS)}")
+            data = data[key]
+        if isinstance(data, list) and data and all(isinstance(x, list) for x in data):
+            data = [t for x in data for t in x]
+        bad = not isinstance(data, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in data)
+        if bad:
+            raise CalibrationError(f"token file {self.path} does not hold a list of integer token ids")
+        tokens = np.asarray(data, dtype=np.int64)
+        if tokens.size and tokens.min() < 0:
+            raise CalibrationError(f"token file {self.path} holds a negative token id ({int(tokens.min())})")
+        return tokens
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        L = self.seq_len
+        for i in self.indices:
+            yield _token_feed(self.specs, self.roles, self.tokens[i * L:(i + 1) * L])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _label(self, name: str) -> str:
+        return f"token window for '{name}' (seq_len {self.seq_len}) from {self.path.name}"
+
+    def describe(self) -> str:
+        left = len(self.tokens) - self.windows * self.seq_len
+        rest = f", {left} left over" if left else ""
+        return (f"token file {self.path} ({_count(len(self), self.windows, f'windows of {self.seq_len} tokens')}; "
+                f"{len(self.tokens)} tokens{rest}; inputs {', '.join(self.roles)})")
+
+
 # ---------------------------------------------------------------------------------------------- chooser
 def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = None, resize: int | None = None,
-                crop: int | None = None, limit: int | None = None, seed: int = 0) -> CalibrationSource:
+                crop: int | None = None, limit: int | None = None, seed: int = 0, tokenizer: str | Path | None = None,
+                max_length: int | None = None, seq_len: int | None = None) -> CalibrationSource:
     """The validated source for ``spec``: ``random[:N]``, a folder of images, ``.npz/.npy`` files (or one such
-    file) or ``test_data_set`` inputs. Raises a one-line CalibrationError when nothing there fits the model."""
+    file), ``test_data_set`` inputs, a ``.txt/.jsonl/.tsv/.csv`` text file (needs ``tokenizer``, a
+    ``tokenizer.json``; ``max_length`` default 128) or a ``.json`` list of token ids (windows of ``seq_len``
+    tokens: the model's static sequence length, else 512). Raises a one-line CalibrationError when nothing
+    there fits the model."""
     specs = input_specs(model)
     m = re.fullmatch(r"random(?::(\d+))?", spec.strip())
     if m:
@@ -537,10 +908,20 @@ def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = N
     if not p.exists():
         raise CalibrationError(f"calibration source not found: {spec}")
     if p.is_file():
-        if p.suffix.lower() not in (".npz", ".npy"):
-            raise CalibrationError(f"calibration file {p} is not .npz/.npy; give a folder of images, .npz/.npy "
-                                   "files or test_data_set inputs, or 'random'")
-        source = ArrayFolderSource(p, specs, limit=limit)
+        suffix = p.suffix.lower()
+        if suffix in TEXT_SUFFIXES:
+            if tokenizer is None:
+                raise CalibrationError(f"text calibration needs --tokenizer tokenizer.json (a Hugging Face tokenizers "
+                                       f"file) to tokenize {p}")
+            source = TextSource(p, specs, tokenizer=tokenizer, max_length=max_length or 128, limit=limit)
+        elif suffix == ".json":
+            source = TokenFileSource(p, specs, seq_len=seq_len or _static_seq(specs) or 512, limit=limit)
+        elif suffix in (".npz", ".npy"):
+            source = ArrayFolderSource(p, specs, limit=limit)
+        else:
+            raise CalibrationError(f"calibration file {p} is not .npz/.npy, text (.txt/.jsonl/.tsv/.csv) or a .json "
+                                   "token list; give a folder of images, .npz/.npy files or test_data_set inputs, "
+                                   "or 'random'")
     elif _tds_dirs(p):
         source = TestDataSetSource(p, specs, limit=limit)
     elif any(q.suffix.lower() in (".npz", ".npy") for q in p.iterdir()):

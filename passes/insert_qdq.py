@@ -43,6 +43,7 @@ from onnxq.scheme import (
     Symmetry,
     choose_qparams,
     choose_qparams_from_range,
+    choose_qparams_mse,
     quantize,
 )
 from onnxq.target import PROFILES, TargetProfile
@@ -229,11 +230,12 @@ class InsertQDQPass(Pass):
                     scheme = cfg.activations.scheme()
                 else:
                     continue
-                key = (inp.name, str(scheme))
+                key = (inp.name, f"{scheme} {cfg.weights.range_method}")
                 if key in weight_cache:
                     counts["shared_weights"] += 1
                 else:
-                    weight_cache[key] = self._quantize_constant(graph, inp, scheme, len(weight_cache), counts, docs)
+                    method = cfg.weights.range_method if node.op in _WEIGHT_OPS else "minmax"
+                    weight_cache[key] = self._quantize_constant(graph, inp, scheme, len(weight_cache), counts, docs, method)
                 node.inputs[i] = weight_cache[key][0]
             self._quantize_bias(graph, node, params, weight_cache, counts, notes, docs)
 
@@ -281,10 +283,14 @@ class InsertQDQPass(Pass):
         index: int,
         counts: dict[str, int],
         docs: dict[str, str],
+        range_method: str = "minmax",
     ) -> tuple[gs.Variable, _QParams]:
         values = np.asarray(c.values, np.float32)
-        scale, zp = choose_qparams(values, scheme)
-        q = quantize(values, scale, zp, scheme)
+        if range_method == "mse":
+            scale, zp = choose_qparams_mse(values, scheme)
+        else:
+            scale, zp = choose_qparams(values, scheme)
+        q = quantize(values, scale, zp, scheme, clip_to_scheme=True)  # stored codes never leave the scheme's range
         suffix = "" if index == 0 or not any(t == f"{c.name}_quantized" for t in graph.tensors()) else f"_{index}"
         qc = gs.Constant(f"{c.name}_quantized{suffix}", q)
         sc = gs.Constant(f"{c.name}_scale{suffix}", np.asarray(scale, np.float32))
@@ -292,7 +298,7 @@ class InsertQDQPass(Pass):
         out = gs.Variable(f"{c.name}_dequantized{suffix}", dtype=np.float32, shape=list(values.shape))
         attrs = {"axis": scheme.granularity.axis} if isinstance(scheme.granularity, PerChannel) else {}
         dq = gs.Node("DequantizeLinear", f"{c.name}/DequantizeLinear{suffix}", attrs=attrs, inputs=[qc, sc, zc], outputs=[out])
-        docs[dq.name] = f"onnxq: weight {scheme}; min-max of the weight values"
+        docs[dq.name] = f"onnxq: weight {scheme}; range {'minimising squared error' if range_method == 'mse' else 'min-max of the weight values'}"
         graph.nodes.append(dq)
         counts["weights_quantized"] += 1
         lo, hi = float(np.nanmin(values)) if values.size else 0.0, float(np.nanmax(values)) if values.size else 0.0

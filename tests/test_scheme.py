@@ -562,3 +562,25 @@ def test_onnx_conformance_case(case) -> None:
     else:
         ours = dequantize(arrays[0], scale, zp, scheme)
         assert_floats_equal(ours, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("gran", [PerTensor(), PerChannel(0), PerBlock(1, 16)])
+def test_mse_qparams_never_worse_than_minmax_and_match_brute_force(gran: object) -> None:
+    from onnxq.scheme import choose_qparams_mse
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_t(3, size=(6, 40)).astype(np.float32)  # heavy tails: clipping pays
+    scheme = QuantScheme(QuantDtype.INT8, Symmetry.SYMMETRIC, gran, reduce_range=True)
+
+    def err(scale: np.ndarray, zp: np.ndarray) -> float:
+        q = quantize(x, scale, zp, scheme, clip_to_scheme=True)
+        return float(((dequantize(q, scale, zp, scheme) - x) ** 2).sum())
+
+    s_mse, z_mse = choose_qparams_mse(x, scheme)
+    assert err(s_mse, z_mse) <= err(*choose_qparams(x, scheme)) + 1e-6
+    if isinstance(gran, PerTensor):  # brute force over the same ratio grid
+        lo, hi = float(x.min()), float(x.max())
+        best = min(err(*choose_qparams_from_range(lo * r, hi * r, scheme)) for r in np.linspace(1.0, 0.5, 51, dtype=np.float32))
+        assert err(s_mse, z_mse) == pytest.approx(best, rel=1e-6)
+    q = quantize(x, s_mse, z_mse, scheme, clip_to_scheme=True)
+    assert np.abs(q.astype(int)).max() <= 64, "stored codes stay inside the 7-bit range"

@@ -8,9 +8,10 @@ of calibration samples. Non-finite values (NaN, +-Inf) are ignored. Observers ar
 name:
 
 * ``minmax``: the extremes; ``ema-minmax``: a moving average of each batch's extremes;
-* ``percentile``, ``mse``, ``entropy``: range selection on a 2048-bin histogram whose range grows by
-  merging bins (:class:`HistogramObserver`); these need whole tensors (``needs_tensors``). The
-  searches over candidate ranges are vectorised (all candidates at once from prefix sums).
+* ``percentile``, ``mse``, ``entropy`` and ``mse-percentile`` (MSE for non-negative tensors,
+  percentiles for signed ones; the w8a8 default): range selection on a 2048-bin histogram whose range
+  grows by merging bins (:class:`HistogramObserver`); these need whole tensors (``needs_tensors``).
+  The searches over candidate ranges are vectorised (all candidates at once from prefix sums).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "PercentileObserver",
     "MSEObserver",
     "EntropyObserver",
+    "MSEPercentileObserver",
     "OBSERVERS",
     "register_observer",
     "make_observer",
@@ -273,7 +275,8 @@ class HistogramObserver(Observer):
             new_hi = max(-(-old_hi // f), math.ceil(hi / w))
             if new_hi - new_lo <= self.bins:
                 break
-        idx = (np.arange(old_lo, old_hi) // f) - new_lo
+        # floor(g / f) in float64 is exact for a power of two f, and never overflows as int64 // f could
+        idx = np.floor(np.arange(old_lo, old_hi, dtype=np.float64) / f).astype(np.int64) - new_lo
         merged = np.zeros(self.bins, np.int64)
         np.add.at(merged, idx, self.hist)
         self.hist, self.width, self.start = merged, w, new_lo
@@ -292,16 +295,32 @@ class HistogramObserver(Observer):
         """The range picked from the histogram (clamped to the observed min/max afterwards)."""
 
 
-def percentile_range(hist: np.ndarray, edges: np.ndarray, percentile: float) -> tuple[float, float]:
-    """The ``(100 - p)``-th and ``p``-th percentiles of a histogram, linear within a bin."""
-    cum = np.concatenate([[0], np.cumsum(hist)]).astype(np.float64)
+def percentile_range(
+    hist: np.ndarray, edges: np.ndarray, percentile: float, zero_count: int = 0
+) -> tuple[float, float]:
+    """The ``(100 - p)``-th and ``p``-th percentiles of a histogram, linear within a bin.
+
+    ``zero_count`` of the values in the bin that has zero as an edge are exact zeros: they sit at
+    zero rather than spread over the bin (half of a ReLU output is zero).
+    """
+    h = np.asarray(hist, np.float64)
+    e = np.asarray(edges, np.float64)
+    if zero_count:
+        z = int(np.flatnonzero(e == 0.0)[0])
+        if z < len(h):  # zero is the bin's left edge: a zero-width bin at 0 before it
+            h = np.concatenate([h[:z], [zero_count, h[z] - zero_count], h[z + 1 :]])
+            e = np.concatenate([e[: z + 1], [0.0], e[z + 1 :]])
+        else:  # zero is the top edge
+            h = np.concatenate([h[:-1], [h[-1] - zero_count, zero_count]])
+            e = np.concatenate([e, [0.0]])
+    cum = np.concatenate([[0.0], np.cumsum(h)])
     total = cum[-1]
 
     def at(q: float) -> float:
         target = q * total
-        k = int(np.clip(np.searchsorted(cum, target, side="left") - 1, 0, len(hist) - 1))
-        inside = (target - cum[k]) / hist[k] if hist[k] else 0.0
-        return float(edges[k] + min(max(inside, 0.0), 1.0) * (edges[k + 1] - edges[k]))
+        k = int(np.clip(np.searchsorted(cum, target, side="left") - 1, 0, len(h) - 1))
+        inside = (target - cum[k]) / h[k] if h[k] else 0.0
+        return float(e[k] + min(max(inside, 0.0), 1.0) * (e[k + 1] - e[k]))
 
     return at(1.0 - percentile / 100.0), at(percentile / 100.0)
 
@@ -311,7 +330,8 @@ class PercentileObserver(HistogramObserver):
     """Range from the ``100 - p`` and ``p`` percentiles of a streamed histogram (default p = 99.99).
 
     Each end is taken separately (uint8 affine activations are not symmetric), interpolated linearly
-    within its bin, so it is exact to within one bin of ``np.percentile`` over all the values.
+    within its bin (exact zeros sit at zero), so it lies within one bin of the percentile of all the
+    values (``np.percentile(..., method="inverted_cdf")``).
     """
 
     def __init__(self, percentile: float = 99.99, bins: int = 2048) -> None:
@@ -321,11 +341,17 @@ class PercentileObserver(HistogramObserver):
         self.percentile = float(percentile)
 
     def _select(self) -> tuple[float, float]:
-        return percentile_range(self.hist, self.edges, self.percentile)
+        return percentile_range(self.hist, self.edges, self.percentile, self.zeros)
 
 
 def mse_table(
-    hist: np.ndarray, start: int, zero_count: int, lo_idx: np.ndarray, hi_idx: np.ndarray, levels: int = 256
+    hist: np.ndarray,
+    start: int,
+    zero_count: int,
+    lo_idx: np.ndarray,
+    hi_idx: np.ndarray,
+    levels: int = 256,
+    clip_weight: float = 1.0,
 ) -> np.ndarray:
     """Expected squared quantization error (in bin units, summed over values) of every candidate range.
 
@@ -334,8 +360,9 @@ def mse_table(
     indices, ``lo`` ends <= 0 <= ``hi`` ends) quantized to ``levels`` evenly spaced codes of step
     ``s = (hi - lo) / (levels - 1)``. Values below ``lo`` or above ``hi`` cost their squared distance to
     the end (clipping); the other values cost ``s**2 / 12`` (uniform rounding), except the
-    ``zero_count`` exact zeros, which the grid always represents exactly. Returns a
-    ``(len(lo_idx), len(hi_idx))`` array, computed all at once from prefix sums.
+    ``zero_count`` exact zeros, which the grid always represents exactly. ``clip_weight`` scales the
+    clipping part (1: plain MSE). Returns a ``(len(lo_idx), len(hi_idx))`` array, computed all at once
+    from prefix sums.
     """
     h = np.asarray(hist, np.float64).copy()
     zb = min(-start, len(h) - 1)
@@ -352,10 +379,13 @@ def mse_table(
     above = b * b * n0 - 2 * b * n1 + n2
     inside = c0[hi_idx][None, :] - c0[lo_idx][:, None]
     step = (b[None, :] - a[:, None]) / (levels - 1)
-    return np.maximum(below, 0.0)[:, None] + np.maximum(above, 0.0)[None, :] + inside * step * step / 12.0
+    clipped = np.maximum(below, 0.0)[:, None] + np.maximum(above, 0.0)[None, :]
+    return clip_weight * clipped + inside * step * step / 12.0
 
 
-def mse_search(hist: np.ndarray, start: int, zero_count: int, levels: int = 256, coarse: int = 256) -> tuple[int, int]:
+def mse_search(
+    hist: np.ndarray, start: int, zero_count: int, levels: int = 256, clip_weight: float = 1.0, coarse: int = 256
+) -> tuple[int, int]:
     """Edge indices ``(i, j)`` of the range with the least :func:`mse_table` error.
 
     Candidates: every edge <= 0 for the low end and every edge >= 0 for the high end. Where that is more
@@ -368,13 +398,13 @@ def mse_search(hist: np.ndarray, start: int, zero_count: int, levels: int = 256,
     stride = max(1, -(-max(len(lo_all), len(hi_all)) // coarse))
     lo_c = np.unique(np.concatenate([lo_all[::-1][::stride], [0]]))
     hi_c = np.unique(np.concatenate([hi_all[::stride], [n]]))
-    err = mse_table(hist, start, zero_count, lo_c, hi_c, levels)
+    err = mse_table(hist, start, zero_count, lo_c, hi_c, levels, clip_weight)
     i, j = np.unravel_index(int(np.argmin(err)), err.shape)
     bi, bj = int(lo_c[i]), int(hi_c[j])
     if stride > 1:
         lo_c = np.arange(max(0, bi - stride), min(z, bi + stride) + 1)
         hi_c = np.arange(max(z, bj - stride), min(n, bj + stride) + 1)
-        err = mse_table(hist, start, zero_count, lo_c, hi_c, levels)
+        err = mse_table(hist, start, zero_count, lo_c, hi_c, levels, clip_weight)
         i, j = np.unravel_index(int(np.argmin(err)), err.shape)
         bi, bj = int(lo_c[i]), int(hi_c[j])
     return bi, bj
@@ -487,3 +517,53 @@ class EntropyObserver(HistogramObserver):
         nq = self.quantized_bins * (2 if self.lo >= 0 else 1)
         t = entropy_threshold(fold_abs(self.hist, self.start), nq) * self.width
         return -t, t
+
+
+@register_observer("mse-percentile")
+class MSEPercentileObserver(HistogramObserver):
+    """MSE for tensors that are never negative, percentiles for signed ones (the w8a8 default).
+
+    * A tensor whose observed minimum is >= 0 (a ReLU / Clip(0, c) output, a concatenation or pooling
+      of them) gets the :class:`MSEObserver` range: its large values carry the signal (SqueezeNet's
+      last ReLU output *is* the class scores), and the MSE-optimal range clips only a tail that costs
+      less than the rounding it saves.
+    * A signed tensor (a linear-bottleneck projection, a residual sum, the normalised image) gets the
+      ``100 - p`` and ``p`` percentiles (default p = 99.95). MobileNetV2's residual stream has rare,
+      very large values whose MSE-optimal range is wide (add_9: [-21, 28]), yet the network does
+      better when they are clipped (the next 1x1 expansion + ReLU6 saturates on them anyway), which
+      min-max and MSE cannot see.
+
+    Measured (w8a8, target x86-avx2: 7-bit GEMM weights; 128 evenly spaced calibration images, 500
+    images evaluated with ORT's fused kernels), top-1 agreement with fp32 / top-1:
+
+    =================  =====================  =====================
+    calibrator         MobileNetV2 (82.8)     SqueezeNet 1.1 (59.8)
+    =================  =====================  =====================
+    minmax             92.4 / 81.2            92.0 / 60.4
+    ema-minmax         94.6 / 82.4            88.8 / 59.2
+    percentile 99.99   94.6 / 82.0            90.0 / 59.4
+    mse                93.6 / 82.2            91.0 / 59.8
+    entropy            94.0 / 82.8            91.0 / 61.0
+    mse-percentile     95.0 / 82.4            90.8 / 60.0
+    =================  =====================  =====================
+
+    On a mean output KL divergence to fp32 (less noisy than agreement over 500 images) it is the best
+    or within 5% of the best histogram method on both models, on two different calibration subsets.
+    With these 7-bit weights even 16-bit activations reach only 94.8% (MobileNetV2) and 91.4%
+    (SqueezeNet) agreement: the weights, not the activation ranges, set most of the remaining error.
+    """
+
+    def __init__(self, percentile: float = 99.95, levels: int = 256, bins: int = 2048) -> None:
+        super().__init__(bins)
+        if not 50.0 < percentile <= 100.0:
+            raise CalibrationError(f"percentile must be in (50, 100], got {percentile}")
+        if levels < 2:
+            raise CalibrationError(f"mse levels must be >= 2, got {levels}")
+        self.percentile = float(percentile)
+        self.levels = int(levels)
+
+    def _select(self) -> tuple[float, float]:
+        if self.lo >= 0:
+            i, j = mse_search(self.hist, self.start, self.zeros, self.levels)
+            return (self.start + i) * self.width, (self.start + j) * self.width
+        return percentile_range(self.hist, self.edges, self.percentile, self.zeros)

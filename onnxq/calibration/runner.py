@@ -165,7 +165,9 @@ class CalibrationSession:
             return 0
         groups = tensor_groups(model, from_graph, first[0], EXPOSE_BUDGET_BYTES) if from_graph else [[]]
         if len(groups) > 1:
-            logger.info("observing %d tensors in %d groups (one pass over the source each)", len(from_graph), len(groups))
+            logger.info(
+                "observing %d tensors in %d groups (one pass over the source each)", len(from_graph), len(groups)
+            )
         total = len(self.source) * len(groups)
         seen = 0
         with progress_bar(total, "calibrating", enabled=self.progress) as advance:
@@ -228,34 +230,48 @@ class CalibrationSession:
         return seen
 
 
-def tensor_groups(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray], budget: int) -> list[list[str]]:
+def tensor_groups(
+    model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray], budget: int
+) -> list[list[str]]:
     """Split ``names`` into groups whose tensors for one batch (``feed``) fit in ``budget`` bytes.
 
-    Sizes come from the model's value_info shapes, with symbolic dims resolved from the feed's shapes
-    where a graph input names them and other unknown dims taken as 1; a tensor without any shape counts
-    as large as the largest known one. A single tensor over the budget gets a group of its own.
+    Sizes come from the model's shapes (ONNX shape inference fills in tensors the model does not
+    annotate), with symbolic dims resolved from the feed's shapes where a graph input names them and
+    other unknown dims taken as 1. A tensor of unknown shape counts as large as the largest known one
+    (as nothing when no size is known). A single tensor over the budget gets a group of its own.
     """
+    infos = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
+
+    def has_shape(n: str) -> bool:
+        vi = infos.get(n)
+        return vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+
+    if not all(has_shape(n) for n in names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - too large for the in-memory API, or an op it cannot type
+            logger.debug("shape inference failed while sizing observed tensors", exc_info=True)
+        else:
+            infos.update({vi.name: vi for vi in inferred.graph.value_info})
     dims: dict[str, int] = {}
     for vi in model.graph.input:
         if vi.name in feed and vi.type.HasField("tensor_type"):
             for d, size in zip(vi.type.tensor_type.shape.dim, np.shape(feed[vi.name])):
                 if d.dim_param:
                     dims[d.dim_param] = int(size)
-    infos = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
     sizes: dict[str, int | None] = {}
     for n in names:
-        vi = infos.get(n)
-        tt = vi.type.tensor_type if vi is not None and vi.type.HasField("tensor_type") else None
-        if tt is None or not tt.HasField("shape"):
+        if not has_shape(n):
             sizes[n] = None
             continue
+        tt = infos[n].type.tensor_type
         elems = 1
         for d in tt.shape.dim:
             elems *= d.dim_value if d.dim_value > 0 else dims.get(d.dim_param, 1)
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize if tt.elem_type else 4
         sizes[n] = elems * itemsize
     known = [v for v in sizes.values() if v is not None]
-    default = max(known) if known else budget
+    default = max(known) if known else 0
     groups: list[list[str]] = [[]]
     used = 0
     for n in names:

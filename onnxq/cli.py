@@ -88,6 +88,7 @@ def main(debug: bool) -> None:
 @click.option("--exclude-op", multiple=True, help="Leave every node of this op type in float (repeatable).")
 @click.option("--exclude-node", multiple=True, help="Leave this node (exact name) in float (repeatable).")
 @click.option("--exclude-regex", multiple=True, help="Leave nodes whose name matches this regex in float (repeatable).")
+@click.option("--calib-cache", type=click.Path(path_type=Path), help="Reuse ranges saved by `onnxq calibrate` (must match this model and calibration settings) instead of calibrating.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a summary.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -96,8 +97,8 @@ def main(debug: bool) -> None:
 def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | None, calib: str | None,
              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
-             exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], report_dir: Path | None,
-             as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
+             exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], calib_cache: Path | None,
+             report_dir: Path | None, as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
     """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
 
     \b
@@ -116,7 +117,7 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or "w8a8")
     recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=target, device=device,
                           exclude_op=exclude_op, exclude_node=exclude_node, exclude_regex=exclude_regex)  # fmt: skip
-    if recipe.needs_calibration() and not calib:
+    if recipe.needs_calibration() and not calib and not calib_cache:
         raise OnnxqError(
             f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
             ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)"
@@ -124,7 +125,7 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
                               tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
     result = quantize_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
-                           checked=checked, report_dir=report_dir)  # fmt: skip
+                           checked=checked, report_dir=report_dir, calib_cache=calib_cache)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.report.to_dict(), indent=2, default=str))
         return
@@ -178,6 +179,55 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
         if not note.startswith("target profile"):
             _out.print(f"note: {note}", highlight=False)
     _out.print(f"time {info.get('seconds')} s, peak RSS {info.get('peak_rss_mb')} MB")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the statistics (JSON).")
+@click.option("--preset", default=None, help="The preset the statistics are for (default w8a8).")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
+@click.option("--calib", required=True, help="Calibration data (as for `onnxq quantize --calib`).")
+@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders).")
+@click.option("--calib-size", type=click.IntRange(min=1), help="How many calibration samples (default: the recipe's).")
+@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side before cropping.")
+@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size.")
+@click.option("--tokenizer", help="tokenizer.json for text calibration files.")
+@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens.")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files.")
+@click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was saved as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_handle_errors
+def calibrate(model: Path, output: Path, preset: str | None, recipe_file: Path | None, calib: str,
+              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
+              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None,
+              device: str | None, as_json: bool, no_progress: bool) -> None:  # fmt: skip
+    """Calibrate MODEL and save the activation ranges to -o STATS.json for `quantize --calib-cache`.
+
+    \b
+    The file is keyed by the model's sha256 and the calibration settings; quantize refuses it for
+    another model or other settings. Example:
+      onnxq calibrate model.onnx --calib images/ --calib-preprocess torch -o stats.json
+      onnxq quantize model.onnx -o model.int8.onnx --calib-cache stats.json
+    """
+    from onnxq.quantize import CalibrationOptions, calibrate_file
+    from onnxq.recipe import load_recipe
+    from onnxq.recipe import preset as get_preset
+
+    if preset and recipe_file:
+        raise click.UsageError("give either --preset or --recipe, not both")
+    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or "w8a8")
+    recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=None, device=device,
+                          exclude_op=(), exclude_node=(), exclude_regex=())  # fmt: skip
+    opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
+                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+    info = calibrate_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        _out.print(f"[bold green]wrote[/] {output}: ranges of {info['tensors']} tensors, {info.get('method')} over "
+                   f"{info.get('samples_seen')} samples on {info.get('provider')} in {info.get('seconds')} s")  # fmt: skip
 
 
 @main.command()

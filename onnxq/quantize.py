@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 
 from onnxq import __version__
+from onnxq.calibration.cache import CachedCalibration, save_cache
 from onnxq.calibration.runner import CalibrationSession
 from onnxq.calibration.sources import CalibrationSource, open_source
 from onnxq.errors import OnnxqError, PassError
@@ -63,6 +64,7 @@ class QuantizeResult:
     model: onnx.ModelProto
     report: Report
     files: list[Path] = field(default_factory=list)
+    calibration: Any = None  # the CalibrationSession (or cache) that answered the range questions
 
 
 def _required_opset(recipe: Recipe) -> int:
@@ -83,6 +85,7 @@ def quantize_model(
     progress: bool = False,
     checked: bool = False,
     report: Report | None = None,
+    calibration_session: Any = None,
 ) -> QuantizeResult:
     """Quantize an in-memory model with ``recipe`` and return the new model and its report.
 
@@ -94,6 +97,7 @@ def quantize_model(
         progress: show progress bars.
         checked: validate the graph (onnx.checker + ORT load) after every pass.
         report: a report to add to (a new one when None).
+        calibration_session: answers range questions instead of running calibration (a cache).
     """
     report = report or Report()
     t_start = time.perf_counter()
@@ -111,8 +115,14 @@ def quantize_model(
     report.info["target"] = {"profile": target.name, "reason": why, "description": target.description}
     report.note(f"target profile {target.name}: {why}; {target.description}")
 
-    calib_session = None
-    if recipe.needs_calibration():
+    calib_session = calibration_session
+    if calib_session is not None:
+        report.info["calibration"] = {"source": getattr(calib_session, "source_description", "given session"),
+                                      "method": recipe.calibration.method,
+                                      "samples_seen": getattr(calib_session, "samples_seen", None),
+                                      "provider": getattr(calib_session, "provider_used", None),
+                                      "seconds": 0.0}  # fmt: skip
+    elif recipe.needs_calibration():
         if source is None and calibration is not None and calibration.source is not None:
             source = open_source(
                 calibration.source,
@@ -140,14 +150,14 @@ def quantize_model(
     graph = Pipeline(passes, checked=checked).run(to_graph(work), ctx)
     out = to_model(graph, template=work)
     _annotate(out, ctx.scratch.get("doc_strings", {}), recipe)
-    if calib_session is not None:
+    if isinstance(calib_session, CalibrationSession):
         report.info["calibration"].update(
             {"provider": calib_session.provider_used, "seconds": round(calib_session.seconds, 2),
              "samples_seen": calib_session.samples_seen}  # fmt: skip
         )
     report.info["seconds"] = round(time.perf_counter() - t_start, 2)
     report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    return QuantizeResult(out, report)
+    return QuantizeResult(out, report, calibration=calib_session)
 
 
 def _annotate(model: onnx.ModelProto, docs: dict[str, str], recipe: Recipe) -> None:
@@ -187,14 +197,22 @@ def quantize_file(
     progress: bool = False,
     checked: bool = False,
     report_dir: str | os.PathLike | None = None,
+    calib_cache: str | os.PathLike | None = None,
 ) -> QuantizeResult:
-    """Quantize the model file ``input_path`` into ``output_path`` (written atomically, input untouched)."""
+    """Quantize the model file ``input_path`` into ``output_path`` (written atomically, input untouched).
+
+    ``calib_cache``: a file written by :func:`calibrate_file` for this model and these calibration
+    settings; its ranges are used instead of running calibration.
+    """
     src, dst = Path(input_path), Path(output_path)
     report = Report()
     model = load_model(src)
-    report.info.update({"input": str(src), "output": str(dst), "input_sha256": model_hash(src),
+    sha = model_hash(src)
+    report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
                         "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
-    result = quantize_model(model, recipe, calibration=calibration, progress=progress, checked=checked, report=report)
+    session = CachedCalibration(calib_cache, model_sha256=sha, spec=recipe.calibration) if calib_cache else None
+    result = quantize_model(model, recipe, calibration=calibration, progress=progress, checked=checked, report=report,
+                            calibration_session=session)  # fmt: skip
     result.model.metadata_props.add(key="onnxq.input_sha256", value=report.info["input_sha256"])
     verify_loads(result.model)
     result.files = save_model(result.model, dst, input_path=src)
@@ -205,6 +223,32 @@ def quantize_file(
         Path(report_dir).mkdir(parents=True, exist_ok=True)
         report.write_json(Path(report_dir) / "report.json")
     return result
+
+
+def calibrate_file(
+    input_path: str | os.PathLike,
+    cache_path: str | os.PathLike,
+    recipe: Recipe,
+    *,
+    calibration: CalibrationOptions,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Calibrate ``input_path`` for ``recipe`` and save the ranges to ``cache_path`` (no model written).
+
+    The cache holds exactly the tensors the recipe's quantization asks for, so a later
+    ``quantize_file(..., calib_cache=cache_path)`` with the same recipe needs no calibration run.
+    """
+    src = Path(input_path)
+    model = load_model(src)
+    sha = model_hash(src)
+    result = quantize_model(model, recipe, calibration=calibration, progress=progress)
+    info = result.report.info.get("calibration")
+    if not info:
+        raise OnnxqError(f"recipe '{recipe.name}' needs no calibration, so there is nothing to save")
+    ranges = result.calibration.computed if isinstance(result.calibration, CalibrationSession) else {}
+    save_cache(cache_path, model_sha256=sha, spec=recipe.calibration, ranges=ranges, source=info["source"],
+               provider=info.get("provider"), samples=int(info.get("samples_seen", 0)))  # fmt: skip
+    return {"cache": str(cache_path), "tensors": len(ranges), **info}
 
 
 def _size_on_disk(path: Path, model: onnx.ModelProto) -> int:

@@ -191,3 +191,31 @@ def test_static_preset_without_calibration(tiny: Path, tmp_path: Path) -> None:
 def test_usage_error_exit_code_2(tiny: Path) -> None:
     code, _, _ = _run("quantize", str(tiny))
     assert code == 2
+
+
+def test_calibrate_then_quantize_from_cache(tiny: Path, tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    code, stdout, err = _run("calibrate", str(tiny), "--calib", "random:3", "-o", str(stats), "--no-progress")
+    assert code == 0, err
+    cache = json.loads(stats.read_text())
+    assert cache["format"] == "onnxq-calibration-cache" and cache["ranges"]
+    direct, cached = tmp_path / "direct.onnx", tmp_path / "cached.onnx"
+    assert _run("quantize", str(tiny), "-o", str(direct), "--calib", "random:3", "--no-progress")[0] == 0
+    code, stdout, err = _run("quantize", str(tiny), "-o", str(cached), "--calib-cache", str(stats), "--no-progress")
+    assert code == 0, err
+    init = lambda p: {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in onnx.load(p).graph.initializer}  # noqa: E731
+    assert init(direct) == init(cached), "the cache must reproduce the direct run's parameters exactly"
+
+
+def test_calibration_cache_refused_for_other_model_or_settings(tiny: Path, tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    assert _run("calibrate", str(tiny), "--calib", "random:2", "-o", str(stats), "--no-progress")[0] == 0
+    code, _, err = _run("quantize", str(tiny), "-o", str(tmp_path / "a.onnx"), "--calib-cache", str(stats), "--calibrator", "minmax")
+    _assert_one_line_error(code, err, "different settings", "method")
+    other = tmp_path / "other.onnx"
+    model = onnx.load(tiny)
+    model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
+    onnx.save(model, other)
+    code, _, err = _run("quantize", str(other), "-o", str(tmp_path / "b.onnx"), "--calib-cache", str(stats))
+    _assert_one_line_error(code, err, "different model")
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()

@@ -109,6 +109,11 @@ class CalibrationSession:
         self.seconds = 0.0
         self._cache: dict[str, tuple[float, float]] = {}
 
+    @property
+    def computed(self) -> dict[str, tuple[float, float]]:
+        """Every range calibrated so far (what ``onnxq calibrate`` saves)."""
+        return dict(self._cache)
+
     def ranges(self, graph: gs.Graph | onnx.ModelProto, names: list[str]) -> dict[str, tuple[float, float]]:
         """``(rmin, rmax)`` of each named tensor over the calibration samples."""
         todo = [n for n in dict.fromkeys(names) if n not in self._cache]

@@ -134,22 +134,6 @@ def predict(sess, x: np.ndarray, batch: int = 25) -> np.ndarray:
     return np.concatenate(preds)
 
 
-def latency_ms(sess, x: np.ndarray, batch: int, runs: int = 20, warmup: int = 5) -> float:
-    """Median wall time (ms) of ``runs`` calls at ``batch`` after ``warmup`` calls."""
-    inp = sess.get_inputs()[0]
-    want = np.float16 if "float16" in inp.type else np.float32
-    reps = -(-batch // len(x))
-    feed = {inp.name: np.concatenate([x] * reps)[:batch].astype(want)}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
-
-
 def cpu_info() -> dict:
     """CPU model, core count and the ISA flags that matter for int8 kernels."""
     model, flags = "unknown", set()

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ASSETS, IMAGENET, REPO_ROOT, calibration_indices, cpu_info,  # noqa: E402
-                     get_load_image, image_list, latency_ms, load_images, make_session, predict)
+                     get_load_image, image_list, load_images, make_session, predict)
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -223,16 +223,39 @@ def evaluate(res: Result, x: np.ndarray, y: np.ndarray, ref: np.ndarray | None,
         pred = predict(sess, x)
         res.top1 = 100.0 * float((pred == y).mean())
         res.agree = 100.0 * float((pred == ref).mean()) if ref is not None else 100.0
-        shape0 = sess.get_inputs()[0].shape[0]
-        for b in batches:
-            if isinstance(shape0, int) and shape0 != b:
-                res.lat[b] = None  # fixed batch dimension
-                continue
-            res.lat[b] = latency_ms(sess, x, b, runs=runs)
         return pred
     except Exception as e:  # noqa: BLE001 - a broken output must not stop the benchmark
         res.error = f"evaluation failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         return None
+
+
+def measure_latencies(results: list[Result], x: np.ndarray, batches: tuple[int, ...], runs: int) -> None:
+    """Median latency of every output, measured round-robin (one run of each model in turn).
+
+    Interleaving makes every model see the same machine load: a background burst slows all of them
+    alike instead of whichever model happened to be timed then.
+    """
+    live = [(r, make_session(r.path, "all")) for r in results if not r.error]
+    for b in batches:
+        timed = []
+        for r, sess in live:
+            shape0 = sess.get_inputs()[0].shape[0]
+            if isinstance(shape0, int) and shape0 != b:
+                r.lat[b] = None  # fixed batch dimension
+                continue
+            inp = sess.get_inputs()[0]
+            want = np.float16 if "float16" in inp.type else np.float32
+            feed = {inp.name: np.concatenate([x] * -(-b // len(x)))[:b].astype(want)}
+            for _ in range(5):
+                sess.run(None, feed)
+            timed.append((r, sess, feed, []))
+        for _ in range(runs):
+            for r, sess, feed, times in timed:
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times.append(time.perf_counter() - t0)
+        for r, _sess, _feed, times in timed:
+            r.lat[b] = float(np.median(times) * 1e3)
 
 
 def _fmt(v, spec="{:.1f}", none="n/a"):
@@ -307,7 +330,7 @@ def bench_model(spec: ModelSpec, args, workdir: Path, batches: tuple[int, ...]) 
         x, y = x[:args.limit], y[:args.limit]
     fp = Result(spec.key, f"float ({np.dtype(spec.dtype).name})", spec.path)
     ref = evaluate(fp, x, y, None, batches, args.runs)
-    log(f"float top-1 {_fmt(fp.top1)}%, latency {fp.lat}")
+    log(f"float top-1 {_fmt(fp.top1)}%")
     results = [fp]
 
     jobs = []
@@ -322,8 +345,10 @@ def bench_model(spec: ModelSpec, args, workdir: Path, batches: tuple[int, ...]) 
         r = job()
         evaluate(r, x, y, ref, batches, args.runs)
         log(f"{name}: " + (r.error or f"top-1 {_fmt(r.top1)}% agree {_fmt(r.agree)}% "
-                                      f"quantize {r.quant_s:.1f}s rss {r.peak_rss_mb:.0f}MB lat {r.lat}"))
+                                      f"quantize {r.quant_s:.1f}s rss {r.peak_rss_mb:.0f}MB"))
         results.append(r)
+    log("latency (round-robin over all outputs)")
+    measure_latencies(results, x, batches, args.runs)
     return results
 
 
@@ -361,7 +386,7 @@ def main(argv=None):
              f"({len(image_list())} images); evaluation on {args.limit or len(image_list())} images; "
              f"image loader: {loader}.",
              "Latency: ORT CPUExecutionProvider, ORT_ENABLE_ALL, default threads, median of "
-             f"{args.runs} runs after 5 warm-up runs. 'vs ORT' divides by the '{ORT_REFERENCE}' row.",
+             f"{args.runs} runs after 5 warm-up runs, the models timed round-robin (one run each in turn). 'vs ORT' divides by the '{ORT_REFERENCE}' row.",
              f"Load average (1 min) at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f} on "
              f"{os.cpu_count()} cores (latency is only trustworthy when these are below 1).",
              "ORT quantize_static: QDQ, MinMax; onnxruntime 1.32's default is S8 activations / S8 weights, "

@@ -132,6 +132,14 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     _print_quantize_summary(result.report, output)
 
 
+def _human(n: int) -> str:
+    """Bytes as a short human-readable size."""
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
 def _apply_flags(recipe: Any, **flags: Any) -> Any:
     """Fold the command-line overrides into the recipe."""
     calib = recipe.calibration
@@ -228,6 +236,60 @@ def calibrate(model: Path, output: Path, preset: str | None, recipe_file: Path |
     else:
         _out.print(f"[bold green]wrote[/] {output}: ranges of {info['tensors']} tensors, {info.get('method')} over "
                    f"{info.get('samples_seen')} samples on {info.get('provider')} in {info.get('seconds')} s")  # fmt: skip
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder (one <name>.onnx per model, batch-summary.json).")
+@click.option("--preset", default=None, help="Preset for every model (a manifest can override it per model).")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="TOML recipe for every model (instead of --preset).")
+@click.option("-j", "--jobs", "workers", type=click.IntRange(min=1), default=1, show_default=True, help="Models converted in parallel (worker processes).")
+@click.option("--calib", help="Calibration data for every model (a manifest can set calib per model).")
+@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing.")
+@click.option("--calib-size", type=click.IntRange(min=1), help="Calibration samples per model.")
+@click.option("--tokenizer", help="tokenizer.json for text calibration files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@_handle_errors
+def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | None, workers: int, calib: str | None,
+          calib_preprocess: str | None, calib_size: int | None, tokenizer: str | None, as_json: bool) -> None:  # fmt: skip
+    """Convert every model in SOURCE (a folder of *.onnx, or a TOML manifest) into OUTDIR.
+
+    \b
+    Each model runs in its own worker process: one model's failure (a corrupt file, an unsupported op,
+    out of memory) is recorded with a one-line reason and the others go on. Re-running skips models
+    already converted with the same input, recipe and calibration. Exit code 1 if any model failed.
+      onnxq batch models/ -o out/ --preset w8a8 --calib images/ -j 2
+      onnxq batch manifest.toml -o out/ -j 2 --json
+    """
+    from onnxq.batch import jobs_from_folder, jobs_from_manifest, run_batch
+    from onnxq.recipe import load_recipe
+    from onnxq.recipe import preset as get_preset
+
+    if preset and recipe_file:
+        raise click.UsageError("give either --preset or --recipe, not both")
+    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset) if preset else None
+    if recipe is not None and calib_size:
+        recipe = recipe.with_(calibration=dataclasses.replace(recipe.calibration, samples=calib_size))
+    calibration = {k: v for k, v in {"calib": calib, "calib_preprocess": calib_preprocess, "tokenizer": tokenizer}.items() if v}
+    if source.is_dir():
+        jobs = jobs_from_folder(source, outdir, recipe or get_preset("w8a8"), calibration)
+    else:
+        jobs = jobs_from_manifest(source, outdir, recipe, calibration)
+    outcomes = run_batch(jobs, outdir, workers=workers, live=not as_json and sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(o) for o in outcomes], indent=2))
+    else:
+        table = Table(header_style="bold", title=f"batch summary ({outdir / 'batch-summary.json'})")
+        for col in ("model", "status", "time s", "size", "reason"):
+            table.add_column(col)
+        for o in outcomes:
+            size = f"{_human(o.input_bytes)} -> {_human(o.output_bytes)}" if o.status == "converted" else ""
+            style = {"converted": "green", "skipped": "cyan", "failed": "red"}[o.status]
+            table.add_row(o.name, f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", size, o.reason)
+        _out.print(table)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        sys.exit(1)
 
 
 @main.command()

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -86,6 +86,7 @@ def quantize_model(
     checked: bool = False,
     report: Report | None = None,
     calibration_session: Any = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
     """Quantize an in-memory model with ``recipe`` and return the new model and its report.
 
@@ -98,6 +99,7 @@ def quantize_model(
         checked: validate the graph (onnx.checker + ORT load) after every pass.
         report: a report to add to (a new one when None).
         calibration_session: answers range questions instead of running calibration (a cache).
+        on_stage: called with the name of each pass as it starts (batch workers report it).
     """
     report = report or Report()
     t_start = time.perf_counter()
@@ -147,7 +149,8 @@ def quantize_model(
         passes = [PASSES[name]() for name in recipe.passes]
     except KeyError as exc:
         raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
-    graph = Pipeline(passes, checked=checked).run(to_graph(work), ctx)
+    hook = (lambda p: on_stage(p.name)) if on_stage is not None else None
+    graph = Pipeline(passes, checked=checked).run(to_graph(work), ctx, on_pass=hook)
     out = to_model(graph, template=work)
     _annotate(out, ctx.scratch.get("doc_strings", {}), recipe)
     if isinstance(calib_session, CalibrationSession):
@@ -198,23 +201,34 @@ def quantize_file(
     checked: bool = False,
     report_dir: str | os.PathLike | None = None,
     calib_cache: str | os.PathLike | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> QuantizeResult:
     """Quantize the model file ``input_path`` into ``output_path`` (written atomically, input untouched).
 
     ``calib_cache``: a file written by :func:`calibrate_file` for this model and these calibration
-    settings; its ranges are used instead of running calibration.
+    settings; its ranges are used instead of running calibration. ``metadata``: extra
+    ``metadata_props`` entries for the output (batch runs record their fingerprint there).
     """
     src, dst = Path(input_path), Path(output_path)
     report = Report()
+    if on_stage:
+        on_stage("loading")
     model = load_model(src)
     sha = model_hash(src)
     report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
                         "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
     session = CachedCalibration(calib_cache, model_sha256=sha, spec=recipe.calibration) if calib_cache else None
     result = quantize_model(model, recipe, calibration=calibration, progress=progress, checked=checked, report=report,
-                            calibration_session=session)  # fmt: skip
+                            calibration_session=session, on_stage=on_stage)  # fmt: skip
     result.model.metadata_props.add(key="onnxq.input_sha256", value=report.info["input_sha256"])
+    for key, value in (metadata or {}).items():
+        result.model.metadata_props.add(key=key, value=value)
+    if on_stage:
+        on_stage("verifying")
     verify_loads(result.model)
+    if on_stage:
+        on_stage("saving")
     result.files = save_model(result.model, dst, input_path=src)
     in_bytes = _size_on_disk(src, model)
     out_bytes = sum(p.stat().st_size for p in result.files)

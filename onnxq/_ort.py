@@ -6,6 +6,8 @@ on the CPU). Either provides the ``onnxruntime`` module.
 
 from __future__ import annotations
 
+import os
+
 from onnxq.errors import MissingDependencyError
 
 __all__ = ["ort", "available_providers", "make_session"]
@@ -31,7 +33,11 @@ def make_session(
     optimization: str = "all",
     threads: int = 0,
 ) -> "ort.InferenceSession":
-    """An InferenceSession with a chosen graph-optimisation level ("disable", "basic", "extended", "all")."""
+    """An InferenceSession with a chosen graph-optimisation level ("disable", "basic", "extended", "all").
+
+    ``threads`` (or the ``ONNXQ_THREADS`` environment variable; 0 = ORT's default, all cores) sets the
+    intra-op threads: ``onnxq batch`` gives each worker its share of the cores.
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -40,6 +46,7 @@ def make_session(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     so.log_severity_level = 3
+    threads = threads or int(os.environ.get("ONNXQ_THREADS", "0") or 0)
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(model_bytes_or_path, sess_options=so, providers=providers or ["CPUExecutionProvider"])

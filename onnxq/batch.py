@@ -182,7 +182,7 @@ def _up_to_date(job: BatchJob, fingerprint: str) -> bool:
         return False
 
 
-def _launch(job: BatchJob, fingerprint: str, state: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def _launch(job: BatchJob, fingerprint: str, state: Path, threads: int) -> tuple[subprocess.Popen[bytes], Path, Path]:
     spec = state / f"{job.name}.job.json"
     status = state / f"{job.name}.status.json"
     status.unlink(missing_ok=True)
@@ -192,7 +192,8 @@ def _launch(job: BatchJob, fingerprint: str, state: Path) -> tuple[subprocess.Po
     }, default=str))  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "onnxq.batch", "--worker", str(spec), str(status)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "ONNXQ_THREADS": str(threads)},
     )  # fmt: skip
     return proc, spec, status
 
@@ -225,6 +226,8 @@ def run_batch(jobs: list[BatchJob], outdir: Path, *, workers: int = 1, live: boo
         else:
             pending.append((job, fp))
     running: dict[str, tuple[BatchJob, subprocess.Popen[bytes], Path, float]] = {}
+    # each worker's ONNX Runtime sessions get their share of the cores instead of all of them
+    threads = int(os.environ.get("ONNXQ_THREADS", "0") or 0) or max(1, (os.cpu_count() or 1) // max(1, workers))
 
     def table() -> Table:
         t = Table(title=f"onnxq batch: {len(jobs)} models, {workers} workers", header_style="bold")
@@ -241,7 +244,7 @@ def run_batch(jobs: list[BatchJob], outdir: Path, *, workers: int = 1, live: boo
         while pending or running:
             while pending and len(running) < max(1, workers):
                 job, fp = pending.pop(0)
-                proc, _spec, status = _launch(job, fp, state)
+                proc, _spec, status = _launch(job, fp, state, threads)
                 running[job.name] = (job, proc, status, time.monotonic())
                 stages[job.name] = "starting"
             for name, (job, proc, status, t0) in list(running.items()):

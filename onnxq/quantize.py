@@ -151,6 +151,12 @@ def quantize_model(
         raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
     hook = (lambda p: on_stage(p.name)) if on_stage is not None else None
     graph = Pipeline(passes, checked=checked).run(to_graph(work), ctx, on_pass=hook)
+    qsteps = [st for st in report.steps if st.name == "insert_qdq"]
+    if qsteps and qsteps[-1].counts.get("nodes_quantized", 0) == 0:
+        already = sorted({n.op_type for n in work.graph.node if n.op_type.startswith("QLinear") or n.op_type in
+                          ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits")})  # fmt: skip
+        why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
+        report.note(f"nothing was quantized: {why}")
     out = to_model(graph, template=work)
     _annotate(out, ctx.scratch.get("doc_strings", {}), recipe)
     if isinstance(calib_session, CalibrationSession):

@@ -175,15 +175,18 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
     _out.print(f"[bold green]wrote[/] {output}  ({size.get('input_bytes', 0) / 1e6:.2f} MB -> "
                f"{size.get('output_bytes', 0) / 1e6:.2f} MB, {100 * size.get('ratio', 0):.1f}% of the input)")  # fmt: skip
     tgt = info.get("target", {})
-    _out.print(f"target profile: [bold]{tgt.get('profile')}[/] ({tgt.get('reason')})")
+    if any(st.name == "insert_qdq" for st in report.steps):
+        _out.print(f"target profile: [bold]{tgt.get('profile')}[/] ({tgt.get('reason')})")
     cal = info.get("calibration")
     if cal:
         _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples on "
                    f"{cal.get('provider')} in {cal.get('seconds')} s; source: {cal.get('source')}")  # fmt: skip
     keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
-            "activations_absorbed", "batchnorms_folded", "nodes_folded")  # fmt: skip
+            "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
+            "casts_inserted", "values_clamped", "batchnorms_folded", "nodes_folded")  # fmt: skip
     _out.print("done: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in keys if counts.get(k)))
-    for note in report.notes:
+    step_notes = [n for st in report.steps if st.name == "float16" for n in st.notes]
+    for note in [*report.notes, *step_notes]:
         if not note.startswith("target profile"):
             _out.print(f"note: {note}", highlight=False)
     _out.print(f"time {info.get('seconds')} s, peak RSS {info.get('peak_rss_mb')} MB")

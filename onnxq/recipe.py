@@ -49,6 +49,8 @@ __all__ = [
     "WeightSpec",
     "CalibrationSpec",
     "ExcludeSpec",
+    "Float16Spec",
+    "FLOAT16_BLOCK_LIST",
     "Override",
     "NodeConfig",
     "Recipe",
@@ -64,6 +66,15 @@ QUANTIZABLE_OPS: tuple[str, ...] = (
     "Concat", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
 )  # fmt: skip
 """Op types ``insert_qdq`` knows how to quantize (Relu/Clip are absorbed, not quantized)."""
+
+FLOAT16_BLOCK_LIST: tuple[str, ...] = (
+    "LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "LogSoftmax",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+    "ReduceProd", "CumSum", "RoiAlign", "Range", "NonMaxSuppression",
+)  # fmt: skip
+"""Op types the ``float16`` pass keeps in float32 by default: normalisations, softmax and reductions (their
+sums overflow or lose precision in float16), box ops (pixel coordinates), and ops with no float16 in the
+ONNX spec. See passes/float16.py."""
 
 
 
@@ -126,6 +137,25 @@ class ExcludeSpec:
     op_types: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
     name_regex: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Float16Spec:
+    """Settings of the ``float16`` pass (the ``[float16]`` table of a recipe).
+
+    ``dtype``: ``"float16"`` or ``"bfloat16"``. ``keep_io_types``: graph inputs and outputs stay float32
+    (Casts inside the graph). ``op_block_list`` / ``node_block_list``: op types / exact node names that
+    stay float32, with Casts around them.
+    """
+
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    keep_io_types: bool = True
+    op_block_list: tuple[str, ...] = FLOAT16_BLOCK_LIST
+    node_block_list: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "bfloat16"):
+            raise RecipeError(f"[float16] dtype must be 'float16' or 'bfloat16', got '{self.dtype}'")
 
 
 @dataclass(frozen=True)
@@ -193,6 +223,7 @@ class Recipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     exclude: ExcludeSpec = field(default_factory=ExcludeSpec)
     overrides: tuple[Override, ...] = ()
+    float16: Float16Spec = field(default_factory=Float16Spec)
 
     def __post_init__(self) -> None:
         unknown = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
@@ -285,6 +316,12 @@ PRESETS: dict[str, Recipe] = {
         # with 65536 levels clipping buys nothing: cover the whole observed range
         calibration=CalibrationSpec(method="minmax"),
     ),
+    "fp16": Recipe(
+        name="fp16",
+        description="float16 conversion, no calibration: weights and compute in float16, float32 inputs/outputs; "
+        "normalisations, softmax and reductions stay float32",
+        passes=("shape_inference", "constant_folding", "fold_batchnorm", "remove_dead_nodes", "float16"),
+    ),
 }
 
 
@@ -297,7 +334,7 @@ def preset(name: str) -> Recipe:
 
 
 _TOP_LEVEL = ("preset", "name", "description", "version", "passes", "target", "op_types", "quantize_outputs",
-              "activations", "weights", "calibration", "exclude", "override")  # fmt: skip
+              "activations", "weights", "calibration", "exclude", "override", "float16")  # fmt: skip
 
 
 def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
@@ -314,7 +351,7 @@ def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recip
         if key in data:
             changes[key] = tuple(data[key])
     for key, cls in (("activations", ActivationSpec), ("weights", WeightSpec),
-                     ("calibration", CalibrationSpec), ("exclude", ExcludeSpec)):  # fmt: skip
+                     ("calibration", CalibrationSpec), ("exclude", ExcludeSpec), ("float16", Float16Spec)):  # fmt: skip
         if key in data:
             current = dataclasses.asdict(getattr(base, key))
             _check_keys(data[key], cls, f"[{key}] of {where}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from onnxq.pipeline import Pass
 
 from .constant_folding import ConstantFoldingPass, fold_constants
+from .float16 import Float16Pass, convert_float16
 from .fold_batchnorm import FoldBatchNormPass, fold_batchnorm
 from .insert_qdq import InsertQDQPass, insert_qdq
 from .remove_dead_nodes import RemoveDeadNodesPass, remove_dead_nodes
@@ -18,10 +19,12 @@ __all__ = [
     "PASSES",
     "ConstantFoldingPass",
     "FoldBatchNormPass",
+    "Float16Pass",
     "InsertQDQPass",
     "RemoveDeadNodesPass",
     "ShapeInferencePass",
     "UpcastFloat16Pass",
+    "convert_float16",
     "fold_batchnorm",
     "fold_constants",
     "infer_shapes",
@@ -39,5 +42,6 @@ PASSES: dict[str, type[Pass]] = {
         FoldBatchNormPass,
         RemoveDeadNodesPass,
         InsertQDQPass,
+        Float16Pass,
     )
 }

@@ -113,6 +113,9 @@ class InsertQDQPass(Pass):
         target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
         counts = {"nodes_quantized": 0, "nodes_excluded": 0, "qdq_pairs": 0, "weights_quantized": 0,
                   "biases_quantized": 0, "shared_weights": 0, "activations_absorbed": 0}  # fmt: skip
+        # names already in the model: inserted tensors and nodes must not reuse one (a model may well have an
+        # initializer called "x_scale" already, e.g. when it was quantized before)
+        self._taken = set(graph.tensors()) | {n.name for n in graph.nodes}
         notes: list[str] = []
 
         configs: dict[int, NodeConfig] = {}
@@ -180,7 +183,8 @@ class InsertQDQPass(Pass):
         # 4. activation parameters, in topological order so shared parameters resolve
         params: dict[str, _QParams] = {}
         graph.toposort()
-        order = [t.name for n in graph.nodes for t in n.outputs] + [t.name for t in graph.inputs]
+        # graph inputs first: a pass-through node reading a graph input shares that input's parameters
+        order = [t.name for t in graph.inputs] + [t.name for n in graph.nodes for t in n.outputs]
         rank = {n: i for i, n in enumerate(order)}
         for name in sorted(wanted, key=lambda n: rank.get(n, -1)):
             t, cfg = wanted[name]
@@ -260,16 +264,25 @@ class InsertQDQPass(Pass):
         )
         return PassResult(graph, modified=counts["qdq_pairs"] > 0 or counts["weights_quantized"] > 0, counts=counts, notes=notes)
 
+    def _fresh(self, name: str) -> str:
+        """``name``, or ``name_2``, ``name_3``... when the graph already has a tensor or node called that."""
+        out, k = name, 1
+        while out in self._taken:
+            k += 1
+            out = f"{name}_{k}"
+        self._taken.add(out)
+        return out
+
     def _insert_pair(self, graph: gs.Graph, t: gs.Variable, p: _QParams, ctx: PassContext) -> gs.Variable:
         base = t.name
-        scale = gs.Constant(f"{base}_scale", np.asarray(p.scale, np.float32).reshape(()))
-        zp = gs.Constant(f"{base}_zero_point", np.asarray(p.zero_point).reshape(()).astype(p.scheme.dtype.numpy_dtype))
-        q_out = gs.Variable(f"{base}_quantized", dtype=p.scheme.dtype.numpy_dtype, shape=t.shape)
-        dq_out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=t.shape)
+        scale = gs.Constant(self._fresh(f"{base}_scale"), np.asarray(p.scale, np.float32).reshape(()))
+        zp = gs.Constant(self._fresh(f"{base}_zero_point"), np.asarray(p.zero_point).reshape(()).astype(p.scheme.dtype.numpy_dtype))
+        q_out = gs.Variable(self._fresh(f"{base}_quantized"), dtype=p.scheme.dtype.numpy_dtype, shape=t.shape)
+        dq_out = gs.Variable(self._fresh(f"{base}_dequantized"), dtype=np.float32, shape=t.shape)
         method = ctx.recipe.calibration.method
         doc = f"onnxq: activation {p.scheme}; calibration {method}; range [{p.rmin:.6g}, {p.rmax:.6g}]"
-        q = gs.Node("QuantizeLinear", f"{base}/QuantizeLinear", inputs=[t, scale, zp], outputs=[q_out])
-        dq = gs.Node("DequantizeLinear", f"{base}/DequantizeLinear", inputs=[q_out, scale, zp], outputs=[dq_out])
+        q = gs.Node("QuantizeLinear", self._fresh(f"{base}/QuantizeLinear"), inputs=[t, scale, zp], outputs=[q_out])
+        dq = gs.Node("DequantizeLinear", self._fresh(f"{base}/DequantizeLinear"), inputs=[q_out, scale, zp], outputs=[dq_out])
         docs = ctx.scratch.setdefault("doc_strings", {})
         docs[q.name] = docs[dq.name] = doc
         graph.nodes.extend([q, dq])
@@ -292,12 +305,12 @@ class InsertQDQPass(Pass):
             scale, zp = choose_qparams(values, scheme)
         q = quantize(values, scale, zp, scheme, clip_to_scheme=True)  # stored codes never leave the scheme's range
         suffix = "" if index == 0 or not any(t == f"{c.name}_quantized" for t in graph.tensors()) else f"_{index}"
-        qc = gs.Constant(f"{c.name}_quantized{suffix}", q)
-        sc = gs.Constant(f"{c.name}_scale{suffix}", np.asarray(scale, np.float32))
-        zc = gs.Constant(f"{c.name}_zero_point{suffix}", np.asarray(zp))
-        out = gs.Variable(f"{c.name}_dequantized{suffix}", dtype=np.float32, shape=list(values.shape))
+        qc = gs.Constant(self._fresh(f"{c.name}_quantized{suffix}"), q)
+        sc = gs.Constant(self._fresh(f"{c.name}_scale{suffix}"), np.asarray(scale, np.float32))
+        zc = gs.Constant(self._fresh(f"{c.name}_zero_point{suffix}"), np.asarray(zp))
+        out = gs.Variable(self._fresh(f"{c.name}_dequantized{suffix}"), dtype=np.float32, shape=list(values.shape))
         attrs = {"axis": scheme.granularity.axis} if isinstance(scheme.granularity, PerChannel) else {}
-        dq = gs.Node("DequantizeLinear", f"{c.name}/DequantizeLinear{suffix}", attrs=attrs, inputs=[qc, sc, zc], outputs=[out])
+        dq = gs.Node("DequantizeLinear", self._fresh(f"{c.name}/DequantizeLinear{suffix}"), attrs=attrs, inputs=[qc, sc, zc], outputs=[out])
         docs[dq.name] = f"onnxq: weight {scheme}; range {'minimising squared error' if range_method == 'mse' else 'min-max of the weight values'}"
         graph.nodes.append(dq)
         counts["weights_quantized"] += 1
@@ -337,12 +350,15 @@ class InsertQDQPass(Pass):
         if scale.shape != b.shape:
             return
         q = np.clip(np.rint(b / scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
-        name = f"{node.name or bias.name}/bias"
-        qc = gs.Constant(f"{bias.name}_quantized_{node.name}", q)
-        sc = gs.Constant(f"{bias.name}_scale_{node.name}", scale)
-        zc = gs.Constant(f"{bias.name}_zero_point_{node.name}", np.zeros(b.shape, np.int32))
-        out = gs.Variable(f"{bias.name}_dequantized_{node.name}", dtype=np.float32, shape=list(b.shape))
-        dq = gs.Node("DequantizeLinear", f"{name}/DequantizeLinear", attrs={"axis": 0}, inputs=[qc, sc, zc], outputs=[out])
+        # one int32 copy per node (its scale depends on the node's input): names must differ between the nodes
+        # a tied bias feeds, also when they have no name (ORT refuses repeated non-empty names in a model)
+        tag = node.name or node.outputs[0].name
+        name = f"{tag}/bias"
+        qc = gs.Constant(self._fresh(f"{bias.name}_quantized_{tag}"), q)
+        sc = gs.Constant(self._fresh(f"{bias.name}_scale_{tag}"), scale)
+        zc = gs.Constant(self._fresh(f"{bias.name}_zero_point_{tag}"), np.zeros(b.shape, np.int32))
+        out = gs.Variable(self._fresh(f"{bias.name}_dequantized_{tag}"), dtype=np.float32, shape=list(b.shape))
+        dq = gs.Node("DequantizeLinear", self._fresh(f"{name}/DequantizeLinear"), attrs={"axis": 0}, inputs=[qc, sc, zc], outputs=[out])
         docs[dq.name] = "onnxq: bias int32, scale = input scale x weight scale"
         graph.nodes.append(dq)
         node.inputs[2] = out

@@ -70,7 +70,12 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             raise CalibrationError(f"model input '{vi.name}' is not a typed tensor; onnxq can only feed tensors")
         tt = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):  # an element type ONNX does not define (a corrupt file)
+            raise CalibrationError(f"model input '{vi.name}' has element type {tt.elem_type}, which is not an "
+                                   "ONNX tensor type; the model looks corrupt, re-export it") from None
+        specs.append(InputSpec(vi.name, dtype, dims))
     return specs
 
 

@@ -197,6 +197,36 @@ def test_regrow_merges_in_powers_of_two():
     assert obs.hist.sum() == 4
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_large_batches_are_binned_block_by_block(signed, monkeypatch):
+    from onnxq.calibration import observers
+
+    monkeypatch.setattr(observers, "_BLOCK", 1000)  # many blocks, the last one partial
+    g = rng(31)
+    batches = []
+    for scale in (1.0, 3.0, 0.5):
+        x = (g.standard_normal(25_345) * scale).astype(np.float32)
+        batches.append(x if signed else np.maximum(x, 0))
+    blocked = feed(MSEObserver(), batches)
+    monkeypatch.setattr(observers, "_BLOCK", 1 << 20)  # one block each
+    whole = feed(MSEObserver(), batches)
+    assert np.array_equal(blocked.hist, whole.hist) and blocked.zeros == whole.zeros
+    x = finite(batches)
+    assert blocked.zeros == int(np.count_nonzero(x == 0)) and blocked.hist.sum() == x.size
+    assert np.abs(blocked.hist - np_hist_on_grid(x, blocked)).sum() <= max(2, x.size // 10000)
+
+
+def test_known_extremes_give_the_same_state():
+    batches = [b for b in growing_batches(32) if b.size > 1]
+    a, b = MSEObserver(), MSEObserver()
+    for x in batches:
+        a.observe(x)
+        b.observe(x, extremes=(float(np.min(x)), float(np.max(x))))  # NaN where x holds one: filtered
+    for k in ("width", "start", "count", "zeros", "lo", "hi", "batches"):
+        assert getattr(a, k) == getattr(b, k), k
+    assert np.array_equal(a.hist, b.hist)
+
+
 def test_range_growing_by_many_orders_of_magnitude():
     obs = MSEObserver()
     obs.observe(np.array([-1e-12, 1e-12, 0.0], np.float32))

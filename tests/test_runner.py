@@ -119,3 +119,187 @@ def test_all_nan_tensor_is_an_error():
     sess = CalibrationSession(ListSource(feeds), CalibrationSpec(method="mse", device="cpu"), progress=False)
     with pytest.raises(CalibrationError, match="no finite values"):
         sess.ranges(model_from_text(MODEL), ["y"])
+
+
+# -------------------------------------------------------------------------------------------------
+# batching and the worker thread
+
+FIXED_RESHAPE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 16] x) => (float[1, 16] y) {
+    s = Constant <value = int64[2] {1, 16}> ()
+    r = Relu(x)
+    y = Reshape(r, s)
+}
+"""
+
+VAR_LEN = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, L] x) => (float[N, L] y) {
+    c = Constant <value = float[1] {2.0}> ()
+    y = Mul(x, c)
+}
+"""
+
+
+class RunSpy:
+    """Wraps CalibrationSession._session so that every run's feed shapes are recorded."""
+
+    def __init__(self, monkeypatch):
+        self.shapes: list[tuple[int, ...]] = []
+        make = CalibrationSession._session
+        spy = self
+
+        class Proxy:
+            def __init__(self, sess):
+                self.sess = sess
+
+            def run(self, names, feed):
+                spy.shapes.append(next(iter(feed.values())).shape)
+                return self.sess.run(names, feed)
+
+        def session(sess_self, model, **kw):
+            return Proxy(make(sess_self, model, **kw))
+
+        monkeypatch.setattr(CalibrationSession, "_session", session)
+
+
+def bin_width(method: str, feeds, name: str) -> float:
+    """The final histogram bin width of tensor ``name`` fed one sample at a time."""
+    o = make_observer(method)
+    for f in feeds:
+        x = f["x"]
+        with np.errstate(invalid="ignore"):
+            v = {"x": x, "t": x * np.float32(3), "r": np.where(np.isnan(x), x, np.maximum(x, np.float32(0)))}
+        v["y"] = v["r"] + v["t"]
+        o.observe(v[name])
+    return o.width
+
+
+@pytest.mark.parametrize("method", ["mse", "percentile", "mse-percentile"])
+@pytest.mark.parametrize("how", ["recipe", "auto"])
+def test_batched_calibration_matches_batch_one(method, how, monkeypatch):
+    feeds = make_feeds(11, seed=5)  # the range grows sample after sample: the grids are re-binned
+    model = model_from_text(MODEL)
+    names = ["x", "r", "t", "y"]
+    one = CalibrationSession(ListSource(feeds), CalibrationSpec(method=method, device="cpu"), progress=False)
+    ref = one.ranges(model, names)
+    spy = RunSpy(monkeypatch)
+    if how == "auto":
+        monkeypatch.setattr(runner, "AUTO_BATCH", 4)
+        spec = CalibrationSpec(method=method, device="cpu")
+    else:
+        spec = CalibrationSpec(method=method, device="cpu", batch_size=4)
+    sess = CalibrationSession(ListSource(feeds), spec, progress=False)
+    got = sess.ranges(model, names)
+    # the first sample alone (the histogram grids start from it, as with batch 1), then batches of 4
+    assert [s[0] for s in spy.shapes] == [1, 4, 4, 2]
+    assert sess.samples_seen == len(feeds)
+    for n in names:
+        w = bin_width(method, feeds, n)
+        assert got[n][0] == pytest.approx(ref[n][0], abs=w) and got[n][1] == pytest.approx(ref[n][1], abs=w), n
+
+
+def test_batched_entropy_equals_batch_one_when_the_grid_does_not_grow(monkeypatch):
+    # entropy's KL minimum can move by many bins when the grid is re-binned differently, so batching is
+    # exact for it only where the first sample (which runs alone) already spans the range
+    g = np.random.default_rng(6)
+    feeds = [{"x": (g.standard_normal((1, 16)) * 8).clip(-30, 30).astype(np.float32)} for _ in range(9)]
+    feeds[0]["x"][0, :2] = [-40.0, 40.0]  # the first sample spans every later one
+    model = model_from_text(MODEL)
+    ref = CalibrationSession(ListSource(feeds), CalibrationSpec(method="entropy", device="cpu"), progress=False)
+    ref = ref.ranges(model, ["r", "t", "y"])
+    spec = CalibrationSpec(method="entropy", device="cpu", batch_size=3)
+    assert CalibrationSession(ListSource(feeds), spec, progress=False).ranges(model, ["r", "t", "y"]) == ref
+
+
+def test_auto_batching_respects_the_memory_budget(monkeypatch):
+    spy = RunSpy(monkeypatch)
+    monkeypatch.setattr(runner, "AUTO_BATCH", 8)
+    monkeypatch.setattr(runner, "BATCH_BUDGET_BYTES", 3 * 3 * 16 * 4)  # r, t, y: 3 samples of [1, 16] each
+    feeds = make_feeds(6)
+    sess = CalibrationSession(ListSource(feeds), CalibrationSpec(method="mse", device="cpu"), progress=False)
+    sess.ranges(model_from_text(MODEL), ["r", "t", "y"])
+    assert [s[0] for s in spy.shapes] == [1, 3, 2]
+
+
+def test_minmax_methods_are_not_batched_automatically(monkeypatch):
+    monkeypatch.setattr(runner, "AUTO_BATCH", 8)
+    spy = RunSpy(monkeypatch)
+    sess = CalibrationSession(ListSource(make_feeds(4)), CalibrationSpec(method="minmax", device="cpu"), progress=False)
+    sess.ranges(model_from_text(MODEL), ["y"])
+    assert [s[0] for s in spy.shapes] == [1, 1, 1, 1]
+
+
+def test_a_model_that_refuses_batches_runs_one_sample_at_a_time(monkeypatch):
+    feeds = make_feeds(7, seed=2)
+    model = model_from_text(FIXED_RESHAPE)
+    ref = CalibrationSession(ListSource(feeds), CalibrationSpec(method="percentile", device="cpu"), progress=False)
+    ref = ref.ranges(model, ["y", "r"])
+    monkeypatch.setattr(runner, "AUTO_BATCH", 4)
+    sess = CalibrationSession(ListSource(feeds), CalibrationSpec(method="percentile", device="cpu"), progress=False)
+    assert sess.ranges(model, ["y", "r"]) == ref
+    assert sess.samples_seen == 7
+    # an explicit batch size the model cannot take is an error naming the samples
+    spec = CalibrationSpec(method="percentile", device="cpu", batch_size=4)
+    with pytest.raises(CalibrationError, match="samples 1-4"):
+        CalibrationSession(ListSource(feeds), spec, progress=False).ranges(model, ["y"])
+
+
+def test_samples_of_different_shapes_are_not_concatenated(monkeypatch):
+    g = np.random.default_rng(9)
+    feeds = [{"x": g.standard_normal((1, n)).astype(np.float32)} for n in (5, 5, 5, 7, 7, 5, 5, 5, 5, 5)]
+    model = model_from_text(VAR_LEN)
+    spy = RunSpy(monkeypatch)
+    monkeypatch.setattr(runner, "AUTO_BATCH", 4)
+    sess = CalibrationSession(ListSource(feeds), CalibrationSpec(method="entropy", device="cpu"), progress=False)
+    got = sess.ranges(model, ["y"])
+    assert spy.shapes == [(1, 5), (2, 5), (2, 7), (4, 5), (1, 5)]
+    obs = make_observer("entropy")
+    for f in feeds:
+        obs.observe(f["x"] * np.float32(2))
+    assert got["y"] == pytest.approx(obs.compute_range(), rel=1e-6)
+
+
+def test_a_failing_run_names_the_sample_and_stops_the_worker():
+    feeds = make_feeds(5)
+    feeds[3] = {"x": np.zeros((1, 15), np.float32)}  # wrong width: ORT refuses it
+    source = ListSource(feeds)
+    sess = CalibrationSession(source, CalibrationSpec(method="mse", device="cpu"), progress=False)
+    with pytest.raises(CalibrationError, match="sample 3"):
+        sess.ranges(model_from_text(MODEL), ["y"])
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "onnxq-calibration"]
+
+
+def test_a_failing_source_raises_its_error():
+    class Broken(ListSource):
+        def __iter__(self):
+            yield from list(super().__iter__())[:2]
+            raise OSError("disk gone")
+
+    sess = CalibrationSession(Broken(make_feeds(4)), CalibrationSpec(method="mse", device="cpu"), progress=False)
+    with pytest.raises(OSError, match="disk gone"):
+        sess.ranges(model_from_text(MODEL), ["y"])
+
+
+def test_an_observer_error_stops_the_worker(monkeypatch):
+    from onnxq.calibration import observers
+
+    calls = []
+    real = observers.HistogramObserver.observe
+
+    def failing(self, x, extremes=None):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("observer broke")
+        return real(self, x, extremes)
+
+    monkeypatch.setattr(observers.HistogramObserver, "observe", failing)
+    sess = CalibrationSession(ListSource(make_feeds(6)), CalibrationSpec(method="mse", device="cpu"), progress=False)
+    with pytest.raises(RuntimeError, match="observer broke"):
+        sess.ranges(model_from_text(MODEL), ["r", "y"])
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "onnxq-calibration"]

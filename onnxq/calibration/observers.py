@@ -17,7 +17,9 @@ name:
 from __future__ import annotations
 
 import abc
+import functools
 import math
+import threading
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -168,6 +170,36 @@ class EMAMinMaxObserver(Observer):
 # ---------------------------------------------------------------------------------------------------
 
 
+_BLOCK = 1 << 17
+"""Values binned per step: the block and its indices stay in the CPU cache between the passes."""
+
+_tls = threading.local()
+
+
+def _scratch(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's reusable block buffers: ``(values of dtype, intp indices, bool)``."""
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    key = np.dtype(dtype).str
+    if key not in bufs or len(bufs[key][0]) != _BLOCK:
+        bufs[key] = (np.empty(_BLOCK, dtype), np.empty(_BLOCK, np.intp), np.empty(_BLOCK, np.bool_))
+    return bufs[key]
+
+
+def _bin_index(c: np.ndarray, inv: np.floating, start: np.floating, fbuf: np.ndarray, ibuf: np.ndarray) -> np.ndarray:
+    """``trunc(c * inv - start)`` as intp in ``ibuf``, the arithmetic in ``c``'s float type (one pass less
+    when ``start`` is 0: the product is cast directly)."""
+    i = ibuf[: c.size]
+    if start == 0:
+        np.multiply(c, inv, out=i, casting="unsafe")
+    else:
+        t = fbuf[: c.size]
+        np.multiply(c, inv, out=t)
+        np.subtract(t, start, out=i, casting="unsafe")
+    return i
+
+
 def _xlogx(v: np.ndarray) -> np.ndarray:
     """``v * log(v)`` elementwise, with ``0 log 0 = 0``."""
     v = np.asarray(v, np.float64)
@@ -182,8 +214,9 @@ class HistogramObserver(Observer):
     always includes zero, so nothing of use is lost). When a batch falls outside the range, the width
     is multiplied by the smallest power of two ``f`` for which the old and new values fit, and old bin
     ``g`` (global index) is added to new bin ``floor(g / f)``: merging is exact, so the histogram is
-    always what ``np.histogram`` of every value seen so far would give on the final grid. Exact zeros
-    (ReLU outputs) are counted too. State: ``bins`` counts and a few scalars, whatever the number of
+    always what ``np.histogram`` of every value seen so far would give on the final grid. Values are
+    binned block by block in the CPU cache (:meth:`_accumulate`). Exact zeros (ReLU outputs) are
+    counted too. State: ``bins`` counts and a few scalars, whatever the number of
     samples. NaN and +-Inf are ignored; the exact finite min and max are kept, and every computed
     range lies inside them.
 
@@ -216,14 +249,16 @@ class HistogramObserver(Observer):
     def _zero_bin(self) -> int:
         return min(-self.start, self.bins - 1)
 
-    def observe(self, x: np.ndarray) -> None:
+    def observe(self, x: np.ndarray, extremes: tuple[float, float] | None = None) -> None:
+        """Add one batch. ``extremes``: its ``(min, max)`` when already known (the runner computes them
+        on its worker thread); NaN or +-Inf there, as in the values, means "filter the non-finite"."""
         a = np.asarray(x)
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float32)
         a = a.reshape(-1)
         if a.size == 0:
             return
-        mn, mx = float(a.min()), float(a.max())
+        mn, mx = extremes if extremes is not None else (float(a.min()), float(a.max()))
         if not (math.isfinite(mn) and math.isfinite(mx)):
             a = a[np.isfinite(a)]
             if a.size == 0:
@@ -245,14 +280,36 @@ class HistogramObserver(Observer):
         inv = 1.0 / self.width
         if a.dtype == np.float32 and inv > 1e30:
             a = a.astype(np.float64)
-        # bin index in float (float32 stays float32: |t| <= 2 * bins, so the index error is ~1e-4 bin);
-        # the grid covers every value, so t > -1 (truncates to 0) and t <= bins (the top edge: folded)
-        t = a * inv
-        t -= self.start
-        counts = np.bincount(t.astype(np.intp), minlength=self.bins + 1)
+        self._accumulate(a, inv)
+
+    def _accumulate(self, a: np.ndarray, inv: float) -> None:
+        """Count the values of ``a`` (finite, inside the grid) into the histogram, block by block.
+
+        Bin index ``trunc(x * inv - start)`` in ``a``'s float type (float32 stays float32: |t| <= 2 * bins,
+        so the index error is ~1e-4 bin); the grid covers every value, so t > -1 (truncates to 0) and
+        t <= bins (the top edge: folded into the last bin). Each block of ``_BLOCK`` values is binned
+        and counted while it sits in the CPU cache; exact zeros are counted only in blocks whose zero
+        bin is occupied.
+        """
+        nb = self.bins + 1
+        zi = -self.start  # index of an exact zero
+        dt = a.dtype.type
+        inv_t, start_t = dt(inv), dt(self.start)
+        fbuf, ibuf, zbuf = _scratch(a.dtype)
+        counts = np.zeros(nb, np.int64)
+        zeros = 0
+        for s in range(0, a.size, _BLOCK):
+            c = a[s : s + _BLOCK]
+            cnt = np.bincount(_bin_index(c, inv_t, start_t, fbuf, ibuf), minlength=nb)
+            if len(cnt) > nb:  # float rounding just past the top edge
+                cnt[self.bins] += cnt[nb:].sum()
+                cnt = cnt[:nb]
+            counts += cnt
+            if cnt[zi]:
+                zeros += int(np.count_nonzero(np.equal(c, 0, out=zbuf[: c.size])))
         self.hist += counts[: self.bins]
-        self.hist[-1] += counts[self.bins :].sum()
-        self.zeros += int(np.count_nonzero(a == 0))
+        self.hist[-1] += counts[self.bins]
+        self.zeros += zeros
 
     def observe_minmax(self, lo: float, hi: float) -> None:
         raise CalibrationError(f"the {self.name} calibrator needs whole tensors, not only their min and max")
@@ -457,24 +514,37 @@ def kl_divergences(hist: np.ndarray, quantized_bins: int = 128) -> tuple[np.ndar
     cum = np.concatenate([[0.0], np.cumsum(h)])
     nzc = np.concatenate([[0], np.cumsum(h > 0)])
     xl = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
-    thr = np.arange(nq, n + 1)
-    bounds = -((-np.arange(nq + 1)[None, :] * thr[:, None]) // nq)  # ceil(j * i / nq)
-    q = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]  # group sums of the kept bins
-    nz = (nzc[bounds[:, 1:]] - nzc[bounds[:, :-1]]).astype(np.float64)
-    out = total - cum[thr]  # outliers, folded into bin i - 1 of P
+    thr, bounds, width = _kl_groups(n, nq)
+    q = np.diff(cum[bounds], axis=1)  # group sums of the kept bins (fancy indexing: far faster than take)
+    nz = np.diff(nzc[bounds], axis=1)  # non-zero bins per group
+    kept = cum[thr]
+    out = total - kept  # outliers, folded into bin i - 1 of P
     last = h[thr - 1]
     nz[:, -1] += (last == 0) & (out > 0)
-    p = q.copy()
-    p[:, -1] += out
     # sum_k P_k log P_k over the kept bins (unnormalised), the last bin holding the outliers
     plogp = xl[thr - 1] + _xlogx(last + out)
+    # sum_k P_k log Q_k: in group j, P sums to p_j (= q_j, plus the outliers in the last group) and Q is
+    # q_j / (nz_j * kept) at each non-zero bin, so the sum is sum_j p_j (log q_j - log nz_j) - total log kept
+    logq = np.log(np.where(q > 0, q, 1.0))
+    lognz = np.log(np.arange(width + 2, dtype=np.float64).clip(1.0))[nz]
+    cross = np.einsum("ij,ij->i", q, logq - lognz) + out * (logq[:, -1] - lognz[:, -1])
     with np.errstate(divide="ignore", invalid="ignore"):
-        qk = q / (nz * cum[thr][:, None])  # Q's normalised value at each non-zero bin of a group
-        cross = np.where(p > 0, p * np.log(np.where(qk > 0, qk, 1.0)), 0.0).sum(axis=1)
+        cross -= total * np.log(kept)
         kl = (plogp - cross) / total - np.log(total)
-    bad = ((p > 0) & (q == 0)).any(axis=1)
+    # Q is zero where P is not: only possible in the last group (P = Q elsewhere), when it is empty
+    bad = (q[:, -1] == 0) & (out > 0) | (kept == 0)
     kl[bad] = np.inf
     return thr, kl
+
+
+@functools.lru_cache(maxsize=8)
+def _kl_groups(n: int, nq: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """For thresholds ``nq..n``: the thresholds, the ``nq + 1`` group bounds of each (group ``j`` is
+    bins ``[ceil(j i / nq), ceil((j + 1) i / nq))``), and the widest group."""
+    thr = np.arange(nq, n + 1)
+    bounds = -((-np.arange(nq + 1)[None, :] * thr[:, None]) // nq)
+    thr.flags.writeable = bounds.flags.writeable = False
+    return thr, bounds, int(np.diff(bounds, axis=1).max())
 
 
 def entropy_threshold(abs_hist: np.ndarray, quantized_bins: int = 128) -> int:

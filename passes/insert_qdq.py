@@ -56,6 +56,7 @@ PASS_THROUGH_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Uns
 _WEIGHT_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 _CONST_OPERAND_OPS = frozenset({"Add", "Mul", "Concat"})
 _ABSORBABLE = frozenset({"Relu", "Clip"})
+_ELEMENTWISE_OPS = frozenset({"Add", "Mul"})
 _FLOAT_TYPES = (np.float32, np.float16, np.float64)
 
 
@@ -81,6 +82,39 @@ def _activation_inputs(node: gs.Node) -> list[int]:
     if node.op in _CONST_OPERAND_OPS:
         return list(range(len(node.inputs)))
     return [0]
+
+
+class _IntegerInputs:
+    """Which elementwise Add/Mul nodes sit between quantized ops (so quantizing them is worth it).
+
+    An Add/Mul is *eligible* when every non-constant input comes from a graph input, a quantized compute
+    op (Conv, MatMul, pooling, ...), an eligible Add/Mul, or a pass-through op / Relu / Clip over one of
+    those: the residual Add of a CNN qualifies, GELU's ``x * (1 + erf(x))`` does not (Erf stays float).
+    """
+
+    def __init__(self, configs: dict[int, NodeConfig]) -> None:
+        self.configs = configs
+        self.memo: dict[int, bool] = {}
+
+    def eligible(self, node: gs.Node) -> bool:
+        key = id(node)
+        if key not in self.memo:
+            self.memo[key] = False  # cycles cannot happen in a DAG; this only guards re-entry
+            self.memo[key] = all(isinstance(t, gs.Constant) or self._from_integer_op(t) for t in node.inputs)
+        return self.memo[key]
+
+    def _from_integer_op(self, t: gs.Tensor) -> bool:
+        for _ in range(64):  # walk back through pass-through ops and absorbable activations
+            p = t.inputs[0] if t.inputs else None
+            if p is None:
+                return True  # a graph input
+            if p.op in _ABSORBABLE or (p.op in PASS_THROUGH_OPS and id(p) in self.configs):
+                t = p.inputs[0]
+                continue
+            if id(p) not in self.configs:
+                return False
+            return self.eligible(p) if p.op in _ELEMENTWISE_OPS else True
+        return False
 
 
 def _weight_axis(node: gs.Node, index: int, weight: gs.Constant) -> int | None:
@@ -138,15 +172,26 @@ class InsertQDQPass(Pass):
         graph.toposort()
         wanted: dict[str, tuple[gs.Variable, NodeConfig]] = {}
         absorb: dict[str, gs.Node] = {}
+        quantized: set[int] = set()  # nodes that read quantized inputs (others keep reading float tensors)
+        friendly = _IntegerInputs(configs)
         for node in reversed(graph.nodes):
             cfg = configs.get(id(node))
+            out0 = node.outputs[0].name if node.outputs else ""
+            # demanded: a quantized node reads the output (directly or through an absorbed Relu/Clip)
+            demanded = out0 in wanted or out0 in absorb or (recipe.quantize_outputs and out0 in graph_outputs)
             if cfg is not None and node.op in PASS_THROUGH_OPS:
                 out, src = node.outputs[0], node.inputs[0]
-                demanded = out.name in wanted or (recipe.quantize_outputs and out.name in graph_outputs)
                 if demanded and isinstance(src, gs.Variable) and _is_float(src):
                     wanted.setdefault(out.name, (out, cfg))
                     wanted.setdefault(src.name, (src, cfg))
+                    quantized.add(id(node))
+            elif cfg is not None and node.op in _ELEMENTWISE_OPS and not (demanded and friendly.eligible(node)):
+                # an elementwise Add/Mul pays off only between quantized ops (a CNN's residual Add feeding
+                # the next Conv). Elsewhere it would add rounding errors for nothing: in a transformer it
+                # would quantize the attention mask (-1e4 .. 0), the residual stream or GELU's insides
+                continue
             elif cfg is not None:
+                quantized.add(id(node))
                 for i in _activation_inputs(node):
                     t = node.inputs[i] if i < len(node.inputs) else None
                     if isinstance(t, gs.Variable) and _is_float(t):
@@ -222,7 +267,7 @@ class InsertQDQPass(Pass):
         weight_cache: dict[tuple[str, str], tuple[gs.Variable, _QParams]] = {}
         for node in list(graph.nodes):
             cfg = configs.get(id(node))
-            if cfg is None:
+            if cfg is None or id(node) not in quantized:
                 continue
             counts["nodes_quantized"] += 1
             for i, inp in enumerate(list(node.inputs)):
@@ -246,7 +291,9 @@ class InsertQDQPass(Pass):
         # 7. activation Q/DQ pairs
         for name, (t, _cfg) in wanted.items():
             p = params[name]
-            consumers = [c for c in t.outputs if id(c) not in excluded]
+            # only quantized consumers read the dequantized copy: a float consumer (a residual Add, a
+            # LayerNormalization, a Softmax) keeps the exact tensor, so quantization error stays local
+            consumers = [c for c in t.outputs if id(c) in quantized]
             if not consumers and not (recipe.quantize_outputs and name in graph_outputs):
                 continue
             dq_out = self._insert_pair(graph, t, p, ctx)

@@ -44,6 +44,8 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if debug:
                 raise
             _fail(str(exc))
+        except click.ClickException:
+            raise  # usage errors: click prints them with the command's usage line and exits with 2
         except KeyboardInterrupt:
             _fail("interrupted; no output was written")
         except Exception as exc:  # noqa: BLE001 - last line of defence, still one line
@@ -89,6 +91,8 @@ def main(debug: bool) -> None:
 @click.option("--exclude-node", multiple=True, help="Leave this node (exact name) in float (repeatable).")
 @click.option("--exclude-regex", multiple=True, help="Leave nodes whose name matches this regex in float (repeatable).")
 @click.option("--calib-cache", type=click.Path(path_type=Path), help="Reuse ranges saved by `onnxq calibrate` (must match this model and calibration settings) instead of calibrating.")
+@click.option("--format", "out_format", type=click.Choice(["qdq", "qoperator"]), help="Output form: qdq (QuantizeLinear/DequantizeLinear around float ops; default) or qoperator (QLinearConv, QLinearMatMul, MatMulInteger, ...: lowered for the --target's kernels).")
+@click.option("--alpha", help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer (presets with smoothquant).")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a summary.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -98,6 +102,7 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
              exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], calib_cache: Path | None,
+             out_format: str | None, alpha: str | None,
              report_dir: Path | None, as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
     """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
 
@@ -117,6 +122,7 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or "w8a8")
     recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=target, device=device,
                           exclude_op=exclude_op, exclude_node=exclude_node, exclude_regex=exclude_regex)  # fmt: skip
+    recipe = _apply_format_alpha(recipe, out_format, alpha)
     if recipe.needs_calibration() and not calib and not calib_cache:
         raise OnnxqError(
             f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
@@ -163,6 +169,25 @@ def _apply_flags(recipe: Any, **flags: Any) -> Any:
         resolve_target(flags["target"])  # validates the name
         changes["target"] = flags["target"]
     return recipe.with_(**changes)
+
+
+def _apply_format_alpha(recipe: Any, out_format: str | None, alpha: str | None) -> Any:
+    """``--format`` and ``--alpha`` into the recipe (``--alpha`` only where the recipe smooths)."""
+    if out_format:
+        recipe = recipe.with_(format=out_format)
+    if alpha is not None:
+        if "smoothquant" not in recipe.passes:
+            raise click.UsageError(f"--alpha applies to SmoothQuant, which preset/recipe '{recipe.name}' does not run; "
+                                   "use --preset w8a8-smoothquant")  # fmt: skip
+        if alpha != "auto":
+            try:
+                value: float | str = float(alpha)
+            except ValueError:
+                raise click.UsageError(f"--alpha must be a number in [0, 1] or 'auto', got '{alpha}'") from None
+        else:
+            value = alpha
+        recipe = recipe.with_(smoothquant=dataclasses.replace(recipe.smoothquant, alpha=value))
+    return recipe
 
 
 def _print_quantize_summary(report: Any, output: Path) -> None:

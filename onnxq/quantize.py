@@ -146,7 +146,7 @@ def quantize_model(
     ctx = PassContext(recipe=recipe, report=report, calibration=calib_session, checked=checked, progress=progress)
     ctx.scratch["target"] = target
     try:
-        passes = [PASSES[name]() for name in recipe.passes]
+        passes = [PASSES[name]() for name in recipe.pass_names()]
     except KeyError as exc:
         raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
     hook = (lambda p: on_stage(p.name)) if on_stage is not None else None

@@ -50,6 +50,8 @@ __all__ = [
     "CalibrationSpec",
     "ExcludeSpec",
     "Float16Spec",
+    "SmoothQuantSpec",
+    "DynamicSpec",
     "FLOAT16_BLOCK_LIST",
     "Override",
     "NodeConfig",
@@ -159,6 +161,67 @@ class Float16Spec:
 
 
 @dataclass(frozen=True)
+class SmoothQuantSpec:
+    """Settings of the ``smoothquant`` pass (the ``[smoothquant]`` table of a recipe).
+
+    ``alpha``: migration strength in ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``; a number in [0, 1]
+    or ``"auto"``, which searches ``alpha_grid`` per layer for the lowest output error of the quantized
+    layer on calibration rows. ``op_types``: which weight ops are smoothed. ``max_rows``: how many
+    activation rows per tensor the ``auto`` search keeps (a streamed reservoir sample, bounded memory).
+    """
+
+    alpha: float | Literal["auto"] = 0.5
+    alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    max_rows: int = 512
+
+    def __post_init__(self) -> None:
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= float(self.alpha) <= 1.0):
+            raise RecipeError(f"[smoothquant] alpha must be a number in [0, 1] or \"auto\", got {self.alpha!r}")
+        if not self.alpha_grid or any(not 0.0 <= float(a) <= 1.0 for a in self.alpha_grid):
+            raise RecipeError(f"[smoothquant] alpha_grid must be a non-empty list of numbers in [0, 1], got {list(self.alpha_grid)}")
+        bad = [op for op in self.op_types if op not in ("MatMul", "Gemm")]
+        if bad:
+            raise RecipeError(f"[smoothquant] op_types {bad} cannot be smoothed; valid: MatMul, Gemm")
+        if self.max_rows < 16:
+            raise RecipeError(f"[smoothquant] max_rows must be >= 16, got {self.max_rows}")
+
+
+@dataclass(frozen=True)
+class DynamicSpec:
+    """Settings of the ``dynamic`` pass (the ``[dynamic]`` table of a recipe): weight MatMuls/Gemms run as
+    integer matrix products whose activation scale is computed at run time, so no calibration is needed.
+
+    ``activation_granularity``: ``"per-row"`` (one scale per row of the last axis, i.e. per token, computed
+    in the graph; the default) or ``"per-tensor"`` (one scale per tensor, DynamicQuantizeLinear). One
+    loud token sets the scale of every token under per-tensor: SmolLM2's wikitext perplexity goes from
+    28.7 to 50 that way. ``row_symmetric``: per-row codes are ``128 +- 127`` (true, the default: ONNX Runtime
+    fuses the rescaling into its MatMulIntegerToFloat kernel) or each row's min..max onto 0..255 (false:
+    finer for one-sided rows, two more float ops per product). ``hadamard_block``: multiply activations
+    by an orthogonal block-diagonal Hadamard matrix of this size (a power of two, 8 to 256; 0: off) and
+    weights by its transpose offline, so that a few outlier channels spread over their block instead of
+    setting the whole row's scale; blocks shrink to the largest power of two dividing K (none below 8).
+    ``op_types``: ops rewritten. Weights follow the recipe's ``[weights]`` table (int8, per-channel by
+    default, bits set by the target). See passes/dynamic.py and benchmarks/RESULTS.md for the measurements.
+    """
+
+    activation_granularity: Literal["per-tensor", "per-row"] = "per-row"
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    row_symmetric: bool = True
+    hadamard_block: int = 64
+
+    def __post_init__(self) -> None:
+        if self.activation_granularity not in ("per-tensor", "per-row"):
+            raise RecipeError(f"[dynamic] activation_granularity must be 'per-tensor' or 'per-row', got '{self.activation_granularity}'")
+        bad = [op for op in self.op_types if op not in ("MatMul", "Gemm")]
+        if bad:
+            raise RecipeError(f"[dynamic] op_types {bad} cannot be rewritten; valid: MatMul, Gemm")
+        b = self.hadamard_block
+        if not isinstance(b, int) or isinstance(b, bool) or (b != 0 and (b < 8 or b > 256 or b & (b - 1))):
+            raise RecipeError(f"[dynamic] hadamard_block must be 0 (off) or a power of two from 8 to 256, got {b!r}")
+
+
+@dataclass(frozen=True)
 class Override:
     """Settings for the nodes one selector matches. Exactly one of op_type, name, name_regex is set.
 
@@ -224,8 +287,13 @@ class Recipe:
     exclude: ExcludeSpec = field(default_factory=ExcludeSpec)
     overrides: tuple[Override, ...] = ()
     float16: Float16Spec = field(default_factory=Float16Spec)
+    smoothquant: SmoothQuantSpec = field(default_factory=SmoothQuantSpec)
+    dynamic: DynamicSpec = field(default_factory=DynamicSpec)
+    format: Literal["qdq", "qoperator"] = "qdq"
 
     def __post_init__(self) -> None:
+        if self.format not in ("qdq", "qoperator"):
+            raise RecipeError(f"unknown format '{self.format}'; valid: qdq, qoperator")
         unknown = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
         if unknown:
             raise RecipeError(f"op_types {unknown} cannot be quantized; valid: {', '.join(QUANTIZABLE_OPS)}")
@@ -243,7 +311,13 @@ class Recipe:
             _compile(rx, "exclude.name_regex")
 
     def needs_calibration(self) -> bool:
-        return "insert_qdq" in self.passes
+        return "insert_qdq" in self.passes or "smoothquant" in self.passes
+
+    def pass_names(self) -> tuple[str, ...]:
+        """The passes to run: ``passes``, plus the ``qoperator`` lowering at the end for ``format = "qoperator"``."""
+        if self.format == "qoperator" and "qoperator" not in self.passes:
+            return (*self.passes, "qoperator")
+        return self.passes
 
     def config_for(self, name: str, op_type: str) -> NodeConfig | None:
         """Resolved settings for a node, or None when it stays in float (excluded or skipped)."""
@@ -316,6 +390,30 @@ PRESETS: dict[str, Recipe] = {
         # with 65536 levels clipping buys nothing: cover the whole observed range
         calibration=CalibrationSpec(method="minmax"),
     ),
+    "w8a8-smoothquant": Recipe(
+        name="w8a8-smoothquant",
+        description="static int8 for transformers: SmoothQuant moves activation outliers into the weights "
+        "(alpha 0.5, or --alpha auto), then w8a8 QDQ with MSE activation ranges (percentiles would clip the outliers)",
+        # LayerNorm outputs carry rare large values that matter: a percentile range clips them (MiniLM embedding
+        # cosine to fp32 0.917 with mse-percentile vs 0.995 with mse, measured 2026-11-30)
+        calibration=CalibrationSpec(method="mse"),
+        passes=("upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "remove_dead_nodes",
+                "smoothquant", "insert_qdq"),  # fmt: skip
+    ),
+    "int8-dynamic": Recipe(
+        name="int8-dynamic",
+        description="dynamic int8, no calibration: weight MatMul/Gemm run as MatMulInteger with one activation "
+        "scale per token computed at run time (after a block-64 Hadamard rotation); int8 per-channel weights, "
+        "bits set by the target CPU",
+        passes=("upcast_float16", "shape_inference", "constant_folding", "remove_dead_nodes", "dynamic"),
+    ),
+    "qoperator": Recipe(
+        name="qoperator",
+        description="no new quantization: lower an already-QDQ model (from onnxq, onnxruntime or PyTorch QAT) "
+        "to QOperator ops (QLinearConv, QLinearMatMul, MatMulInteger, ...) for the --target",
+        passes=("shape_inference", "qoperator"),
+        format="qoperator",
+    ),
     "fp16": Recipe(
         name="fp16",
         description="float16 conversion, no calibration: weights and compute in float16, float32 inputs/outputs; "
@@ -334,7 +432,8 @@ def preset(name: str) -> Recipe:
 
 
 _TOP_LEVEL = ("preset", "name", "description", "version", "passes", "target", "op_types", "quantize_outputs",
-              "activations", "weights", "calibration", "exclude", "override", "float16")  # fmt: skip
+              "activations", "weights", "calibration", "exclude", "override", "float16", "smoothquant", "dynamic",
+              "format")  # fmt: skip
 
 
 def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
@@ -344,14 +443,15 @@ def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recip
             raise RecipeError(f"unknown key '{key}' in {where}; valid keys: {', '.join(_TOP_LEVEL)}")
     base = preset(str(data["preset"])) if "preset" in data else Recipe()
     changes: dict[str, Any] = {}
-    for key in ("name", "description", "version", "target", "quantize_outputs"):
+    for key in ("name", "description", "version", "target", "quantize_outputs", "format"):
         if key in data:
             changes[key] = data[key]
     for key in ("passes", "op_types"):
         if key in data:
             changes[key] = tuple(data[key])
     for key, cls in (("activations", ActivationSpec), ("weights", WeightSpec),
-                     ("calibration", CalibrationSpec), ("exclude", ExcludeSpec), ("float16", Float16Spec)):  # fmt: skip
+                     ("calibration", CalibrationSpec), ("exclude", ExcludeSpec), ("float16", Float16Spec),
+                     ("smoothquant", SmoothQuantSpec), ("dynamic", DynamicSpec)):  # fmt: skip
         if key in data:
             current = dataclasses.asdict(getattr(base, key))
             _check_keys(data[key], cls, f"[{key}] of {where}")

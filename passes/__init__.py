@@ -8,28 +8,37 @@ from __future__ import annotations
 from onnxq.pipeline import Pass
 
 from .constant_folding import ConstantFoldingPass, fold_constants
+from .dynamic import DynamicQuantizePass, quantize_dynamic
 from .float16 import Float16Pass, convert_float16
 from .fold_batchnorm import FoldBatchNormPass, fold_batchnorm
 from .insert_qdq import InsertQDQPass, insert_qdq
+from .qoperator import QOperatorPass, lower_to_qoperator
 from .remove_dead_nodes import RemoveDeadNodesPass, remove_dead_nodes
+from .smoothquant import SmoothQuantPass, smoothquant
 from .shape_inference import ShapeInferencePass, infer_shapes
 from .upcast_float16 import UpcastFloat16Pass, upcast_float16
 
 __all__ = [
     "PASSES",
     "ConstantFoldingPass",
+    "DynamicQuantizePass",
     "FoldBatchNormPass",
     "Float16Pass",
     "InsertQDQPass",
+    "QOperatorPass",
     "RemoveDeadNodesPass",
     "ShapeInferencePass",
+    "SmoothQuantPass",
     "UpcastFloat16Pass",
     "convert_float16",
     "fold_batchnorm",
     "fold_constants",
     "infer_shapes",
     "insert_qdq",
+    "lower_to_qoperator",
+    "quantize_dynamic",
     "remove_dead_nodes",
+    "smoothquant",
     "upcast_float16",
 ]
 
@@ -41,7 +50,10 @@ PASSES: dict[str, type[Pass]] = {
         ConstantFoldingPass,
         FoldBatchNormPass,
         RemoveDeadNodesPass,
+        SmoothQuantPass,
         InsertQDQPass,
+        QOperatorPass,
+        DynamicQuantizePass,
         Float16Pass,
     )
 }

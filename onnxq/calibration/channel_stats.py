@@ -45,6 +45,7 @@ class ChannelStats:
     absmax: np.ndarray  # [K] float32
     gram: np.ndarray | None = None  # [K, K] float64, sum of x x^T over all rows
     rows: int = 0
+    sample: np.ndarray | None = None  # [<=sample_rows, K] float32, a uniform random sample of the rows
 
     @property
     def hessian(self) -> np.ndarray:
@@ -109,6 +110,8 @@ def collect_channel_stats(
     *,
     device: str = "auto",
     gram: bool = False,
+    sample_rows: int = 0,
+    seed: int = 0,
     progress: bool = False,
 ) -> dict[str, ChannelStats]:
     """Stream ``source`` through the model once and return per-input-channel statistics of ``names``.
@@ -119,17 +122,22 @@ def collect_channel_stats(
         source: calibration samples, validated against the model's inputs.
         device: ``auto``, ``cpu`` or ``cuda`` (as for calibration).
         gram: also accumulate ``X^T X`` per tensor (K x K on the host).
+        sample_rows: also keep a uniform random sample of up to this many rows per tensor (reservoir
+            sampling: bounded memory whatever the number of samples), e.g. for SmoothQuant's alpha search.
+        seed: seeds the row sampling (results are reproducible).
         progress: show a progress bar.
     """
     if isinstance(model, gs.Graph):
         model = gs.export_onnx(model, do_type_check=False)
     if not names:
         return {}
-    sess = make_session(_stats_model(model, names, gram).SerializeToString(), providers=choose_providers(device))
+    full = gram or sample_rows > 0
+    sess = make_session(_stats_model(model, names, full).SerializeToString(), providers=choose_providers(device))
     absmax: dict[str, np.ndarray] = {}
     grams: dict[str, np.ndarray] = {}
     rows: dict[str, int] = dict.fromkeys(names, 0)
-    per = 2 if gram else 1
+    samplers = {n: _Reservoir(sample_rows, seed + i) for i, n in enumerate(names)} if sample_rows > 0 else {}
+    per = 2 if full else 1
     with progress_bar(len(source), "channel statistics", enabled=progress) as advance:
         for feed in source:
             outs = sess.run(None, feed)
@@ -145,8 +153,45 @@ def collect_channel_stats(
                             f"tensor '{name}' holds NaN/Inf on a calibration sample; GPTQ/AWQ statistics need finite inputs"
                         )
                     grams[name] = x2.T @ x2 if name not in grams else grams[name] + x2.T @ x2
-                    rows[name] += x2.shape[0]
+                if full:
+                    x = np.asarray(outs[per * i + 1])
+                    rows[name] += int(np.prod(x.shape[:-1], dtype=np.int64))
+                if samplers:
+                    x = np.asarray(outs[per * i + 1], np.float32)
+                    samplers[name].add(x.reshape(-1, x.shape[-1]))
             advance(1)
     if not absmax:
         raise CalibrationError(f"the calibration source yielded no samples ({source.describe()})")
-    return {n: ChannelStats(absmax[n], grams.get(n), rows[n]) for n in names}
+    return {n: ChannelStats(absmax[n], grams.get(n), rows[n], samplers[n].rows() if samplers else None) for n in names}
+
+
+class _Reservoir:
+    """A uniform random sample of at most ``capacity`` rows from a stream of row blocks (Algorithm R)."""
+
+    def __init__(self, capacity: int, seed: int) -> None:
+        self.capacity = capacity
+        self.rng = np.random.default_rng(seed)
+        self.buf: np.ndarray | None = None
+        self.filled = 0
+        self.seen = 0
+
+    def add(self, block: np.ndarray) -> None:
+        if self.buf is None:
+            self.buf = np.empty((self.capacity, block.shape[1]), np.float32)
+        take = min(self.capacity - self.filled, block.shape[0])
+        if take:
+            self.buf[self.filled : self.filled + take] = block[:take]
+            self.filled += take
+            self.seen += take
+            block = block[take:]
+        if block.shape[0]:
+            # row t (0-based over the whole stream) replaces a random slot with probability capacity / (t + 1);
+            # later rows overwrite earlier ones drawn to the same slot, as the sequential algorithm would
+            t = self.seen + np.arange(block.shape[0])
+            j = (self.rng.random(block.shape[0]) * (t + 1)).astype(np.int64)
+            keep = j < self.capacity
+            self.buf[j[keep]] = block[keep]
+            self.seen += block.shape[0]
+
+    def rows(self) -> np.ndarray:
+        return np.zeros((0, 0), np.float32) if self.buf is None else self.buf[: self.filled].copy()

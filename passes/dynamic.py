@@ -1,0 +1,448 @@
+"""Dynamic int8: weight MatMul/Gemm -> integer matrix products with run-time activation scales.
+
+No calibration: each activation's scale is computed by the graph itself, for every input, just before
+the integer product. Per weight node (``MatMul`` whose B is a 2-D constant ``[K, N]``; ``Gemm`` whose B is
+a constant, any ``transA`` / ``transB`` / ``alpha`` / ``beta`` / bias ``C``):
+
+* **Weights** are stored once as int8 initializers ``[K, N]`` (``transB`` is applied when quantizing),
+  per output column (``N``) by default, symmetric, from the recipe's ``[weights]`` table (granularity,
+  ``range_method`` ``mse`` or ``minmax``). Per-column scales are applied *after* the integer product, so
+  ``MatMulInteger``'s ``b_zero_point`` stays a scalar (0, or 128 for uint8 storage).
+* **Activations**, ``[dynamic] activation_granularity``:
+
+  ``per-tensor``::
+
+      x -> DynamicQuantizeLinear -> (x_q uint8, x_scale, x_zp)
+      MatMulInteger(x_q, w_q, x_zp) -> Cast float -> Mul(x_scale * w_scale[N])  [-> Add bias]
+
+  the pattern ONNX Runtime fuses into ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``. One scale
+  for the whole tensor: a single large value anywhere (one token of an LLM) coarsens every other row.
+
+  ``per-row`` (one scale per row of the last axis, i.e. per token; symmetric)::
+
+      g = Max(ReduceMax(Abs(x), axis=-1, keepdims), 1e-30)            # [..., M, 1]
+      x_q = QuantizeLinear(x * (127 / g), scale 1, zero point 128)    # uint8 codes 1..255
+      MatMulInteger(x_q, w_q, 128) -> Cast float -> Mul(g) -> Mul(w_scale[N] / 127)  [-> Add bias]
+
+  One token with a huge value (LLMs have a few, e.g. the first token) no longer sets every other
+  token's step. The row zero point is the constant 128, so ONNX Runtime's scalar ``a_zero_point`` still
+  applies (its CPU kernel has no per-row zero point), and the activation stays uint8: ONNX Runtime's
+  s8 x s8 kernel is its slow path on AVX2 (measured 2.6x slower than the float MatMul, 8x slower than
+  u8 x s8, at 2048 x 384 x 1536).
+
+* **Weight bits follow the target** (see :mod:`onnxq.target`), for both granularities: uint8 activations
+  run ONNX Runtime's u8 x s8 kernels, which on x86 without VNNI add pairs of products in saturating
+  int16 (``VPMADDUBSW``), so weights are 7-bit ([-64, 64]) on ``x86-avx2`` / ``generic``, uint8 with zero
+  point 128 on ``x86-avx2-u8`` (u8 x u8 kernels, which never saturate: full 8 bits, a little slower),
+  and full 8-bit int8 on ``x86-vnni`` / ``arm64``. ``[weights] reduce_range = true / false`` overrides
+  the target. ``cuda`` is refused: the CUDA execution provider does not run this integer pattern.
+
+A constant used by several nodes (tied weights) is quantized once; an activation read by several
+rewritten nodes (Q/K/V projections) is quantized once. Inserted nodes are named after the node they
+replace (``<node>/MatMulInteger``) or the activation they quantize (``<tensor>/DynamicQuantizeLinear``)
+and carry doc strings; the node's output tensor keeps its name, so graph outputs stay float and named.
+Nodes the recipe excludes (``config_for`` returns None) or that are not in ``[dynamic] op_types`` stay
+float; nodes whose B is not a 2-D float32 constant are left alone with a note.
+
+``ctx.scratch`` keys read: ``"target"`` (a :class:`onnxq.target.TargetProfile`); written:
+``"doc_strings"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxq.errors import PassError
+from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.recipe import NodeConfig
+from onnxq.scheme import QuantDtype, QuantScheme, Symmetry, choose_qparams, choose_qparams_mse, quantize
+from onnxq.target import PROFILES, TargetProfile
+
+__all__ = ["DynamicQuantizePass", "quantize_dynamic", "hadamard", "hadamard_block", "ROW_QMAX", "ROW_ZERO_POINT", "ROW_SCALE_FLOOR"]
+
+logger = logging.getLogger(__name__)
+
+ROW_QMAX = 127.0
+ROW_ZERO_POINT = 128
+"""Per-row activations are symmetric: codes ``ROW_ZERO_POINT +- ROW_QMAX`` (1..255) stored as uint8."""
+ROW_SCALE_FLOOR = 1e-30
+"""Lower bound of a row's scale (a constant row): keeps ``1 / scale`` finite; such rows give exact results."""
+
+
+@dataclass(frozen=True)
+class _Weight:
+    """A quantized weight ``[K, N]``: the int8/uint8 initializer, its float scale and zero point."""
+
+    q: gs.Constant
+    scale: np.ndarray  # () or (N,)
+    zero_point: np.ndarray  # () or (N,)
+    scheme: QuantScheme
+
+
+@dataclass(frozen=True)
+class _Activation:
+    """The outputs of one activation's run-time quantization."""
+
+    q: gs.Variable
+    scale: gs.Tensor  # per-tensor: x_scale (); per-row: one per row, [..., M, 1]
+    zero_point: gs.Tensor  # uint8 scalar: x_zp (per-tensor), 128 (per-row symmetric) or 0 (per-row affine)
+    low: gs.Tensor | None = None  # per-row affine: each row's minimum, [..., M, 1] (x ~ low + scale * q)
+    row_factor: gs.Tensor | None = None  # per-row symmetric: row scale / largest row scale, [..., M, 1]
+
+
+_MIN_BLOCK = 8
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Sylvester Hadamard matrix of size ``n`` (a power of two): entries +-1/sqrt(n)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def hadamard_block(k: int, cap: int) -> int:
+    """The rotation block for a product over ``k``: the largest power of two dividing ``k``, at most ``cap``;
+    0 (no rotation) when that is below 8 or ``cap`` is 0."""
+    if cap <= 0:
+        return 0
+    b = 1
+    while b * 2 <= cap and k % (b * 2) == 0:
+        b *= 2
+    return b if b >= _MIN_BLOCK else 0
+
+
+def _float32(t: gs.Tensor) -> bool:
+    return t.dtype is not None and np.dtype(t.dtype) == np.float32
+
+
+def _why_not(node: gs.Node) -> str | None:
+    """Why ``node`` cannot be rewritten, or None when it can."""
+    if len(node.inputs) < 2 or len(node.outputs) != 1:
+        return "malformed node"
+    a, b = node.inputs[0], node.inputs[1]
+    if not isinstance(b, gs.Constant):
+        return "its B input is not a constant (activation x activation products stay float)"
+    if b.values.dtype != np.float32:
+        return f"its weight is {b.values.dtype}, not float32"
+    if b.values.ndim != 2:
+        return f"its weight has rank {b.values.ndim}, not 2"
+    if isinstance(a, gs.Constant):
+        return "both inputs are constants (constant folding should remove it)"
+    if a.dtype is not None and not _float32(a):
+        return f"its input is {np.dtype(a.dtype)}, not float32"
+    if node.op == "Gemm" and len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        c = node.inputs[2]
+        if c.dtype is not None and not _float32(c):
+            return "its bias is not float32"
+    return None
+
+
+class DynamicQuantizePass(Pass):
+    """Rewrite weight MatMul/Gemm into dynamic int8 integer products; see the module docstring."""
+
+    name = "dynamic"
+    in_place = True
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        if target.name == "cuda":
+            raise PassError(
+                self.name,
+                "target 'cuda': ONNX Runtime's CUDA execution provider does not run the dynamic int8 pattern "
+                "(DynamicQuantizeLinear / MatMulInteger); use --target with a CPU profile (auto, x86-vnni, "
+                "x86-avx2, arm64) to run it on a CPU, or another preset for the GPU (w8a8 for TensorRT/CUDA, fp16)",
+            )
+        spec = ctx.recipe.weights
+        if spec.dtype != "int8":
+            raise PassError(
+                self.name,
+                f"[weights] dtype '{spec.dtype}': dynamic quantization stores int8 weights (MatMulInteger); "
+                "set dtype = \"int8\" (uint8 storage is chosen by --target x86-avx2-u8)",
+            )
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        recipe = ctx.recipe
+        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        per_row = recipe.dynamic.activation_granularity == "per-row"
+        self._row_symmetric = recipe.dynamic.row_symmetric
+        self._hadamards: dict[int, gs.Constant] = {}
+        counts = {"nodes_quantized": 0, "nodes_excluded": 0, "nodes_skipped": 0, "activation_products": 0,
+                  "weights_quantized": 0, "shared_weights": 0, "activations_quantized": 0,
+                  "activations_rotated": 0}  # fmt: skip
+        notes: list[str] = []
+        self._taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self._opset = int(graph.opset or 13)
+        self._docs: dict[str, str] = ctx.scratch.setdefault("doc_strings", {})
+        weights: dict[tuple[str, bool, str, str, int], _Weight] = {}
+        activations: dict[tuple[str, int], _Activation] = {}
+        unrotated: list[str] = []
+        skipped: dict[str, list[str]] = {}
+        bits_note: set[str] = set()
+
+        for node in list(graph.nodes):
+            if node.op not in ("MatMul", "Gemm") or node.op not in recipe.dynamic.op_types:
+                continue
+            if len(node.inputs) > 1 and not isinstance(node.inputs[1], gs.Constant):
+                counts["activation_products"] += 1  # attention's Q x K^T, P x V: no weight to quantize
+                continue
+            cfg = recipe.config_for(node.name, node.op)
+            if cfg is None:
+                counts["nodes_excluded"] += 1
+                continue
+            why = _why_not(node)
+            if why is not None:
+                counts["nodes_skipped"] += 1
+                skipped.setdefault(why, []).append(node.name or node.outputs[0].name)
+                continue
+            scheme = self._weight_scheme(node, cfg, target)
+            bits_note.add(f"{scheme.dtype.value} {scheme.qmin}..{scheme.qmax}")
+            w_const: gs.Constant = node.inputs[1]
+            trans_b = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
+            k = int(w_const.values.shape[1 if trans_b else 0])
+            block = hadamard_block(k, recipe.dynamic.hadamard_block)
+            if recipe.dynamic.hadamard_block and not block:
+                unrotated.append(node.name)
+            key = (w_const.name, trans_b, str(scheme), cfg.weights.range_method, block)
+            if key in weights:
+                counts["shared_weights"] += 1
+            else:
+                weights[key] = self._quantize_weight(w_const, trans_b, scheme, cfg.weights.range_method, block)
+                counts["weights_quantized"] += 1
+            x = node.inputs[0]
+            if node.op == "Gemm" and node.attrs.get("transA", 0):
+                x = self._transpose_input(graph, node, x)
+            if (x.name, block) not in activations:
+                xr = self._rotate(graph, x, block) if block else x
+                counts["activations_rotated"] += bool(block)
+                activations[(x.name, block)] = self._quantize_activation(graph, xr, per_row)
+                counts["activations_quantized"] += 1
+            self._rewrite(graph, node, activations[(x.name, block)], weights[key], per_row)
+            counts["nodes_quantized"] += 1
+
+        for why, names in skipped.items():
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            notes.append(f"left in float ({why}): {', '.join(names[:3])}{more}")
+        if unrotated:
+            more = f" and {len(unrotated) - 3} more" if len(unrotated) > 3 else ""
+            notes.append(f"no Hadamard rotation (K has no power-of-two factor >= {_MIN_BLOCK}): "
+                         f"{', '.join(unrotated[:3])}{more}")  # fmt: skip
+        if counts["activation_products"]:
+            notes.append(f"{counts['activation_products']} activation x activation products (no constant weight) stay float")
+        if counts["nodes_quantized"]:
+            act = ((f"per-row {'symmetric' if self._row_symmetric else 'affine'} uint8 activations" if per_row
+                    else "per-tensor uint8 activations (DynamicQuantizeLinear)")
+                   + (f", block-{recipe.dynamic.hadamard_block} Hadamard rotation" if counts["activations_rotated"] else ""))  # fmt: skip
+            notes.append(f"{act}; weights on target {target.name}: {', '.join(sorted(bits_note))}")
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(graph, modified=counts["nodes_quantized"] > 0, counts=counts, notes=notes)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fresh(self, name: str) -> str:
+        """``name``, or ``name_2``, ``name_3``... when the graph already has a tensor or node called that."""
+        out, k = name, 1
+        while out in self._taken:
+            k += 1
+            out = f"{name}_{k}"
+        self._taken.add(out)
+        return out
+
+    def _const(self, name: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(self._fresh(name), np.asarray(value))
+
+    def _var(self, name: str, dtype: type, shape: object = None) -> gs.Variable:
+        return gs.Variable(self._fresh(name), dtype=dtype, shape=shape)
+
+    def _node(self, graph: gs.Graph, op: str, name: str, inputs: list, outputs: list, doc: str = "", **attrs: object) -> gs.Node:
+        n = gs.Node(op, self._fresh(name), attrs=attrs, inputs=inputs, outputs=outputs)
+        if doc:
+            self._docs[n.name] = doc
+        graph.nodes.append(n)
+        return n
+
+    @staticmethod
+    def _weight_scheme(node: gs.Node, cfg: NodeConfig, target: TargetProfile) -> QuantScheme:
+        """Recipe settings, then what the target's integer kernels need (see the module docstring)."""
+        if cfg.weights.dtype != "int8":
+            raise PassError(
+                DynamicQuantizePass.name,
+                f"weights dtype '{cfg.weights.dtype}' for {node.op} '{node.name}': dynamic quantization stores "
+                "int8 weights; remove the override's dtype",
+                node=node.name,
+            )
+        shape = tuple(node.inputs[1].values.shape)
+        if cfg.weights.reduce_range == "auto":
+            reduce = target.reduce_weight_range(node.op, 1, shape)
+        else:
+            reduce = bool(cfg.weights.reduce_range)
+        scheme = cfg.weights.scheme(1, reduce_range=reduce)  # axis 1: the N column of [K, N]
+        if target.uint8_weight_storage and scheme.symmetry is Symmetry.SYMMETRIC:
+            # same symmetric grid stored with zero point 128: ONNX Runtime then runs u8 x u8 kernels
+            scheme = scheme.with_(dtype=QuantDtype.UINT8)
+        return scheme
+
+    def _quantize_weight(self, w: gs.Constant, trans_b: bool, scheme: QuantScheme, method: str, block: int) -> _Weight:
+        values = np.asarray(w.values, np.float32)
+        if trans_b:
+            values = np.ascontiguousarray(values.T)
+        if block:  # x @ W == (x H) @ (H^T W) per block of K: the rotated activation meets the rotated weight
+            k, n = values.shape
+            h = hadamard(block).astype(np.float64)
+            values = np.einsum("li,jln->jin", h, values.reshape(k // block, block, n).astype(np.float64))
+            values = values.reshape(k, n).astype(np.float32)
+        scale, zp = (choose_qparams_mse if method == "mse" else choose_qparams)(values, scheme)
+        q = quantize(values, scale, zp, scheme, clip_to_scheme=True)
+        qc = self._const(f"{w.name}_quantized{'_T' if trans_b else ''}", q)
+        return _Weight(qc, np.asarray(scale, np.float32), np.asarray(zp), scheme)
+
+    def _rotate(self, graph: gs.Graph, x: gs.Variable, block: int) -> gs.Variable:
+        """``x`` times a block-diagonal Hadamard matrix along its last axis (Reshape, MatMul, Reshape back)."""
+        base = x.name
+        doc = (f"onnxq: orthogonal block-{block} Hadamard rotation of the last axis; spreads a few outlier "
+               "channels over their block before per-row quantization (the weight is rotated back offline)")
+        shape = self._var(f"{base}_shape", np.int64)
+        self._node(graph, "Shape", f"{base}/Shape", [x], [shape], doc)
+        blocks = self._var(f"{base}_blocks", np.float32)
+        self._node(graph, "Reshape", f"{base}/ReshapeBlocks", [x, self._const(f"{base}_block_shape", np.array([-1, block], np.int64))], [blocks], doc)
+        rot = self._var(f"{base}_blocks_rotated", np.float32)
+        h = self._const(f"hadamard_{block}", hadamard(block).astype(np.float32)) if block not in self._hadamards else self._hadamards[block]
+        self._hadamards[block] = h
+        self._node(graph, "MatMul", f"{base}/Hadamard", [blocks, h], [rot], doc)
+        out = self._var(f"{base}_rotated", np.float32, x.shape)
+        self._node(graph, "Reshape", f"{base}/ReshapeBack", [rot, shape], [out], doc)
+        return out
+
+    def _transpose_input(self, graph: gs.Graph, node: gs.Node, x: gs.Variable) -> gs.Variable:
+        out = self._var(f"{x.name}_transposed", np.float32)
+        self._node(graph, "Transpose", f"{node.name}/TransposeA", [x], [out], perm=[1, 0])
+        return out
+
+    def _quantize_activation(self, graph: gs.Graph, x: gs.Variable, per_row: bool) -> _Activation:
+        base = x.name
+        if not per_row:
+            q = self._var(f"{base}_quantized", np.uint8, x.shape)
+            s = self._var(f"{base}_scale", np.float32, [])
+            z = self._var(f"{base}_zero_point", np.uint8, [])
+            self._node(graph, "DynamicQuantizeLinear", f"{base}/DynamicQuantizeLinear", [x], [q, s, z],
+                       "onnxq: dynamic activation quantization, uint8 affine, one scale per tensor, computed at run time")  # fmt: skip
+            return _Activation(q, s, z)
+        sym = self._row_symmetric
+        doc = (f"onnxq: dynamic activation quantization, one scale per row (last axis), "
+               f"{'symmetric (codes 128 +- 127)' if sym else 'affine (row min..max onto 0..255)'}, computed at run time")
+        floor = self._const(f"{base}_row_scale_floor", np.array(ROW_SCALE_FLOOR, np.float32))
+        if sym:
+            absx = self._var(f"{base}_abs", np.float32, x.shape)
+            self._node(graph, "Abs", f"{base}/Abs", [x], [absx], doc)
+            hi = self._reduce(graph, "ReduceMax", absx, f"{base}_row_absmax", doc)
+            span, src, low = hi, x, None
+            levels = ROW_QMAX
+        else:
+            hi = self._reduce(graph, "ReduceMax", x, f"{base}_row_max", doc)
+            low = self._reduce(graph, "ReduceMin", x, f"{base}_row_min", doc)
+            span = self._var(f"{base}_row_span", np.float32)
+            self._node(graph, "Sub", f"{base}/SubSpan", [hi, low], [span], doc)
+            src = self._var(f"{base}_shifted", np.float32, x.shape)
+            self._node(graph, "Sub", f"{base}/SubMin", [x, low], [src], doc)
+            levels = 255.0
+        raw = self._var(f"{base}_row_scale_raw", np.float32)
+        self._node(graph, "Div", f"{base}/DivLevels", [span, self._const(f"{base}_levels", np.array(levels, np.float32))], [raw], doc)
+        scale = self._var(f"{base}_row_scale", np.float32)
+        self._node(graph, "Max", f"{base}/Max", [raw, floor], [scale], doc)
+        inv = self._var(f"{base}_row_inv_scale", np.float32)
+        self._node(graph, "Reciprocal", f"{base}/Reciprocal", [scale], [inv], doc)
+        scaled = self._var(f"{base}_scaled", np.float32, x.shape)
+        self._node(graph, "Mul", f"{base}/Mul", [src, inv], [scaled], doc)
+        # QuantizeLinear with scale 1 rounds (half to even), adds the zero point and saturates in one op
+        one = self._const(f"{base}_unit_scale", np.array(1.0, np.float32))
+        zp = self._const(f"{base}_zero_point", np.array(ROW_ZERO_POINT if sym else 0, np.uint8))
+        q = self._var(f"{base}_quantized", np.uint8, x.shape)
+        self._node(graph, "QuantizeLinear", f"{base}/QuantizeLinear", [scaled, one, zp], [q], doc)
+        if not sym:
+            return _Activation(q, scale, zp, low)
+        # scale = (largest row scale, a run-time scalar) x (row factor <= 1): the scalar part keeps the product
+        # in the Mul(Cast(MatMulInteger), Mul(a_scale, w_scale)) form ONNX Runtime fuses; one Mul applies the rest
+        top = self._var(f"{base}_scale", np.float32, [])
+        self._node(graph, "ReduceMax", f"{base}/ReduceMaxRows", [scale], [top], doc, keepdims=0)
+        factor = self._var(f"{base}_row_factor", np.float32)
+        self._node(graph, "Div", f"{base}/DivRows", [scale, top], [factor], doc)
+        return _Activation(q, top, zp, None, factor)
+
+    def _reduce(self, graph: gs.Graph, op: str, x: gs.Tensor, name: str, doc: str) -> gs.Variable:
+        """``op`` over the last axis, keepdims (axes as an input from opset 18, an attribute before)."""
+        out = self._var(name, np.float32)
+        base = x.name
+        if self._opset >= 18:
+            axes = self._const(f"{base}_last_axis", np.array([-1], np.int64))
+            self._node(graph, op, f"{base}/{op}", [x, axes], [out], doc, keepdims=1)
+        else:
+            self._node(graph, op, f"{base}/{op}", [x], [out], doc, axes=[-1], keepdims=1)
+        return out
+
+    def _rewrite(self, graph: gs.Graph, node: gs.Node, act: _Activation, w: _Weight, per_row: bool) -> None:
+        """Replace ``node`` by the integer product and its float rescaling, writing the node's own output."""
+        base = node.name or node.outputs[0].name
+        out = node.outputs[0]
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+        node.outputs.clear()
+        node.inputs.clear()
+
+        gran = "per-row" if per_row else "per-tensor"
+        doc = (f"onnxq: dynamic int8 ({node.op} '{node.name}'): {gran} activations x weight {w.scheme}"
+               f"{', alpha folded into the scale' if alpha != 1.0 else ''}")  # fmt: skip
+        mm_inputs: list[gs.Tensor] = [act.q, w.q, act.zero_point]
+        zp_w = np.unique(w.zero_point)
+        if zp_w.size != 1 or int(zp_w[0]) != 0:
+            b_zp = zp_w.reshape(()) if zp_w.size == 1 else w.zero_point.reshape(-1)
+            mm_inputs.append(self._const(f"{base}_b_zero_point", b_zp.astype(w.scheme.dtype.numpy_dtype)))
+        acc = self._var(f"{base}_int32", np.int32)
+        self._node(graph, "MatMulInteger", f"{base}/MatMulInteger", mm_inputs, [acc], doc)
+        accf = self._var(f"{base}_int32_float", np.float32)
+        self._node(graph, "Cast", f"{base}/Cast", [acc], [accf], doc, to=onnx.TensorProto.FLOAT)
+        y = out if bias is None else self._var(f"{base}_product", np.float32)
+        w_scale = (w.scale.astype(np.float64) * alpha).astype(np.float32)
+        sc = self._const(f"{base}_weight_scale", w_scale)
+        if act.low is not None:
+            # per-row affine: x = low + scale * q per row, so x @ W gains low (x) the integer weights' column sums
+            rows = self._var(f"{base}_row_scaled", np.float32)
+            self._node(graph, "Mul", f"{base}/MulRowScale", [accf, act.scale], [rows], doc)
+            colsum = (w.q.values.astype(np.int64) - w.zero_point.astype(np.int64)).sum(axis=0).astype(np.float32)
+            corr = self._var(f"{base}_row_offset", np.float32)
+            cs = self._const(f"{base}_weight_column_sums", colsum)
+            self._node(graph, "Mul", f"{base}/MulRowMin", [act.low, cs], [corr], doc)
+            shifted = self._var(f"{base}_row_shifted", np.float32)
+            self._node(graph, "Add", f"{base}/AddRowMin", [rows, corr], [shifted], doc)
+            self._node(graph, "Mul", f"{base}/MulWeightScale", [shifted, sc], [y], doc)
+        else:
+            # Mul(Cast(MatMulInteger), Mul(x_scale, w_scale)): the pattern ONNX Runtime fuses into
+            # MatMulIntegerToFloat (and, after DynamicQuantizeLinear, into DynamicQuantizeMatMul)
+            scale = self._var(f"{base}_scale", np.float32)
+            self._node(graph, "Mul", f"{base}/MulScales", [act.scale, sc], [scale], doc)
+            if act.row_factor is None:
+                self._node(graph, "Mul", f"{base}/Mul", [accf, scale], [y], doc)
+            else:
+                prod = self._var(f"{base}_scaled", np.float32)
+                self._node(graph, "Mul", f"{base}/Mul", [accf, scale], [prod], doc)
+                self._node(graph, "Mul", f"{base}/MulRowFactor", [prod, act.row_factor], [y], doc)
+        if bias is not None:
+            if beta != 1.0:
+                if isinstance(bias, gs.Constant):
+                    bias = self._const(f"{base}_bias", (np.asarray(bias.values, np.float64) * beta).astype(np.float32))
+                else:
+                    scaled = self._var(f"{base}_bias_scaled", np.float32)
+                    beta_c = self._const(f"{base}_beta", np.array(beta, np.float32))
+                    self._node(graph, "Mul", f"{base}/MulBeta", [bias, beta_c], [scaled], doc)
+                    bias = scaled
+            self._node(graph, "Add", f"{base}/AddBias", [y, bias], [out], f"onnxq: Gemm '{node.name}' bias added in float")
+
+
+def quantize_dynamic(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    """Convenience function: run :class:`DynamicQuantizePass` on ``graph``."""
+    return DynamicQuantizePass()(graph, ctx).graph

@@ -1,0 +1,923 @@
+"""Lower a QDQ graph to QOperator ops (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, ...).
+
+A QDQ model says *what* is quantized: ``DequantizeLinear`` nodes feed a float op whose output goes
+through ``QuantizeLinear``. This pass rewrites each such *node unit* (DQ inputs -> op -> Q) into the
+integer op ONNX Runtime's CPU provider runs, so the file itself holds the integer kernels. It works on
+any QDQ model: onnxq's own, ``onnxruntime.quantization.quantize_static``'s, and PyTorch QAT exports,
+whose weights are still float initializers behind a ``QuantizeLinear`` (folded here into int8).
+
+What each unit becomes (only where ORT CPU has a kernel for the dtypes; see ``_KERNELS``):
+
+==========================  ====================================================================
+unit                        lowered to
+==========================  ====================================================================
+Conv -> Q                   QLinearConv (weights per tensor or per output channel, int32 bias)
+Conv, float output          ConvInteger + Cast + Mul (+ Add bias): uint8 x uint8 only
+MatMul -> Q                 QLinearMatMul (B per tensor or per column)
+MatMul, float output        MatMulInteger + Cast + Mul (ORT fuses it into MatMulIntegerToFloat)
+Gemm (-> Q or float)        com.microsoft QGemm (float output when there is no Q)
+Add / Mul -> Q              com.microsoft QLinearAdd / QLinearMul
+Concat -> Q                 QLinearConcat; a plain integer Concat when every scale is the same
+GlobalAveragePool,          com.microsoft QLinearGlobalAveragePool / QLinearAveragePool /
+AveragePool, Sigmoid,       QLinearSigmoid / QLinearLeakyRelu / QLinearSoftmax
+LeakyRelu, Softmax
+Reshape, Transpose, ...     the same op on the integer tensor when input and output share scale and
+                            zero point (``_SHARED_PARAM_OPS``); the DQ/Q around it disappear
+Relu / Clip(0, c)           absorbed into the op before them when the output's zero point is the
+                            lowest code (and ``c`` saturates), as in ``insert_qdq``; dropped when
+                            they stand alone between equal parameters
+==========================  ====================================================================
+
+One data-movement op (Flatten, Reshape, Squeeze, Unsqueeze, Transpose) may sit between a unit's op and
+its QuantizeLinear (PyTorch exports GlobalAveragePool -> Flatten -> Q): quantizing commutes with it, so
+it then runs on the integer output.
+
+A ``QuantizeLinear`` of a constant (QAT fake-quant weights) is folded into an integer initializer
+first. After lowering, ``DequantizeLinear -> QuantizeLinear`` pairs with identical parameters are
+removed, and so are nodes and initializers nothing uses. ``QuantizeLinear`` at graph inputs and
+``DequantizeLinear`` before graph outputs stay. A unit that cannot be lowered stays QDQ (a valid
+model that still runs) and the pass says which and why.
+
+Targets (``ctx.scratch["target"]``): every CPU profile gets the ops above. Weights of uint8-activation
+units are stored as uint8 (zero point + 128: the same values, so ORT runs its u8 x u8 kernels, which never
+saturate) on ``x86-avx2-u8``, and on ``x86-avx2`` / ``generic`` where they use more than 7 bits outside a
+depthwise convolution: there ORT's u8 x s8 kernels add product pairs in a saturating int16 (see
+:mod:`onnxq.target`) and would not compute what the QDQ model says. ``x86-vnni`` and ``arm64`` keep int8.
+``cuda`` is refused: the CUDA execution provider has no kernels for these ops, and TensorRT fuses QDQ
+graphs itself.
+
+counts: ``nodes_lowered``, ``units_kept_qdq``, ``weights_folded``, ``weights_to_uint8``,
+``activations_absorbed``, ``moves_on_integers``, ``qdq_pairs_removed`` and one ``"<op>-><new op>"``
+count per lowering (``"Conv->QLinearConv": 52``). Notes name each op type kept as QDQ with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxq.errors import PassError
+from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.target import PROFILES, TargetProfile
+
+__all__ = ["QOperatorPass", "lower_to_qoperator", "LOWERED_OPS"]
+
+logger = logging.getLogger(__name__)
+
+_MS = "com.microsoft"
+_U8, _S8 = np.dtype(np.uint8), np.dtype(np.int8)
+_ALL8 = {(_U8, _U8), (_U8, _S8), (_S8, _U8), (_S8, _S8)}
+_GEMM8 = {(_U8, _U8), (_U8, _S8), (_S8, _S8)}
+# (activation dtype, weight dtype) pairs ONNX Runtime's CPU provider has kernels for (checked with 1.32:
+# QLinearConv / QLinearMatMul / QGemm have no int8 x uint8 kernel; ConvInteger's int8 kernels only
+# arrived in late 2025, so it is kept to uint8 x uint8 for the onnxruntime versions onnxq supports).
+_KERNELS: dict[str, set[tuple[np.dtype, np.dtype]]] = {
+    "QLinearConv": _GEMM8, "QLinearMatMul": _GEMM8, "QGemm": _GEMM8,
+    "MatMulInteger": _ALL8, "ConvInteger": {(_U8, _U8)},
+}  # fmt: skip
+_SHARED_PARAM_OPS = frozenset({
+    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Gather", "Slice",
+    "Identity", "Split", "Expand", "Tile", "Pad",
+})  # fmt: skip
+"""Ops that ORT runs on int8/uint8 tensors unchanged when input and output share scale and zero point."""
+_SIMPLE_QLINEAR = {"GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLinearAveragePool",
+                   "Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu", "Softmax": "QLinearSoftmax"}  # fmt: skip
+_ABSORBABLE = frozenset({"Relu", "Clip"})
+_MOVES = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"})
+"""Data-movement ops allowed between a unit's op and its QuantizeLinear (Q commutes with them)."""
+
+LOWERED_OPS: tuple[str, ...] = (
+    "Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", *_SIMPLE_QLINEAR, *sorted(_SHARED_PARAM_OPS), "Relu", "Clip",
+)  # fmt: skip
+"""Op types this pass knows how to lower (each only where the checks in its lowering pass)."""
+
+
+# --------------------------------------------------------------------------- matching
+
+
+@dataclass(frozen=True)
+class _QT:
+    """A quantized tensor as an integer op reads it: the codes and their scale and zero point."""
+
+    codes: gs.Tensor
+    scale: gs.Tensor
+    zero_point: gs.Tensor | None
+    scale_v: np.ndarray
+    zp_v: np.ndarray
+    dtype: np.dtype
+    axis: int | None  # None: per tensor
+
+    @property
+    def is_const(self) -> bool:
+        return isinstance(self.codes, gs.Constant)
+
+    def same_params(self, other: _QT) -> bool:
+        return (
+            self.axis is None and other.axis is None and self.dtype == other.dtype
+            and np.array_equal(self.scale_v.reshape(-1), other.scale_v.reshape(-1))
+            and np.array_equal(self.zp_v.reshape(-1).astype(np.int64), other.zp_v.reshape(-1).astype(np.int64))
+        )  # fmt: skip
+
+
+def _const(t: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a constant tensor (an initializer or a ``Constant`` node's output), else None."""
+    if t is None:
+        return None
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Identity":  # exporters alias shared initializers this way
+        return _const(t.inputs[0].inputs[0])
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        attrs = t.inputs[0].attrs
+        if isinstance(attrs.get("value"), gs.Constant):
+            return np.asarray(attrs["value"].values)
+        for key in ("value_float", "value_int"):
+            if key in attrs:
+                return np.asarray(attrs[key])
+    return None
+
+
+def _producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) == 1 else None
+
+
+def _present(node: gs.Node, i: int) -> gs.Tensor | None:
+    if i < len(node.inputs) and not node.inputs[i].is_empty():
+        return node.inputs[i]
+    return None
+
+
+def _rank(t: gs.Tensor) -> int | None:
+    if isinstance(t, gs.Constant):
+        return t.values.ndim
+    return len(t.shape) if t.shape is not None else None
+
+
+def _qparams(node: gs.Node, codes: gs.Tensor) -> _QT | str:
+    """Scale, zero point, dtype and axis of a Q or DQ node whose integer side is ``codes``."""
+    scale_v, zp_t = _const(node.inputs[1]), _present(node, 2)
+    if scale_v is None:
+        return f"the scale of '{node.name}' is not a constant"
+    zp_v = _const(zp_t) if zp_t is not None else None
+    if zp_t is not None and zp_v is None:
+        return f"the zero point of '{node.name}' is not a constant"
+    if node.attrs.get("block_size", 0):
+        return f"'{node.name}' is block-quantized (no QOperator form)"
+    if zp_v is not None:
+        dtype = np.dtype(zp_v.dtype)
+    elif node.op == "QuantizeLinear" and node.attrs.get("output_dtype"):
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["output_dtype"])))
+    elif isinstance(codes, gs.Constant):
+        dtype = np.dtype(codes.values.dtype)
+    elif node.op == "DequantizeLinear" and codes.dtype is not None:
+        dtype = np.dtype(codes.dtype)
+    else:
+        dtype = _U8
+    if zp_v is None:
+        zp_v = np.zeros(scale_v.shape, dtype)
+    axis = None
+    if scale_v.size > 1:
+        rank = _rank(codes)
+        axis = int(node.attrs.get("axis", 1))
+        if axis < 0:
+            if rank is None:
+                return f"'{node.name}' has a negative axis on a tensor of unknown rank"
+            axis += rank
+    return _QT(codes, node.inputs[1], zp_t, scale_v.astype(np.float32), zp_v, dtype, axis)
+
+
+def _dequantized(t: gs.Tensor) -> _QT | str:
+    """The quantized tensor behind a ``DequantizeLinear`` output, or why ``t`` is not one."""
+    dq = _producer(t)
+    if dq is None or dq.op != "DequantizeLinear":
+        return f"input '{t.name}' does not come from a DequantizeLinear"
+    return _qparams(dq, dq.inputs[0])
+
+
+def _is_dequantized(t: gs.Tensor) -> bool:
+    p = _producer(t)
+    return p is not None and p.op == "DequantizeLinear"
+
+
+def _absorbable(act: gs.Node, q: _QT) -> bool:
+    """Whether quantizing with ``q`` already does what the Relu / Clip ``act`` does (exactly)."""
+    info = np.iinfo(q.dtype)
+    if q.axis is not None or int(q.zp_v.reshape(-1)[0]) != info.min:
+        return False
+    if act.op == "Relu":
+        return True
+    if "min" in act.attrs or "max" in act.attrs:  # opset < 11
+        lo, hi = act.attrs.get("min", -np.inf), act.attrs.get("max", np.inf)
+    else:
+        bounds = [_const(_present(act, i)) if _present(act, i) is not None else None for i in (1, 2)]
+        if any(_present(act, i) is not None and b is None for i, b in zip((1, 2), bounds)):
+            return False
+        lo = float(bounds[0]) if bounds[0] is not None else -np.inf
+        hi = float(bounds[1]) if bounds[1] is not None else np.inf
+    if lo != 0.0:
+        return False
+    scale = np.float32(q.scale_v.reshape(-1)[0])
+    return bool(hi == np.inf or np.rint(np.float32(hi) / scale) + info.min >= info.max)
+
+
+@dataclass
+class _Out:
+    """Where a unit's output goes: a QuantizeLinear (maybe through an absorbed Relu/Clip and then one
+    data-movement op such as Flatten, which then runs on the integer tensor), or float (``q`` None)."""
+
+    q: _QT | None
+    dead: list[gs.Node] = field(default_factory=list)  # nodes the lowering disconnects
+    absorbed: int = 0
+    move: gs.Node | None = None
+    target: gs.Tensor | None = None  # what the lowered op writes (set by _Lowering.out_tensor)
+
+
+def _output(node: gs.Node, graph_outputs: set[str], *, allow_float: bool) -> _Out | str:
+    """Match the single output of ``node`` to a QuantizeLinear (or accept a float output)."""
+    if len(node.outputs) != 1:
+        return f"has {len(node.outputs)} outputs"
+    y = node.outputs[0]
+    float_out = _Out(None)
+    if y.name in graph_outputs:
+        return float_out if allow_float else "its output is a float graph output"
+    dead: list[gs.Node] = []
+    absorbed = 0
+    cur = y
+    consumers = list(y.outputs)
+    if len(consumers) == 1 and consumers[0].op in _ABSORBABLE and consumers[0].inputs[0] is y:
+        act = consumers[0]
+        r = act.outputs[0]
+        if r.name not in graph_outputs and len(r.outputs) == 1 and r.outputs[0].op in ("QuantizeLinear", *_MOVES):
+            dead.append(act)
+            absorbed = 1
+            cur, consumers = r, list(r.outputs)
+    move = None
+    if len(consumers) == 1 and consumers[0].op in _MOVES and len(consumers[0].outputs) == 1:
+        m, mid = consumers[0], consumers[0].outputs[0]
+        only_q = len(mid.outputs) == 1 and mid.outputs[0].op == "QuantizeLinear"
+        if m.inputs[0] is cur and mid.name not in graph_outputs and only_q:
+            move, consumers = m, list(mid.outputs)
+    if len(consumers) != 1 or consumers[0].op != "QuantizeLinear":
+        if allow_float and not absorbed and all(c.op != "QuantizeLinear" for c in consumers):
+            return float_out
+        return "its output is not (only) quantized by one QuantizeLinear"
+    q_node = consumers[0]
+    q = _qparams(q_node, q_node.outputs[0])
+    if isinstance(q, str):
+        return q
+    if q.axis is not None or q.dtype not in (_U8, _S8):
+        return f"its output QuantizeLinear '{q_node.name}' is not 8-bit per-tensor"
+    if absorbed and not _absorbable(dead[0], q):
+        return (f"a {dead[0].op} sits before its QuantizeLinear and the output zero point is not the lowest code, "
+                "so it cannot be absorbed")  # fmt: skip
+    return _Out(q, [*dead, q_node], absorbed, move)
+
+
+# --------------------------------------------------------------------------- rewriting
+
+
+class _Done(str):
+    """What a lowering returns when it rewrote the unit: the op it produced. Any other string is the
+    reason the unit stays QDQ (lowerings check everything before they change the graph)."""
+
+
+class _Lowering:
+    """State of one run: the graph, the target, fresh names, counts and notes."""
+
+    def __init__(self, graph: gs.Graph, target: TargetProfile, docs: dict[str, str]) -> None:
+        self.graph = graph
+        self.target = target
+        self.docs = docs
+        self.graph_outputs = {t.name for t in graph.outputs}
+        self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self.counts: Counter[str] = Counter()
+        self.saturation_fixed: list[str] = []
+        self._zeros: dict[tuple[str, tuple[int, ...]], gs.Constant] = {}
+        self._converted: dict[tuple[str, str], _QT] = {}
+        self._scalars: dict[str, gs.Constant] = {}
+
+    def fresh(self, name: str) -> str:
+        out, k = name, 1
+        while out in self.taken:
+            k += 1
+            out = f"{name}_{k}"
+        self.taken.add(out)
+        return out
+
+    def const(self, name: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.fresh(name), np.asarray(values))
+
+    def zero_point(self, q: _QT) -> gs.Tensor:
+        """``q``'s zero-point tensor, made explicit (QLinear ops require it; DQ/Q may omit it)."""
+        if q.zero_point is not None:
+            return self._scalar(q.zero_point, q.zp_v) if q.axis is None else q.zero_point
+        key = (q.dtype.name, tuple(q.scale_v.shape) if q.axis is not None else ())
+        if key not in self._zeros:
+            self._zeros[key] = self.const(f"onnxq_zero_point_{q.dtype.name}", np.zeros(key[1], q.dtype))
+        return self._zeros[key]
+
+    def _scalar(self, t: gs.Tensor, value: np.ndarray) -> gs.Tensor:
+        """A 0-d version of a one-element parameter (QLinear ops want scalars; exporters write [1])."""
+        if value.ndim == 0:
+            return t
+        if t.name not in self._scalars:
+            self._scalars[t.name] = self.const(f"{t.name}_scalar", value.reshape(()))
+        return self._scalars[t.name]
+
+    def params(self, q: _QT) -> list[gs.Tensor]:
+        """Scale and zero point of ``q`` as QLinear op inputs."""
+        scale = self._scalar(q.scale, q.scale_v) if q.axis is None else q.scale
+        return [scale, self.zero_point(q)]
+
+    def qinputs(self, q: _QT) -> list[gs.Tensor]:
+        return [q.codes, *self.params(q)]
+
+    def weight_for(self, node: gs.Node, w: _QT, act_dtype: np.dtype, kernel: str) -> _QT | str:
+        """``w`` re-stored for a kernel ORT has: int8 <-> uint8 by shifting codes and zero point by 128.
+
+        Shifting is exact ((w + 128) - (z + 128) == w - z). int8 weights become uint8 (a) where ORT has
+        no kernel for the int8 form (int8 activations with uint8 weights go the other way), (b) on targets
+        that store weights as uint8 (x86-avx2-u8), and (c) on x86-avx2 / generic when they use more than
+        7 bits with uint8 activations: ORT's u8 x s8 kernels on x86 without VNNI add product pairs in a
+        saturating int16 (see onnxq.target) and would not compute what the QDQ graph says, while its
+        u8 x u8 kernels are exact. Depthwise convolutions accumulate in int32 and keep int8.
+        """
+        want = w.dtype
+        if (act_dtype, w.dtype) not in _KERNELS[kernel]:
+            want = _S8 if w.dtype == _U8 else _U8
+        elif act_dtype == _U8 and w.dtype == _S8 and (_U8, _U8) in _KERNELS[kernel] and w.is_const:
+            if self.target.uint8_weight_storage or (self.target.weight_reduce_range and _may_saturate(node, w)):
+                want = _U8
+        if want == w.dtype:
+            return w
+        if (act_dtype, want) not in _KERNELS[kernel]:
+            return f"ORT CPU has no {kernel} kernel for {act_dtype.name} inputs with {w.dtype.name} weights"
+        if not w.is_const:
+            return f"ORT CPU has no {kernel} kernel for {act_dtype.name} x {w.dtype.name} and the second input is not a constant"
+        key = (w.codes.name, want.name)
+        if key not in self._converted:
+            shift = 128 if want == _U8 else -128
+            codes = (np.asarray(w.codes.values, np.int16) + shift).astype(want)
+            zp = (w.zp_v.astype(np.int16) + shift).astype(want)
+            name = w.codes.name
+            self._converted[key] = replace(
+                w, codes=self.const(f"{name}_{want.name}", codes),
+                zero_point=self.const(f"{name}_zero_point_{want.name}", zp), zp_v=zp, dtype=want,
+            )
+            if want == _U8 and act_dtype == _U8:
+                self.counts["weights_to_uint8"] += 1
+                if not self.target.uint8_weight_storage:
+                    self.saturation_fixed.append(node.name)
+        return self._converted[key]
+
+    def out_tensor(self, out: _Out) -> gs.Tensor:
+        """The integer tensor a lowered op writes: the Q's output, or a new one that the moved
+        data-movement op (Flatten, ...) reads before it writes the Q's output."""
+        assert out.q is not None
+        if out.target is None:
+            out.target = out.q.codes
+            if out.move is not None:
+                name = self.fresh(f"{out.move.inputs[0].name}_quantized")
+                out.target = gs.Variable(name, dtype=out.q.dtype, shape=out.move.inputs[0].shape)
+        return out.target
+
+    def replace(self, node: gs.Node, new: list[gs.Node], out: _Out, doc: str) -> None:
+        """Disconnect ``node`` (and the Q / absorbed nodes after it) and add ``new`` in its place."""
+        for n in [node, *out.dead]:
+            n.inputs.clear()
+            n.outputs.clear()
+        if out.move is not None and out.q is not None:
+            out.move.inputs[0] = self.out_tensor(out)
+            out.move.outputs[0] = out.q.codes
+            self.counts["moves_on_integers"] += 1
+        for n in new:
+            n.name = n.name or self.fresh(f"{node.name or n.outputs[0].name}/{n.op}")
+            self.docs[n.name] = doc
+        self.graph.nodes.extend(new)
+        self.counts["activations_absorbed"] += out.absorbed
+
+    def result_tensor(self, node: gs.Node, out: _Out) -> gs.Tensor:
+        """The tensor the lowered op writes: integer (see ``out_tensor``), or the op's float output."""
+        return self.out_tensor(out) if out.q is not None else node.outputs[0]
+
+
+def _may_saturate(node: gs.Node, w: _QT) -> bool:
+    """uint8 x int8 weights wider than 7 bits in a GEMM-backed kernel (not a depthwise convolution)."""
+    values = np.asarray(w.codes.values)
+    if node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and values.ndim > 1 and values.shape[1] == 1:
+        return False
+    span = np.abs(values.astype(np.int32) - w.zp_v.astype(np.int32).reshape(_bshape(w))).max(initial=0)
+    return bool(span > 64)
+
+
+def _bshape(q: _QT) -> tuple[int, ...]:
+    """Shape that broadcasts ``q``'s per-axis parameters against its codes."""
+    if q.axis is None or not q.is_const:
+        return ()
+    shape = [1] * q.codes.values.ndim
+    shape[q.axis] = -1
+    return tuple(shape)
+
+
+def _int32_bias(lw: _Lowering, node: gs.Node, index: int, acc_scale: np.ndarray, n_out: int) -> gs.Tensor | None | str:
+    """Conv/Gemm bias as int32 with scale ``acc_scale`` (input scale x weight scale) and zero point 0.
+
+    A DequantizeLinear of int32 that already has that scale is used as it is; any other constant bias
+    (float, or dequantized with another scale) is quantized to it (error at most half an accumulator step).
+    """
+    b = _present(node, index)
+    if b is None:
+        return None
+    acc_scale = np.broadcast_to(acc_scale.reshape(-1), (n_out,)).astype(np.float32)
+    bq = _dequantized(b) if _is_dequantized(b) else None
+    if isinstance(bq, _QT) and bq.is_const and bq.dtype == np.int32 and not bq.zp_v.any() and bq.codes.values.size == n_out:
+        if np.allclose(np.broadcast_to(bq.scale_v.reshape(-1), (n_out,)), acc_scale, rtol=1e-6, atol=0):
+            codes = np.asarray(bq.codes.values)
+            return bq.codes if codes.ndim == 1 else lw.const(f"{bq.codes.name}_1d", codes.reshape(-1))
+    values = _float_bias(node, index, n_out)
+    if values is None or isinstance(values, str):
+        return values
+    q = np.clip(np.rint(values.reshape(-1) / acc_scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+    return lw.const(f"{b.name}_int32_{node.name}", q)
+
+
+def _float_bias(node: gs.Node, index: int, n_out: int) -> np.ndarray | None | str:
+    """A constant bias as the float values the QDQ graph adds (dequantized when it is quantized)."""
+    b = _present(node, index)
+    if b is None:
+        return None
+    if _is_dequantized(b):
+        bq = _dequantized(b)
+        if isinstance(bq, str) or not bq.is_const:
+            return "its bias is not a constant"
+        shape = _bshape(bq)
+        values = ((np.asarray(bq.codes.values, np.int64) - bq.zp_v.astype(np.int64).reshape(shape)).astype(np.float32)
+                  * bq.scale_v.reshape(shape))  # fmt: skip
+    else:
+        v = _const(b)
+        if v is None:
+            return "its bias is not a constant"
+        values = np.asarray(v, np.float32)
+    if values.size != n_out:
+        return f"its bias has {values.size} values for {n_out} outputs"
+    return values.reshape(-1).astype(np.float32)
+
+
+def _per_channel_ok(w: _QT, axis: int, what: str) -> str | None:
+    if w.axis is not None and w.axis != axis:
+        return f"its {what} is quantized along axis {w.axis}, not the output-channel axis {axis}"
+    return None
+
+
+def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
+    x, w = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    for q in (x, w):
+        if isinstance(q, str):
+            return q
+    assert isinstance(x, _QT) and isinstance(w, _QT)
+    if not w.is_const:
+        return "its weight is not a constant"
+    if x.axis is not None or x.dtype not in (_U8, _S8) or w.dtype not in (_U8, _S8):
+        return f"needs 8-bit per-tensor input and 8-bit weights (got {x.dtype.name} / {w.dtype.name})"
+    if (why := _per_channel_ok(w, 0, "weight")) is not None:
+        return why
+    out = _output(node, lw.graph_outputs, allow_float=True)
+    if isinstance(out, str):
+        return out
+    n_out = int(w.codes.values.shape[0])
+    acc_scale = (np.float32(x.scale_v.reshape(-1)[0]) * w.scale_v.reshape(-1)).astype(np.float32)
+    attrs = {k: v for k, v in node.attrs.items() if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
+    if out.q is not None:
+        if out.q.dtype != x.dtype:
+            return f"its input is {x.dtype.name} but its output {out.q.dtype.name}"
+        bias = _int32_bias(lw, node, 2, acc_scale, n_out)
+        if isinstance(bias, str):
+            return bias
+        wk = lw.weight_for(node, w, x.dtype, "QLinearConv")
+        if isinstance(wk, str):
+            return wk
+        inputs = [*lw.qinputs(x), *lw.qinputs(wk), *lw.params(out.q), *([bias] if bias is not None else [])]
+        new = gs.Node("QLinearConv", node.name, attrs=attrs, inputs=inputs, outputs=[lw.out_tensor(out)])
+        lw.replace(node, [new], out, _doc(node, x, wk))
+        return _Done("QLinearConv")
+    # float output: ConvInteger (uint8 x uint8 only) and a float rescale
+    if (x.dtype, w.dtype) not in _KERNELS["ConvInteger"]:
+        return (f"its output is float, which needs ConvInteger, and ORT CPU runs ConvInteger for uint8 x uint8 only "
+                f"(here {x.dtype.name} x {w.dtype.name})")  # fmt: skip
+    if len(np.unique(w.zp_v)) > 1:
+        return "its output is float (ConvInteger) and ConvInteger needs one weight zero point"
+    bias_v = _float_bias(node, 2, n_out)
+    if isinstance(bias_v, str):
+        return bias_v
+    y = node.outputs[0]
+    node.outputs.clear()  # the new nodes write y
+    spatial = (1, -1) + (1,) * (w.codes.values.ndim - 2)
+    w_zp = lw.const(f"{w.codes.name}_zero_point_scalar", w.zp_v.reshape(-1)[:1].reshape(()))
+    acc = gs.Variable(lw.fresh(f"{y.name}_int32"), dtype=np.int32)
+    acc_f = gs.Variable(lw.fresh(f"{y.name}_int32_float"), dtype=np.float32)
+    scaled = gs.Variable(lw.fresh(f"{y.name}_scaled"), dtype=np.float32) if bias_v is not None else y
+    scale_c = lw.const(f"{node.name}_output_scale", acc_scale.reshape(spatial))
+    nodes = [gs.Node("ConvInteger", node.name, attrs=attrs, inputs=[x.codes, w.codes, lw.zero_point(x), w_zp], outputs=[acc]),
+             gs.Node("Cast", "", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
+             gs.Node("Mul", "", inputs=[acc_f, scale_c], outputs=[scaled])]  # fmt: skip
+    if bias_v is not None:
+        nodes.append(gs.Node("Add", "", inputs=[scaled, lw.const(f"{node.name}_bias", bias_v.reshape(spatial))], outputs=[y]))
+    lw.replace(node, nodes, out, _doc(node, x, w))
+    return _Done("ConvInteger")
+
+
+def _lower_matmul(lw: _Lowering, node: gs.Node) -> str:
+    a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    for q in (a, b):
+        if isinstance(q, str):
+            return q
+    assert isinstance(a, _QT) and isinstance(b, _QT)
+    if a.axis is not None or a.dtype not in (_U8, _S8) or b.dtype not in (_U8, _S8):
+        return f"needs an 8-bit per-tensor A and an 8-bit B (got {a.dtype.name} / {b.dtype.name})"
+    if b.axis is not None and not (_rank(b.codes) == 2 and b.axis == 1):
+        return "its B is quantized per axis other than the columns of a 2-D matrix"
+    out = _output(node, lw.graph_outputs, allow_float=True)
+    if isinstance(out, str):
+        return out
+    if out.q is not None and out.q.dtype != a.dtype:
+        return f"its input A is {a.dtype.name} but its output {out.q.dtype.name}"
+    bk = lw.weight_for(node, b, a.dtype, "QLinearMatMul" if out.q is not None else "MatMulInteger")
+    if isinstance(bk, str):
+        return bk
+    if out.q is not None:
+        new = gs.Node("QLinearMatMul", node.name, inputs=[*lw.qinputs(a), *lw.qinputs(bk), *lw.params(out.q)],
+                      outputs=[lw.out_tensor(out)])  # fmt: skip
+        lw.replace(node, [new], out, _doc(node, a, bk))
+        return _Done("QLinearMatMul")
+    y = node.outputs[0]
+    acc = gs.Variable(lw.fresh(f"{y.name}_int32"), dtype=np.int32)
+    acc_f = gs.Variable(lw.fresh(f"{y.name}_int32_float"), dtype=np.float32)
+    scale = (np.float32(a.scale_v.reshape(-1)[0]) * bk.scale_v.reshape(-1)).astype(np.float32)
+    scale_c = lw.const(f"{node.name}_output_scale", scale if scale.size > 1 else scale.reshape(()))
+    node.outputs.clear()
+    nodes = [gs.Node("MatMulInteger", node.name, inputs=[a.codes, bk.codes, lw.zero_point(a), lw.zero_point(bk)], outputs=[acc]),
+             gs.Node("Cast", "", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
+             gs.Node("Mul", "", inputs=[acc_f, scale_c], outputs=[y])]  # fmt: skip
+    lw.replace(node, nodes, out, _doc(node, a, bk))
+    return _Done("MatMulInteger")
+
+
+def _lower_gemm(lw: _Lowering, node: gs.Node) -> str:
+    a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    for q in (a, b):
+        if isinstance(q, str):
+            return q
+    assert isinstance(a, _QT) and isinstance(b, _QT)
+    if not b.is_const or b.codes.values.ndim != 2:
+        return "its B is not a constant 2-D matrix"
+    if a.axis is not None or a.dtype not in (_U8, _S8) or b.dtype not in (_U8, _S8):
+        return f"needs an 8-bit per-tensor A and 8-bit B (got {a.dtype.name} / {b.dtype.name})"
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    if alpha != 1.0 or (beta != 1.0 and _present(node, 2) is not None):
+        return "alpha or beta is not 1"
+    trans_b = int(node.attrs.get("transB", 0))
+    n_axis = 0 if trans_b else 1
+    if (why := _per_channel_ok(b, n_axis, "B")) is not None:
+        return why
+    out = _output(node, lw.graph_outputs, allow_float=True)
+    if isinstance(out, str):
+        return out
+    if out.q is not None and out.q.dtype != a.dtype:
+        return f"its input A is {a.dtype.name} but its output {out.q.dtype.name}"
+    n_out = int(b.codes.values.shape[n_axis])
+    acc_scale = (np.float32(a.scale_v.reshape(-1)[0]) * b.scale_v.reshape(-1)).astype(np.float32)
+    bias = _int32_bias(lw, node, 2, acc_scale, n_out)
+    if isinstance(bias, str):
+        return bias
+    bk = lw.weight_for(node, b, a.dtype, "QGemm")
+    if isinstance(bk, str):
+        return bk
+    empty = gs.Variable.empty()
+    inputs = [*lw.qinputs(a), *lw.qinputs(bk), bias if bias is not None else empty]
+    if out.q is not None:
+        inputs += [*lw.params(out.q)]
+    elif bias is None:
+        inputs = inputs[:-1]
+    target = lw.result_tensor(node, out)
+    if out.q is None:
+        node.outputs.clear()
+    attrs = {"transA": int(node.attrs.get("transA", 0)), "transB": trans_b, "alpha": 1.0}
+    new = gs.Node("QGemm", node.name, attrs=attrs, inputs=inputs, outputs=[target], domain=_MS)
+    lw.replace(node, [new], out, _doc(node, a, bk))
+    return _Done("QGemm")
+
+
+def _lower_binary(lw: _Lowering, node: gs.Node) -> str:
+    """Add / Mul -> com.microsoft QLinearAdd / QLinearMul."""
+    qs = [_dequantized(t) for t in node.inputs]
+    for q in qs:
+        if isinstance(q, str):
+            return q
+    out = _output(node, lw.graph_outputs, allow_float=False)
+    if isinstance(out, str):
+        return out
+    assert out.q is not None
+    if any(q.axis is not None or q.dtype != out.q.dtype for q in qs):  # type: ignore[union-attr]
+        return "its inputs and output are not all per-tensor of one 8-bit dtype"
+    a, b = qs
+    op = f"QLinear{node.op}"
+    new = gs.Node(op, node.name, inputs=[*lw.qinputs(a), *lw.qinputs(b), *lw.params(out.q)],  # type: ignore[arg-type]
+                  outputs=[lw.out_tensor(out)], domain=_MS)  # fmt: skip
+    lw.replace(node, [new], out, _doc(node, a, None))  # type: ignore[arg-type]
+    return _Done(op)
+
+
+def _lower_concat(lw: _Lowering, node: gs.Node) -> str:
+    qs = [_dequantized(t) for t in node.inputs]
+    for q in qs:
+        if isinstance(q, str):
+            return q
+    out = _output(node, lw.graph_outputs, allow_float=False)
+    if isinstance(out, str):
+        return out
+    assert out.q is not None
+    if any(q.axis is not None or q.dtype != out.q.dtype for q in qs):  # type: ignore[union-attr]
+        return "its inputs and output are not all per-tensor of one 8-bit dtype"
+    if all(q.same_params(out.q) for q in qs):  # type: ignore[union-attr]
+        codes = [q.codes for q in qs]  # type: ignore[union-attr]
+        new = gs.Node("Concat", node.name, attrs=dict(node.attrs), inputs=codes, outputs=[lw.out_tensor(out)])
+        lw.replace(node, [new], out, _doc(node, qs[0], None))  # type: ignore[arg-type]
+        return _Done("Concat (integer)")
+    inputs = [*lw.params(out.q)] + [t for q in qs for t in lw.qinputs(q)]  # type: ignore[arg-type]
+    new = gs.Node("QLinearConcat", node.name, attrs={"axis": int(node.attrs["axis"])}, inputs=inputs,
+                  outputs=[lw.out_tensor(out)], domain=_MS)  # fmt: skip
+    lw.replace(node, [new], out, _doc(node, qs[0], None))  # type: ignore[arg-type]
+    return _Done("QLinearConcat")
+
+
+def _lower_simple(lw: _Lowering, node: gs.Node) -> str:
+    """One-input ops with a com.microsoft QLinear kernel (pooling, Sigmoid, LeakyRelu, Softmax)."""
+    x = _dequantized(node.inputs[0])
+    if isinstance(x, str):
+        return x
+    out = _output(node, lw.graph_outputs, allow_float=False)
+    if isinstance(out, str):
+        return out
+    assert out.q is not None
+    if x.axis is not None or x.dtype != out.q.dtype:
+        return "its input and output are not per-tensor of one 8-bit dtype"
+    op = _SIMPLE_QLINEAR[node.op]
+    attrs: dict[str, object] = {}
+    if node.op == "AveragePool":
+        if any(d != 1 for d in node.attrs.get("dilations", [])):
+            return "QLinearAveragePool has no dilations"
+        keep = ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")
+        attrs = {k: v for k, v in node.attrs.items() if k in keep}
+        attrs["channels_last"] = 0
+    elif node.op == "GlobalAveragePool":
+        attrs = {"channels_last": 0}
+    elif node.op == "LeakyRelu":
+        attrs = {"alpha": float(node.attrs.get("alpha", 0.01))}
+    elif node.op == "Softmax":
+        opset = int(lw.graph.opset)
+        attrs = {"axis": int(node.attrs.get("axis", -1 if opset >= 13 else 1)), "opset": opset}
+    new = gs.Node(op, node.name, attrs=attrs, inputs=[*lw.qinputs(x), *lw.params(out.q)],
+                  outputs=[lw.out_tensor(out)], domain=_MS)  # fmt: skip
+    lw.replace(node, [new], out, _doc(node, x, None))
+    return _Done(op)
+
+
+def _lower_shared(lw: _Lowering, node: gs.Node) -> str:
+    """Ops that move or select values (Reshape, MaxPool, ...): run them on the integer tensor."""
+    x = _dequantized(node.inputs[0])
+    if isinstance(x, str):
+        return x
+    if x.axis is not None or x.dtype not in (_U8, _S8):
+        return "its input is not 8-bit per tensor"
+    if any(_is_dequantized(t) for t in node.inputs[1:]):
+        return "more than its first input is dequantized"
+    if node.op == "MaxPool" and (len(node.outputs) > 1 or int(lw.graph.opset) < 12):
+        return "MaxPool with indices, or opset < 12, has no integer kernel"
+    if node.op == "Pad" and "pads" in node.attrs:
+        return "Pad before opset 11 (pad value as an attribute) is not lowered"
+    outs: list[_Out] = []
+    for y in node.outputs:
+        o = _output(_OutputView(node, y), lw.graph_outputs, allow_float=False)  # type: ignore[arg-type]
+        if isinstance(o, str):
+            return o
+        assert o.q is not None
+        if o.absorbed or o.move is not None or not x.same_params(o.q):
+            return "its input and output scales or zero points differ"
+        outs.append(o)
+    extra: list[gs.Tensor] = []
+    if node.op == "Pad" and node.attrs.get("mode", "constant") == "constant":
+        v = _const(_present(node, 2)) if _present(node, 2) is not None else np.zeros(())
+        if v is None:
+            return "its pad value is not a constant"
+        info = np.iinfo(x.dtype)
+        code = np.clip(np.rint(np.float32(v) / x.scale_v.reshape(-1)[0]) + int(x.zp_v.reshape(-1)[0]), info.min, info.max)
+        extra = [lw.const(f"{node.name}_pad_value", np.asarray(code, x.dtype).reshape(()))]
+    for o in outs:
+        for n in o.dead:
+            n.inputs.clear()
+            n.outputs.clear()
+    node.inputs[0] = x.codes
+    if extra:
+        while len(node.inputs) < 3:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[2] = extra[0]
+    for i, o in enumerate(outs):
+        assert o.q is not None
+        node.outputs[i] = o.q.codes
+    lw.docs[node.name] = f"onnxq: runs on {x.dtype.name} codes (input and output share scale and zero point)"
+    return _Done(f"{node.op} (integer)")
+
+
+class _OutputView:
+    """Duck-typed node with a single output, for matching each output of a multi-output op."""
+
+    def __init__(self, node: gs.Node, y: gs.Tensor) -> None:
+        self.op, self.name, self.outputs = node.op, node.name, [y]
+
+
+def _lower_activation(lw: _Lowering, node: gs.Node) -> str:
+    """A Relu / Clip standing alone between a DQ and a Q of the same parameters: drop it when exact."""
+    x = _dequantized(node.inputs[0])
+    if isinstance(x, str):
+        return x
+    out = _output(node, lw.graph_outputs, allow_float=False)
+    if isinstance(out, str):
+        return out
+    assert out.q is not None
+    if out.absorbed or out.move is not None or not x.same_params(out.q) or not _absorbable(node, out.q):
+        return "its input and output parameters differ or the zero point is not the lowest code"
+    y = out.q.codes
+    for n in [node, *out.dead]:
+        n.inputs.clear()
+        n.outputs.clear()
+    if y.name in lw.graph_outputs:
+        lw.graph.nodes.append(gs.Node("Identity", node.name, inputs=[x.codes], outputs=[y]))
+    else:
+        for c in list(y.outputs):
+            for i, t in enumerate(c.inputs):
+                if t is y:
+                    c.inputs[i] = x.codes
+    return _Done(f"{node.op} (removed)")
+
+
+_LOWERINGS: dict[str, Callable[[_Lowering, gs.Node], str]] = {
+    "Conv": _lower_conv, "MatMul": _lower_matmul, "Gemm": _lower_gemm, "Add": _lower_binary, "Mul": _lower_binary,
+    "Concat": _lower_concat, **{op: _lower_simple for op in _SIMPLE_QLINEAR},
+    **{op: _lower_shared for op in _SHARED_PARAM_OPS}, "Relu": _lower_activation, "Clip": _lower_activation,
+}  # fmt: skip
+
+
+def _doc(node: gs.Node, x: _QT, w: _QT | None) -> str:
+    text = f"onnxq: lowered from QDQ {node.op}; {x.dtype.name} activations"
+    if w is not None:
+        text += f", {w.dtype.name} weights {'per tensor' if w.axis is None else f'per channel (axis {w.axis})'}"
+    return text
+
+
+# --------------------------------------------------------------------------- graph-level steps
+
+
+def _fold_constant_quantize(lw: _Lowering) -> None:
+    """QuantizeLinear of a constant (QAT fake-quant weights) -> an integer initializer."""
+    for q in [n for n in lw.graph.nodes if n.op == "QuantizeLinear"]:
+        values = _const(q.inputs[0])
+        y = q.outputs[0]
+        if values is None or y.name in lw.graph_outputs or not np.issubdtype(values.dtype, np.floating):
+            continue
+        p = _qparams(q, q.inputs[0])
+        if isinstance(p, str) or p.dtype not in (_U8, _S8, np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32)):
+            continue
+        shape = [1] * values.ndim
+        if p.axis is not None:
+            shape[p.axis] = -1
+        info = np.iinfo(p.dtype)
+        scaled = np.asarray(values, np.float32) / p.scale_v.reshape(shape)
+        codes = np.rint(scaled).astype(np.float64) + p.zp_v.reshape(shape).astype(np.float64)
+        codes = np.clip(codes, info.min, info.max).astype(p.dtype)
+        name = q.inputs[0].name
+        c = lw.const(f"{name}_quantized", codes)
+        for consumer in list(y.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is y:
+                    consumer.inputs[i] = c
+        q.inputs.clear()
+        q.outputs.clear()
+        lw.counts["weights_folded"] += 1
+
+
+def _remove_identity_pairs(lw: _Lowering) -> None:
+    """DequantizeLinear -> QuantizeLinear with identical parameters: consumers read the codes directly."""
+    for q in [n for n in lw.graph.nodes if n.op == "QuantizeLinear" and n.inputs]:
+        dq = _producer(q.inputs[0])
+        y = q.outputs[0]
+        if dq is None or dq.op != "DequantizeLinear" or y.name in lw.graph_outputs:
+            continue
+        a, b = _qparams(dq, dq.inputs[0]), _qparams(q, y)
+        if isinstance(a, str) or isinstance(b, str) or not a.same_params(b):
+            continue
+        for consumer in list(y.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is y:
+                    consumer.inputs[i] = a.codes
+        q.inputs.clear()
+        q.outputs.clear()
+        lw.counts["qdq_pairs_removed"] += 1
+
+
+def _is_unit(node: gs.Node) -> bool:
+    """A QDQ node unit: reads a dequantized tensor and is quantized at its output (directly, or through a
+    Relu/Clip and/or a data-movement op), or is a Conv/MatMul/Gemm, which can also have a float output."""
+    if node.op in ("QuantizeLinear", "DequantizeLinear") or not any(_is_dequantized(t) for t in node.inputs):
+        return False
+    if node.op in ("Conv", "MatMul", "Gemm"):
+        return True
+    after = [c for y in node.outputs for c in y.outputs]
+    after += [c for a in after if a.op in _ABSORBABLE for y in a.outputs for c in y.outputs]
+    after += [c for a in after if a.op in _MOVES for y in a.outputs for c in y.outputs]
+    return any(c.op == "QuantizeLinear" for c in after)
+
+
+class QOperatorPass(Pass):
+    """Lower QDQ node units to QOperator ops for the target's execution provider; see the module docstring."""
+
+    name = "qoperator"
+    in_place = True
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        if target.name == "cuda":
+            raise PassError(
+                self.name,
+                "target 'cuda': the CUDA execution provider has no kernels for QOperator ops (QLinearConv, "
+                "QLinearMatMul, QGemm, QLinearAdd, ConvInteger, ...), so ONNX Runtime would run them on the CPU. "
+                "Keep the QDQ format (--format qdq): ORT's CUDA provider and TensorRT fuse Q/DQ pairs themselves",
+            )
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        lw = _Lowering(graph, target, ctx.scratch.setdefault("doc_strings", {}))
+        _fold_constant_quantize(lw)
+        kept: dict[tuple[str, str], list[str]] = {}
+        lowered: Counter[str] = Counter()
+        for node in list(graph.nodes):
+            if not node.outputs or not _is_unit(node):
+                continue  # already rewritten (an absorbed Relu, a removed Q), or not a QDQ unit
+            lower = _LOWERINGS.get(node.op)
+            if lower is None:
+                kept.setdefault((node.op, f"ORT has no QOperator kernel for {node.op}"), []).append(node.name)
+                continue
+            result = lower(lw, node)
+            if isinstance(result, _Done):
+                lowered[f"{node.op}->{result}"] += 1
+            else:
+                kept.setdefault((node.op, result), []).append(node.name)
+        _remove_identity_pairs(lw)
+        n_lowered = sum(lowered.values())
+        counts: dict[str, int] = {"nodes_lowered": n_lowered, "units_kept_qdq": sum(len(v) for v in kept.values())}
+        counts.update({k: v for k, v in lw.counts.items() if v})
+        counts.update(dict(sorted(lowered.items())))
+        modified = bool(n_lowered or lw.counts["weights_folded"] or lw.counts["qdq_pairs_removed"])
+        if modified:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        notes = self._notes(graph, lowered, kept, lw)
+        logger.debug("qoperator on target %s: %s", target.name, counts)
+        for note in notes:
+            ctx.report.note(f"qoperator: {note}")
+        return PassResult(graph, modified, counts, notes)
+
+    @staticmethod
+    def _notes(graph: gs.Graph, lowered: Counter[str], kept: dict[tuple[str, str], list[str]], lw: _Lowering) -> list[str]:
+        notes: list[str] = []
+        if lowered:
+            parts = ", ".join(f"{n} {k.replace('->', ' -> ')}" for k, n in sorted(lowered.items(), key=lambda kv: -kv[1]))
+            notes.append(f"lowered {sum(lowered.values())} QDQ node units for target {lw.target.name}: {parts}")
+        elif not kept:
+            integer_ops = ("QGemm", "MatMulInteger", "ConvInteger")
+            qops = Counter(n.op for n in graph.nodes if n.op.startswith("QLinear") or n.op in integer_ops)
+            if qops:
+                have = ", ".join(f"{op} x{n}" for op, n in qops.most_common())
+                notes.append(f"nothing to lower: the model is already in QOperator form ({have})")
+            else:
+                notes.append("nothing to lower: no DequantizeLinear -> op -> QuantizeLinear units in the model")
+        for (op, why), names in sorted(kept.items(), key=lambda kv: -len(kv[1])):
+            notes.append(f"kept as QDQ: {len(names)} {op} ({why}), e.g. '{names[0]}'")
+        if lw.saturation_fixed:
+            notes.append(
+                f"{len(lw.saturation_fixed)} Conv/MatMul/Gemm have int8 weights wider than 7 bits (e.g. "
+                f"'{lw.saturation_fixed[0]}'): stored as uint8 (zero point + 128, same values) because on target "
+                f"{lw.target.name} ORT's uint8 x int8 kernels add product pairs in a saturating int16 and would not compute "
+                "what the QDQ model says; its uint8 x uint8 kernels are exact but slower. Use --target x86-vnni or "
+                "arm64 to keep int8 weights for CPUs that accumulate in int32"
+            )
+        return notes
+
+
+def lower_to_qoperator(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    """Convenience function: run :class:`QOperatorPass` on ``graph``."""
+    return QOperatorPass()(graph, ctx).graph

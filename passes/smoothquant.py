@@ -1,0 +1,476 @@
+"""SmoothQuant: move activation outliers into the weights before int8 quantization.
+
+Transformer activations have a few input channels whose values are 10-100x larger than the rest, so a
+per-tensor activation scale wastes most of the int8 grid on them. SmoothQuant (Xiao et al., 2023) divides
+each input channel j of a linear layer's activation by a factor ``s_j`` and multiplies row j of the weight
+by the same factor, which leaves ``X @ W`` unchanged in exact arithmetic::
+
+    s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)          X' = X / s,   W' = diag(s) @ W
+
+``max|X_j|`` comes from calibration (streamed per-channel statistics), ``max|W_j|`` from row j of every
+weight that reads X (the Q/K/V projections that share an input share one ``s``). The division of X is
+never a new op when it can be avoided: ``1/s`` is folded into what produces X:
+
+* a LayerNormalization's scale and bias (cloned when X also feeds something else, e.g. BERT's residual),
+* a Mul by a constant (an RMSNorm weight), a Div by a constant, a bias Add,
+* a preceding MatMul/Gemm's output columns, also through Reshape/Transpose and an attention MatMul
+  (the attention-output projection's input is folded into the V projection), and through Relu.
+
+Only when nothing can absorb it is an explicit ``Mul`` inserted (counted in the report). ``alpha`` is the
+recipe's (0.5 by default) or, with ``alpha = "auto"``, searched per layer over a grid: each candidate
+is scored by the relative error of the quantized layer output ``Q(X/s) @ Q(diag(s) W)`` against
+``X @ W`` on a reservoir sample of calibration rows, with the schemes the later ``insert_qdq`` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxq.calibration.channel_stats import ChannelStats, collect_channel_stats
+from onnxq.errors import PassError
+from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.recipe import NodeConfig
+from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
+from onnxq.target import PROFILES, TargetProfile
+
+from .insert_qdq import _weight_scheme
+
+__all__ = ["SmoothQuantPass", "smooth_factors", "smoothquant"]
+
+logger = logging.getLogger(__name__)
+
+_MIN = 1e-5  # the paper's clamp on both maxima: channels that are (almost) zero get no extreme factor
+
+
+def smooth_factors(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``; 1 for channels that never fire or have no weight."""
+    x = np.maximum(np.asarray(x_absmax, np.float64), _MIN)
+    w = np.maximum(np.asarray(w_absmax, np.float64), _MIN)
+    s = x**alpha / w ** (1.0 - alpha)
+    dead = (np.asarray(x_absmax) <= 0) | (np.asarray(w_absmax) <= 0) | ~np.isfinite(s)
+    return np.where(dead, 1.0, s).astype(np.float32)
+
+
+@dataclass
+class _Edit:
+    """Multiply (or divide) input ``index`` of ``node``, a constant, by ``factor`` (broadcast)."""
+
+    node: gs.Node
+    index: int
+    factor: np.ndarray
+    divide: bool = False
+    where: str = ""
+
+
+@dataclass
+class _Group:
+    """One activation and the weight ops reading it (they share one smoothing factor)."""
+
+    x: gs.Variable
+    consumers: list[gs.Node]
+    others: list[gs.Node] = field(default_factory=list)
+
+
+class SmoothQuantPass(Pass):
+    """Smooth the input of every MatMul/Gemm with a constant weight (see the module docstring).
+
+    Needs calibration samples (``ctx.calibration`` with a source). Writes ``ctx.scratch["doc_strings"]``
+    for the smoothed nodes and ``ctx.scratch["smoothquant"]`` (per-activation alpha and factor range).
+    """
+
+    name = "smoothquant"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        spec = ctx.recipe.smoothquant
+        counts = {"layers_smoothed": 0, "groups_smoothed": 0, "folded_layernorm": 0, "folded_linear": 0,
+                  "folded_mul": 0, "producers_cloned": 0, "muls_inserted": 0, "groups_left_unsmoothed": 0}  # fmt: skip
+        notes: list[str] = []
+        groups = self._groups(graph, ctx)
+        if not groups:
+            return PassResult(graph, False, counts, ["no MatMul/Gemm with a constant weight to smooth"])
+        source = getattr(ctx.calibration, "source", None)
+        if source is None:
+            raise PassError(
+                self.name,
+                "SmoothQuant needs calibration samples (per-channel activation maxima): pass --calib; "
+                "a --calib-cache holds activation ranges only",
+            )
+        auto = spec.alpha == "auto"
+        device = getattr(getattr(ctx.calibration, "spec", None), "device", "auto")
+        stats = collect_channel_stats(graph, [g.x.name for g in groups], source, device=device,
+                                      sample_rows=spec.max_rows, progress=ctx.progress)  # fmt: skip
+        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        self._taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        docs = ctx.scratch.setdefault("doc_strings", {})
+        chosen: dict[str, dict[str, float]] = {}
+        for g in groups:
+            st = stats[g.x.name]
+            wmax = np.max([_weight_rows(c).__abs__().max(axis=1) for c in g.consumers], axis=0)
+            alpha = self._choose(g, st, wmax, ctx, target)
+            if alpha is None:
+                counts["groups_left_unsmoothed"] += 1
+                continue
+            s = smooth_factors(st.absmax, wmax, alpha)
+            where = self._divide_activation(graph, g, s, counts)
+            self._scale_weights(g, s)
+            counts["groups_smoothed"] += 1
+            counts["layers_smoothed"] += len(g.consumers)
+            chosen[g.x.name] = {"alpha": alpha, "s_min": float(s.min()), "s_max": float(s.max())}
+            for c in g.consumers:
+                docs[c.name] = (f"onnxq: SmoothQuant alpha {alpha:g}, weight rows x s (s in [{s.min():.3g}, "
+                                f"{s.max():.3g}]); input divided by s in {where}")  # fmt: skip
+        ctx.scratch["smoothquant"] = chosen
+        alphas = np.array([v["alpha"] for v in chosen.values()] or [np.nan])
+        if counts["groups_left_unsmoothed"]:
+            notes.append(f"{counts['groups_left_unsmoothed']} of {len(groups)} layer inputs left unsmoothed: smoothing "
+                         "made their quantized output worse on the calibration rows")  # fmt: skip
+        if auto:
+            notes.append(f"alpha searched per layer over {len(spec.alpha_grid)} values: median {np.median(alphas):g}, "
+                         f"range {alphas.min():g}..{alphas.max():g}")  # fmt: skip
+        if counts["muls_inserted"]:
+            notes.append(f"{counts['muls_inserted']} activations could not absorb 1/s in what produces them: "
+                         "an explicit Mul was inserted for each")  # fmt: skip
+        graph.cleanup().toposort()
+        return PassResult(graph, True, counts, notes)
+
+    # -- which activations -------------------------------------------------------------------------
+
+    def _groups(self, graph: gs.Graph, ctx: PassContext) -> list[_Group]:
+        ops = ctx.recipe.smoothquant.op_types
+        by_x: dict[str, _Group] = {}
+        for node in graph.nodes:
+            if node.op not in ops or len(node.inputs) < 2:
+                continue
+            x, w = node.inputs[0], node.inputs[1]
+            if not isinstance(x, gs.Variable) or not isinstance(w, gs.Constant) or w.values.ndim != 2:
+                continue
+            if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+                continue
+            if not np.issubdtype(w.values.dtype, np.floating):
+                continue
+            # only layers that will be quantized: smoothing a float layer buys nothing
+            if ctx.recipe.config_for(node.name, node.op) is None:
+                continue
+            by_x.setdefault(x.name, _Group(x, [])).consumers.append(node)
+        groups = list(by_x.values())
+        for g in groups:
+            g.others = [n for n in _value_readers(g.x) if not any(n is c for c in g.consumers)]
+        return groups
+
+    # -- alpha search ------------------------------------------------------------------------------
+
+    def _choose(self, g: _Group, st: ChannelStats, wmax: np.ndarray, ctx: PassContext, target: TargetProfile) -> float | None:
+        """The alpha to smooth ``g`` with, or None when smoothing would make the quantized layer worse.
+
+        Candidates: the recipe's alpha (or the whole grid for ``auto``) and no smoothing at all. Each is
+        scored by the relative error of the quantized layer outputs on the sampled calibration rows.
+        No smoothing wins e.g. for a GELU output, which is asymmetric (-0.17 .. large): dividing its
+        small channels by s < 1 widens the negative side of an affine per-tensor range.
+        """
+        spec = ctx.recipe.smoothquant
+        grid = list(spec.alpha_grid) if spec.alpha == "auto" else [float(spec.alpha)]
+        rows = st.sample
+        if rows is None or rows.shape[0] == 0:
+            return grid[len(grid) // 2] if spec.alpha == "auto" else grid[0]
+        rows = rows[np.isfinite(rows).all(axis=1)]
+        ws = [_weight_rows(c).astype(np.float32) for c in g.consumers]
+        refs = [rows @ w for w in ws]
+        cfgs = [ctx.recipe.config_for(c.name, c.op) for c in g.consumers]
+        act_scheme = cfgs[0].activations.scheme() if cfgs[0] is not None else None
+        if act_scheme is not None and target.symmetric_activations:
+            act_scheme = act_scheme.with_(symmetry=Symmetry.SYMMETRIC)
+
+        def error(s: np.ndarray) -> float:
+            xs = rows / s
+            if act_scheme is not None:
+                sc, zp = choose_qparams(xs, act_scheme)
+                xs = dequantize(quantize(xs, sc, zp, act_scheme), sc, zp, act_scheme)
+            total = 0.0
+            for c, cfg, w, ref in zip(g.consumers, cfgs, ws, refs):
+                wq = _fake_quant_weight(c, w * s[:, None], cfg, target)
+                total += float(np.sum((xs @ wq - ref).astype(np.float64) ** 2))
+            return total
+
+        best: float | None = None
+        best_err = error(np.ones(rows.shape[1], np.float32))
+        for alpha in grid:
+            err = error(smooth_factors(st.absmax, wmax, float(alpha)))
+            if err < best_err:
+                best, best_err = float(alpha), err
+        return best
+
+    # -- X / s ------------------------------------------------------------------------------------------
+
+    def _divide_activation(self, graph: gs.Graph, g: _Group, s: np.ndarray, counts: dict[str, int]) -> str:
+        x = g.x
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None or rank < 1:
+            return self._insert_mul(graph, g, s, counts)
+        f = (1.0 / s).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
+        is_output = any(x is o for o in graph.outputs)
+        if not g.others and not is_output:
+            edits = _plan_producer(x, f)
+            if edits is not None:
+                return self._apply(edits, counts)
+            return self._insert_mul(graph, g, s, counts)
+        # X also feeds other nodes (a residual Add, say): give the smoothed consumers their own copy of a
+        # cheap producer (LayerNormalization, a Mul by a constant) with 1/s folded in
+        p = x.inputs[0] if x.inputs else None
+        if p is not None and _cheap_to_clone(p):
+            clone_out = gs.Variable(self._fresh(f"{x.name}_smoothed"), dtype=x.dtype, shape=x.shape)
+            clone = gs.Node(p.op, self._fresh(f"{p.name or x.name}/smoothed"), attrs=dict(p.attrs),
+                            inputs=list(p.inputs), outputs=[clone_out])  # fmt: skip
+            edits = _plan_node(clone, clone_out, f)
+            if edits is not None:
+                graph.nodes.append(clone)
+                for c in g.consumers:
+                    c.inputs = [clone_out if t is x else t for t in c.inputs]
+                counts["producers_cloned"] += 1
+                return self._apply(edits, counts) + f" (a copy of '{p.name}' feeds the smoothed layers)"
+        return self._insert_mul(graph, g, s, counts)
+
+    def _insert_mul(self, graph: gs.Graph, g: _Group, s: np.ndarray, counts: dict[str, int]) -> str:
+        x = g.x
+        inv = gs.Constant(self._fresh(f"{x.name}_smooth_inv_scale"), (1.0 / s).astype(np.float32))
+        out = gs.Variable(self._fresh(f"{x.name}_smoothed"), dtype=x.dtype, shape=x.shape)
+        graph.nodes.append(gs.Node("Mul", self._fresh(f"{x.name}/SmoothQuant/Mul"), inputs=[x, inv], outputs=[out]))
+        for c in g.consumers:
+            c.inputs = [out if t is x else t for t in c.inputs]
+        counts["muls_inserted"] += 1
+        return "an inserted Mul"
+
+    def _apply(self, edits: list[_Edit], counts: dict[str, int]) -> str:
+        kinds = []
+        for e in edits:
+            c = e.node.inputs[e.index]
+            assert isinstance(c, gs.Constant)
+            values = c.values / e.factor if e.divide else c.values * e.factor
+            values = np.asarray(values, dtype=c.values.dtype)
+            if len(c.outputs) > 1:  # shared with another node: that one keeps the original
+                new = gs.Constant(self._fresh(f"{c.name}_smoothed"), values)
+                e.node.inputs[e.index] = new
+            else:
+                c.values = values
+            kinds.append(e.where)
+            key = {"LayerNormalization": "folded_layernorm", "MatMul": "folded_linear", "Gemm": "folded_linear"}.get(e.where, "folded_mul")
+            counts[key] += 1
+        return ", ".join(dict.fromkeys(f"{e.where} '{e.node.name}'" for e in edits))
+
+    # -- W * s ----------------------------------------------------------------------------------------------
+
+    def _scale_weights(self, g: _Group, s: np.ndarray) -> None:
+        done: set[int] = set()
+        for c in g.consumers:
+            w = c.inputs[1]
+            assert isinstance(w, gs.Constant)
+            if id(w) in done:
+                continue
+            trans = c.op == "Gemm" and int(c.attrs.get("transB", 0))
+            factor = s[None, :] if trans else s[:, None]
+            values = np.asarray(w.values * factor, dtype=w.values.dtype)
+            users = [n for n in w.outputs]
+            if all(any(u is c2 for c2 in g.consumers) for u in users):
+                w.values = values  # every reader is smoothed with this s: scale once
+                done.add(id(w))
+            else:
+                c.inputs[1] = gs.Constant(self._fresh(f"{w.name}_smoothed"), values)
+
+    def _fresh(self, name: str) -> str:
+        out, k = name, 1
+        while out in self._taken:
+            k += 1
+            out = f"{name}_{k}"
+        self._taken.add(out)
+        return out
+
+
+# -- folding 1/s into producers ----------------------------------------------------------------------------
+# A factor is an array with the tensor's rank, each dim 1 or the tensor's size there: "multiply this tensor
+# by factor (broadcast)". The planners return the constant edits that achieve it, or None when impossible.
+# They never mutate the graph, so a failed plan leaves nothing half-done.
+
+
+def _plan(t: gs.Tensor, f: np.ndarray) -> list[_Edit] | None:
+    """Edits that scale tensor ``t`` by ``f``; ``t`` must have exactly one reader (the caller)."""
+    if not isinstance(t, gs.Variable) or len(_value_readers(t)) != 1 or not t.inputs:
+        return None
+    return _plan_producer(t, f)
+
+
+def _plan_producer(t: gs.Variable, f: np.ndarray) -> list[_Edit] | None:
+    if not t.inputs:
+        return None
+    return _plan_node(t.inputs[0], t, f)
+
+
+def _plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray) -> list[_Edit] | None:  # noqa: C901 - one case per op
+    """Edits to ``p``'s constants (or, recursively, its producers) so that ``p``'s output ``t`` becomes ``t * f``."""
+    if len(p.outputs) != 1 and not (p.op == "LayerNormalization" and all(not o.outputs for o in p.outputs[1:])):
+        return None
+    rank = f.ndim
+    last_only = all(d == 1 for d in f.shape[:-1])
+    if p.op == "LayerNormalization":
+        axis = int(p.attrs.get("axis", -1))
+        if not last_only or axis not in (-1, rank - 1) or len(p.inputs) < 2 or not _const(p.inputs[1]):
+            return None
+        vec = f.reshape(-1)
+        edits = [_Edit(p, 1, _fit(vec, p.inputs[1]), where="LayerNormalization")]
+        if len(p.inputs) > 2 and p.inputs[2] is not None and not _empty(p.inputs[2]):
+            if not _const(p.inputs[2]):
+                return None
+            edits.append(_Edit(p, 2, _fit(vec, p.inputs[2]), where="LayerNormalization"))
+        return edits
+    if p.op in ("Mul", "Div"):
+        a, b = p.inputs[0], p.inputs[1]
+        if _const(b) and _broadcasts(b, f, t):
+            return [_Edit(p, 1, f, divide=p.op == "Div", where=p.op)]
+        if p.op == "Mul" and _const(a) and _broadcasts(a, f, t):
+            return [_Edit(p, 0, f, where="Mul")]
+        if p.op == "Mul":
+            for side in (b, a):
+                if _same_shape(side, t):
+                    edits = _plan(side, f)
+                    if edits is not None:
+                        return edits
+        elif _same_shape(a, t):
+            return _plan(a, f)
+        return None
+    if p.op in ("Add", "Sub"):
+        edits: list[_Edit] = []
+        for i, side in enumerate(p.inputs[:2]):
+            if _const(side):
+                if not _broadcasts(side, f, t):
+                    return None
+                edits.append(_Edit(p, i, f, where="Add"))
+            else:
+                sub = _plan(side, f) if _same_shape(side, t) else None
+                if sub is None:
+                    return None
+                edits.extend(sub)
+        return edits
+    if p.op == "MatMul":
+        a, b = p.inputs[0], p.inputs[1]
+        if _const(b) and b.values.ndim == 2 and last_only:
+            return [_Edit(p, 1, f.reshape(1, -1), where="MatMul")]
+        if not _const(b) and rank >= 2 and f.shape[-2] == 1 and _same_rank(b, t) and _static_where(b, t, f):
+            return _plan(b, f)  # (A @ B) * f == A @ (B * f) when f is constant along the rows
+        return None
+    if p.op == "Gemm":
+        b = p.inputs[1]
+        if not _const(b) or not last_only:
+            return None
+        vec = f.reshape(-1)
+        trans = int(p.attrs.get("transB", 0))
+        edits = [_Edit(p, 1, vec[:, None] if trans else vec[None, :], where="Gemm")]
+        if len(p.inputs) > 2 and not _empty(p.inputs[2]):
+            c = p.inputs[2]
+            if not _const(c) or c.values.shape not in ((), (1,), (vec.size,), (1, vec.size)):
+                return None
+            edits.append(_Edit(p, 2, vec if c.values.ndim <= 1 else vec.reshape(1, -1), where="Gemm"))
+        return edits
+    if p.op == "Transpose":
+        perm = p.attrs.get("perm") or list(range(rank))[::-1]
+        return _plan(p.inputs[0], np.transpose(f, np.argsort(perm)))
+    if p.op == "Reshape":
+        fin = _reshape_factor(f, p.inputs[0], t)
+        return None if fin is None else _plan(p.inputs[0], fin)
+    if p.op in ("Identity", "Relu"):  # Relu(x) * f == Relu(x * f) for f > 0
+        return _plan(p.inputs[0], f) if _same_shape(p.inputs[0], t) else None
+    return None
+
+
+def _value_readers(t: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read ``t``'s values (Shape and Size read only its shape, which scaling keeps)."""
+    return [n for n in t.outputs if n.op not in ("Shape", "Size")]
+
+
+def _const(t: gs.Tensor | None) -> bool:
+    return isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
+
+
+def _empty(t: gs.Tensor | None) -> bool:
+    return t is None or (isinstance(t, gs.Variable) and t.name == "")
+
+
+def _fit(vec: np.ndarray, c: gs.Constant) -> np.ndarray:
+    return vec.reshape(c.values.shape) if c.values.size == vec.size else vec
+
+
+def _broadcasts(c: gs.Constant, f: np.ndarray, t: gs.Variable) -> bool:
+    """Whether ``c * f`` keeps the op's output shape (no rank or size growth beyond ``t``)."""
+    try:
+        shape = np.broadcast_shapes(c.values.shape, f.shape)
+    except ValueError:
+        return False
+    if t.shape is None or len(shape) > len(t.shape):
+        return False
+    tail = list(t.shape)[len(t.shape) - len(shape):]
+    return all(d == 1 or d == td for d, td in zip(shape, tail))
+
+
+def _same_shape(a: gs.Tensor, t: gs.Variable) -> bool:
+    return a.shape is not None and t.shape is not None and list(a.shape) == list(t.shape)
+
+
+def _same_rank(a: gs.Tensor, t: gs.Variable) -> bool:
+    return a.shape is not None and t.shape is not None and len(a.shape) == len(t.shape)
+
+
+def _static_where(a: gs.Tensor, t: gs.Variable, f: np.ndarray) -> bool:
+    """Every axis where ``f`` varies has the same static size in ``a`` and ``t`` (no broadcasting there)."""
+    return all(d == 1 or (isinstance(ad, int) and ad == td) for d, ad, td in zip(f.shape, a.shape, t.shape))
+
+
+def _reshape_factor(f: np.ndarray, src: gs.Tensor, out: gs.Variable) -> np.ndarray | None:
+    """The factor on a Reshape's input equivalent to ``f`` on its output, when only trailing axes change."""
+    if src.shape is None or out.shape is None:
+        return None
+    first = next(i for i, d in enumerate(f.shape) if d > 1) if any(d > 1 for d in f.shape) else len(f.shape) - 1
+    block_out = list(out.shape)[first:]
+    if not all(isinstance(d, int) and d > 0 for d in block_out):
+        return None
+    want = int(np.prod(block_out))
+    src_shape = list(src.shape)
+    prod, k = 1, 0
+    while prod < want and k < len(src_shape):
+        d = src_shape[-1 - k]
+        if not isinstance(d, int) or d <= 0:
+            return None
+        prod *= d
+        k += 1
+    if prod != want:
+        return None
+    block = np.broadcast_to(f.reshape(f.shape[first:]), block_out).reshape(src_shape[len(src_shape) - k:])
+    return np.ascontiguousarray(block.reshape((1,) * (len(src_shape) - k) + block.shape))
+
+
+def _cheap_to_clone(p: gs.Node) -> bool:
+    if p.op == "LayerNormalization":
+        return all(not o.outputs for o in p.outputs[1:])
+    return p.op == "Mul" and len(p.outputs) == 1 and any(_const(t) for t in p.inputs[:2])
+
+
+def _weight_rows(node: gs.Node) -> np.ndarray:
+    """The weight as [K, N] (row j reads input channel j), whatever the op's layout."""
+    w = node.inputs[1].values
+    return w.T if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w
+
+
+def _fake_quant_weight(node: gs.Node, w_kn: np.ndarray, cfg: NodeConfig | None, target: TargetProfile) -> np.ndarray:
+    """``w_kn`` ([K, N]) after the quantize-dequantize round trip ``insert_qdq`` will apply (min-max ranges)."""
+    if cfg is None:
+        return w_kn
+    tmp = gs.Constant("w", w_kn)
+    probe = gs.Node("MatMul", node.name, inputs=[gs.Variable("x"), tmp], outputs=[gs.Variable("y")])
+    scheme = _weight_scheme(probe, 1, tmp, cfg, target)
+    scale, zp = choose_qparams(w_kn, scheme)
+    return dequantize(quantize(w_kn, scale, zp, scheme, clip_to_scheme=True), scale, zp, scheme)
+
+
+def smoothquant(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    """Convenience function: run :class:`SmoothQuantPass` on ``graph``."""
+    return SmoothQuantPass()(graph, ctx).graph

@@ -1,0 +1,402 @@
+"""dynamic: op types left, numerics in ORT vs float (SQNR floors), a numpy oracle of the integer arithmetic,
+the reference evaluator, target weight ranges, exclusions, Gemm attributes, tied weights, names, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.reference
+import onnx_graphsurgeon as gs
+import pytest
+from click.testing import CliRunner
+from conftest import asset
+from helpers import full_check, make_ctx, op_types, run_ort, sqnr_db
+
+from onnxq.cli import main
+from onnxq.errors import PassError
+from onnxq.model import to_model
+from onnxq.passes import PASSES, DynamicQuantizePass
+from onnxq.recipe import DynamicSpec, ExcludeSpec, Override, Recipe, WeightSpec, preset
+from onnxq.target import PROFILES
+
+RNG = np.random.default_rng(0)
+GRANULARITIES = ("per-tensor", "per-row")
+
+
+@pytest.fixture(autouse=True)
+def _reseed() -> None:
+    """Every test sees the same random data whatever runs before it."""
+    RNG.bit_generator.state = np.random.default_rng(0).bit_generator.state
+
+
+def _vi(name: str, shape: list, elem: int = onnx.TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, elem, shape)
+
+
+def _model(nodes: list[onnx.NodeProto], inputs: list, outputs: list, inits: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+    g = onnx.helper.make_graph(nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    m = onnx.shape_inference.infer_shapes(m)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _linear_model(k: int = 32, n: int = 24, opset: int = 17) -> onnx.ModelProto:
+    """x [B, M, K] -> MatMul(W [K, N]) -> Add(bias) -> y, with an activation x activation MatMul beside it."""
+    inits = {"W": (RNG.normal(size=(k, n)) * 0.2).astype(np.float32), "bias": RNG.normal(size=(n,)).astype(np.float32)}
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+        onnx.helper.make_node("Add", ["h", "bias"], ["y"], name="fc_bias"),
+        onnx.helper.make_node("Transpose", ["x"], ["xt"], name="t", perm=[0, 2, 1]),
+        onnx.helper.make_node("MatMul", ["x", "xt"], ["gram"], name="gram"),
+    ]
+    return _model(nodes, [_vi("x", ["B", "M", k])], [_vi("y", ["B", "M", n]), _vi("gram", ["B", "M", "M"])], inits, opset)
+
+
+def _recipe(granularity: str = "per-tensor", **changes: object) -> Recipe:
+    return preset("int8-dynamic").with_(dynamic=DynamicSpec(activation_granularity=granularity), **changes)  # type: ignore[arg-type]
+
+
+def _quantize(model: onnx.ModelProto, recipe: Recipe | None = None, target: str = "x86-avx2"):
+    ctx = make_ctx(recipe or _recipe())
+    ctx.scratch["target"] = PROFILES[target]
+    result = DynamicQuantizePass()(gs.import_onnx(model), ctx)
+    out = to_model(result.graph, template=model)
+    full_check(out)
+    return out, result, ctx
+
+
+def _init(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _x(shape: tuple[int, ...] = (2, 5, 32)) -> np.ndarray:
+    x = RNG.normal(size=shape).astype(np.float32)
+    x[0, 1] *= 20.0  # one loud row, as LLM activations have
+    return x
+
+
+# ----------------------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_op_types_and_counts(granularity: str) -> None:
+    model = _linear_model()
+    q, result, ctx = _quantize(model, _recipe(granularity))
+    ops = op_types(q)
+    assert ops.count("MatMul") == 1, f"only the activation x activation MatMul stays float: {ops}"
+    assert ops.count("MatMulInteger") == 1
+    expected = {"DynamicQuantizeLinear"} if granularity == "per-tensor" else {"ReduceMin", "ReduceMax", "QuantizeLinear"}
+    assert expected <= set(ops), ops
+    assert result.counts["nodes_quantized"] == 1 and result.counts["weights_quantized"] == 1
+    assert result.counts["activation_products"] == 1
+    assert not any(t.name == "W" for t in q.graph.initializer), "the float weight must be gone"
+    docs = ctx.scratch["doc_strings"]
+    assert docs["fc/MatMulInteger"].startswith("onnxq: dynamic int8")
+    assert _node(q, "fc/MatMulInteger").op_type == "MatMulInteger"
+    # graph outputs keep their names and float dtype
+    assert [(o.name, o.type.tensor_type.elem_type) for o in q.graph.output] == [
+        ("y", onnx.TensorProto.FLOAT), ("gram", onnx.TensorProto.FLOAT)]  # fmt: skip
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("target", ["x86-avx2", "x86-avx2-u8"])
+def test_numerics_close_to_float(granularity: str, target: str) -> None:
+    model = _linear_model()
+    q, _, _ = _quantize(model, _recipe(granularity), target)
+    x = _x()
+    ref = run_ort(model, {"x": x})[0]
+    for optimize in (False, True):  # unfused, and ORT's DynamicQuantizeMatMul / MatMulIntegerToFloat fusions
+        got = run_ort(q, {"x": x}, optimize=optimize)[0]
+        sqnr = sqnr_db(ref, got)
+        floor = 30.0 if granularity == "per-tensor" else 34.0
+        assert sqnr >= floor, f"{granularity}/{target} optimize={optimize}: SQNR {sqnr:.1f} dB < {floor} dB"
+
+
+def test_per_row_beats_per_tensor_on_a_loud_row() -> None:
+    model = _linear_model()
+    x = _x()
+    ref = run_ort(model, {"x": x})[0]
+    quiet = np.ones(ref.shape[:2], bool)
+    quiet[0, 1] = False
+    sq = {}
+    for g in GRANULARITIES:
+        q, _, _ = _quantize(model, _recipe(g), "x86-avx2-u8")
+        sq[g] = sqnr_db(ref[quiet], run_ort(q, {"x": x})[0][quiet])
+    assert sq["per-row"] > sq["per-tensor"] + 10, f"quiet rows: per-row {sq['per-row']:.1f} dB, per-tensor {sq['per-tensor']:.1f} dB"
+
+
+# ----------------------------------------------------------------------------------------- oracle
+
+
+def _oracle(x: np.ndarray, w_q: np.ndarray, w_zp: np.ndarray, w_scale: np.ndarray, bias: np.ndarray, mode: str) -> np.ndarray:
+    """The quantized arithmetic, written independently in numpy (ONNX semantics, float32 where ORT is)."""
+    f32 = np.float32
+    wi = w_q.astype(np.int64) - w_zp.astype(np.int64)
+    if mode == "per-tensor":  # DynamicQuantizeLinear, ONNX definition
+        lo, hi = min(f32(0), x.min()), max(f32(0), x.max())
+        s = f32((hi - lo) / f32(255))
+        zp = np.clip(np.rint(-lo / s), 0, 255)
+        xq = np.clip(np.rint(x / s) + zp, 0, 255).astype(np.int64)
+        acc = (xq - int(zp)) @ wi
+        return acc.astype(f32) * (s * w_scale) + bias
+    if mode == "per-row-symmetric":
+        s = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / f32(127), f32(1e-30))
+        xq = np.clip(np.rint(x * (f32(1) / s)) + 128, 0, 255).astype(np.int64)
+        acc = (xq - 128) @ wi
+        return (acc.astype(f32) * s) * w_scale + bias
+    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)  # per-row affine
+    s = np.maximum((hi - lo) / f32(255), f32(1e-30))
+    xq = np.clip(np.rint((x - lo) * (f32(1) / s)), 0, 255).astype(np.int64)
+    acc = xq @ wi
+    return (acc.astype(f32) * s + lo * wi.sum(axis=0).astype(f32)) * w_scale + bias
+
+
+@pytest.mark.parametrize("mode", ["per-tensor", "per-row", "per-row-symmetric"])
+@pytest.mark.parametrize("target", ["x86-avx2", "x86-avx2-u8"])
+def test_integer_arithmetic_matches_numpy_oracle_and_reference(mode: str, target: str) -> None:
+    model = _linear_model()
+    recipe = _recipe("per-tensor" if mode == "per-tensor" else "per-row", weights=WeightSpec(range_method="minmax"))
+    if mode == "per-row-symmetric":
+        recipe = recipe.with_(dynamic=DynamicSpec(activation_granularity="per-row", row_symmetric=True))
+    q, _, _ = _quantize(model, recipe, target)
+    w = onnx.numpy_helper.to_array(next(t for t in q.graph.initializer if t.name.startswith("W_quantized")))
+    mmi = _node(q, "fc/MatMulInteger")
+    w_zp = _init(q, mmi.input[3]) if len(mmi.input) > 3 else np.zeros((), np.int8)
+    w_float = _init(model, "W")
+    w_scale = np.abs(w_float).max(axis=0) / (64 if target == "x86-avx2" else 127)
+    x = _x()
+    expect = _oracle(x, w, w_zp, w_scale.astype(np.float32), _init(model, "bias"), mode)
+    got = run_ort(q, {"x": x})[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+    ref_eval = onnx.reference.ReferenceEvaluator(q).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref_eval, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+    fused = run_ort(q, {"x": x}, optimize=True)[0]  # ORT's fused kernels compute the same integers
+    np.testing.assert_allclose(fused, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+
+
+def test_per_row_zero_row_gives_zero_not_nan() -> None:
+    model = _linear_model()
+    q, _, _ = _quantize(model, _recipe("per-row"))
+    x = _x()
+    x[1, 2] = 0.0
+    y = run_ort(q, {"x": x})[0]
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y[1, 2], _init(model, "bias"), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize(("target", "dtype", "lo", "hi"), [
+    ("x86-avx2", np.int8, -64, 64), ("generic", np.int8, -64, 64), ("x86-vnni", np.int8, -127, 127),
+    ("arm64", np.int8, -127, 127), ("x86-avx2-u8", np.uint8, 1, 255)])  # fmt: skip
+def test_weight_range_follows_target(granularity: str, target: str, dtype: type, lo: int, hi: int) -> None:
+    q, result, _ = _quantize(_linear_model(), _recipe(granularity, weights=WeightSpec(range_method="minmax")), target)
+    mmi = _node(q, "fc/MatMulInteger")
+    w = _init(q, mmi.input[1])
+    assert w.dtype == dtype and w.min() == lo and w.max() == hi, f"{target}: {w.dtype} [{w.min()}, {w.max()}]"
+    if dtype is np.uint8:
+        assert _init(q, mmi.input[3]).tolist() == 128, "uint8 weights are symmetric around zero point 128"
+    else:
+        assert len(mmi.input) == 3, "symmetric int8 weights need no b_zero_point"
+    assert any(target in n for n in result.notes)
+
+
+def test_reduce_range_setting_overrides_target() -> None:
+    q, _, _ = _quantize(_linear_model(), _recipe(weights=WeightSpec(range_method="minmax", reduce_range=False)), "x86-avx2")
+    assert np.abs(_init(q, _node(q, "fc/MatMulInteger").input[1])).max() == 127
+    q, _, _ = _quantize(_linear_model(), _recipe(weights=WeightSpec(range_method="minmax", reduce_range=True)), "x86-vnni")
+    assert np.abs(_init(q, _node(q, "fc/MatMulInteger").input[1])).max() == 64
+
+
+def test_per_tensor_weights_and_affine_weights() -> None:
+    model = _linear_model()
+    q, _, _ = _quantize(model, _recipe(weights=WeightSpec(granularity="per-tensor", range_method="minmax")))
+    x = _x()
+    assert sqnr_db(run_ort(model, {"x": x})[0], run_ort(q, {"x": x})[0]) > 25
+    q, _, _ = _quantize(model, _recipe("per-row", weights=WeightSpec(symmetric=False, range_method="minmax")), "x86-avx2")
+    mmi = _node(q, "fc/MatMulInteger")
+    assert len(mmi.input) == 4 and _init(q, mmi.input[3]).shape == (24,), "affine weights: per-column zero points"
+    assert sqnr_db(run_ort(model, {"x": x})[0], run_ort(q, {"x": x})[0]) > 30
+
+
+def test_cuda_target_is_refused_with_the_fix() -> None:
+    with pytest.raises(PassError, match=r"CUDA execution provider.*--target.*w8a8"):
+        _quantize(_linear_model(), target="cuda")
+
+
+def test_non_int8_weights_refused() -> None:
+    with pytest.raises(PassError, match=r"int8"):
+        _quantize(_linear_model(), _recipe(weights=WeightSpec(dtype="int4")))
+
+
+# ----------------------------------------------------------------------------------------- which nodes
+
+
+def _two_linears(tied: bool = False) -> onnx.ModelProto:
+    inits = {"W1": RNG.normal(size=(16, 16)).astype(np.float32)}
+    if not tied:
+        inits["W2"] = RNG.normal(size=(16, 16)).astype(np.float32)
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "W1"], ["a"], name="first"),
+        onnx.helper.make_node("MatMul", ["x", "W1" if tied else "W2"], ["b"], name="second"),
+        onnx.helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    return _model(nodes, [_vi("x", [4, 16])], [_vi("y", [4, 16])], inits)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_tied_weights_and_shared_activation_quantized_once(granularity: str) -> None:
+    model = _two_linears(tied=True)
+    q, result, _ = _quantize(model, _recipe(granularity))
+    assert result.counts["weights_quantized"] == 1 and result.counts["shared_weights"] == 1
+    assert result.counts["activations_quantized"] == 1, "x feeds both nodes: quantized once"
+    assert sum(t.data_type == onnx.TensorProto.INT8 and list(t.dims) == [16, 16] for t in q.graph.initializer) == 1
+    x = RNG.normal(size=(4, 16)).astype(np.float32)
+    assert sqnr_db(run_ort(model, {"x": x})[0], run_ort(q, {"x": x})[0]) > 30
+
+
+def test_exclusions_and_overrides_respected() -> None:
+    model = _two_linears()
+    q, result, _ = _quantize(model, _recipe(exclude=ExcludeSpec(names=("first",))))
+    assert op_types(q).count("MatMul") == 1 and _node(q, "first").op_type == "MatMul"
+    assert result.counts["nodes_excluded"] == 1 and result.counts["nodes_quantized"] == 1
+    q, result, _ = _quantize(model, _recipe(overrides=(Override(name_regex="^sec", skip=True),)))
+    assert _node(q, "second").op_type == "MatMul" and result.counts["nodes_excluded"] == 1
+    q, result, _ = _quantize(model, _recipe(op_types=("Conv",)))  # the recipe quantizes no MatMul
+    assert not result.modified and op_types(q).count("MatMul") == 2
+    # a per-node override changes that node's weights only
+    q, _, _ = _quantize(model, _recipe(overrides=(Override(name="second", weights={"granularity": "per-tensor"}),)))
+    second_scale = _init(q, _node(q, "second/MulScales").input[1])
+    first_scale = _init(q, _node(q, "first/MulScales").input[1])
+    assert second_scale.shape == () and first_scale.shape == (16,)
+
+
+def _gemm_model(trans_a: int, trans_b: int, alpha: float, beta: float, bias: str) -> onnx.ModelProto:
+    k, n, m = 12, 10, 6
+    w = RNG.normal(size=(n, k) if trans_b else (k, n)).astype(np.float32)
+    inits = {"W": w}
+    inputs = [_vi("x", [k, m] if trans_a else [m, k])]
+    names = ["x", "W"]
+    if bias == "const":
+        inits["C"] = RNG.normal(size=(n,)).astype(np.float32)
+        names.append("C")
+    elif bias == "input":
+        inputs.append(_vi("C", [m, n]))
+        names.append("C")
+    node = onnx.helper.make_node("Gemm", names, ["y"], name="gemm", transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+    return _model([node], inputs, [_vi("y", [m, n])], inits)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize(("trans_a", "trans_b", "alpha", "beta", "bias"), [
+    (0, 1, 1.0, 1.0, "const"), (0, 0, 0.5, 2.0, "const"), (1, 1, 1.5, 0.25, "input"), (0, 1, 1.0, 1.0, "none")])  # fmt: skip
+def test_gemm_attributes_and_bias(granularity: str, trans_a: int, trans_b: int, alpha: float, beta: float, bias: str) -> None:
+    model = _gemm_model(trans_a, trans_b, alpha, beta, bias)
+    q, result, _ = _quantize(model, _recipe(granularity))
+    ops = op_types(q)
+    assert "Gemm" not in ops and "MatMulInteger" in ops
+    assert any(n.name == "gemm/AddBias" for n in q.graph.node) == (bias != "none")
+    assert ("Transpose" in ops) == bool(trans_a)
+    feeds = {i.name: RNG.normal(size=[d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input}  # fmt: skip
+    sqnr = sqnr_db(run_ort(model, feeds)[0], run_ort(q, feeds)[0])
+    assert sqnr > 28, f"Gemm transA={trans_a} transB={trans_b} alpha={alpha} beta={beta} bias={bias}: SQNR {sqnr:.1f} dB"
+
+
+def test_gemm_excluded_by_dynamic_op_types() -> None:
+    model = _gemm_model(0, 1, 1.0, 1.0, "const")
+    q, result, _ = _quantize(model, preset("int8-dynamic").with_(dynamic=DynamicSpec(op_types=("MatMul",))))
+    assert op_types(q) == ["Gemm"] and not result.modified
+
+
+def test_must_not_fire_on_unsupported_weights() -> None:
+    inits = {"W3": RNG.normal(size=(2, 8, 4)).astype(np.float32)}
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "W3"], ["y"], name="batched_weight"),
+        onnx.helper.make_node("MatMul", ["x", "z"], ["v"], name="two_activations"),
+    ]
+    model = _model(nodes, [_vi("x", [2, 3, 8]), _vi("z", [2, 8, 4])], [_vi("y", [2, 3, 4]), _vi("v", [2, 3, 4])], inits)
+    q, result, _ = _quantize(model)
+    assert op_types(q) == ["MatMul", "MatMul"] and not result.modified
+    assert result.counts["nodes_skipped"] == 1 and any("rank 3" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_per_row_on_old_and_new_reduce_max(opset: int) -> None:
+    model = _linear_model(opset=opset)
+    q, _, _ = _quantize(model, _recipe("per-row"))
+    x = _x()
+    assert sqnr_db(run_ort(model, {"x": x})[0], run_ort(q, {"x": x})[0]) > 34
+
+
+def test_inserted_names_never_collide() -> None:
+    """Tensors and nodes already called like the ones the pass would insert."""
+    inits = {"W": RNG.normal(size=(8, 8)).astype(np.float32), "x_quantized": np.ones((8,), np.float32)}
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+        onnx.helper.make_node("Add", ["h", "x_quantized"], ["fc_int32"], name="fc/MatMulInteger"),
+        onnx.helper.make_node("Relu", ["fc_int32"], ["y"], name="x/DynamicQuantizeLinear"),
+    ]
+    model = _model(nodes, [_vi("x", [3, 8])], [_vi("y", [3, 8])], inits)
+    for g in GRANULARITIES:
+        q, _, _ = _quantize(model, _recipe(g))
+        names = [n.name for n in q.graph.node]
+        assert len(names) == len(set(names))
+        outs = [o for n in q.graph.node for o in n.output]
+        assert len(outs) == len(set(outs))
+        x = RNG.normal(size=(3, 8)).astype(np.float32)
+        assert sqnr_db(run_ort(model, {"x": x})[0], run_ort(q, {"x": x})[0]) > 25
+
+
+def test_registered_and_preset_needs_no_calibration() -> None:
+    assert PASSES["dynamic"] is DynamicQuantizePass
+    r = preset("int8-dynamic")
+    assert not r.needs_calibration() and r.passes[-1] == "dynamic"
+
+
+# ----------------------------------------------------------------------------------------- CLI and real model
+
+
+def test_cli_quantize_int8_dynamic(tmp_path: Path) -> None:
+    src, out = tmp_path / "lin.onnx", tmp_path / "lin.dyn.onnx"
+    onnx.save(_linear_model(), src)
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--preset", "int8-dynamic",
+                                       "--target", "x86-avx2", "--no-progress", "--checked"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert "MatMulInteger" in ops and "QuantizeLinear" not in ops or "DynamicQuantizeLinear" in ops
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "c.onnx"), "--preset", "int8-dynamic",
+                                       "--target", "cuda", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 1 and "--target" in result.stderr and not (tmp_path / "c.onnx").exists()
+
+
+@pytest.mark.assets
+def test_minilm_embeddings_close_to_fp32(assets: Path) -> None:
+    from tokenizers import Tokenizer
+
+    model = onnx.load(asset(assets, "minilm/model.onnx"))
+    tok = Tokenizer.from_file(str(asset(assets, "minilm/tokenizer.json")))
+    tok.no_padding()
+    sentences = ["A man is playing a guitar.", "The cat sleeps on the warm windowsill all afternoon.",
+                 "Stock markets fell sharply after the announcement.", "Two children are riding bicycles."]  # fmt: skip
+    from onnxq.quantize import quantize_model
+
+    recipe = preset("int8-dynamic").with_(target="x86-avx2", weights=WeightSpec(range_method="minmax"))
+    q = quantize_model(model, recipe).model
+    for s in sentences:
+        ids = np.array([tok.encode(s).ids], np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        ref = run_ort(model, feeds)[1][0]
+        got = run_ort(q, feeds, optimize=True)[1][0]
+        cos = float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got))
+        assert cos >= 0.98, f"{s!r}: cosine {cos:.4f} to the fp32 embedding"

@@ -1,0 +1,245 @@
+"""The smoothquant pass: exact in float, 1/s folded into producers (no Mul where avoidable), alpha rules."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from onnxq.cli import main
+from onnxq.quantize import CalibrationOptions, quantize_model
+from onnxq.recipe import SmoothQuantSpec, preset, recipe_from_dict
+from onnxq.errors import RecipeError
+from onnxq.passes.smoothquant import smooth_factors
+
+from conftest import asset
+from helpers import full_check, run_ort, sqnr_db
+
+RNG = np.random.default_rng(7)
+K, N = 16, 12
+
+
+def _outlier_scale() -> np.ndarray:
+    """Per-channel gains with two outlier channels (what LayerNorm outputs of transformers look like)."""
+    g = np.ones(K, np.float32)
+    g[[3, 11]] = [25.0, -40.0]
+    return g
+
+
+def _model(nodes: list, inits: dict[str, np.ndarray], inputs: list, outputs: list) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _vi(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _w(k: int = K, n: int = N) -> np.ndarray:
+    return (RNG.normal(size=(k, n)) * 0.2).astype(np.float32)
+
+
+def _ln_qkv_model() -> onnx.ModelProto:
+    """LayerNorm -> Q/K/V MatMuls sharing its output, plus a residual Add reading it too (BERT's pattern)."""
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["h", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["h", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Add", ["q", "k"], ["qk"], name="add_qk"),
+        helper.make_node("Add", ["qk", "v"], ["qkv"], name="add_v"),
+        helper.make_node("MatMul", ["qkv", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["h", "o"], ["y"], name="residual"),
+    ]
+    inits = {"gamma": _outlier_scale(), "beta": (RNG.normal(size=K) * 0.1).astype(np.float32),
+             "wq": _w(K, K), "wk": _w(K, K), "wv": _w(K, K), "wo": _w(K, K)}  # fmt: skip
+    return _model(nodes, inits, [_vi("x", [2, 5, K])], [_vi("y", [2, 5, K])])
+
+
+def _recipe(alpha: float | str = 0.5, quantize: bool = False, **sq: object):
+    r = preset("w8a8-smoothquant")
+    passes = r.passes if quantize else tuple(p for p in r.passes if p != "insert_qdq")
+    return r.with_(passes=passes, smoothquant=dataclasses.replace(r.smoothquant, alpha=alpha, **sq),
+                   calibration=dataclasses.replace(r.calibration, samples=16), target="x86-vnni")  # fmt: skip
+
+
+def _smooth(model: onnx.ModelProto, recipe=None):
+    res = quantize_model(model, recipe or _recipe(), calibration=CalibrationOptions(source="random:16"), checked=True)
+    step = next(s for s in res.report.steps if s.name == "smoothquant")
+    return res.model, step
+
+
+def _feed(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    vi = model.graph.input[0]
+    shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return {vi.name: RNG.normal(size=shape).astype(np.float32)}
+
+
+def _assert_exact(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    feed = _feed(a)
+    for x, y in zip(run_ort(a, feed), run_ort(b, feed)):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5 * float(np.abs(x).max()))
+
+
+def test_smooth_factors_formula() -> None:
+    x = np.array([4.0, 1.0, 0.0, 9.0], np.float32)
+    w = np.array([1.0, 4.0, 2.0, 0.0], np.float32)
+    s = smooth_factors(x, w, 0.5)
+    np.testing.assert_allclose(s[:2], [2.0, 0.5], rtol=1e-6)
+    assert s[2] == 1.0 and s[3] == 1.0, "a channel that never fires or has no weight is left alone"
+    np.testing.assert_allclose(smooth_factors(x[:2], w[:2], 1.0), x[:2], rtol=1e-6)
+
+
+def test_layernorm_with_residual_is_cloned_and_exact() -> None:
+    model = _ln_qkv_model()
+    out, step = _smooth(model)
+    full_check(out)
+    _assert_exact(model, out)
+    assert step.counts["muls_inserted"] == 0
+    assert step.counts["producers_cloned"] == 1, "the residual keeps the original LayerNorm"
+    assert [n.op_type for n in out.graph.node].count("LayerNormalization") == 2
+    lns = [n for n in out.graph.node if n.op_type == "LayerNormalization"]
+    readers = {n.name: list(n.input) for n in out.graph.node}
+    smoothed = next(n for n in lns if n.name != "ln").output[0]
+    assert all(smoothed in readers[p] for p in ("q_proj", "k_proj", "v_proj"))
+    assert "h" in readers["residual"]
+    # Q/K/V share one s: their weights' rows were all multiplied by the same factors
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    orig = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    ratios = [inits[next(n for n in out.graph.node if n.name == p).input[1]][:, 0] / orig[w][:, 0]
+              for p, w in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"))]  # fmt: skip
+    np.testing.assert_allclose(ratios[0], ratios[1], rtol=1e-5)
+    np.testing.assert_allclose(ratios[0], ratios[2], rtol=1e-5)
+
+
+def test_rmsnorm_weight_mul_absorbs_and_swiglu_folds_into_up() -> None:
+    nodes = [
+        helper.make_node("Mul", ["x", "g"], ["h"], name="norm_weight"),
+        helper.make_node("MatMul", ["h", "w_gate"], ["gate"], name="gate_proj"),
+        helper.make_node("MatMul", ["h", "w_up"], ["up"], name="up_proj"),
+        helper.make_node("Sigmoid", ["gate"], ["sig"], name="sig"),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+        helper.make_node("Mul", ["silu", "up"], ["act"], name="swiglu"),
+        helper.make_node("MatMul", ["act", "w_down"], ["y"], name="down_proj"),
+    ]
+    inits = {"g": _outlier_scale(), "w_gate": _w(K, N), "w_up": _w(K, N), "w_down": _w(N, K)}
+    model = _model(nodes, inits, [_vi("x", [1, 6, K])], [_vi("y", [1, 6, K])])
+    out, step = _smooth(model, _recipe(alpha=0.5))
+    _assert_exact(model, out)
+    assert step.counts["muls_inserted"] == 0 and step.counts["producers_cloned"] == 0
+    docs = {n.name: n.doc_string for n in out.graph.node}
+    smoothed = [k for k in ("gate_proj", "down_proj") if "SmoothQuant" in docs[k]]
+    for name in smoothed:
+        where = {"gate_proj": "Mul 'norm_weight'", "down_proj": "MatMul 'up_proj'"}[name]
+        assert where in docs[name], docs[name]
+
+
+def test_attention_output_projection_folds_into_v_through_reshape_transpose() -> None:
+    heads, d = 2, K // 2
+    nodes = [
+        helper.make_node("MatMul", ["x", "wv"], ["v0"], name="v_proj"),
+        helper.make_node("Add", ["v0", "bv"], ["v1"], name="v_bias"),
+        helper.make_node("Reshape", ["v1", "shape4"], ["v2"], name="v_split"),
+        helper.make_node("Transpose", ["v2"], ["v3"], name="v_heads", perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["p", "v3"], ["c0"], name="attn_v"),
+        helper.make_node("Transpose", ["c0"], ["c1"], name="ctx_t", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["c1", "shape3"], ["c2"], name="ctx_merge"),
+        helper.make_node("MatMul", ["c2", "wo"], ["y"], name="o_proj"),
+    ]
+    wv = _w(K, K) * _outlier_scale()[None, :]  # outlier output channels of V become outlier inputs of o_proj
+    inits = {"wv": wv, "bv": (RNG.normal(size=K) * 0.1).astype(np.float32), "wo": _w(K, K),
+             "shape4": np.array([1, 4, heads, d], np.int64), "shape3": np.array([1, 4, K], np.int64)}  # fmt: skip
+    model = _model(nodes, inits, [_vi("x", [1, 4, K]), _vi("p", [1, heads, 4, 4])], [_vi("y", [1, 4, K])])
+    out, step = _smooth(model, _recipe(alpha=0.5))
+    feed = {"x": RNG.normal(size=(1, 4, K)).astype(np.float32), "p": RNG.random((1, heads, 4, 4)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(out, feed)[0], run_ort(model, feed)[0], rtol=1e-4, atol=1e-4)
+    docs = {n.name: n.doc_string for n in out.graph.node}
+    if "SmoothQuant" in docs["o_proj"]:
+        assert "MatMul 'v_proj'" in docs["o_proj"] and "Add 'v_bias'" in docs["o_proj"]
+    assert step.counts["muls_inserted"] == 0
+
+
+def test_graph_input_gets_an_explicit_mul() -> None:
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
+    model = _model(nodes, {"w": _w()}, [_vi("x", [3, K])], [_vi("y", [3, N])])
+    out, step = _smooth(model, _recipe(alpha=1.0))
+    _assert_exact(model, out)
+    if step.counts["groups_smoothed"]:
+        assert step.counts["muls_inserted"] == 1
+        assert any(n.op_type == "Mul" and "SmoothQuant" in n.name for n in out.graph.node)
+        assert any("explicit Mul" in note for note in step.notes)
+
+
+def test_smoothing_lowers_quantization_error_on_outlier_channels() -> None:
+    model = _ln_qkv_model()
+    plain = quantize_model(model, _recipe().with_(passes=tuple(p for p in _recipe(quantize=True).passes if p != "smoothquant")),
+                           calibration=CalibrationOptions(source="random:16")).model  # fmt: skip
+    smoothed = quantize_model(model, _recipe(quantize=True), calibration=CalibrationOptions(source="random:16")).model
+    feed = _feed(model)
+    ref = run_ort(model, feed)[0]
+    a, b = sqnr_db(ref, run_ort(plain, feed)[0]), sqnr_db(ref, run_ort(smoothed, feed)[0])
+    assert b > a + 3, f"SmoothQuant SQNR {b:.1f} dB should beat plain w8a8 {a:.1f} dB by > 3 dB"
+
+
+def test_auto_alpha_picks_from_the_grid_and_reports_it() -> None:
+    model = _ln_qkv_model()
+    out, step = _smooth(model, _recipe(alpha="auto", alpha_grid=(0.25, 0.5, 0.75)))
+    _assert_exact(model, out)
+    assert any("alpha searched" in n for n in step.notes) or step.counts["groups_left_unsmoothed"]
+    docs = [n.doc_string for n in out.graph.node if "SmoothQuant alpha" in n.doc_string]
+    assert docs and all(any(f"alpha {a}" in d for a in ("0.25", "0.5", "0.75")) for d in docs)
+
+
+def test_excluded_layers_are_not_smoothed() -> None:
+    model = _ln_qkv_model()
+    r = _recipe()
+    r = r.with_(exclude=dataclasses.replace(r.exclude, op_types=("MatMul",)))
+    out, step = _smooth(model, r)
+    assert step.counts["groups_smoothed"] == 0 and not step.modified
+
+
+def test_recipe_validation() -> None:
+    with pytest.raises(RecipeError, match="alpha"):
+        SmoothQuantSpec(alpha=1.5)
+    with pytest.raises(RecipeError, match="op_types"):
+        SmoothQuantSpec(op_types=("Conv",))
+    r = recipe_from_dict({"preset": "w8a8-smoothquant", "smoothquant": {"alpha": "auto", "alpha_grid": [0.3, 0.6]}})
+    assert r.smoothquant.alpha == "auto" and r.smoothquant.alpha_grid == (0.3, 0.6)
+    with pytest.raises(RecipeError, match="unknown key 'alfa'"):
+        recipe_from_dict({"smoothquant": {"alfa": 0.5}})
+
+
+def test_cli_alpha(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_ln_qkv_model(), src)
+    runner = CliRunner()
+    bad = runner.invoke(main, ["quantize", str(src), "-o", str(tmp_path / "a.onnx"), "--preset", "w8a8", "--alpha", "0.5", "--calib", "random:4"])
+    assert bad.exit_code == 2 and "smoothquant" in bad.output.lower()
+    bad = runner.invoke(main, ["quantize", str(src), "-o", str(tmp_path / "a.onnx"), "--preset", "w8a8-smoothquant", "--alpha", "high", "--calib", "random:4"])
+    assert bad.exit_code == 2
+    ok = runner.invoke(main, ["quantize", str(src), "-o", str(tmp_path / "b.onnx"), "--preset", "w8a8-smoothquant",
+                              "--alpha", "auto", "--calib", "random:8", "--no-progress"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.assets
+def test_minilm_smoothing_is_exact_without_mul_nodes(assets: Path) -> None:
+    model = onnx.load(asset(assets, "minilm/model.onnx"))
+    opts = CalibrationOptions(source=str(asset(assets, "sts/sts-dev.csv")), tokenizer=str(asset(assets, "minilm/tokenizer.json")))
+    r = _recipe().with_(target="auto")
+    r = r.with_(calibration=dataclasses.replace(r.calibration, samples=4))
+    res = quantize_model(model, r, calibration=opts)
+    step = next(s for s in res.report.steps if s.name == "smoothquant")
+    assert step.counts["muls_inserted"] == 0 and step.counts["groups_smoothed"] >= 12
+    ids = RNG.integers(1000, 20000, (2, 12)).astype(np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    for a, b in zip(run_ort(model, feed), run_ort(res.model, feed)):
+        assert float(np.abs(a - b).max() / np.abs(a).max()) < 1e-4

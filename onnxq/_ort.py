@@ -20,6 +20,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without onnxrunt
         "(or `\"onnxq[gpu]\"` for the CUDA execution provider)"
     ) from exc
 
+# ORT's optimisers log warnings through the process-wide default logger, not the session's
+# ("UnsqueezeElimination cannot remove node ..."): harmless for onnxq's observer models, noise for users
+ort.set_default_logger_severity(3)
+
 
 def available_providers() -> list[str]:
     """Execution providers this onnxruntime build offers."""

@@ -90,6 +90,7 @@ def main(debug: bool) -> None:
 @click.option("--exclude-op", multiple=True, help="Leave every node of this op type in float (repeatable).")
 @click.option("--exclude-node", multiple=True, help="Leave this node (exact name) in float (repeatable).")
 @click.option("--exclude-regex", multiple=True, help="Leave nodes whose name matches this regex in float (repeatable).")
+@click.option("--exclude-activation-matmuls", is_flag=True, help="Leave MatMuls of two activations (attention Q @ K^T and probs @ V) in float.")
 @click.option("--calib-cache", type=click.Path(path_type=Path), help="Reuse ranges saved by `onnxq calibrate` (must match this model and calibration settings) instead of calibrating.")
 @click.option("--format", "out_format", type=click.Choice(["qdq", "qoperator"]), help="Output form: qdq (QuantizeLinear/DequantizeLinear around float ops; default) or qoperator (QLinearConv, QLinearMatMul, MatMulInteger, ...: lowered for the --target's kernels).")
 @click.option("--alpha", help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer (presets with smoothquant).")
@@ -102,7 +103,7 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
              exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], calib_cache: Path | None,
-             out_format: str | None, alpha: str | None,
+             out_format: str | None, alpha: str | None, exclude_activation_matmuls: bool,
              report_dir: Path | None, as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
     """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
 
@@ -123,6 +124,8 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=target, device=device,
                           exclude_op=exclude_op, exclude_node=exclude_node, exclude_regex=exclude_regex)  # fmt: skip
     recipe = _apply_format_alpha(recipe, out_format, alpha)
+    if exclude_activation_matmuls:
+        recipe = recipe.with_(exclude=dataclasses.replace(recipe.exclude, activation_matmuls=True))
     if recipe.needs_calibration() and not calib and not calib_cache:
         raise OnnxqError(
             f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "

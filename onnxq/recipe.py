@@ -134,11 +134,13 @@ class CalibrationSpec:
 
 @dataclass(frozen=True)
 class ExcludeSpec:
-    """Nodes left in float: by op type, by exact name, or by name regex (``re.search``)."""
+    """Nodes left in float: by op type, by exact name, or by name regex (``re.search``); and, with
+    ``activation_matmuls``, every MatMul whose inputs are both activations (attention scores and context)."""
 
     op_types: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
     name_regex: tuple[str, ...] = ()
+    activation_matmuls: bool = False  # MatMuls of two activations (attention Q @ K^T, probs @ V) stay float
 
 
 @dataclass(frozen=True)

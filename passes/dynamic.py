@@ -4,38 +4,43 @@ No calibration: each activation's scale is computed by the graph itself, for eve
 the integer product. Per weight node (``MatMul`` whose B is a 2-D constant ``[K, N]``; ``Gemm`` whose B is
 a constant, any ``transA`` / ``transB`` / ``alpha`` / ``beta`` / bias ``C``):
 
-* **Weights** are stored once as int8 initializers ``[K, N]`` (``transB`` is applied when quantizing),
-  per output column (``N``) by default, symmetric, from the recipe's ``[weights]`` table (granularity,
-  ``range_method`` ``mse`` or ``minmax``). Per-column scales are applied *after* the integer product, so
-  ``MatMulInteger``'s ``b_zero_point`` stays a scalar (0, or 128 for uint8 storage).
+* **Weights** are stored once as int8 initializers ``[K, N]`` (``transB`` applied when quantizing), per
+  output column (``N``) by default, symmetric, from the recipe's ``[weights]`` table (granularity,
+  ``range_method`` ``mse`` or ``minmax``). Per-column scales (and Gemm's ``alpha``) are applied *after* the
+  integer product, so ``MatMulInteger``'s ``b_zero_point`` stays a scalar (0, or 128 for uint8 storage).
 * **Activations**, ``[dynamic] activation_granularity``:
 
-  ``per-tensor``::
+  ``per-tensor``: ``x -> DynamicQuantizeLinear -> (x_q uint8, x_scale, x_zp)``, then
+  ``Mul(Cast(MatMulInteger(x_q, w_q, x_zp)), Mul(x_scale, w_scale[N]))`` [``-> Add bias``], the pattern
+  ONNX Runtime fuses into ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``. One scale for the whole
+  tensor: one loud token (LLMs have a few, e.g. the first one) coarsens every other token's step.
 
-      x -> DynamicQuantizeLinear -> (x_q uint8, x_scale, x_zp)
-      MatMulInteger(x_q, w_q, x_zp) -> Cast float -> Mul(x_scale * w_scale[N])  [-> Add bias]
+  ``per-row`` (the default; one scale per row of the last axis, i.e. per token), symmetric::
 
-  the pattern ONNX Runtime fuses into ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``. One scale
-  for the whole tensor: a single large value anywhere (one token of an LLM) coarsens every other row.
+      s_row = Max(ReduceMax(Abs(x), axis=-1, keepdims) / 127, 1e-30)          # [..., M, 1]
+      x_q   = QuantizeLinear(x * (1 / s_row), scale 1, zero point 128)        # uint8 codes 1..255
+      s     = ReduceMax(s_row)                                                # a run-time scalar
+      y     = Mul(Cast(MatMulInteger(x_q, w_q, 128)), Mul(s, w_scale[N])) * (s_row / s)
 
-  ``per-row`` (one scale per row of the last axis, i.e. per token; symmetric)::
-
-      g = Max(ReduceMax(Abs(x), axis=-1, keepdims), 1e-30)            # [..., M, 1]
-      x_q = QuantizeLinear(x * (127 / g), scale 1, zero point 128)    # uint8 codes 1..255
-      MatMulInteger(x_q, w_q, 128) -> Cast float -> Mul(g) -> Mul(w_scale[N] / 127)  [-> Add bias]
-
-  One token with a huge value (LLMs have a few, e.g. the first token) no longer sets every other
-  token's step. The row zero point is the constant 128, so ONNX Runtime's scalar ``a_zero_point`` still
-  applies (its CPU kernel has no per-row zero point), and the activation stays uint8: ONNX Runtime's
-  s8 x s8 kernel is its slow path on AVX2 (measured 2.6x slower than the float MatMul, 8x slower than
-  u8 x s8, at 2048 x 384 x 1536).
-
-* **Weight bits follow the target** (see :mod:`onnxq.target`), for both granularities: uint8 activations
-  run ONNX Runtime's u8 x s8 kernels, which on x86 without VNNI add pairs of products in saturating
-  int16 (``VPMADDUBSW``), so weights are 7-bit ([-64, 64]) on ``x86-avx2`` / ``generic``, uint8 with zero
-  point 128 on ``x86-avx2-u8`` (u8 x u8 kernels, which never saturate: full 8 bits, a little slower),
-  and full 8-bit int8 on ``x86-vnni`` / ``arm64``. ``[weights] reduce_range = true / false`` overrides
-  the target. ``cuda`` is refused: the CUDA execution provider does not run this integer pattern.
+  Splitting the row scale into a scalar and a factor <= 1 keeps the fused form above, so ONNX Runtime
+  runs ``MatMulIntegerToFloat`` plus one Mul (MiniLM: as fast as per-tensor). The zero point is the
+  constant 128: ONNX Runtime's CPU kernel takes only a scalar ``a_zero_point``, and its s8 x s8 kernel is
+  a slow path on AVX2 (measured 2.6x slower than the float MatMul at 2048 x 384 x 1536). With
+  ``row_symmetric = false`` rows are affine instead (min..max onto 0..255, zero point 0) and the product
+  gains ``row_min (x) column sums of w_q`` (two more float ops per product, no fusion).
+* **Hadamard rotation** (``hadamard_block``, default 64): before quantization the activation is
+  multiplied by an orthonormal block-diagonal Hadamard matrix ``H`` (``Reshape [-1, b] -> MatMul H ->
+  Reshape back``) and the weight by ``H^T`` offline, which leaves ``x @ W`` unchanged. A few outlier
+  channels (LLM residual streams have them; they set the row's scale and flatten every other channel to
+  a few codes) are spread over their block. Measured on SmolLM2 (wikitext, 8 pieces): per-row alone
+  +4.4% perplexity, with the rotation +1.0%; per-tensor +69%. ``K`` without a power-of-two factor >= 8
+  (stories260K's 172) is not rotated.
+* **Weight bits follow the target** (see :mod:`onnxq.target`): activations are uint8, so ONNX Runtime
+  runs its u8 x s8 kernels, which on x86 without VNNI add pairs of products in saturating int16
+  (``VPMADDUBSW``); weights are 7-bit ([-64, 64]) on ``x86-avx2`` / ``generic``, uint8 with zero point
+  128 on ``x86-avx2-u8`` (u8 x u8 kernels: never saturate, full 8 bits, somewhat slower) and full 8-bit
+  int8 on ``x86-vnni`` / ``arm64``. ``[weights] reduce_range = true / false`` overrides the target.
+  ``cuda`` is refused: the CUDA execution provider does not run this integer pattern.
 
 A constant used by several nodes (tied weights) is quantized once; an activation read by several
 rewritten nodes (Q/K/V projections) is quantized once. Inserted nodes are named after the node they

@@ -117,6 +117,11 @@ class _IntegerInputs:
         return False
 
 
+def _activation_matmul(node: gs.Node) -> bool:
+    """A MatMul of two activations (attention's Q @ K^T and probs @ V): no constant operand."""
+    return node.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in node.inputs[:2])
+
+
 def _weight_axis(node: gs.Node, index: int, weight: gs.Constant) -> int | None:
     """Per-channel axis of a weight input (None: per-tensor only)."""
     rank = weight.values.ndim
@@ -158,6 +163,8 @@ class InsertQDQPass(Pass):
             if node.op not in recipe.op_types:
                 continue
             cfg = recipe.config_for(node.name, node.op)
+            if cfg is not None and recipe.exclude.activation_matmuls and _activation_matmul(node):
+                cfg = None
             if cfg is None:
                 excluded.add(id(node))
                 counts["nodes_excluded"] += 1
@@ -221,7 +228,9 @@ class InsertQDQPass(Pass):
                     return src
             return None
 
-        need = [n for n, (t, _c) in wanted.items() if shares_input(t) is None] + list(absorb)
+        # the inputs of absorbable Relu/Clip are calibrated only where absorption turns out inexact (step 5):
+        # usually none, and each calibrated tensor costs a histogram on every sample
+        need = [n for n, (t, _c) in wanted.items() if shares_input(t) is None]
         assert ctx.calibration is not None
         ranges = ctx.calibration.ranges(graph, need)
 
@@ -245,10 +254,13 @@ class InsertQDQPass(Pass):
             params[name] = _QParams(scale, zp, scheme, lo, hi)
 
         # 5. absorb Relu/Clip where exact
+        inexact = [name for name, act in absorb.items() if not _absorption_exact(act, params[act.outputs[0].name])]
+        if inexact:
+            ranges.update(ctx.calibration.ranges(graph, inexact))
         for name, act in absorb.items():
             u = act.outputs[0]
             p = params[u.name]
-            if not _absorption_exact(act, p):
+            if name in inexact:
                 # keep the Relu/Clip and quantize its input too (standard QDQ around it)
                 t_in, cfg_u = act.inputs[0], wanted[u.name][1]
                 lo, hi = ranges[name]

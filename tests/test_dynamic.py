@@ -15,10 +15,11 @@ from conftest import asset
 from helpers import full_check, make_ctx, op_types, run_ort, sqnr_db
 
 from onnxq.cli import main
-from onnxq.errors import PassError
+from onnxq.errors import PassError, RecipeError
 from onnxq.model import to_model
 from onnxq.passes import PASSES, DynamicQuantizePass
-from onnxq.recipe import DynamicSpec, ExcludeSpec, Override, Recipe, WeightSpec, preset
+from onnxq.passes.dynamic import hadamard, hadamard_block
+from onnxq.recipe import DynamicSpec, ExcludeSpec, Override, Recipe, WeightSpec, preset, recipe_from_dict
 from onnxq.target import PROFILES
 
 RNG = np.random.default_rng(0)
@@ -57,7 +58,9 @@ def _linear_model(k: int = 32, n: int = 24, opset: int = 17) -> onnx.ModelProto:
 
 
 def _recipe(granularity: str = "per-tensor", **changes: object) -> Recipe:
-    return preset("int8-dynamic").with_(dynamic=DynamicSpec(activation_granularity=granularity), **changes)  # type: ignore[arg-type]
+    """The int8-dynamic preset with ``granularity`` (other [dynamic] settings: the defaults), then ``changes``."""
+    changes.setdefault("dynamic", DynamicSpec(activation_granularity=granularity))  # type: ignore[arg-type]
+    return preset("int8-dynamic").with_(**changes)  # type: ignore[arg-type]
 
 
 def _quantize(model: onnx.ModelProto, recipe: Recipe | None = None, target: str = "x86-avx2"):
@@ -91,10 +94,12 @@ def test_op_types_and_counts(granularity: str) -> None:
     model = _linear_model()
     q, result, ctx = _quantize(model, _recipe(granularity))
     ops = op_types(q)
-    assert ops.count("MatMul") == 1, f"only the activation x activation MatMul stays float: {ops}"
+    float_matmuls = [n.name for n in q.graph.node if n.op_type == "MatMul"]
+    assert sorted(float_matmuls) == ["gram", "x/Hadamard"], f"only attention-like products and the rotation: {ops}"
     assert ops.count("MatMulInteger") == 1
-    expected = {"DynamicQuantizeLinear"} if granularity == "per-tensor" else {"ReduceMin", "ReduceMax", "QuantizeLinear"}
+    expected = {"DynamicQuantizeLinear"} if granularity == "per-tensor" else {"Abs", "ReduceMax", "QuantizeLinear"}
     assert expected <= set(ops), ops
+    assert result.counts["activations_rotated"] == 1
     assert result.counts["nodes_quantized"] == 1 and result.counts["weights_quantized"] == 1
     assert result.counts["activation_products"] == 1
     assert not any(t.name == "W" for t in q.graph.initializer), "the float weight must be gone"
@@ -147,11 +152,12 @@ def _oracle(x: np.ndarray, w_q: np.ndarray, w_zp: np.ndarray, w_scale: np.ndarra
         xq = np.clip(np.rint(x / s) + zp, 0, 255).astype(np.int64)
         acc = (xq - int(zp)) @ wi
         return acc.astype(f32) * (s * w_scale) + bias
-    if mode == "per-row-symmetric":
+    if mode == "per-row":  # symmetric rows, rescaled by (largest row scale) x (row factor)
         s = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / f32(127), f32(1e-30))
         xq = np.clip(np.rint(x * (f32(1) / s)) + 128, 0, 255).astype(np.int64)
         acc = (xq - 128) @ wi
-        return (acc.astype(f32) * s) * w_scale + bias
+        top = s.max()
+        return (acc.astype(f32) * (top * w_scale)) * (s / top) + bias
     lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)  # per-row affine
     s = np.maximum((hi - lo) / f32(255), f32(1e-30))
     xq = np.clip(np.rint((x - lo) * (f32(1) / s)), 0, 255).astype(np.int64)
@@ -159,27 +165,76 @@ def _oracle(x: np.ndarray, w_q: np.ndarray, w_zp: np.ndarray, w_scale: np.ndarra
     return (acc.astype(f32) * s + lo * wi.sum(axis=0).astype(f32)) * w_scale + bias
 
 
-@pytest.mark.parametrize("mode", ["per-tensor", "per-row", "per-row-symmetric"])
+def _block_hadamard(k: int, b: int) -> np.ndarray:
+    """Block-diagonal orthonormal Hadamard [k, k] from scipy (independent of the pass's construction)."""
+    from scipy.linalg import block_diag, hadamard
+
+    return block_diag(*[hadamard(b) / np.sqrt(b)] * (k // b))
+
+
+@pytest.mark.parametrize("mode", ["per-tensor", "per-row", "per-row-affine"])
+@pytest.mark.parametrize("rotate", [0, 16])
 @pytest.mark.parametrize("target", ["x86-avx2", "x86-avx2-u8"])
-def test_integer_arithmetic_matches_numpy_oracle_and_reference(mode: str, target: str) -> None:
+def test_integer_arithmetic_matches_numpy_oracle_and_reference(mode: str, rotate: int, target: str) -> None:
     model = _linear_model()
-    recipe = _recipe("per-tensor" if mode == "per-tensor" else "per-row", weights=WeightSpec(range_method="minmax"))
-    if mode == "per-row-symmetric":
-        recipe = recipe.with_(dynamic=DynamicSpec(activation_granularity="per-row", row_symmetric=True))
-    q, _, _ = _quantize(model, recipe, target)
-    w = onnx.numpy_helper.to_array(next(t for t in q.graph.initializer if t.name.startswith("W_quantized")))
+    spec = DynamicSpec(activation_granularity="per-tensor" if mode == "per-tensor" else "per-row", row_symmetric=mode != "per-row-affine", hadamard_block=rotate)  # type: ignore[arg-type]
+    q, _, _ = _quantize(model, _recipe(weights=WeightSpec(range_method="minmax")).with_(dynamic=spec), target)
     mmi = _node(q, "fc/MatMulInteger")
+    w = _init(q, mmi.input[1])
     w_zp = _init(q, mmi.input[3]) if len(mmi.input) > 3 else np.zeros((), np.int8)
-    w_float = _init(model, "W")
-    w_scale = np.abs(w_float).max(axis=0) / (64 if target == "x86-avx2" else 127)
+    w_float = _init(model, "W").astype(np.float64)
     x = _x()
-    expect = _oracle(x, w, w_zp, w_scale.astype(np.float32), _init(model, "bias"), mode)
+    if rotate:  # x @ W == (x R) @ (R^T W) for an orthonormal R
+        r = _block_hadamard(w_float.shape[0], rotate)
+        w_float = r.T @ w_float
+        x_in = (x.astype(np.float64) @ r).astype(np.float32)
+    else:
+        x_in = x
+    w_scale = (np.abs(w_float).max(axis=0) / (64 if target == "x86-avx2" else 127)).astype(np.float32)
+    expect = _oracle(x_in, w, w_zp, w_scale, _init(model, "bias"), mode)
+    tol = {"rtol": 1e-5, "atol": 1e-5 * np.abs(expect).max()}
     got = run_ort(q, {"x": x})[0]
-    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
-    ref_eval = onnx.reference.ReferenceEvaluator(q).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, ref_eval, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+    np.testing.assert_allclose(got, expect, **tol)
+    np.testing.assert_allclose(onnx.reference.ReferenceEvaluator(q).run(None, {"x": x})[0], got, **tol)
     fused = run_ort(q, {"x": x}, optimize=True)[0]  # ORT's fused kernels compute the same integers
-    np.testing.assert_allclose(fused, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+    np.testing.assert_allclose(fused, expect, **tol)
+
+
+def test_hadamard_blocks() -> None:
+    h = hadamard(64)
+    np.testing.assert_allclose(h @ h.T, np.eye(64), atol=1e-12)
+    assert [hadamard_block(k, 64) for k in (576, 1536, 384, 96, 172, 64, 8, 4)] == [64, 64, 64, 32, 0, 64, 8, 0]
+    assert hadamard_block(576, 0) == 0 and hadamard_block(576, 16) == 16
+    with pytest.raises(RecipeError, match="hadamard_block"):
+        recipe_from_dict({"preset": "int8-dynamic", "dynamic": {"hadamard_block": 48}})
+    r = recipe_from_dict({"preset": "int8-dynamic", "dynamic": {"activation_granularity": "per-tensor", "hadamard_block": 0}})
+    assert r.dynamic.activation_granularity == "per-tensor" and r.dynamic.hadamard_block == 0
+
+
+def test_rotation_spreads_an_outlier_channel() -> None:
+    """A channel 50x louder than the rest (LLM residual streams have a few) sets every row's scale."""
+    model = _linear_model()
+    x = RNG.normal(size=(2, 5, 32)).astype(np.float32)
+    x[..., 3] *= 50.0
+    ref = run_ort(model, {"x": x})[0]
+    sq = {}
+    for block in (0, 32):
+        q, _, _ = _quantize(model, _recipe("per-row", dynamic=DynamicSpec(hadamard_block=block)), "x86-avx2-u8")
+        sq[block] = sqnr_db(ref, run_ort(q, {"x": x})[0])
+    assert sq[32] > sq[0] + 6, f"rotated {sq[32]:.1f} dB vs plain {sq[0]:.1f} dB"
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_onnxruntime_fuses_the_integer_product(granularity: str, tmp_path: Path) -> None:
+    """The rescaling stays in the form ORT folds into MatMulIntegerToFloat (what makes per-row fast)."""
+    import onnxruntime as ort
+
+    q, _, _ = _quantize(_linear_model(), _recipe(granularity))
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert "MatMulInteger" not in fused and {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"} & set(fused), fused
 
 
 def test_per_row_zero_row_gives_zero_not_nan() -> None:
@@ -268,12 +323,12 @@ def test_tied_weights_and_shared_activation_quantized_once(granularity: str) -> 
 def test_exclusions_and_overrides_respected() -> None:
     model = _two_linears()
     q, result, _ = _quantize(model, _recipe(exclude=ExcludeSpec(names=("first",))))
-    assert op_types(q).count("MatMul") == 1 and _node(q, "first").op_type == "MatMul"
+    assert _node(q, "first").op_type == "MatMul" and op_types(q).count("MatMulInteger") == 1
     assert result.counts["nodes_excluded"] == 1 and result.counts["nodes_quantized"] == 1
     q, result, _ = _quantize(model, _recipe(overrides=(Override(name_regex="^sec", skip=True),)))
     assert _node(q, "second").op_type == "MatMul" and result.counts["nodes_excluded"] == 1
     q, result, _ = _quantize(model, _recipe(op_types=("Conv",)))  # the recipe quantizes no MatMul
-    assert not result.modified and op_types(q).count("MatMul") == 2
+    assert not result.modified and op_types(q) == ["MatMul", "MatMul", "Add"]
     # a per-node override changes that node's weights only
     q, _, _ = _quantize(model, _recipe(overrides=(Override(name="second", weights={"granularity": "per-tensor"}),)))
     second_scale = _init(q, _node(q, "second/MulScales").input[1])
@@ -315,7 +370,7 @@ def test_gemm_attributes_and_bias(granularity: str, trans_a: int, trans_b: int, 
 
 def test_gemm_excluded_by_dynamic_op_types() -> None:
     model = _gemm_model(0, 1, 1.0, 1.0, "const")
-    q, result, _ = _quantize(model, preset("int8-dynamic").with_(dynamic=DynamicSpec(op_types=("MatMul",))))
+    q, result, _ = _quantize(model, _recipe(dynamic=DynamicSpec(op_types=("MatMul",))))
     assert op_types(q) == ["Gemm"] and not result.modified
 
 
@@ -373,8 +428,9 @@ def test_cli_quantize_int8_dynamic(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--preset", "int8-dynamic",
                                        "--target", "x86-avx2", "--no-progress", "--checked"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
-    ops = [n.op_type for n in onnx.load(out).graph.node]
-    assert "MatMulInteger" in ops and "QuantizeLinear" not in ops or "DynamicQuantizeLinear" in ops
+    q = onnx.load(out)
+    assert _node(q, "fc/MatMulInteger").op_type == "MatMulInteger" and _node(q, "gram").op_type == "MatMul"
+    assert "dynamic int8" in _node(q, "fc/MatMulInteger").doc_string
     result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "c.onnx"), "--preset", "int8-dynamic",
                                        "--target", "cuda", "--no-progress"])  # fmt: skip
     assert result.exit_code == 1 and "--target" in result.stderr and not (tmp_path / "c.onnx").exists()

@@ -311,3 +311,33 @@ def test_uint16_activations_need_and_get_opset_21() -> None:
     assert inits["x_zero_point"].dtype == np.uint16
     feed = _feed(model)
     assert sqnr_db(run_ort(model, feed)[0], run_ort(result.model, feed)[0]) > 20
+
+
+def _attention_like_model() -> onnx.ModelProto:
+    """x @ Wq and x @ Wk (weights), then their product (two activations), then a residual Add and a Softmax."""
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        onnx.helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        onnx.helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[1, 0]),
+        onnx.helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        onnx.helper.make_node("Add", ["s", "mask"], ["sm"], name="mask_add"),
+        onnx.helper.make_node("Softmax", ["sm"], ["y"], name="softmax"),
+    ]
+    inits = {"wq": RNG.normal(size=(8, 8)).astype(np.float32), "wk": RNG.normal(size=(8, 8)).astype(np.float32),
+             "mask": np.where(np.tril(np.ones((6, 6))) > 0, 0.0, -1e4).astype(np.float32)}  # fmt: skip
+    return _graph(nodes, [_vi("x", [6, 8])], [_vi("y", [6, 6])], inits)
+
+
+def test_activation_matmuls_quantized_by_default_and_excludable() -> None:
+    model = _attention_like_model()
+    q, _, _ = _quantize(model)
+    readers = {n.name: list(n.input) for n in q.graph.node}
+    assert all(t.endswith("_dequantized") for t in readers["scores"][:2])
+    # the attention-mask Add feeds a float Softmax: never quantized (its -1e4 would flatten the scores' grid)
+    assert "s" in readers["mask_add"] and "mask" in readers["mask_add"]
+    recipe = Recipe(calibration=CalibrationSpec(method="minmax", samples=16, device="cpu"),
+                    exclude=ExcludeSpec(activation_matmuls=True))  # fmt: skip
+    q2, _, _ = _quantize(model, recipe)
+    readers = {n.name: list(n.input) for n in q2.graph.node}
+    assert readers["scores"] == ["q", "kt"], "activation x activation MatMul left in float"
+    assert readers["q_proj"][0].endswith("_dequantized"), "weight MatMuls still quantized"

@@ -116,6 +116,15 @@ def _ort_dynamic(src: Path, dst: Path) -> dict:
     return {"seconds": round(time.perf_counter() - t, 1), "rss_mb": None}
 
 
+def _attempt(variants: list, rows: list, model: str, name: str, dst: Path, fn) -> None:  # noqa: ANN001
+    """Run one competitor's quantizer; a crash becomes a 'failed' row (users hit the same crash)."""
+    try:
+        variants.append((name, dst, fn()))
+    except Exception as exc:  # noqa: BLE001
+        rows.append({"model": model, "variant": name, "failed": f"{type(exc).__name__}: {str(exc)[:120]}"})
+        print(rows[-1], flush=True)
+
+
 def _perplexity(model: Path) -> float:
     r = subprocess.run([sys.executable, str(HERE / "perplexity.py"), str(model), "--tokens", str(STORIES_TOKENS),
                         "--json", "--no-progress"], capture_output=True, text=True)  # fmt: skip
@@ -136,9 +145,9 @@ def run_minilm(work: Path, rows: list[dict]) -> None:
         variants.append((name, dst, info))
     for name, method in (("ORT quantize_static MinMax", "MinMax"), ("ORT quantize_static Percentile 99.999", "Percentile")):
         dst = work / f"minilm.{len(variants)}.onnx"
-        variants.append((name, dst, _ort_static(MINILM, dst, list(feeds), method)))
+        _attempt(variants, rows, "MiniLM", name, dst, lambda d=dst, m=method: _ort_static(MINILM, d, list(feeds), m))
     dst = work / "minilm.ortdyn.onnx"
-    variants.append(("ORT quantize_dynamic", dst, _ort_dynamic(MINILM, dst)))
+    _attempt(variants, rows, "MiniLM", "ORT quantize_dynamic", dst, lambda: _ort_dynamic(MINILM, dst))
     ref = None
     base_lat = None
     for name, path, info in variants:
@@ -165,12 +174,39 @@ def run_stories(work: Path, rows: list[dict]) -> None:
         variants.append((name, dst, info))
     for name, method in (("ORT quantize_static MinMax", "MinMax"), ("ORT quantize_static Percentile 99.999", "Percentile")):
         dst = work / f"stories.{len(variants)}.onnx"
-        variants.append((name, dst, _ort_static(STORIES, dst, list(feeds), method)))
+        _attempt(variants, rows, "stories260K", name, dst, lambda d=dst, m=method: _ort_static(STORIES, d, list(feeds), m))
     dst = work / "stories.ortdyn.onnx"
-    variants.append(("ORT quantize_dynamic", dst, _ort_dynamic(STORIES, dst)))
+    _attempt(variants, rows, "stories260K", "ORT quantize_dynamic", dst, lambda: _ort_dynamic(STORIES, dst))
     for name, path, info in variants:
         rows.append({"model": "stories260K", "variant": name + info.pop("note", ""), "ppl": round(_perplexity(path), 3), **info})
         print(rows[-1], flush=True)
+
+
+def format_rows(rows: list[dict], seconds: float) -> str:
+    """The RESULTS.md section for the collected rows."""
+    cpu = cpu_info()
+    isa = ", ".join(f"{k} {v}" for k, v in cpu.items() if k not in ("model", "cores"))
+    load = os.getloadavg()[0]
+    lines = [f"## {datetime.date.today()} - transformers: onnxq presets vs onnxruntime.quantization (bench_transformers.py)", "",
+             f"{cpu['model']}, {cpu['cores']} cores ({isa}); onnxruntime {ort.__version__}; {seconds:.0f} s total; "
+             f"load average at the end {load:.1f} (latency is only trustworthy below 1)", ""]  # fmt: skip
+    mini = [r for r in rows if r["model"] == "MiniLM"]
+    mini = [r for r in mini if "failed" not in r] + [r for r in mini if "failed" in r]
+    if mini:
+        lines += ["| MiniLM variant | STS-dev Spearman | cosine to fp32 | latency ms (b32 x 64) | vs fp32 | size MB | quantize s |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['variant']} | failed: {r['failed']} ||||||" if "failed" in r else
+                  f"| {r['variant']} | {r['spearman']} | {r['cosine']} | {r['latency_ms']} | {r['latency_vs_fp32']} | {r['size_mb']} | {r.get('seconds', 'n/a')} |" for r in mini]  # fmt: skip
+        lines.append("")
+    st = [r for r in rows if r["model"] == "stories260K"]
+    if st:
+        lines += ["| stories260K variant | TinyStories ppl | vs fp32 | quantize s |", "|---|---|---|---|"]
+        base = next(r["ppl"] for r in st if r["variant"] == "fp32")
+        st = [r for r in st if "failed" not in r] + [r for r in st if "failed" in r]
+        lines += [f"| {r['variant']} | failed: {r['failed']} |||" if "failed" in r else
+                  f"| {r['variant']} | {r['ppl']} | {100 * (r['ppl'] / base - 1):+.1f}% | {r.get('seconds', 'n/a')} |" for r in st]  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -186,25 +222,7 @@ def main() -> None:
             run_minilm(work, rows)
         if "stories" in args.models:
             run_stories(work, rows)
-    cpu = cpu_info()
-    isa = ", ".join(f"{k} {v}" for k, v in cpu.items() if k not in ("model", "cores"))
-    load = os.getloadavg()[0]
-    lines = [f"## {datetime.date.today()} - transformers: onnxq presets vs onnxruntime.quantization (bench_transformers.py)", "",
-             f"{cpu['model']}, {cpu['cores']} cores ({isa}); onnxruntime {ort.__version__}; {time.time() - t0:.0f} s total; "
-             f"load average at the end {load:.1f} (latency is only trustworthy below 1)", ""]  # fmt: skip
-    mini = [r for r in rows if r["model"] == "MiniLM"]
-    if mini:
-        lines += ["| MiniLM variant | STS-dev Spearman | cosine to fp32 | latency ms (b32 x 64) | vs fp32 | size MB | quantize s |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['variant']} | {r['spearman']} | {r['cosine']} | {r['latency_ms']} | {r['latency_vs_fp32']} | {r['size_mb']} | {r.get('seconds', 'n/a')} |" for r in mini]
-        lines.append("")
-    st = [r for r in rows if r["model"] == "stories260K"]
-    if st:
-        lines += ["| stories260K variant | TinyStories ppl | vs fp32 | quantize s |", "|---|---|---|---|"]
-        base = st[0]["ppl"]
-        lines += [f"| {r['variant']} | {r['ppl']} | {100 * (r['ppl'] / base - 1):+.1f}% | {r.get('seconds', 'n/a')} |" for r in st]
-        lines.append("")
-    text = "\n".join(lines)
+    text = format_rows(rows, time.time() - t0)
     print(text)
     if args.write:
         with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:

@@ -157,6 +157,12 @@ def quantize_model(
                           ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits")})  # fmt: skip
         why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
         report.note(f"nothing was quantized: {why}")
+    ops = {n.op_type for n in work.graph.node}
+    if ("insert_qdq" in recipe.passes and "smoothquant" not in recipe.passes and recipe.calibration.method == "mse-percentile"
+            and ops & ({"LayerNormalization", "SimplifiedLayerNormalization"} | ({"Softmax"} if "MatMul" in ops else set()))):  # fmt: skip
+        report.note("this looks like a transformer: the w8a8 percentile ranges clip the rare large activations it "
+                    "relies on; --preset w8a8-smoothquant (SmoothQuant + MSE ranges) is usually far more accurate "
+                    "(MiniLM embedding cosine to fp32 0.86 -> 0.994)")  # fmt: skip
     out = to_model(graph, template=work)
     _annotate(out, ctx.scratch.get("doc_strings", {}), recipe)
     if isinstance(calib_session, CalibrationSession):

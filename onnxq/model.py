@@ -104,6 +104,38 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     for out in model.graph.output:
         if out.name not in known:
             raise ModelLoadError(f"{bad}: graph output {out.name!r} is produced by no node; re-export it")
+    for name in (*known, *(n.name for n in model.graph.node)):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ModelLoadError(f"{bad}: the name {name!r} is not valid UTF-8; re-export it") from None
+    for t in model.graph.initializer:
+        _check_initializer_size(t, path)
+
+
+def _check_initializer_size(t: onnx.TensorProto, path: Path) -> None:
+    """An initializer's raw bytes must hold exactly its shape's worth of elements (a corrupt or cut file
+    otherwise surfaces as a reshape error deep inside a pass)."""
+    if not t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise ModelLoadError(f"{path} looks corrupt: initializer {t.name!r} has element type {t.data_type}, "
+                             "which ONNX does not define; re-export it") from None
+    if t.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+        return
+    count = 1
+    for d in t.dims:
+        count *= d
+    want = count * itemsize
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        want = (count + 1) // 2
+    elif t.data_type == getattr(onnx.TensorProto, "FLOAT4E2M1", -1):
+        want = (count + 1) // 2
+    if len(t.raw_data) != want:
+        raise ModelLoadError(f"{path} looks truncated or corrupt: initializer {t.name!r} of shape {list(t.dims)} "
+                             f"needs {want} bytes but holds {len(t.raw_data)}; re-export or re-download it")
 
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:

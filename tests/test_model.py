@@ -164,6 +164,16 @@ def test_load_dangling_reference(tmp_path: Path) -> None:
         load_model(write(model, tmp_path / "m.onnx"))
 
 
+def test_load_initializer_with_wrong_byte_count(tmp_path: Path) -> None:
+    model = tiny_model()
+    t = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    if not t.HasField("raw_data"):
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
+    t.raw_data = t.raw_data[:-4]
+    with pytest.raises(ModelLoadError, match=f"initializer '{t.name}'.*needs {4 * int(np.prod(t.dims))} bytes"):
+        load_model(write(model, tmp_path / "m.onnx"))
+
+
 def test_load_bit_flips_never_leak_other_exceptions(tmp_path: Path) -> None:
     blob = bytearray(tiny_model().SerializeToString())
     path = tmp_path / "f.onnx"

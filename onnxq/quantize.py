@@ -87,6 +87,7 @@ def quantize_model(
     report: Report | None = None,
     calibration_session: Any = None,
     on_stage: Callable[[str], None] | None = None,
+    copy_input: bool = True,
 ) -> QuantizeResult:
     """Quantize an in-memory model with ``recipe`` and return the new model and its report.
 
@@ -100,11 +101,15 @@ def quantize_model(
         report: a report to add to (a new one when None).
         calibration_session: answers range questions instead of running calibration (a cache).
         on_stage: called with the name of each pass as it starts (batch workers report it).
+        copy_input: work on a copy of ``model`` (False: ``model`` is consumed; its initializers are dropped).
     """
     report = report or Report()
     t_start = time.perf_counter()
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    if copy_input:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    else:
+        work = model  # the caller hands the model over (quantize_file): no second copy of the weights
     stripped = strip_initializer_inputs(work)
     if stripped:
         report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
@@ -150,7 +155,11 @@ def quantize_model(
     except KeyError as exc:
         raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
     hook = (lambda p: on_stage(p.name)) if on_stage is not None else None
-    graph = Pipeline(passes, checked=checked).run(to_graph(work), ctx, on_pass=hook)
+    graph_in = to_graph(work)
+    # the graph now holds its own copy of every weight: keep only the model-level fields of the protobuf
+    # (the template to_model restores), so that a 2.5 GB model is not held twice for the whole run
+    del work.graph.initializer[:]
+    graph = Pipeline(passes, checked=checked).run(graph_in, ctx, on_pass=hook)
     qsteps = [st for st in report.steps if st.name == "insert_qdq"]
     if qsteps and qsteps[-1].counts.get("nodes_quantized", 0) == 0:
         already = sorted({n.op_type for n in work.graph.node if n.op_type.startswith("QLinear") or n.op_type in
@@ -231,8 +240,9 @@ def quantize_file(
     report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
                         "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
     session = CachedCalibration(calib_cache, model_sha256=sha, spec=recipe.calibration) if calib_cache else None
+    in_bytes = _size_on_disk(src, model)
     result = quantize_model(model, recipe, calibration=calibration, progress=progress, checked=checked, report=report,
-                            calibration_session=session, on_stage=on_stage)  # fmt: skip
+                            calibration_session=session, on_stage=on_stage, copy_input=False)  # fmt: skip
     result.model.metadata_props.add(key="onnxq.input_sha256", value=report.info["input_sha256"])
     for key, value in (metadata or {}).items():
         result.model.metadata_props.add(key=key, value=value)
@@ -246,7 +256,6 @@ def quantize_file(
     if on_stage:
         on_stage("saving")
     result.files = save_model(result.model, dst, input_path=src)
-    in_bytes = _size_on_disk(src, model)
     out_bytes = sum(p.stat().st_size for p in result.files)
     report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
     if report_dir is not None:

@@ -194,12 +194,10 @@ class DynamicSpec:
     """Settings of the ``dynamic`` pass (the ``[dynamic]`` table of a recipe): weight MatMuls/Gemms run as
     integer matrix products whose activation scale is computed at run time, so no calibration is needed.
 
-    ``activation_granularity``: ``"per-row"`` (one scale per row of the last axis, i.e. per token, computed
-    in the graph; the default) or ``"per-tensor"`` (one scale per tensor, DynamicQuantizeLinear). One
-    loud token sets the scale of every token under per-tensor: SmolLM2's wikitext perplexity goes from
-    28.7 to 50 that way. ``row_symmetric``: per-row codes are ``128 +- 127`` (true, the default: ONNX Runtime
-    fuses the rescaling into its MatMulIntegerToFloat kernel) or each row's min..max onto 0..255 (false:
-    finer for one-sided rows, two more float ops per product). ``hadamard_block``: multiply activations
+    ``activation_granularity``: ``"per-row"`` (one symmetric scale per row of the last axis, i.e. per
+    token, computed in the graph; the default) or ``"per-tensor"`` (one scale per tensor,
+    DynamicQuantizeLinear). Under per-tensor one loud token sets the scale of every token: SmolLM2's
+    wikitext perplexity goes from 28.7 to about 50 that way. ``hadamard_block``: multiply activations
     by an orthogonal block-diagonal Hadamard matrix of this size (a power of two, 8 to 256; 0: off) and
     weights by its transpose offline, so that a few outlier channels spread over their block instead of
     setting the whole row's scale; blocks shrink to the largest power of two dividing K (none below 8).
@@ -209,7 +207,6 @@ class DynamicSpec:
 
     activation_granularity: Literal["per-tensor", "per-row"] = "per-row"
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
-    row_symmetric: bool = True
     hadamard_block: int = 64
 
     def __post_init__(self) -> None:

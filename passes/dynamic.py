@@ -17,24 +17,23 @@ a constant, any ``transA`` / ``transB`` / ``alpha`` / ``beta`` / bias ``C``):
 
   ``per-row`` (the default; one scale per row of the last axis, i.e. per token), symmetric::
 
-      s_row = Max(ReduceMax(Abs(x), axis=-1, keepdims) / 127, 1e-30)          # [..., M, 1]
-      x_q   = QuantizeLinear(x * (1 / s_row), scale 1, zero point 128)        # uint8 codes 1..255
+      s_row = Max(Max(ReduceMax(x), -ReduceMin(x)) / 127, 1e-30)              # [..., M, 1], last axis
+      x_q   = QuantizeLinear(x as [rows, K], s_row, 128, axis=0)              # uint8 codes 1..255
       s     = ReduceMax(s_row)                                                # a run-time scalar
       y     = Mul(Cast(MatMulInteger(x_q, w_q, 128)), Mul(s, w_scale[N])) * (s_row / s)
 
   Splitting the row scale into a scalar and a factor <= 1 keeps the fused form above, so ONNX Runtime
-  runs ``MatMulIntegerToFloat`` plus one Mul (MiniLM: as fast as per-tensor). The zero point is the
-  constant 128: ONNX Runtime's CPU kernel takes only a scalar ``a_zero_point``, and its s8 x s8 kernel is
-  a slow path on AVX2 (measured 2.6x slower than the float MatMul at 2048 x 384 x 1536). With
-  ``row_symmetric = false`` rows are affine instead (min..max onto 0..255, zero point 0) and the product
-  gains ``row_min (x) column sums of w_q`` (two more float ops per product, no fusion).
+  runs ``MatMulIntegerToFloat`` plus one Mul. The zero point is the constant 128: ONNX Runtime's CPU
+  kernel takes only a scalar ``a_zero_point``, and its s8 x s8 kernel is a slow path on AVX2 (measured
+  2.6x slower than the float MatMul at 2048 x 384 x 1536). (Affine rows, min..max onto 0..255, measured
+  +2.6 dB without rotation but only +0.5 dB with it, at two more float ops per product and no fusion.)
 * **Hadamard rotation** (``hadamard_block``, default 64): before quantization the activation is
   multiplied by an orthonormal block-diagonal Hadamard matrix ``H`` (``Reshape [-1, b] -> MatMul H ->
   Reshape back``) and the weight by ``H^T`` offline, which leaves ``x @ W`` unchanged. A few outlier
   channels (LLM residual streams have them; they set the row's scale and flatten every other channel to
-  a few codes) are spread over their block. Measured on SmolLM2 (wikitext, 8 pieces): per-row alone
-  +4.4% perplexity, with the rotation +1.0%; per-tensor +69%. ``K`` without a power-of-two factor >= 8
-  (stories260K's 172) is not rotated.
+  a few codes) are spread over their block. Measured on SmolLM2 (wikitext perplexity vs fp32, x86-avx2):
+  per-tensor +70%, per-row +5.1%, per-row with the rotation +1.6% (+1.0% with 8-bit weights). ``K``
+  without a power-of-two factor >= 8 (stories260K's 172) is not rotated.
 * **Weight bits follow the target** (see :mod:`onnxq.target`): activations are uint8, so ONNX Runtime
   runs its u8 x s8 kernels, which on x86 without VNNI add pairs of products in saturating int16
   (``VPMADDUBSW``); weights are 7-bit ([-64, 64]) on ``x86-avx2`` / ``generic``, uint8 with zero point
@@ -68,7 +67,8 @@ from onnxq.recipe import NodeConfig
 from onnxq.scheme import QuantDtype, QuantScheme, Symmetry, choose_qparams, choose_qparams_mse, quantize
 from onnxq.target import PROFILES, TargetProfile
 
-__all__ = ["DynamicQuantizePass", "quantize_dynamic", "hadamard", "hadamard_block", "ROW_QMAX", "ROW_ZERO_POINT", "ROW_SCALE_FLOOR"]
+__all__ = ["DynamicQuantizePass", "quantize_dynamic", "hadamard", "hadamard_block", "ROW_QMAX", "ROW_ZERO_POINT",
+           "ROW_SCALE_FLOOR"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +94,9 @@ class _Activation:
     """The outputs of one activation's run-time quantization."""
 
     q: gs.Variable
-    scale: gs.Tensor  # per-tensor: x_scale (); per-row: one per row, [..., M, 1]
-    zero_point: gs.Tensor  # uint8 scalar: x_zp (per-tensor), 128 (per-row symmetric) or 0 (per-row affine)
-    low: gs.Tensor | None = None  # per-row affine: each row's minimum, [..., M, 1] (x ~ low + scale * q)
-    row_factor: gs.Tensor | None = None  # per-row symmetric: row scale / largest row scale, [..., M, 1]
+    scale: gs.Tensor  # a scalar: x_scale (per-tensor) or the largest row scale (per-row)
+    zero_point: gs.Tensor  # uint8 scalar: x_zp (per-tensor) or 128 (per-row)
+    row_factor: gs.Tensor | None = None  # per-row: row scale / largest row scale, [..., M, 1]
 
 
 _MIN_BLOCK = 8
@@ -175,7 +174,6 @@ class DynamicQuantizePass(Pass):
         recipe = ctx.recipe
         target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
         per_row = recipe.dynamic.activation_granularity == "per-row"
-        self._row_symmetric = recipe.dynamic.row_symmetric
         self._hadamards: dict[int, gs.Constant] = {}
         counts = {"nodes_quantized": 0, "nodes_excluded": 0, "nodes_skipped": 0, "activation_products": 0,
                   "weights_quantized": 0, "shared_weights": 0, "activations_quantized": 0,
@@ -223,9 +221,8 @@ class DynamicQuantizePass(Pass):
             if node.op == "Gemm" and node.attrs.get("transA", 0):
                 x = self._transpose_input(graph, node, x)
             if (x.name, block) not in activations:
-                xr = self._rotate(graph, x, block) if block else x
                 counts["activations_rotated"] += bool(block)
-                activations[(x.name, block)] = self._quantize_activation(graph, xr, per_row)
+                activations[(x.name, block)] = self._quantize_activation(graph, x, per_row, k, block)
                 counts["activations_quantized"] += 1
             self._rewrite(graph, node, activations[(x.name, block)], weights[key], per_row)
             counts["nodes_quantized"] += 1
@@ -240,9 +237,9 @@ class DynamicQuantizePass(Pass):
         if counts["activation_products"]:
             notes.append(f"{counts['activation_products']} activation x activation products (no constant weight) stay float")
         if counts["nodes_quantized"]:
-            act = ((f"per-row {'symmetric' if self._row_symmetric else 'affine'} uint8 activations" if per_row
-                    else "per-tensor uint8 activations (DynamicQuantizeLinear)")
-                   + (f", block-{recipe.dynamic.hadamard_block} Hadamard rotation" if counts["activations_rotated"] else ""))  # fmt: skip
+            act = "per-row symmetric uint8 activations" if per_row else "per-tensor uint8 activations (DynamicQuantizeLinear)"
+            if counts["activations_rotated"]:
+                act += f", block-{recipe.dynamic.hadamard_block} Hadamard rotation"
             notes.append(f"{act}; weights on target {target.name}: {', '.join(sorted(bits_note))}")
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, modified=counts["nodes_quantized"] > 0, counts=counts, notes=notes)
@@ -260,6 +257,9 @@ class DynamicQuantizePass(Pass):
 
     def _const(self, name: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self._fresh(name), np.asarray(value))
+
+    def _shape(self, name: str, dims: list[int]) -> gs.Constant:
+        return self._const(name, np.array(dims, np.int64))
 
     def _var(self, name: str, dtype: type, shape: object = None) -> gs.Variable:
         return gs.Variable(self._fresh(name), dtype=dtype, shape=shape)
@@ -306,77 +306,78 @@ class DynamicQuantizePass(Pass):
         qc = self._const(f"{w.name}_quantized{'_T' if trans_b else ''}", q)
         return _Weight(qc, np.asarray(scale, np.float32), np.asarray(zp), scheme)
 
-    def _rotate(self, graph: gs.Graph, x: gs.Variable, block: int) -> gs.Variable:
-        """``x`` times a block-diagonal Hadamard matrix along its last axis (Reshape, MatMul, Reshape back)."""
+    def _rotate(self, graph: gs.Graph, x: gs.Variable, shape: gs.Variable, k: int, block: int) -> tuple[gs.Variable, gs.Variable]:
+        """``x`` times a block-diagonal Hadamard matrix along its last axis: (that, same shape; its [rows, K] view)."""
         base = x.name
         doc = (f"onnxq: orthogonal block-{block} Hadamard rotation of the last axis; spreads a few outlier "
-               "channels over their block before per-row quantization (the weight is rotated back offline)")
-        shape = self._var(f"{base}_shape", np.int64)
-        self._node(graph, "Shape", f"{base}/Shape", [x], [shape], doc)
-        blocks = self._var(f"{base}_blocks", np.float32)
-        self._node(graph, "Reshape", f"{base}/ReshapeBlocks", [x, self._const(f"{base}_block_shape", np.array([-1, block], np.int64))], [blocks], doc)
-        rot = self._var(f"{base}_blocks_rotated", np.float32)
-        h = self._const(f"hadamard_{block}", hadamard(block).astype(np.float32)) if block not in self._hadamards else self._hadamards[block]
-        self._hadamards[block] = h
-        self._node(graph, "MatMul", f"{base}/Hadamard", [blocks, h], [rot], doc)
+               "channels over their block before quantization (the weight is rotated back offline)")
+        blocks = self._var(f"{base}_blocks", np.float32, [None, block])
+        self._node(graph, "Reshape", f"{base}/ReshapeBlocks", [x, self._shape(f"{base}_block_shape", [-1, block])], [blocks], doc)
+        if block not in self._hadamards:
+            self._hadamards[block] = self._const(f"hadamard_{block}", hadamard(block).astype(np.float32))
+        rot = self._var(f"{base}_blocks_rotated", np.float32, [None, block])
+        self._node(graph, "MatMul", f"{base}/Hadamard", [blocks, self._hadamards[block]], [rot], doc)
         out = self._var(f"{base}_rotated", np.float32, x.shape)
         self._node(graph, "Reshape", f"{base}/ReshapeBack", [rot, shape], [out], doc)
-        return out
+        rows = self._var(f"{base}_rotated_rows", np.float32, [None, k])
+        self._node(graph, "Reshape", f"{base}/ReshapeRows", [rot, self._shape(f"{base}_rows_shape", [-1, k])], [rows], doc)
+        return out, rows
 
     def _transpose_input(self, graph: gs.Graph, node: gs.Node, x: gs.Variable) -> gs.Variable:
         out = self._var(f"{x.name}_transposed", np.float32)
         self._node(graph, "Transpose", f"{node.name}/TransposeA", [x], [out], perm=[1, 0])
         return out
 
-    def _quantize_activation(self, graph: gs.Graph, x: gs.Variable, per_row: bool) -> _Activation:
+    def _quantize_activation(self, graph: gs.Graph, x: gs.Variable, per_row: bool, k: int, block: int) -> _Activation:
         base = x.name
+        shape = self._var(f"{base}_shape", np.int64)
+        if block or per_row:
+            self._node(graph, "Shape", f"{base}/Shape", [x], [shape])
+        if block:
+            x, rows = self._rotate(graph, x, shape, k, block)
+        elif per_row:
+            rows = self._var(f"{base}_rows", np.float32, [None, k])
+            self._node(graph, "Reshape", f"{base}/ReshapeRows", [x, self._shape(f"{base}_rows_shape", [-1, k])], [rows])
         if not per_row:
             q = self._var(f"{base}_quantized", np.uint8, x.shape)
             s = self._var(f"{base}_scale", np.float32, [])
             z = self._var(f"{base}_zero_point", np.uint8, [])
-            self._node(graph, "DynamicQuantizeLinear", f"{base}/DynamicQuantizeLinear", [x], [q, s, z],
-                       "onnxq: dynamic activation quantization, uint8 affine, one scale per tensor, computed at run time")  # fmt: skip
+            doc = "onnxq: dynamic activation quantization, uint8 affine, one scale per tensor, computed at run time"
+            self._node(graph, "DynamicQuantizeLinear", f"{base}/DynamicQuantizeLinear", [x], [q, s, z], doc)
             return _Activation(q, s, z)
-        sym = self._row_symmetric
-        doc = (f"onnxq: dynamic activation quantization, one scale per row (last axis), "
-               f"{'symmetric (codes 128 +- 127)' if sym else 'affine (row min..max onto 0..255)'}, computed at run time")
-        floor = self._const(f"{base}_row_scale_floor", np.array(ROW_SCALE_FLOOR, np.float32))
-        if sym:
-            absx = self._var(f"{base}_abs", np.float32, x.shape)
-            self._node(graph, "Abs", f"{base}/Abs", [x], [absx], doc)
-            hi = self._reduce(graph, "ReduceMax", absx, f"{base}_row_absmax", doc)
-            span, src, low = hi, x, None
-            levels = ROW_QMAX
-        else:
-            hi = self._reduce(graph, "ReduceMax", x, f"{base}_row_max", doc)
-            low = self._reduce(graph, "ReduceMin", x, f"{base}_row_min", doc)
-            span = self._var(f"{base}_row_span", np.float32)
-            self._node(graph, "Sub", f"{base}/SubSpan", [hi, low], [span], doc)
-            src = self._var(f"{base}_shifted", np.float32, x.shape)
-            self._node(graph, "Sub", f"{base}/SubMin", [x, low], [src], doc)
-            levels = 255.0
+        doc = "onnxq: dynamic activation quantization, one scale per row (last axis), symmetric: uint8 codes 128 +- 127"
+        hi = self._reduce(graph, "ReduceMax", x, f"{base}_row_max", doc)
+        lo = self._reduce(graph, "ReduceMin", x, f"{base}_row_min", doc)
+        neg = self._var(f"{base}_row_min_negated", np.float32)
+        self._node(graph, "Neg", f"{base}/Neg", [lo], [neg], doc)
+        amax = self._var(f"{base}_row_absmax", np.float32)
+        self._node(graph, "Max", f"{base}/MaxAbs", [hi, neg], [amax], doc)
         raw = self._var(f"{base}_row_scale_raw", np.float32)
-        self._node(graph, "Div", f"{base}/DivLevels", [span, self._const(f"{base}_levels", np.array(levels, np.float32))], [raw], doc)
+        qmax = self._const(f"{base}_qmax", np.array(ROW_QMAX, np.float32))
+        self._node(graph, "Div", f"{base}/DivQmax", [amax, qmax], [raw], doc)
         scale = self._var(f"{base}_row_scale", np.float32)
-        self._node(graph, "Max", f"{base}/Max", [raw, floor], [scale], doc)
-        inv = self._var(f"{base}_row_inv_scale", np.float32)
-        self._node(graph, "Reciprocal", f"{base}/Reciprocal", [scale], [inv], doc)
-        scaled = self._var(f"{base}_scaled", np.float32, x.shape)
-        self._node(graph, "Mul", f"{base}/Mul", [src, inv], [scaled], doc)
-        # QuantizeLinear with scale 1 rounds (half to even), adds the zero point and saturates in one op
-        one = self._const(f"{base}_unit_scale", np.array(1.0, np.float32))
-        zp = self._const(f"{base}_zero_point", np.array(ROW_ZERO_POINT if sym else 0, np.uint8))
+        floor = self._const(f"{base}_row_scale_floor", np.array(ROW_SCALE_FLOOR, np.float32))
+        self._node(graph, "Max", f"{base}/MaxFloor", [raw, floor], [scale], doc)
+        # per-axis QuantizeLinear over the [rows, K] view: x / s_row, round half to even, + 128, saturate
+        flat = self._var(f"{base}_row_scale_flat", np.float32, [None])
+        self._node(graph, "Reshape", f"{base}/ReshapeScale", [scale, self._shape(f"{base}_flat", [-1])], [flat], doc)
+        nrows = self._var(f"{base}_rows_count", np.int64, [1])
+        self._node(graph, "Shape", f"{base}/ShapeScale", [flat], [nrows], doc)
+        zp = self._var(f"{base}_row_zero_point", np.uint8, [None])
+        zp_one = self._const(f"{base}_zero_point", np.array(ROW_ZERO_POINT, np.uint8))
+        self._node(graph, "Expand", f"{base}/ExpandZeroPoint", [zp_one, nrows], [zp], doc)
+        q2 = self._var(f"{base}_rows_quantized", np.uint8, [None, k])
+        self._node(graph, "QuantizeLinear", f"{base}/QuantizeLinear", [rows, flat, zp], [q2], doc, axis=0)
         q = self._var(f"{base}_quantized", np.uint8, x.shape)
-        self._node(graph, "QuantizeLinear", f"{base}/QuantizeLinear", [scaled, one, zp], [q], doc)
-        if not sym:
-            return _Activation(q, scale, zp, low)
+        self._node(graph, "Reshape", f"{base}/ReshapeQuantized", [q2, shape], [q], doc)
         # scale = (largest row scale, a run-time scalar) x (row factor <= 1): the scalar part keeps the product
         # in the Mul(Cast(MatMulInteger), Mul(a_scale, w_scale)) form ONNX Runtime fuses; one Mul applies the rest
         top = self._var(f"{base}_scale", np.float32, [])
         self._node(graph, "ReduceMax", f"{base}/ReduceMaxRows", [scale], [top], doc, keepdims=0)
         factor = self._var(f"{base}_row_factor", np.float32)
         self._node(graph, "Div", f"{base}/DivRows", [scale, top], [factor], doc)
-        return _Activation(q, top, zp, None, factor)
+        a_zp = self._const(f"{base}_zero_point_scalar", np.array(ROW_ZERO_POINT, np.uint8))
+        return _Activation(q, top, a_zp, factor)
 
     def _reduce(self, graph: gs.Graph, op: str, x: gs.Tensor, name: str, doc: str) -> gs.Variable:
         """``op`` over the last axis, keepdims (axes as an input from opset 18, an attribute before)."""
@@ -414,28 +415,16 @@ class DynamicQuantizePass(Pass):
         y = out if bias is None else self._var(f"{base}_product", np.float32)
         w_scale = (w.scale.astype(np.float64) * alpha).astype(np.float32)
         sc = self._const(f"{base}_weight_scale", w_scale)
-        if act.low is not None:
-            # per-row affine: x = low + scale * q per row, so x @ W gains low (x) the integer weights' column sums
-            rows = self._var(f"{base}_row_scaled", np.float32)
-            self._node(graph, "Mul", f"{base}/MulRowScale", [accf, act.scale], [rows], doc)
-            colsum = (w.q.values.astype(np.int64) - w.zero_point.astype(np.int64)).sum(axis=0).astype(np.float32)
-            corr = self._var(f"{base}_row_offset", np.float32)
-            cs = self._const(f"{base}_weight_column_sums", colsum)
-            self._node(graph, "Mul", f"{base}/MulRowMin", [act.low, cs], [corr], doc)
-            shifted = self._var(f"{base}_row_shifted", np.float32)
-            self._node(graph, "Add", f"{base}/AddRowMin", [rows, corr], [shifted], doc)
-            self._node(graph, "Mul", f"{base}/MulWeightScale", [shifted, sc], [y], doc)
+        # Mul(Cast(MatMulInteger), Mul(x_scale, w_scale)): the pattern ONNX Runtime fuses into
+        # MatMulIntegerToFloat (and, after DynamicQuantizeLinear, into DynamicQuantizeMatMul)
+        scale = self._var(f"{base}_scale", np.float32)
+        self._node(graph, "Mul", f"{base}/MulScales", [act.scale, sc], [scale], doc)
+        if act.row_factor is None:
+            self._node(graph, "Mul", f"{base}/Mul", [accf, scale], [y], doc)
         else:
-            # Mul(Cast(MatMulInteger), Mul(x_scale, w_scale)): the pattern ONNX Runtime fuses into
-            # MatMulIntegerToFloat (and, after DynamicQuantizeLinear, into DynamicQuantizeMatMul)
-            scale = self._var(f"{base}_scale", np.float32)
-            self._node(graph, "Mul", f"{base}/MulScales", [act.scale, sc], [scale], doc)
-            if act.row_factor is None:
-                self._node(graph, "Mul", f"{base}/Mul", [accf, scale], [y], doc)
-            else:
-                prod = self._var(f"{base}_scaled", np.float32)
-                self._node(graph, "Mul", f"{base}/Mul", [accf, scale], [prod], doc)
-                self._node(graph, "Mul", f"{base}/MulRowFactor", [prod, act.row_factor], [y], doc)
+            prod = self._var(f"{base}_scaled", np.float32)
+            self._node(graph, "Mul", f"{base}/Mul", [accf, scale], [prod], doc)
+            self._node(graph, "Mul", f"{base}/MulRowFactor", [prod, act.row_factor], [y], doc)
         if bias is not None:
             if beta != 1.0:
                 if isinstance(bias, gs.Constant):

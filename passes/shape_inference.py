@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
@@ -31,15 +32,39 @@ _MAX_DATA_ELEMENTS = 1024
 
 
 def _model_for_inference(graph: gs.Graph) -> onnx.ModelProto:
-    """Export ``graph`` and swap its large initializers for typed graph inputs (values not needed)."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    """Export ``graph`` with its large initializers as typed graph inputs (values not needed).
+
+    The large constants are exported as empty placeholders (their values swapped out for the duration of
+    the export and restored after), so no copy of the weights is ever made: for a 2.5 GB model the export
+    would otherwise double the process's memory.
+    """
+    swapped: dict[str, tuple[gs.Constant, object, tuple[int, ...]]] = {}
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant):
+            continue
+        v = t._values  # noqa: SLF001 - a LazyValues or an array; reading .values would load lazy data
+        shape = tuple(int(d) for d in v.shape)
+        n_elements = 1
+        for d in shape:
+            n_elements *= d
+        if n_elements > _MAX_DATA_ELEMENTS and isinstance(v.dtype, np.dtype):
+            swapped[t.name] = (t, v, shape)
+    try:
+        for t, v, _shape in swapped.values():
+            t._values = np.empty((0,), dtype=v.dtype)  # noqa: SLF001
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for t, v, _shape in swapped.values():
+            t._values = v  # noqa: SLF001
     keep: list[onnx.TensorProto] = []
     typed: list[onnx.ValueInfoProto] = []
     for init in model.graph.initializer:
         n_elements = 1
         for d in init.dims:
             n_elements *= d
-        if n_elements > _MAX_DATA_ELEMENTS:
+        if init.name in swapped:
+            typed.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(swapped[init.name][2])))
+        elif n_elements > _MAX_DATA_ELEMENTS:
             typed.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             keep.append(init)

@@ -62,7 +62,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import QuantDtype, QuantScheme, Symmetry, choose_qparams, choose_qparams_mse, quantize
 from onnxq.target import PROFILES, TargetProfile
@@ -179,7 +179,7 @@ class DynamicQuantizePass(Pass):
                   "weights_quantized": 0, "shared_weights": 0, "activations_quantized": 0,
                   "activations_rotated": 0}  # fmt: skip
         notes: list[str] = []
-        self._taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self._fresh = FreshNames(graph)
         self._opset = int(graph.opset or 13)
         self._docs: dict[str, str] = ctx.scratch.setdefault("doc_strings", {})
         weights: dict[tuple[str, bool, str, str, int], _Weight] = {}
@@ -245,15 +245,6 @@ class DynamicQuantizePass(Pass):
         return PassResult(graph, modified=counts["nodes_quantized"] > 0, counts=counts, notes=notes)
 
     # ------------------------------------------------------------------ helpers
-
-    def _fresh(self, name: str) -> str:
-        """``name``, or ``name_2``, ``name_3``... when the graph already has a tensor or node called that."""
-        out, k = name, 1
-        while out in self._taken:
-            k += 1
-            out = f"{name}_{k}"
-        self._taken.add(out)
-        return out
 
     def _const(self, name: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self._fresh(name), np.asarray(value))

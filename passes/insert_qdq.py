@@ -33,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import CalibrationError, PassError
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import (
     PerChannel,
@@ -154,7 +154,7 @@ class InsertQDQPass(Pass):
                   "biases_quantized": 0, "shared_weights": 0, "activations_absorbed": 0}  # fmt: skip
         # names already in the model: inserted tensors and nodes must not reuse one (a model may well have an
         # initializer called "x_scale" already, e.g. when it was quantized before)
-        self._taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self._fresh = FreshNames(graph)
         notes: list[str] = []
 
         configs: dict[int, NodeConfig] = {}
@@ -322,15 +322,6 @@ class InsertQDQPass(Pass):
             {n: [p.rmin, p.rmax] for n, p in params.items()}
         )
         return PassResult(graph, modified=counts["qdq_pairs"] > 0 or counts["weights_quantized"] > 0, counts=counts, notes=notes)
-
-    def _fresh(self, name: str) -> str:
-        """``name``, or ``name_2``, ``name_3``... when the graph already has a tensor or node called that."""
-        out, k = name, 1
-        while out in self._taken:
-            k += 1
-            out = f"{name}_{k}"
-        self._taken.add(out)
-        return out
 
     def _insert_pair(self, graph: gs.Graph, t: gs.Variable, p: _QParams, ctx: PassContext) -> gs.Variable:
         base = t.name

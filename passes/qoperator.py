@@ -63,7 +63,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
 from onnxq.target import PROFILES, TargetProfile
 
 __all__ = ["QOperatorPass", "lower_to_qoperator", "LOWERED_OPS"]
@@ -295,20 +295,12 @@ class _Lowering:
         self.target = target
         self.docs = docs
         self.graph_outputs = {t.name for t in graph.outputs}
-        self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self.fresh = FreshNames(graph)
         self.counts: Counter[str] = Counter()
         self.saturation_fixed: list[str] = []
         self._zeros: dict[tuple[str, tuple[int, ...]], gs.Constant] = {}
         self._converted: dict[tuple[str, str], _QT] = {}
         self._scalars: dict[str, gs.Constant] = {}
-
-    def fresh(self, name: str) -> str:
-        out, k = name, 1
-        while out in self.taken:
-            k += 1
-            out = f"{name}_{k}"
-        self.taken.add(out)
-        return out
 
     def const(self, name: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.fresh(name), np.asarray(values))

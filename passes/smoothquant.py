@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.calibration.channel_stats import ChannelStats, collect_channel_stats
 from onnxq.errors import PassError
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
 from onnxq.target import PROFILES, TargetProfile
@@ -104,7 +104,7 @@ class SmoothQuantPass(Pass):
         stats = collect_channel_stats(graph, [g.x.name for g in groups], source, device=device,
                                       sample_rows=spec.max_rows, progress=ctx.progress)  # fmt: skip
         target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
-        self._taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self._fresh = FreshNames(graph)
         docs = ctx.scratch.setdefault("doc_strings", {})
         chosen: dict[str, dict[str, float]] = {}
         for g in groups:
@@ -278,14 +278,6 @@ class SmoothQuantPass(Pass):
                 done.add(id(w))
             else:
                 c.inputs[1] = gs.Constant(self._fresh(f"{w.name}_smoothed"), values)
-
-    def _fresh(self, name: str) -> str:
-        out, k = name, 1
-        while out in self._taken:
-            k += 1
-            out = f"{name}_{k}"
-        self._taken.add(out)
-        return out
 
 
 # -- folding 1/s into producers ----------------------------------------------------------------------------

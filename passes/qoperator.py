@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -605,8 +605,9 @@ def _lower_gemm(lw: _Lowering, node: gs.Node) -> str:
     return _Done("QGemm")
 
 
-def _lower_binary(lw: _Lowering, node: gs.Node) -> str:
-    """Add / Mul -> com.microsoft QLinearAdd / QLinearMul."""
+def _per_tensor_unit(lw: _Lowering, node: gs.Node) -> tuple[list, Any] | str:
+    """(dequantized inputs, quantized output) of a unit whose inputs and output are all per-tensor of one
+    8-bit dtype (what QLinearAdd/Mul/Concat take), or why the unit is not one."""
     qs = [_dequantized(t) for t in node.inputs]
     for q in qs:
         if isinstance(q, str):
@@ -617,6 +618,15 @@ def _lower_binary(lw: _Lowering, node: gs.Node) -> str:
     assert out.q is not None
     if any(q.axis is not None or q.dtype != out.q.dtype for q in qs):  # type: ignore[union-attr]
         return "its inputs and output are not all per-tensor of one 8-bit dtype"
+    return qs, out
+
+
+def _lower_binary(lw: _Lowering, node: gs.Node) -> str:
+    """Add / Mul -> com.microsoft QLinearAdd / QLinearMul."""
+    unit = _per_tensor_unit(lw, node)
+    if isinstance(unit, str):
+        return unit
+    qs, out = unit
     a, b = qs
     op = f"QLinear{node.op}"
     new = gs.Node(op, node.name, inputs=[*lw.qinputs(a), *lw.qinputs(b), *lw.params(out.q)],  # type: ignore[arg-type]
@@ -626,16 +636,10 @@ def _lower_binary(lw: _Lowering, node: gs.Node) -> str:
 
 
 def _lower_concat(lw: _Lowering, node: gs.Node) -> str:
-    qs = [_dequantized(t) for t in node.inputs]
-    for q in qs:
-        if isinstance(q, str):
-            return q
-    out = _output(node, lw.graph_outputs, allow_float=False)
-    if isinstance(out, str):
-        return out
-    assert out.q is not None
-    if any(q.axis is not None or q.dtype != out.q.dtype for q in qs):  # type: ignore[union-attr]
-        return "its inputs and output are not all per-tensor of one 8-bit dtype"
+    unit = _per_tensor_unit(lw, node)
+    if isinstance(unit, str):
+        return unit
+    qs, out = unit
     if all(q.same_params(out.q) for q in qs):  # type: ignore[union-attr]
         codes = [q.codes for q in qs]  # type: ignore[union-attr]
         new = gs.Node("Concat", node.name, attrs=dict(node.attrs), inputs=codes, outputs=[lw.out_tensor(out)])

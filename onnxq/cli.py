@@ -92,7 +92,10 @@ def main(debug: bool) -> None:
 @click.option("--exclude-regex", multiple=True, help="Leave nodes whose name matches this regex in float (repeatable).")
 @click.option("--exclude-activation-matmuls", is_flag=True, help="Leave MatMuls of two activations (attention Q @ K^T and probs @ V) in float.")
 @click.option("--calib-cache", type=click.Path(path_type=Path), help="Reuse ranges saved by `onnxq calibrate` (must match this model and calibration settings) instead of calibrating.")
-@click.option("--format", "out_format", type=click.Choice(["qdq", "qoperator"]), help="Output form: qdq (QuantizeLinear/DequantizeLinear around float ops; default) or qoperator (QLinearConv, QLinearMatMul, MatMulInteger, ...: lowered for the --target's kernels).")
+@click.option("--format", "out_format", type=click.Choice(["qdq", "qoperator", "matmulnbits"]), help="Output form: qdq (QuantizeLinear/DequantizeLinear around float ops; default; for weight-only presets: int4 DequantizeLinear + MatMul, opset 21), qoperator (QLinearConv, QLinearMatMul, MatMulInteger, ...: lowered for the --target's kernels) or matmulnbits (com.microsoft.MatMulNBits; the default of the w4-* presets).")
+@click.option("--block-size", type=int, help="Weight-only presets: rows of K sharing one scale per output column (16, 32, 64, 128 (default), 256; 0 = per channel).")
+@click.option("--symmetric", is_flag=True, help="Weight-only presets: symmetric int4 (zero point fixed at 8) instead of a zero point per block.")
+@click.option("--lm-head", type=click.Choice(["same", "int8", "float"]), help="Weight-only presets: the output projection quantized like the rest (same, default), in 8 bits, or left float.")
 @click.option("--alpha", help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer (presets with smoothquant).")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a summary.")
@@ -103,7 +106,8 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
              exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], calib_cache: Path | None,
-             out_format: str | None, alpha: str | None, exclude_activation_matmuls: bool,
+             out_format: str | None, block_size: int | None, symmetric: bool, lm_head: str | None,
+             alpha: str | None, exclude_activation_matmuls: bool,
              report_dir: Path | None, as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
     """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
 
@@ -111,6 +115,10 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     Example (MobileNetV2, 128 ImageNet images, the default w8a8 preset):
       onnxq quantize mobilenetv2.onnx -o mnv2.int8.onnx \\
             --calib imagenet/ --calib-preprocess torch --calib-size 128
+    \b
+    Example (an LLM in int4 with GPTQ, 32 windows of 512 tokens):
+      onnxq quantize model.onnx -o model.int4.onnx --preset w4-gptq \\
+            --calib tokens.json --calib-size 32 --seq-len 512 --block-size 128
 
     The output is written atomically; on any error nothing is written and the exit code is 1.
     """
@@ -124,8 +132,15 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=target, device=device,
                           exclude_op=exclude_op, exclude_node=exclude_node, exclude_regex=exclude_regex)  # fmt: skip
     recipe = _apply_format_alpha(recipe, out_format, alpha)
+    recipe = _apply_weight_only(recipe, block_size=block_size, symmetric=symmetric, lm_head=lm_head)
     if exclude_activation_matmuls:
         recipe = recipe.with_(exclude=dataclasses.replace(recipe.exclude, activation_matmuls=True))
+    if recipe.needs_calibration() and not calib and "weight_only" in recipe.passes:
+        method = recipe.weight_only.method.upper()
+        raise OnnxqError(
+            f"preset/recipe '{recipe.name}' runs {method}, which needs calibration text: --calib TOKENS.json "
+            "(token ids) or a text file with --tokenizer, e.g. --calib-size 32 --seq-len 512; --preset w4-rtn needs none"
+        )
     if recipe.needs_calibration() and not calib and not calib_cache:
         raise OnnxqError(
             f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
@@ -191,6 +206,23 @@ def _apply_format_alpha(recipe: Any, out_format: str | None, alpha: str | None) 
             value = alpha
         recipe = recipe.with_(smoothquant=dataclasses.replace(recipe.smoothquant, alpha=value))
     return recipe
+
+
+def _apply_weight_only(recipe: Any, *, block_size: int | None, symmetric: bool, lm_head: str | None) -> Any:
+    """``--block-size``, ``--symmetric`` and ``--lm-head`` into the recipe's ``[weight_only]`` table."""
+    changes: dict[str, Any] = {}
+    if block_size is not None:
+        changes["block_size"] = block_size
+    if symmetric:
+        changes["symmetric"] = True
+    if lm_head:
+        changes["lm_head"] = lm_head
+    if not changes:
+        return recipe
+    if "weight_only" not in recipe.passes:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changes)
+        raise click.UsageError(f"{flags} applies to weight-only presets (w4-rtn, w4-gptq, w4-awq), not '{recipe.name}'")
+    return recipe.with_(weight_only=dataclasses.replace(recipe.weight_only, **changes))
 
 
 def _print_quantize_summary(report: Any, output: Path) -> None:

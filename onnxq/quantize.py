@@ -68,6 +68,9 @@ class QuantizeResult:
 
 
 def _required_opset(recipe: Recipe) -> int:
+    if "weight_only" in recipe.passes:
+        # blocked int4 DequantizeLinear needs opset 21; MatMulNBits is a contrib op and needs nothing
+        return 21 if recipe.format == "qdq" else 13
     dtypes = {QuantDtype(recipe.activations.dtype), QuantDtype(recipe.weights.dtype)}
     for o in recipe.overrides:
         for spec in (o.activations, o.weights):
@@ -116,7 +119,9 @@ def quantize_model(
     before = default_opset(work)
     work = upgrade_opset(work, _required_opset(recipe))
     if default_opset(work) != before:
-        report.note(f"opset upgraded from {before} to {default_opset(work)} (per-channel QDQ needs opset 13+)")
+        why = ("blocked int4 DequantizeLinear needs opset 21" if "weight_only" in recipe.passes
+               else "per-channel QDQ needs opset 13+, int4/int16 QDQ opset 21")  # fmt: skip
+        report.note(f"opset upgraded from {before} to {default_opset(work)} ({why})")
 
     target, why = resolve_target(recipe.target)
     report.info["target"] = {"profile": target.name, "reason": why, "description": target.description}

@@ -52,6 +52,7 @@ __all__ = [
     "Float16Spec",
     "SmoothQuantSpec",
     "DynamicSpec",
+    "WeightOnlySpec",
     "FLOAT16_BLOCK_LIST",
     "Override",
     "NodeConfig",
@@ -221,6 +222,65 @@ class DynamicSpec:
 
 
 @dataclass(frozen=True)
+class WeightOnlySpec:
+    """Settings of the ``weight_only`` pass (the ``[weight_only]`` table of a recipe): MatMul weights
+    stored in 4 (or 8) bits and dequantized at run time; activations stay float, so no activation ranges.
+
+    ``method``: ``"rtn"`` (round to nearest, no calibration), ``"gptq"`` (Frantar et al.: rounding error
+    of each row compensated on the rows not yet quantized, using the layer's input Hessian; sequential:
+    each layer sees the already-quantized earlier layers' outputs) or ``"awq"`` (Lin et al.: a per-input-
+    channel scale searched on a grid and folded into what produces the input, then a clipping search).
+    ``bits``: 4 or 8. ``symmetric``: zero point fixed at the middle (8 for int4) or per block.
+    ``block_size``: rows of K sharing one scale per output column (16, 32, 64, 128, 256, ...); 0 means
+    one block per output column (per-channel). ``accuracy_level``: MatMulNBits' compute type (0 = fp32,
+    4 = int8 activations, faster on CPU) or ``"auto"`` (the target decides). ``lm_head``: the output
+    projection (the last weight MatMul before a graph output) quantized like the rest (``"same"``), in
+    8 bits (``"int8"``) or left in float (``"float"``). ``embeddings``: constant Gather tables (token
+    embeddings) stored as int8 with one scale per row (``"int8"``) or left float (``"float"``).
+    ``damp``: GPTQ's Hessian damping (fraction of the mean diagonal). ``act_order``: GPTQ processes rows
+    in order of decreasing Hessian diagonal (block parameters then come from the original weights).
+    ``mse_range``: GPTQ chooses each block's range by a shrink search (smallest ``|err|^2.4``) instead of
+    plain min/max.
+    ``awq_grid``: number of scale exponents AWQ tries (0, 1/n, ..., (n-1)/n). ``awq_duo``: also try
+    AutoAWQ's duo scaling (activation mean over weight mean) and keep the better. ``awq_clip``: run AWQ's
+    clipping search after the scale search.
+    """
+
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
+    bits: int = 4
+    symmetric: bool = False
+    block_size: int = 128
+    accuracy_level: int | Literal["auto"] = "auto"
+    lm_head: Literal["same", "int8", "float"] = "same"
+    embeddings: Literal["float", "int8"] = "int8"
+    damp: float = 0.01
+    act_order: bool = True
+    mse_range: bool = True
+    awq_grid: int = 20
+    awq_duo: bool = False
+    awq_clip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rtn", "gptq", "awq"):
+            raise RecipeError(f"[weight_only] method must be 'rtn', 'gptq' or 'awq', got '{self.method}'")
+        if self.bits not in (4, 8):
+            raise RecipeError(f"[weight_only] bits must be 4 or 8, got {self.bits!r}")
+        b = self.block_size
+        if not isinstance(b, int) or isinstance(b, bool) or (b != 0 and (b < 16 or b & (b - 1))):
+            raise RecipeError(f"[weight_only] block_size must be 0 (per-channel) or a power of two >= 16 (32, 64, 128, ...), got {b!r}")
+        if self.accuracy_level != "auto" and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise RecipeError(f"[weight_only] accuracy_level must be 0-4 or \"auto\", got {self.accuracy_level!r}")
+        if self.lm_head not in ("same", "int8", "float"):
+            raise RecipeError(f"[weight_only] lm_head must be 'same', 'int8' or 'float', got '{self.lm_head}'")
+        if self.embeddings not in ("float", "int8"):
+            raise RecipeError(f"[weight_only] embeddings must be 'float' or 'int8', got '{self.embeddings}'")
+        if not 0.0 < float(self.damp) < 1.0:
+            raise RecipeError(f"[weight_only] damp must be in (0, 1), got {self.damp!r}")
+        if not isinstance(self.awq_grid, int) or self.awq_grid < 2:
+            raise RecipeError(f"[weight_only] awq_grid must be an integer >= 2, got {self.awq_grid!r}")
+
+
+@dataclass(frozen=True)
 class Override:
     """Settings for the nodes one selector matches. Exactly one of op_type, name, name_regex is set.
 
@@ -288,11 +348,22 @@ class Recipe:
     float16: Float16Spec = field(default_factory=Float16Spec)
     smoothquant: SmoothQuantSpec = field(default_factory=SmoothQuantSpec)
     dynamic: DynamicSpec = field(default_factory=DynamicSpec)
-    format: Literal["qdq", "qoperator"] = "qdq"
+    weight_only: WeightOnlySpec = field(default_factory=WeightOnlySpec)
+    format: Literal["qdq", "qoperator", "matmulnbits"] = "qdq"
 
     def __post_init__(self) -> None:
-        if self.format not in ("qdq", "qoperator"):
-            raise RecipeError(f"unknown format '{self.format}'; valid: qdq, qoperator")
+        if self.format not in ("qdq", "qoperator", "matmulnbits"):
+            raise RecipeError(f"unknown format '{self.format}'; valid: qdq, qoperator, matmulnbits")
+        if self.format == "matmulnbits" and "weight_only" not in self.passes:
+            raise RecipeError(
+                "format 'matmulnbits' packs weight-only quantized MatMuls: use it with a weight-only preset "
+                "(w4-rtn, w4-gptq, w4-awq)"
+            )
+        if self.format == "qoperator" and "weight_only" in self.passes:
+            raise RecipeError(
+                "weight-only presets have no QOperator form (activations stay float): use --format matmulnbits "
+                "(com.microsoft.MatMulNBits) or --format qdq (int4 DequantizeLinear + MatMul)"
+            )
         unknown = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
         if unknown:
             raise RecipeError(f"op_types {unknown} cannot be quantized; valid: {', '.join(QUANTIZABLE_OPS)}")
@@ -310,7 +381,12 @@ class Recipe:
             _compile(rx, "exclude.name_regex")
 
     def needs_calibration(self) -> bool:
-        return "insert_qdq" in self.passes or "smoothquant" in self.passes
+        """Whether the passes need calibration samples (activation ranges or weight-only statistics)."""
+        return (
+            "insert_qdq" in self.passes
+            or "smoothquant" in self.passes
+            or ("weight_only" in self.passes and self.weight_only.method != "rtn")
+        )
 
     def pass_names(self) -> tuple[str, ...]:
         """The passes to run: ``passes``, plus the ``qoperator`` lowering at the end for ``format = "qoperator"``."""
@@ -371,6 +447,8 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
         raise RecipeError(f"invalid {where}: {exc}") from exc
 
 
+_WEIGHT_ONLY_PASSES = ("upcast_float16", "shape_inference", "constant_folding", "remove_dead_nodes", "weight_only")
+
 PRESETS: dict[str, Recipe] = {
     "w8a8": Recipe(
         name="w8a8",
@@ -413,6 +491,32 @@ PRESETS: dict[str, Recipe] = {
         passes=("shape_inference", "qoperator"),
         format="qoperator",
     ),
+    "w4-rtn": Recipe(
+        name="w4-rtn",
+        description="int4 weight-only, round to nearest, no calibration: MatMul weights in 4 bits (asymmetric, "
+        "block 128) as com.microsoft.MatMulNBits, int8 embeddings, float activations",
+        passes=_WEIGHT_ONLY_PASSES,
+        weight_only=WeightOnlySpec(method="rtn"),
+        format="matmulnbits",
+    ),
+    "w4-gptq": Recipe(
+        name="w4-gptq",
+        description="int4 weight-only with GPTQ (needs --calib, e.g. 32 x 512 tokens): rounding errors compensated "
+        "layer by layer from each layer's input statistics; MatMulNBits, block 128",
+        passes=_WEIGHT_ONLY_PASSES,
+        weight_only=WeightOnlySpec(method="gptq"),
+        calibration=CalibrationSpec(samples=32),
+        format="matmulnbits",
+    ),
+    "w4-awq": Recipe(
+        name="w4-awq",
+        description="int4 weight-only with AWQ (needs --calib): per-channel scales that protect salient weights, "
+        "folded into the preceding op, then clipping search; MatMulNBits, block 128",
+        passes=_WEIGHT_ONLY_PASSES,
+        weight_only=WeightOnlySpec(method="awq"),
+        calibration=CalibrationSpec(samples=32),
+        format="matmulnbits",
+    ),
     "fp16": Recipe(
         name="fp16",
         description="float16 conversion, no calibration: weights and compute in float16, float32 inputs/outputs; "
@@ -432,7 +536,7 @@ def preset(name: str) -> Recipe:
 
 _TOP_LEVEL = ("preset", "name", "description", "version", "passes", "target", "op_types", "quantize_outputs",
               "activations", "weights", "calibration", "exclude", "override", "float16", "smoothquant", "dynamic",
-              "format")  # fmt: skip
+              "weight_only", "format")  # fmt: skip
 
 
 def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
@@ -450,7 +554,7 @@ def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recip
             changes[key] = tuple(data[key])
     for key, cls in (("activations", ActivationSpec), ("weights", WeightSpec),
                      ("calibration", CalibrationSpec), ("exclude", ExcludeSpec), ("float16", Float16Spec),
-                     ("smoothquant", SmoothQuantSpec), ("dynamic", DynamicSpec)):  # fmt: skip
+                     ("smoothquant", SmoothQuantSpec), ("dynamic", DynamicSpec), ("weight_only", WeightOnlySpec)):  # fmt: skip
         if key in data:
             current = dataclasses.asdict(getattr(base, key))
             _check_keys(data[key], cls, f"[{key}] of {where}")

@@ -17,6 +17,7 @@ from .remove_dead_nodes import RemoveDeadNodesPass, remove_dead_nodes
 from .smoothquant import SmoothQuantPass, smoothquant
 from .shape_inference import ShapeInferencePass, infer_shapes
 from .upcast_float16 import UpcastFloat16Pass, upcast_float16
+from .weight_only import WeightOnlyPass, quantize_weight_only
 
 __all__ = [
     "PASSES",
@@ -30,6 +31,7 @@ __all__ = [
     "ShapeInferencePass",
     "SmoothQuantPass",
     "UpcastFloat16Pass",
+    "WeightOnlyPass",
     "convert_float16",
     "fold_batchnorm",
     "fold_constants",
@@ -37,6 +39,7 @@ __all__ = [
     "insert_qdq",
     "lower_to_qoperator",
     "quantize_dynamic",
+    "quantize_weight_only",
     "remove_dead_nodes",
     "smoothquant",
     "upcast_float16",
@@ -54,6 +57,7 @@ PASSES: dict[str, type[Pass]] = {
         InsertQDQPass,
         QOperatorPass,
         DynamicQuantizePass,
+        WeightOnlyPass,
         Float16Pass,
     )
 }

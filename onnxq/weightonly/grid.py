@@ -1,0 +1,144 @@
+"""The int4/int8 weight grid shared by RTN, GPTQ and AWQ, and the quantized weight they all produce.
+
+A MatMul weight ``W`` has shape ``[K, N]`` (K input features, N outputs). Weight-only schemes group it
+along K: blocks of ``block_size`` consecutive rows share one scale (and zero point) per output column,
+so ``scales`` and ``zero_points`` have shape ``[ceil(K / block_size), N]``; the last block may be
+partial (stories260K has K = 172). Per-channel is one block spanning all of K.
+
+Codes are stored unsigned, ``0 .. 2**bits - 1``, as ``com.microsoft.MatMulNBits`` wants them:
+
+* asymmetric: ``scale = (max - min) / (2**bits - 1)``, ``zero_point = round(-min / scale)``;
+* symmetric: ``zero_point = 2**(bits - 1)`` (8 for int4) and ``scale = max|w| / (2**(bits - 1) - 1)``,
+  so codes ``1 .. 15`` are used and zero is exact.
+
+Zero is always inside a block's range (as in GPTQ's reference quantizer and ONNX's QuantizeLinear), so
+zero weights stay exactly zero. Dequantization is ``(q - zero_point) * scale`` in float32, bit for bit
+what ONNX ``DequantizeLinear`` and MatMulNBits compute, which :meth:`QuantizedWeight.dequantize` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.scheme import PerBlock, PerChannel, QuantDtype, QuantScheme, Symmetry, choose_qparams_from_range, dequantize, quantize
+
+__all__ = ["WeightGrid", "QuantizedWeight", "rtn", "qparams", "quantize_rows"]
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """How a weight is quantized: bit width, symmetry and block size along K (None = per output channel)."""
+
+    bits: int = 4
+    symmetric: bool = False
+    block_size: int | None = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"weight-only bits must be 4 or 8, got {self.bits}")
+        if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"block_size must be a power of two >= 16 (16, 32, 64, 128, ...), got {self.block_size}")
+
+    def block(self, k: int) -> int:
+        """The block length used for a weight with ``k`` input rows (``k`` itself when per-channel)."""
+        return k if self.block_size is None else self.block_size
+
+    def n_blocks(self, k: int) -> int:
+        return max(1, math.ceil(k / self.block(k)))
+
+    def scheme(self, k: int) -> QuantScheme:
+        """The :class:`QuantScheme` of a ``[k, N]`` weight: unsigned codes, blocks along axis 0.
+
+        Per-channel (and a single block covering all of K) is ``PerChannel(1)``, whose parameters have
+        shape ``[N]``; :func:`rtn` and :meth:`QuantizedWeight.dequantize` keep them as ``[1, N]``."""
+        dtype = QuantDtype.UINT4 if self.bits == 4 else QuantDtype.UINT8
+        sym = Symmetry.SYMMETRIC if self.symmetric else Symmetry.AFFINE
+        gran = PerChannel(1) if self.n_blocks(k) == 1 else PerBlock(0, self.block(k))
+        return QuantScheme(dtype, sym, gran)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def __str__(self) -> str:
+        gran = "per-channel" if self.block_size is None else f"block {self.block_size}"
+        return f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric'} {gran}"
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``[K, N]`` weight: codes ``q`` (uint8, ``[K, N]``, one code per byte, unpacked),
+    ``scales`` (float32) and ``zero_points`` (uint8), both ``[n_blocks, N]``."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    grid: WeightGrid
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    @property
+    def block_size(self) -> int:
+        return self.grid.block(self.shape[0])
+
+    def dequantize(self) -> np.ndarray:
+        """``(q - zero_point) * scale`` in float32, ``[K, N]``: what every packed format computes."""
+        scheme = self.grid.scheme(self.shape[0])
+        return dequantize(self.q, _params(self.scales, scheme), _params(self.zero_points, scheme), scheme)
+
+    def scale_columns(self, factor: np.ndarray) -> None:
+        """Multiply output column n by ``factor[n]`` (exact on the grid: only the scales change).
+
+        Used when a later scale search folds ``1/s`` into this layer's outputs (AWQ)."""
+        f = np.asarray(factor, np.float32).reshape(1, -1)
+        self.scales = (self.scales * f).astype(np.float32)
+
+
+def qparams(lo: np.ndarray, hi: np.ndarray, grid: WeightGrid, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points for blocks whose (finite) range is ``[lo, hi]`` (zero is added to the range).
+
+    Any shape works (the parameters are elementwise in the range ends)."""
+    return choose_qparams_from_range(lo, hi, grid.scheme(k))
+
+
+def quantize_rows(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmax: int) -> np.ndarray:
+    """Codes of rows ``w`` (``[..., N]``) with one scale/zero point per column: ``clip(rint(w / s) + z, 0, qmax)``.
+
+    The float32 division and half-to-even rounding of ONNX QuantizeLinear, so the codes match
+    :func:`onnxq.scheme.quantize`; used where GPTQ quantizes one row at a time."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.rint(np.asarray(w, np.float32) / np.asarray(scale, np.float32)) + np.asarray(zero_point, np.float32)
+    return np.clip(np.nan_to_num(y, nan=0.0), 0, qmax).astype(np.uint8)
+
+
+def rtn(w: np.ndarray, grid: WeightGrid, *, clip: np.ndarray | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of a ``[K, N]`` weight on ``grid``.
+
+    ``clip`` (optional, ``[n_blocks, N]``) shrinks each block's range to ``[max(min, -c), min(max, c)]``
+    before choosing its parameters (AWQ's clip search chooses ``c``); values outside saturate.
+    """
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"a weight-only weight must be 2-D [K, N], got shape {w.shape}")
+    k = w.shape[0]
+    scheme = grid.scheme(k)
+    from onnxq.scheme import reduce_for_granularity
+
+    lo, hi = reduce_for_granularity(w, scheme.granularity)
+    lo, hi = lo.reshape(-1, w.shape[1]), hi.reshape(-1, w.shape[1])
+    if clip is not None:
+        c = np.asarray(clip, np.float32).reshape(lo.shape)
+        lo, hi = np.maximum(lo, -c), np.minimum(hi, c)
+    scale, zp = choose_qparams_from_range(lo, hi, scheme)
+    q = quantize(w, _params(scale, scheme), _params(zp, scheme), scheme).astype(np.uint8)
+    return QuantizedWeight(q=q, scales=np.asarray(scale, np.float32), zero_points=np.asarray(zp).astype(np.uint8), grid=grid)
+
+
+def _params(p: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """``[n_blocks, N]`` parameters in the layout ``scheme`` expects (``[N]`` for one block)."""
+    return np.asarray(p).reshape(-1) if isinstance(scheme.granularity, PerChannel) else np.asarray(p)

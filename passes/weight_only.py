@@ -1,0 +1,410 @@
+"""Weight-only quantization: MatMul weights in 4 (or 8) bits with RTN, GPTQ or AWQ; activations stay float.
+
+This is how LLMs are deployed on ONNX Runtime: memory traffic, not arithmetic, bounds a decoder's speed,
+so weights shrink to 4 bits and are dequantized inside the kernel. Every MatMul whose second input is a
+constant 2-D float weight ``[K, N]`` is quantized on a :class:`~onnxq.weightonly.grid.WeightGrid`
+(blocks of ``block_size`` rows along K share a scale per output column) by one of:
+
+* ``rtn``: round to nearest, no data;
+* ``gptq``: GPTQ (:mod:`onnxq.weightonly.gptq`) from each layer's input Hessian ``H = X^T X``;
+* ``awq``: AWQ (:mod:`onnxq.weightonly.awq`): a per-input-channel scale ``s`` searched on a grid, ``W``'s
+  rows multiplied by ``s`` and ``1/s`` folded into what produces ``X`` (an RMSNorm/LayerNorm weight, the
+  previous projection's output columns; never a new op: a group whose input cannot absorb it is left
+  unscaled), then a per-block clipping search.
+
+GPTQ and AWQ are sequential: :class:`~onnxq.weightonly.segments.SegmentRunner` runs the graph segment by
+segment so that every layer's statistics come from the already-quantized earlier layers, in one pass
+over the calibration set. While the pass runs, quantized weights are held in the graph as their float
+dequantized values; at the end each MatMul is packed as ``com.microsoft.MatMulNBits`` (``format =
+"matmulnbits"``) or as an opset-21 blocked int4 ``DequantizeLinear`` feeding the MatMul (``format =
+"qdq"``). The output projection (``lm_head``) can stay float or use 8 bits, and constant Gather tables
+(token embeddings) are stored as int8 with one scale per row.
+
+``ctx.scratch`` keys read: ``"target"`` (picks MatMulNBits' ``accuracy_level`` when ``"auto"``).
+Written: ``"doc_strings"`` for the rewritten nodes, ``"weight_only"`` (per-layer method and error).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxq.calibration.runner import choose_providers
+from onnxq.errors import PassError
+from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.progress import progress_bar
+from onnxq.recipe import WeightOnlySpec
+from onnxq.target import PROFILES, TargetProfile
+from onnxq.weightonly.awq import awq_clip_search, awq_scale_search
+from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, rtn
+from onnxq.weightonly.gptq import gptq
+from onnxq.weightonly.pack import ensure_opset, to_dequantize_matmul, to_matmulnbits
+from onnxq.weightonly.segments import SegmentRunner, Wave
+
+from .smoothquant import _Edit, _plan_producer, _value_readers
+
+__all__ = ["WeightOnlyPass", "quantize_weight_only", "output_projections"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Layer:
+    """One weight MatMul and what happened to it."""
+
+    node: gs.Node
+    grid: WeightGrid
+    qw: QuantizedWeight | None = None
+    method: str = ""
+    error: float | None = None  # relative output error proxy tr(dW^T H dW) / tr(W^T H W), where known
+
+
+def _weight_matmul(node: gs.Node) -> bool:
+    if node.op != "MatMul" or len(node.inputs) != 2:
+        return False
+    x, w = node.inputs
+    return (
+        isinstance(x, gs.Variable)
+        and isinstance(w, gs.Constant)
+        and w.values.ndim == 2
+        and np.issubdtype(w.values.dtype, np.floating)
+        and w.values.size > 0
+    )
+
+
+def output_projections(graph: gs.Graph, targets: list[gs.Node]) -> set[int]:
+    """ids of the targets whose output reaches a graph output without passing another target (lm_head)."""
+    target_ids = {id(t) for t in targets}
+    outputs = {id(t) for t in graph.outputs}
+    found: set[int] = set()
+    for t in targets:
+        seen: set[int] = set()
+        todo = deque(t.outputs)
+        while todo:
+            tensor = todo.popleft()
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            if id(tensor) in outputs:
+                found.add(id(t))
+                break
+            for reader in tensor.outputs:
+                if id(reader) not in target_ids:
+                    todo.extend(reader.outputs)
+    return found
+
+
+def _accuracy_level(spec: WeightOnlySpec, target: TargetProfile) -> int:
+    if spec.accuracy_level != "auto":
+        return int(spec.accuracy_level)
+    # int8 activations inside MatMulNBits (accuracy_level 4) use the CPU's integer dot products; GPUs and
+    # the generic profile keep fp32 accumulation of the dequantized weights
+    return 0 if target.name in ("cuda", "generic") else 4
+
+
+class WeightOnlyPass(Pass):
+    """Quantize the weights of every MatMul with a constant weight (see the module docstring)."""
+
+    name = "weight_only"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        spec = ctx.recipe.weight_only
+        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        counts = {"layers_quantized": 0, "layers_int8": 0, "layers_left_float": 0, "embeddings_quantized": 0,
+                  "awq_groups_scaled": 0, "awq_groups_unscaled": 0, "segments_run": 0}  # fmt: skip
+        notes: list[str] = []
+        self._fresh = FreshNames(graph)
+        candidates = [n for n in graph.nodes if _weight_matmul(n)]
+        gemms = [n for n in graph.nodes if n.op == "Gemm" and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
+        if gemms:
+            notes.append(f"{len(gemms)} Gemm nodes left float (weight-only packing covers MatMul)")
+        selected = [n for n in candidates if ctx.recipe.config_for(n.name, n.op) is not None]
+        counts["layers_left_float"] = len(candidates) - len(selected)
+        heads = output_projections(graph, selected)
+        base = WeightGrid(spec.bits, spec.symmetric, spec.block_size or None)
+        layers: list[_Layer] = []
+        for n in selected:
+            if id(n) in heads and spec.lm_head == "float":
+                counts["layers_left_float"] += 1
+                notes.append(f"output projection '{n.name}' left float (lm_head = \"float\")")
+                continue
+            grid = WeightGrid(8, spec.symmetric, spec.block_size or None) if id(n) in heads and spec.lm_head == "int8" else base
+            layers.append(_Layer(n, grid))
+        if not layers and spec.embeddings == "float":
+            return PassResult(graph, False, counts, notes + ["no MatMul with a constant weight to quantize"])
+
+        method = spec.method
+        if layers:
+            if method == "rtn":
+                self._rtn(layers, ctx)
+            else:
+                source = getattr(ctx.calibration, "source", None)
+                if source is None:
+                    raise PassError(
+                        self.name,
+                        f"{method.upper()} needs calibration text (the inputs of every layer): pass --calib with token "
+                        "ids (.json) or text and --tokenizer, e.g. 32 windows of 512 tokens; or use --preset w4-rtn",
+                    )
+                device = getattr(getattr(ctx.calibration, "spec", None), "device", "auto")
+                runner = SegmentRunner(graph, [layer.node for layer in layers], source, providers=choose_providers(device))
+                self._sequential(runner, layers, spec, ctx, counts)
+                counts["segments_run"] = runner.segments_run
+                del runner
+
+        self._pack(graph, layers, spec, target, ctx, counts)
+        if spec.embeddings == "int8":
+            counts["embeddings_quantized"] = self._embeddings(graph, ctx)
+        counts["layers_quantized"] = sum(1 for layer in layers if layer.grid.bits == base.bits)
+        counts["layers_int8"] = len(layers) - counts["layers_quantized"] if base.bits != 8 else 0
+        errs = [layer.error for layer in layers if layer.error is not None]
+        if errs:
+            notes.append(f"{method.upper()}: relative output error per layer median {np.median(errs):.2e}, "
+                         f"worst {max(errs):.2e} ({max(layers, key=lambda la: la.error or 0).node.name})")  # fmt: skip
+        if counts["awq_groups_unscaled"]:
+            notes.append(f"AWQ: {counts['awq_groups_unscaled']} layer inputs kept s = 1 (nothing before them can absorb "
+                         "1/s exactly, or no scale beat s = 1); their weights were still clip-searched")  # fmt: skip
+        ctx.scratch["weight_only"] = {
+            layer.node.name: {"method": layer.method, "grid": str(layer.grid), "rel_error": layer.error} for layer in layers
+        }
+        graph.cleanup().toposort()
+        return PassResult(graph, True, counts, notes)
+
+    # -- the three methods ------------------------------------------------------------------------------
+
+    def _rtn(self, layers: list[_Layer], ctx: PassContext) -> None:
+        cache: dict[tuple[int, WeightGrid], QuantizedWeight] = {}
+        with progress_bar(len(layers), "RTN", enabled=ctx.progress, unit="layers") as advance:
+            for layer in layers:
+                w = layer.node.inputs[1]
+                key = (id(w), layer.grid)
+                if key not in cache:
+                    cache[key] = rtn(w.values, layer.grid)
+                layer.qw, layer.method = cache[key], "rtn"
+                advance(1)
+
+    def _sequential(self, runner: SegmentRunner, layers: list[_Layer], spec: WeightOnlySpec, ctx: PassContext,
+                    counts: dict[str, int]) -> None:  # fmt: skip
+        by_node = {id(layer.node): layer for layer in layers}
+        done: dict[int, QuantizedWeight] = {}  # weight constant id -> its quantized form (tied weights)
+        label = spec.method.upper()
+        with progress_bar(len(layers), label, enabled=ctx.progress, unit="layers") as advance:
+            for wave in runner.waves():
+                groups: dict[str, list[_Layer]] = {}
+                for node in wave.nodes:
+                    groups.setdefault(node.inputs[0].name, []).append(by_node[id(node)])
+                for x_name, group in groups.items():
+                    h, absmean = _statistics(wave, x_name)
+                    if spec.method == "awq":
+                        h = self._awq_scale(runner, group, h, absmean, spec, counts, by_node)
+                    for layer in group:
+                        w = layer.node.inputs[1]
+                        if id(w) in done:  # a weight shared with an earlier layer: quantized once
+                            layer.qw, layer.method = done[id(w)], "shared"
+                        elif spec.method == "gptq":
+                            res = gptq(w.values, h, layer.grid, damp=spec.damp, act_order=spec.act_order, mse_range=spec.mse_range)
+                            layer.qw, layer.method = res.weight, "gptq"
+                        else:
+                            clip = awq_clip_search(w.values, h, layer.grid, n_grid=20) if spec.awq_clip else None
+                            layer.qw, layer.method = rtn(w.values, layer.grid, clip=clip), "awq"
+                        layer.error = _relative_error(w.values, layer.qw.dequantize(), h)
+                        done[id(w)] = layer.qw
+                        self._set_weight(layer.node, layer.qw.dequantize())
+                        advance(1)
+
+    def _awq_scale(self, runner: SegmentRunner, group: list[_Layer], h: np.ndarray, absmean: np.ndarray,
+                   spec: WeightOnlySpec, counts: dict[str, int], by_node: dict[int, _Layer]) -> np.ndarray:  # fmt: skip
+        """Search AWQ's scale for the layers reading one activation, fold it, and return the scaled input's H."""
+        x = group[0].node.inputs[0]
+        ws = [layer.node.inputs[1].values for layer in group]
+        result = awq_scale_search(ws, h, absmean, group[0].grid, n_grid=spec.awq_grid)
+        if spec.awq_duo:
+            duo = awq_scale_search(ws, h, absmean, group[0].grid, n_grid=spec.awq_grid, duo=True)
+            result = duo if duo.loss < result.loss else result
+        s = np.asarray(result.scales, np.float32)
+        if np.all(s == 1.0):
+            logger.debug("AWQ %s: ratio 0 (no scaling) is best", x.name)
+            counts["awq_groups_unscaled"] += 1
+            return h
+        edits = self._fold_plan(runner, group, x, s)
+        if edits is None:
+            logger.debug("AWQ %s: ratio %g, but 1/s cannot be folded into its producer", x.name, result.ratio)
+            counts["awq_groups_unscaled"] += 1
+            return h
+        logger.debug("AWQ %s: ratio %g, loss %.4g -> %.4g", x.name, result.ratio, result.rtn_loss, result.loss)
+        for e in edits:
+            self._apply_edit(e, by_node)
+        scaled: set[int] = set()
+        for layer in group:
+            w = layer.node.inputs[1]
+            if id(w) not in scaled:
+                self._set_weight(layer.node, (w.values * s[:, None]).astype(w.values.dtype), group=group)
+                scaled.add(id(layer.node.inputs[1]))
+        runner.scale_stored(x.name, 1.0 / s)
+        counts["awq_groups_scaled"] += 1
+        inv = (1.0 / s).astype(np.float64)
+        return h * inv[:, None] * inv[None, :]
+
+    def _fold_plan(self, runner: SegmentRunner, group: list[_Layer], x: gs.Tensor, s: np.ndarray) -> list[_Edit] | None:
+        """Edits that divide ``x`` by ``s`` exactly, or None when that is impossible or would also change
+        another activation the runner holds (the fold must change nothing but ``x``)."""
+        readers = _value_readers(x)
+        members = {id(layer.node) for layer in group}
+        if not isinstance(x, gs.Variable) or any(id(r) not in members for r in readers) or x.shape is None:
+            return None
+        rank = len(x.shape)
+        f = (1.0 / s).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
+        edits = _plan_producer(x, f)
+        if edits is None:
+            return None
+        # every edited node must be upstream of the cut, and nothing downstream of it may be held by the runner
+        touched = _downstream([e.node for e in edits], stop=runner.index, cut=runner.cut)
+        held = {name for name in runner.store if name != x.name}
+        if touched & held:
+            return None
+        return edits
+
+    def _apply_edit(self, e: _Edit, by_node: dict[int, _Layer]) -> None:
+        c = e.node.inputs[e.index]
+        assert isinstance(c, gs.Constant)
+        layer = by_node.get(id(e.node))
+        if layer is not None and layer.qw is not None and e.index == 1 and not e.divide:
+            # the previous projection is already quantized: scaling its output columns is exact on the grid
+            layer.qw.scale_columns(np.asarray(e.factor).reshape(-1))
+            self._set_weight(e.node, layer.qw.dequantize())
+            return
+        values = np.asarray(c.values / e.factor if e.divide else c.values * e.factor, dtype=c.values.dtype)
+        if len(c.outputs) > 1:
+            e.node.inputs[e.index] = gs.Constant(self._fresh(f"{c.name}_awq"), values)
+        else:
+            c.values = values
+
+    def _set_weight(self, node: gs.Node, values: np.ndarray, group: list[_Layer] | None = None) -> None:
+        """Give ``node`` weight ``values`` (in place when no other node reads the constant)."""
+        w = node.inputs[1]
+        readers = list(w.outputs)
+        allowed = {id(node)} | ({id(layer.node) for layer in group} if group else set())
+        if all(id(r) in allowed for r in readers):
+            w.values = np.asarray(values, dtype=w.values.dtype)
+        else:
+            node.inputs[1] = gs.Constant(self._fresh(f"{w.name}_quantized"), np.asarray(values, dtype=w.values.dtype))
+
+    # -- packing ------------------------------------------------------------------------------------------
+
+    def _pack(self, graph: gs.Graph, layers: list[_Layer], spec: WeightOnlySpec, target: TargetProfile,
+              ctx: PassContext, counts: dict[str, int]) -> None:  # fmt: skip
+        docs = ctx.scratch.setdefault("doc_strings", {})
+        fmt = ctx.recipe.format
+        if fmt == "qdq" and layers:
+            ensure_opset(graph, 21)
+        level = _accuracy_level(spec, target)
+        for layer in layers:
+            assert layer.qw is not None
+            doc = f"onnxq: {layer.method.upper()} weight-only {layer.grid}"
+            if layer.error is not None:
+                doc += f"; relative output error on calibration data {layer.error:.2e}"
+            if fmt == "matmulnbits":
+                new = [to_matmulnbits(graph, layer.node, layer.qw, accuracy_level=level, names=self._fresh)]
+            else:
+                new = to_dequantize_matmul(graph, layer.node, layer.qw, names=self._fresh)
+            for n in new:
+                n.doc_string = doc
+                docs[n.name] = doc
+
+    def _embeddings(self, graph: gs.Graph, ctx: PassContext) -> int:
+        """Store constant Gather tables (axis 0, 2-D float) as int8 rows with one scale each."""
+        docs = ctx.scratch.setdefault("doc_strings", {})
+        done = 0
+        for node in list(graph.nodes):
+            if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0 or len(node.inputs) != 2:
+                continue
+            table, ids = node.inputs
+            if not (isinstance(table, gs.Constant) and table.values.ndim == 2 and np.issubdtype(table.values.dtype, np.floating)):
+                continue
+            if table.values.dtype != np.float32 or _excluded(ctx, node.name):
+                continue  # float16 tables are already half the size; excluded nodes stay as they are
+            t = np.asarray(table.values, np.float32)
+            absmax = np.max(np.abs(np.where(np.isfinite(t), t, 0.0)), axis=1)
+            scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+            q = np.clip(np.rint(t / scale[:, None]), -127, 127).astype(np.int8)
+            out = node.outputs[0]
+            base = node.name or table.name
+            q_c = gs.Constant(self._fresh(f"{table.name}_int8"), q)
+            s_c = gs.Constant(self._fresh(f"{table.name}_row_scales"), scale[:, None])
+            rows = gs.Variable(self._fresh(f"{out.name}_int8"), dtype=np.int8)
+            rows_f = gs.Variable(self._fresh(f"{out.name}_float"), dtype=np.float32)
+            row_scale = gs.Variable(self._fresh(f"{out.name}_scale"), dtype=np.float32)
+            doc = "onnxq: embedding table stored as int8, one symmetric scale per row"
+            new = [
+                gs.Node("Gather", self._fresh(f"{base}/GatherInt8"), attrs={"axis": 0}, inputs=[q_c, ids], outputs=[rows]),
+                gs.Node("Cast", self._fresh(f"{base}/Cast"), attrs={"to": 1}, inputs=[rows], outputs=[rows_f]),
+                gs.Node("Gather", self._fresh(f"{base}/GatherScale"), attrs={"axis": 0}, inputs=[s_c, ids], outputs=[row_scale]),
+            ]
+            node.outputs = []
+            new.append(gs.Node("Mul", self._fresh(f"{base}/Dequantize"), inputs=[rows_f, row_scale], outputs=[out]))
+            graph.nodes.extend(new)
+            for n in new:
+                n.doc_string = doc
+                docs[n.name] = doc
+            done += 1
+        return done
+
+
+def _excluded(ctx: PassContext, name: str) -> bool:
+    ex = ctx.recipe.exclude
+    return name in ex.names or any(re.search(rx, name) for rx in ex.name_regex)
+
+
+def _statistics(wave: Wave, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``H = X^T X`` (float64) and mean |x| per channel of the wave's activation ``name``."""
+    h: np.ndarray | None = None
+    total: np.ndarray | None = None
+    rows = 0
+    for x in wave.rows(name):
+        xf = np.asarray(x, np.float32)
+        if not np.isfinite(xf).all():
+            raise PassError("weight_only", f"activation '{name}' holds NaN/Inf on a calibration sample; GPTQ/AWQ need finite inputs")
+        g = (xf.T @ xf).astype(np.float64)
+        a = np.abs(xf).sum(axis=0, dtype=np.float64)
+        h = g if h is None else h + g
+        total = a if total is None else total + a
+        rows += xf.shape[0]
+    assert h is not None and total is not None
+    return h, total / max(rows, 1)
+
+
+def _relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
+    """``tr(dW^T H dW) / tr(W^T H W)``: the layer's squared output error relative to its output energy."""
+    d = (np.asarray(wq, np.float64) - np.asarray(w, np.float64))
+    w64 = np.asarray(w, np.float64)
+    num = float(np.sum((h @ d) * d))
+    den = float(np.sum((h @ w64) * w64))
+    return num / den if den > 0 else 0.0
+
+
+def _downstream(nodes: list[gs.Node], *, stop: dict[int, int], cut: int) -> set[str]:
+    """Names of the tensors computed (before ``cut``) from the outputs of ``nodes``."""
+    names: set[str] = set()
+    todo = deque(nodes)
+    seen: set[int] = set()
+    while todo:
+        n = todo.popleft()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        for t in n.outputs:
+            names.add(t.name)
+            for r in t.outputs:
+                # Shape/Size read only the shape, which scaling keeps
+                if r.op not in ("Shape", "Size") and stop.get(id(r), cut) < cut:
+                    todo.append(r)
+    return names
+
+
+def quantize_weight_only(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    """Convenience function: run :class:`WeightOnlyPass` on ``graph``."""
+    return WeightOnlyPass()(graph, ctx).graph

@@ -83,7 +83,7 @@ def main(debug: bool) -> None:
 @click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size (default: the model's input size).")
 @click.option("--tokenizer", help="tokenizer.json (or its folder) for text calibration files (.txt, .jsonl, .tsv/.csv).")
 @click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens (default 128).")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files (default: the model's, else 512).")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files (default: the model's, else 512); with a text file and --tokenizer, the text is tokenized whole and cut into windows of this many tokens (LLM calibration for w4-gptq / w4-awq).")
 @click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
 @click.option("--target", help="Deployment target profile: auto (this CPU), x86-avx2, x86-avx2-u8, x86-vnni, arm64, generic, cuda.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs (auto prefers CUDA when onnxruntime-gpu sees a GPU).")
@@ -238,14 +238,17 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
     if any(st.name == "insert_qdq" for st in report.steps):
         _out.print(f"target profile: [bold]{tgt.get('profile')}[/] ({tgt.get('reason')})")
     cal = info.get("calibration")
-    if cal:
+    if cal and any(st.name == "weight_only" for st in report.steps):
+        _out.print(f"calibration: {cal.get('samples')} samples from {cal.get('source')}", highlight=False)
+    elif cal:
         _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples on "
                    f"{cal.get('provider')} in {cal.get('seconds')} s; source: {cal.get('source')}")  # fmt: skip
     keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
             "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
-            "casts_inserted", "values_clamped", "batchnorms_folded", "nodes_folded")  # fmt: skip
+            "casts_inserted", "values_clamped", "batchnorms_folded", "nodes_folded", "layers_quantized",
+            "layers_int8", "layers_left_float", "embeddings_quantized", "awq_groups_scaled", "segments_run")  # fmt: skip
     _out.print("done: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in keys if counts.get(k)))
-    step_notes = [n for st in report.steps if st.name == "float16" for n in st.notes]
+    step_notes = [n for st in report.steps if st.name in ("float16", "weight_only") for n in st.notes]
     for note in [*report.notes, *step_notes]:
         if not note.startswith("target profile"):
             _out.print(f"note: {note}", highlight=False)

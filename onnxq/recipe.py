@@ -251,7 +251,7 @@ class WeightOnlySpec:
     symmetric: bool = False
     block_size: int = 128
     accuracy_level: int | Literal["auto"] = "auto"
-    lm_head: Literal["same", "int8", "float"] = "same"
+    lm_head: Literal["same", "int8", "float"] = "int8"
     embeddings: Literal["float", "int8"] = "int8"
     damp: float = 0.01
     act_order: bool = True

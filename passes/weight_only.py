@@ -78,24 +78,30 @@ def _weight_matmul(node: gs.Node) -> bool:
 
 
 def output_projections(graph: gs.Graph, targets: list[gs.Node]) -> set[int]:
-    """ids of the targets whose output reaches a graph output without passing another target (lm_head)."""
+    """ids of the targets that feed a graph output and have no other target downstream (the lm_head).
+
+    A KV-cache export's k/v projections also reach graph outputs (``present.*``), but later layers
+    read them: they are not output projections."""
     target_ids = {id(t) for t in targets}
     outputs = {id(t) for t in graph.outputs}
     found: set[int] = set()
     for t in targets:
         seen: set[int] = set()
         todo = deque(t.outputs)
-        while todo:
+        reaches_output = feeds_target = False
+        while todo and not feeds_target:
             tensor = todo.popleft()
             if id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            if id(tensor) in outputs:
-                found.add(id(t))
-                break
+            reaches_output |= id(tensor) in outputs
             for reader in tensor.outputs:
-                if id(reader) not in target_ids:
-                    todo.extend(reader.outputs)
+                if id(reader) in target_ids:
+                    feeds_target = True
+                    break
+                todo.extend(reader.outputs)
+        if reaches_output and not feeds_target:
+            found.add(id(t))
     return found
 
 
@@ -159,8 +165,12 @@ class WeightOnlyPass(Pass):
         self._pack(graph, layers, spec, target, ctx, counts)
         if spec.embeddings == "int8":
             counts["embeddings_quantized"] = self._embeddings(graph, ctx)
-        counts["layers_quantized"] = sum(1 for layer in layers if layer.grid.bits == base.bits)
-        counts["layers_int8"] = len(layers) - counts["layers_quantized"] if base.bits != 8 else 0
+        counts["layers_quantized"] = sum(1 for layer in layers if layer.grid == base)
+        counts["layers_int8"] = len(layers) - counts["layers_quantized"]
+        fmt = "com.microsoft.MatMulNBits" if ctx.recipe.format == "matmulnbits" else "DequantizeLinear + MatMul (opset 21)"
+        notes.insert(0, f"{method.upper()} {base} on {counts['layers_quantized']} MatMuls"
+                        + (f", {counts['layers_int8']} output projection(s) in int8" if counts["layers_int8"] else "")
+                        + f", packed as {fmt}")  # fmt: skip
         errs = [layer.error for layer in layers if layer.error is not None]
         if errs:
             notes.append(f"{method.upper()}: relative output error per layer median {np.median(errs):.2e}, "
@@ -278,6 +288,8 @@ class WeightOnlyPass(Pass):
             self._set_weight(e.node, layer.qw.dequantize())
             return
         values = np.asarray(c.values / e.factor if e.divide else c.values * e.factor, dtype=c.values.dtype)
+        if values.size == c.values.size:
+            values = values.reshape(c.values.shape)  # a [D] norm weight stays [D], not the factor's [1, 1, D]
         if len(c.outputs) > 1:
             e.node.inputs[e.index] = gs.Constant(self._fresh(f"{c.name}_awq"), values)
         else:
@@ -325,8 +337,11 @@ class WeightOnlyPass(Pass):
             table, ids = node.inputs
             if not (isinstance(table, gs.Constant) and table.values.ndim == 2 and np.issubdtype(table.values.dtype, np.floating)):
                 continue
-            if table.values.dtype != np.float32 or _excluded(ctx, node.name):
+            if table.values.dtype != np.float32 or _excluded(ctx, node):
                 continue  # float16 tables are already half the size; excluded nodes stay as they are
+            graph_inputs = {id(t) for t in graph.inputs}
+            if id(ids) not in graph_inputs or "position" in ids.name.lower():
+                continue  # token embeddings are indexed by the token ids; a RoPE cos/sin table is not one
             t = np.asarray(table.values, np.float32)
             absmax = np.max(np.abs(np.where(np.isfinite(t), t, 0.0)), axis=1)
             scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
@@ -354,9 +369,9 @@ class WeightOnlyPass(Pass):
         return done
 
 
-def _excluded(ctx: PassContext, name: str) -> bool:
+def _excluded(ctx: PassContext, node: gs.Node) -> bool:
     ex = ctx.recipe.exclude
-    return name in ex.names or any(re.search(rx, name) for rx in ex.name_regex)
+    return node.op in ex.op_types or node.name in ex.names or any(re.search(rx, node.name) for rx in ex.name_regex)
 
 
 def _statistics(wave: Wave, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from onnxq.calibration.sources import (
     RandomSource,
     TestDataSetSource,
     TextSource,
+    TextWindowSource,
     TokenFileSource,
     input_specs,
     load_image,
@@ -707,3 +708,39 @@ def test_stories260k_with_token_file(assets: Path) -> None:
         assert f["input_ids"][0].tolist() == tokens[i * 512:(i + 1) * 512]
         logits = sess.run(None, f)[0]
         assert logits.shape == (1, 512, 512) and np.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------------------ text windows
+def test_text_windows_for_causal_lms(tmp_path: Path) -> None:
+    """Text + tokenizer + seq_len: the whole text tokenized without special tokens and cut into windows
+    (what GPTQ/AWQ calibration of an LLM wants), including texts longer than one tokenization chunk."""
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.txt").write_text("\n".join(LINES * 40) + "\n")
+    m = text_model(("input_ids",))
+    expected = [ID.get(w, 0) for line in LINES * 40 for w in line.replace(".", " .").split()]
+    old = TextWindowSource.CHUNK
+    TextWindowSource.CHUNK = 50  # many chunks: chunk boundaries must not lose or merge tokens
+    try:
+        src = open_source(str(tmp_path / "c.txt"), m, tokenizer=str(tok), seq_len=7, limit=5)
+    finally:
+        TextWindowSource.CHUNK = old
+    assert isinstance(src, TextWindowSource)
+    assert src.tokens.tolist() == expected  # no [CLS]/[SEP], no padding, blank lines contribute nothing
+    assert src.windows == len(expected) // 7 and len(src) == 5
+    feeds = list(src)
+    for f, i in zip(feeds, src.indices):
+        assert set(f) == {"input_ids"} and f["input_ids"].shape == (1, 7)
+        assert f["input_ids"][0].tolist() == expected[i * 7:(i + 1) * 7]
+    assert "windows of 7 tokens" in src.describe() and "tokenizer.json" in src.describe()
+    # without seq_len the same file is one sample per line, as before
+    assert isinstance(open_source(str(tmp_path / "c.txt"), m, tokenizer=str(tok)), TextSource)
+
+
+def test_text_windows_jsonl_and_too_short(tmp_path: Path) -> None:
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS) + "\n")
+    m = text_model(("input_ids",))
+    src = open_source(str(tmp_path / "c.jsonl"), m, tokenizer=str(tok), seq_len=4)
+    assert src.tokens.tolist() == [ID.get(w, 0) for t in TEXTS for w in t.replace(".", " .").split()]
+    with pytest.raises(CalibrationError, match="fewer than one window"):
+        open_source(str(tmp_path / "c.jsonl"), m, tokenizer=str(tok), seq_len=10_000)

@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 from onnxq.errors import CalibrationError, MissingDependencyError
 
 __all__ = ["InputSpec", "input_specs", "CalibrationSource", "ImageFolderSource", "ArrayFolderSource",
-           "TestDataSetSource", "RandomSource", "TextSource", "TokenFileSource", "PREPROCESS", "IMAGE_SUFFIXES",
+           "TestDataSetSource", "RandomSource", "TextSource", "TokenFileSource", "TextWindowSource", "PREPROCESS", "IMAGE_SUFFIXES",
            "TEXT_SUFFIXES", "TOKEN_INPUTS", "PADDING", "load_image", "open_source"]
 
 Dim = int | str | None
@@ -892,13 +892,74 @@ class TokenFileSource(CalibrationSource):
                 f"{len(self.tokens)} tokens{rest}; inputs {', '.join(self.roles)})")
 
 
+class TextWindowSource(TokenFileSource):
+    """Running text tokenized as a whole and cut into windows of ``seq_len`` tokens: calibration for causal
+    language models (GPTQ, AWQ), which want long contiguous windows rather than one short sample per line.
+
+    Used when a text file comes with ``--tokenizer`` *and* ``--seq-len``. A ``.txt`` file is read as is
+    (newlines kept, blank lines included) in chunks of whole lines; ``.jsonl`` / ``.tsv`` / ``.csv`` texts
+    (chosen as :class:`TextSource` chooses them) are joined with blank lines. No special tokens are added.
+    The ids are then windowed exactly like a token file (``limit`` picks windows evenly spaced).
+    """
+
+    CHUNK = 1 << 16  # characters tokenized at a time (whole lines)
+
+    def __init__(self, path: str | Path, specs: list[InputSpec], *, tokenizer: str | Path, seq_len: int = 512,
+                 limit: int | None = None) -> None:
+        self.text = TextSource(path, specs, tokenizer=tokenizer, max_length=1 << 30)
+        self.text.tokenizer.no_truncation()
+        self.text.tokenizer.no_padding()
+        super().__init__(path, specs, seq_len=seq_len, limit=limit)
+
+    def _load(self) -> np.ndarray:
+        tok = self.text.tokenizer
+        ids: list[int] = []
+
+        def flush(parts: list[str]) -> None:
+            if parts:
+                ids.extend(tok.encode("".join(parts), add_special_tokens=False).ids)
+                parts.clear()
+
+        parts: list[str] = []
+        size = 0
+        try:
+            if self.text.kind == "lines":
+                with open(self.path, encoding="utf-8") as f:
+                    for line in f:
+                        parts.append(line)
+                        size += len(line)
+                        if size >= self.CHUNK:
+                            flush(parts)
+                            size = 0
+            else:
+                for _, text in self.text._texts():
+                    parts.append(text + "\n\n")
+                    size += len(text)
+                    if size >= self.CHUNK:
+                        flush(parts)
+                        size = 0
+            flush(parts)
+        except UnicodeDecodeError as e:
+            raise CalibrationError(f"text calibration file {self.path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        return np.asarray(ids, dtype=np.int64)
+
+    def _label(self, name: str) -> str:
+        return f"text window for '{name}' (seq_len {self.seq_len}) from {self.path.name}"
+
+    def describe(self) -> str:
+        return (f"text file {self.path} tokenized with {self.text.tokenizer_path} into "
+                f"{_count(len(self), self.windows, f'windows of {self.seq_len} tokens')} ({len(self.tokens)} tokens; "
+                f"inputs {', '.join(self.roles)})")
+
+
 # ---------------------------------------------------------------------------------------------- chooser
 def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = None, resize: int | None = None,
                 crop: int | None = None, limit: int | None = None, seed: int = 0, tokenizer: str | Path | None = None,
                 max_length: int | None = None, seq_len: int | None = None) -> CalibrationSource:
     """The validated source for ``spec``: ``random[:N]``, a folder of images, ``.npz/.npy`` files (or one such
     file), ``test_data_set`` inputs, a ``.txt/.jsonl/.tsv/.csv`` text file (needs ``tokenizer``, a
-    ``tokenizer.json``; ``max_length`` default 128) or a ``.json`` list of token ids (windows of ``seq_len``
+    ``tokenizer.json``; ``max_length`` default 128; with ``seq_len``, the text is tokenized whole and cut
+    into windows of ``seq_len`` tokens, for causal LMs) or a ``.json`` list of token ids (windows of ``seq_len``
     tokens: the model's static sequence length, else 512). Raises a one-line CalibrationError when nothing
     there fits the model."""
     specs = input_specs(model)
@@ -918,7 +979,10 @@ def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = N
             if tokenizer is None:
                 raise CalibrationError(f"text calibration needs --tokenizer tokenizer.json (a Hugging Face tokenizers "
                                        f"file) to tokenize {p}")
-            source = TextSource(p, specs, tokenizer=tokenizer, max_length=max_length or 128, limit=limit)
+            if seq_len is not None:  # running text for a causal LM: windows of seq_len tokens
+                source = TextWindowSource(p, specs, tokenizer=tokenizer, seq_len=seq_len, limit=limit)
+            else:
+                source = TextSource(p, specs, tokenizer=tokenizer, max_length=max_length or 128, limit=limit)
         elif suffix == ".json":
             source = TokenFileSource(p, specs, seq_len=seq_len or _static_seq(specs) or 512, limit=limit)
         elif suffix in (".npz", ".npy"):

@@ -92,7 +92,6 @@ class SegmentRunner:
                 self.last_use[name] = i
         for t in graph.outputs:
             self.last_use[t.name] = n
-        self.constants = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
         self.store: dict[str, list[np.ndarray]] = {}
         self.samples = 0
         inputs = [t.name for t in graph.inputs]
@@ -145,7 +144,10 @@ class SegmentRunner:
         keep_new = [name for name in dict.fromkeys(t.name for n in nodes for t in n.outputs) if self.last_use.get(name, -1) >= p]
         if nodes and keep_new:
             reads = [r for n in nodes for r in _reads(n)]
-            feeds = [r for r in dict.fromkeys(reads) if r not in produced and r not in self.constants]
+            tensors = self.graph.tensors()
+            # constants may have been added since __init__ (a weight replaced by a new constant after its wave)
+            feeds = [r for r in dict.fromkeys(reads)
+                     if r not in produced and not isinstance(tensors.get(r), gs.Constant)]  # fmt: skip
             absent = [r for r in feeds if r not in self.store]
             if absent:
                 raise CalibrationError(

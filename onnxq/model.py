@@ -18,12 +18,14 @@ from typing import Any, BinaryIO, Iterator
 
 import onnx
 import onnx.version_converter
+import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxq.errors import ModelLoadError, ModelSaveError, UnsafeModelError
 
 __all__ = ["load_model", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
-           "to_graph", "to_model"]
+           "to_graph", "to_model", "model_template", "ExternalValues"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +140,15 @@ def _check_initializer_size(t: onnx.TensorProto, path: Path) -> None:
                              f"needs {want} bytes but holds {len(t.raw_data)}; re-export or re-download it")
 
 
-def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
+               external_files: list[Path] | None = None) -> onnx.ModelProto:
     """Load an ONNX model after validating the file and its external-data references.
 
     The file is parsed without external data and checked for truncation or corruption (structure, then
     ``onnx.checker``); every external-data location must stay inside the model's folder; only then does
     onnx's own loader read the data (unless ``load_external_data`` is False). IR < 4 initializer inputs
-    are kept (see strip_initializer_inputs).
+    are kept (see strip_initializer_inputs). ``external_files``: a list that receives the external-data
+    files the model references (checked to be inside its folder).
 
     Raises:
         ModelLoadError: Missing, directory, empty, not ONNX, truncated or invalid file; one line with the fix.
@@ -168,6 +172,8 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     try:
         _check_structure(model, path)
         files = _external_files(model, path.parent)
+        if external_files is not None:
+            external_files.extend(files)
         # The proto checker resolves external data against the CWD, so check by path when there is some.
         onnx.checker.check_model(str(path) if files else model)
         if files and load_external_data:
@@ -246,12 +252,79 @@ def upgrade_opset(model: onnx.ModelProto, min_opset: int) -> onnx.ModelProto:
     return out
 
 
-def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import a ModelProto into the onnx-graphsurgeon Graph that passes work on."""
+class ExternalValues(LazyValues):
+    """The values of an initializer stored in an external-data file, read from the file when first needed.
+
+    A model loaded with ``load_external_data=False`` keeps only the file name, offset and length of each
+    weight: nothing is read until a pass asks for the values (``Constant.values`` then caches a numpy copy,
+    read with one ``np.fromfile``), and a weight a pass replaces (by its packed int4 form, say) is never
+    held twice. Exporting the constant reads it afresh (:attr:`tensor`), so exported models never point at
+    the input's data file. The locations were checked to stay inside the model's folder (``load_model``).
+    """
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: Path) -> None:  # noqa: D107 - see the class
+        from onnx_graphsurgeon.importers.onnx_importer import get_itemsize, get_onnx_tensor_dtype, get_onnx_tensor_shape
+
+        info = {e.key: e.value for e in tensor.external_data}
+        self.name = tensor.name
+        self.data_type = tensor.data_type
+        self.path = base_dir / info["location"]
+        self.offset = int(info.get("offset", 0) or 0)
+        self.shape = get_onnx_tensor_shape(tensor)
+        self.dtype = get_onnx_tensor_dtype(tensor)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * get_itemsize(self.dtype)
+        length = info.get("length")
+        if length is not None and int(length) != self.nbytes:
+            raise ModelLoadError(f"initializer {tensor.name!r}: external data length {length} does not match its "
+                                 f"shape {list(self.shape)} ({self.nbytes} bytes); the model is corrupt")
+        if self.offset + self.nbytes > self.path.stat().st_size:
+            raise ModelLoadError(f"initializer {tensor.name!r} reads past the end of {self.path.name}; the external "
+                                 "data file is truncated")
+
+    def load(self) -> np.ndarray:
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(self.data_type)
+        count = int(np.prod(self.shape, dtype=np.int64))
+        arr = np.fromfile(self.path, dtype=np.dtype(np_dtype).newbyteorder("<"), count=count, offset=self.offset)
+        return arr.astype(np_dtype, copy=False).reshape(self.shape)
+
+    @property
+    def tensor(self) -> onnx.TensorProto:  # type: ignore[override] - gs exports LazyValues through .tensor
+        return onnx.numpy_helper.from_array(self.load(), self.name)
+
+    def __str__(self) -> str:
+        return f"ExternalValues({self.path.name}@{self.offset}, shape={self.shape}, dtype={self.dtype})"
+
+
+def to_graph(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None = None) -> gs.Graph:
+    """Import a ModelProto into the onnx-graphsurgeon Graph that passes work on.
+
+    ``base_dir``: for a model loaded with ``load_external_data=False``, the folder its external-data paths
+    are relative to; those initializers become :class:`ExternalValues`, read only when a pass needs them.
+    """
     try:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
     except Exception as exc:
         raise ModelLoadError(f"onnx-graphsurgeon cannot import the model: {exc}".splitlines()[0]) from None
+    if base_dir is not None:
+        root = Path(base_dir)
+        for t in graph.tensors().values():
+            v = getattr(t, "_values", None)
+            if isinstance(t, gs.Constant) and isinstance(v, LazyValues) and _is_external(v.tensor):
+                t._values = ExternalValues(v.tensor, root)  # noqa: SLF001 - replacing gs's lazy loader
+                t.data_location = None  # once loaded (and maybe changed) it is exported inline, not "external"
+    return graph
+
+
+def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model-level fields :func:`to_model` restores (IR version, opsets, producer, doc string, metadata),
+    in a new small ModelProto that holds no graph: the original, with its weights, can then be freed."""
+    t = onnx.ModelProto()
+    t.ir_version = model.ir_version
+    t.opset_import.extend(model.opset_import)
+    for name in ("producer_name", "producer_version", "doc_string", "domain", "model_version"):
+        setattr(t, name, getattr(model, name))
+    t.metadata_props.extend(model.metadata_props)
+    return t
 
 
 def to_model(graph: gs.Graph, *, template: onnx.ModelProto | None = None) -> onnx.ModelProto:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxq._memory import release
 from onnxq.errors import OnnxqError, PassError
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ class Pipeline:
                 raise PassError(p.name, f"{type(exc).__name__}: {exc} (passes already run: {ran})") from exc
             seconds = time.perf_counter() - t0
             graph = result.graph
+            release()  # the pass's freed temporaries back to the OS (see onnxq._memory)
             ctx.report.add_step(p.name, seconds, result.modified, result.counts, result.notes)
             logger.debug("pass %s: modified=%s counts=%s (%.3fs)", p.name, result.modified, result.counts, seconds)
             if checked:

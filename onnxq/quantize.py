@@ -25,6 +25,7 @@ from onnxq.model import (
     default_opset,
     load_model,
     model_hash,
+    model_template,
     save_model,
     strip_initializer_inputs,
     to_graph,
@@ -80,7 +81,7 @@ def _required_opset(recipe: Recipe) -> int:
 
 
 def quantize_model(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str | os.PathLike,
     recipe: Recipe,
     *,
     calibration: CalibrationOptions | None = None,
@@ -95,7 +96,8 @@ def quantize_model(
     """Quantize an in-memory model with ``recipe`` and return the new model and its report.
 
     Args:
-        model: the float model (float32 or float16); not modified.
+        model: the float model (float32 or float16); not modified. Or its path: it is then loaded here and
+            its protobuf released as soon as the graph holds the weights (the lowest peak memory).
         recipe: what to do (a preset or a loaded recipe file).
         calibration: where calibration samples come from (ignored when ``source`` is given).
         source: an already-open calibration source.
@@ -108,6 +110,11 @@ def quantize_model(
     """
     report = report or Report()
     t_start = time.perf_counter()
+    base_dir: Path | None = None
+    if isinstance(model, (str, os.PathLike)):
+        # weights stay in their external-data file until a pass reads them (see onnxq.model.ExternalValues)
+        base_dir = Path(os.path.abspath(model)).parent
+        model, copy_input = load_model(Path(model), load_external_data=False), False
     if copy_input:
         work = onnx.ModelProto()
         work.CopyFrom(model)
@@ -160,24 +167,31 @@ def quantize_model(
     except KeyError as exc:
         raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
     hook = (lambda p: on_stage(p.name)) if on_stage is not None else None
-    graph_in = to_graph(work)
+    graph_in = to_graph(work, base_dir=base_dir)
     # the graph now holds its own copy of every weight: keep only the model-level fields of the protobuf
-    # (the template to_model restores), so that a 2.5 GB model is not held twice for the whole run
-    del work.graph.initializer[:]
+    # (the template to_model restores) and drop the rest, so that a 2.5 GB model is not held twice for the
+    # whole run (protobuf's arena frees its memory only with the whole message, not initializer by initializer)
+    ops = {n.op_type for n in work.graph.node}
+    template = model_template(work)
+    if copy_input:
+        del work
+    else:
+        del work.graph.initializer[:]
+        del model, work  # the caller handed the model over (a path, or quantize_file's copy_input=False)
     graph = Pipeline(passes, checked=checked).run(graph_in, ctx, on_pass=hook)
+    del graph_in
     qsteps = [st for st in report.steps if st.name == "insert_qdq"]
     if qsteps and qsteps[-1].counts.get("nodes_quantized", 0) == 0:
-        already = sorted({n.op_type for n in work.graph.node if n.op_type.startswith("QLinear") or n.op_type in
-                          ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits")})  # fmt: skip
+        already = sorted(op for op in ops if op.startswith("QLinear") or op in
+                         ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"))  # fmt: skip
         why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
         report.note(f"nothing was quantized: {why}")
-    ops = {n.op_type for n in work.graph.node}
     if ("insert_qdq" in recipe.passes and "smoothquant" not in recipe.passes and recipe.calibration.method == "mse-percentile"
             and ops & ({"LayerNormalization", "SimplifiedLayerNormalization"} | ({"Softmax"} if "MatMul" in ops else set()))):  # fmt: skip
         report.note("this looks like a transformer: the w8a8 percentile ranges clip the rare large activations it "
                     "relies on; --preset w8a8-smoothquant (SmoothQuant + MSE ranges) is usually far more accurate "
                     "(MiniLM embedding cosine to fp32 0.86 -> 0.994)")  # fmt: skip
-    out = to_model(graph, template=work)
+    out = to_model(graph, template=template)
     _annotate(out, ctx.scratch.get("doc_strings", {}), recipe)
     if isinstance(calib_session, CalibrationSession):
         report.info["calibration"].update(
@@ -240,14 +254,14 @@ def quantize_file(
     report = Report()
     if on_stage:
         on_stage("loading")
-    model = load_model(src)
+    in_bytes = _size_on_disk(src)  # also validates the file and its external data before any work
     sha = model_hash(src)
     report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
                         "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
     session = CachedCalibration(calib_cache, model_sha256=sha, spec=recipe.calibration) if calib_cache else None
-    in_bytes = _size_on_disk(src, model)
-    result = quantize_model(model, recipe, calibration=calibration, progress=progress, checked=checked, report=report,
-                            calibration_session=session, on_stage=on_stage, copy_input=False)  # fmt: skip
+    # quantize_model loads the file itself, so no frame here keeps the (large) protobuf alive during the passes
+    result = quantize_model(src, recipe, calibration=calibration, progress=progress, checked=checked, report=report,
+                            calibration_session=session, on_stage=on_stage)  # fmt: skip
     result.model.metadata_props.add(key="onnxq.input_sha256", value=report.info["input_sha256"])
     for key, value in (metadata or {}).items():
         result.model.metadata_props.add(key=key, value=value)
@@ -295,16 +309,11 @@ def calibrate_file(
     return {"cache": str(cache_path), "tensors": len(ranges), **info}
 
 
-def _size_on_disk(path: Path, model: onnx.ModelProto) -> int:
-    total = path.stat().st_size
-    seen: set[str] = set()
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location" and entry.value not in seen:
-                seen.add(entry.value)
-                f = path.parent / entry.value
-                total += f.stat().st_size if f.exists() else 0
-    return total
+def _size_on_disk(path: Path) -> int:
+    """Bytes of the model file plus its external-data files (validated, not loaded)."""
+    files: list[Path] = []
+    load_model(path, load_external_data=False, external_files=files)
+    return path.stat().st_size + sum(f.stat().st_size for f in files)
 
 
 def report_summary(report: Report) -> dict[str, Any]:

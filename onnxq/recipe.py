@@ -240,7 +240,8 @@ class WeightOnlySpec:
     ``damp``: GPTQ's Hessian damping (fraction of the mean diagonal). ``act_order``: GPTQ processes rows
     in order of decreasing Hessian diagonal (block parameters then come from the original weights).
     ``mse_range``: GPTQ chooses each block's range by a shrink search (smallest ``|err|^2.4``) instead of
-    plain min/max.
+    plain min/max. ``awq_scales``: GPTQ first applies AWQ's scale search and fold to each layer input,
+    then quantizes the scaled weights with GPTQ (both methods' gains combine).
     ``awq_grid``: number of scale exponents AWQ tries (0, 1/n, ..., (n-1)/n). ``awq_duo``: also try
     AutoAWQ's duo scaling (activation mean over weight mean) and keep the better. ``awq_clip``: run AWQ's
     clipping search after the scale search.
@@ -256,6 +257,7 @@ class WeightOnlySpec:
     damp: float = 0.01
     act_order: bool = True
     mse_range: bool = True
+    awq_scales: bool = False
     awq_grid: int = 20
     awq_duo: bool = False
     awq_clip: bool = True

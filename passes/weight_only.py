@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxq._memory import release
 from onnxq.calibration.runner import choose_providers
 from onnxq.errors import PassError
 from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
@@ -62,6 +63,7 @@ class _Layer:
     qw: QuantizedWeight | None = None
     method: str = ""
     error: float | None = None  # relative output error proxy tr(dW^T H dW) / tr(W^T H W), where known
+    packed: bool = False
 
 
 def _weight_matmul(node: gs.Node) -> bool:
@@ -147,7 +149,7 @@ class WeightOnlyPass(Pass):
         method = spec.method
         if layers:
             if method == "rtn":
-                self._rtn(layers, ctx)
+                self._rtn(graph, layers, spec, target, ctx)
             else:
                 source = getattr(ctx.calibration, "source", None)
                 if source is None:
@@ -163,6 +165,8 @@ class WeightOnlyPass(Pass):
                 del runner
 
         self._pack(graph, layers, spec, target, ctx, counts)
+        if ctx.recipe.format == "qdq" and layers:
+            ensure_opset(graph, 21)
         if spec.embeddings == "int8":
             counts["embeddings_quantized"] = self._embeddings(graph, ctx)
         counts["layers_quantized"] = sum(1 for layer in layers if layer.grid == base)
@@ -186,15 +190,31 @@ class WeightOnlyPass(Pass):
 
     # -- the three methods ------------------------------------------------------------------------------
 
-    def _rtn(self, layers: list[_Layer], ctx: PassContext) -> None:
+    def _rtn(self, graph: gs.Graph, layers: list[_Layer], spec: WeightOnlySpec, target: TargetProfile,
+             ctx: PassContext) -> None:  # fmt: skip
+        """Round each weight to nearest and pack it at once, so only one float weight is held at a time
+        (when the weights are read lazily from external data)."""
         cache: dict[tuple[int, WeightGrid], QuantizedWeight] = {}
+        readers: dict[int, int] = {}
+        for layer in layers:
+            readers[id(layer.node.inputs[1])] = readers.get(id(layer.node.inputs[1]), 0) + 1
+        pending = 0  # bytes of float weights let go since the last release()
         with progress_bar(len(layers), "RTN", enabled=ctx.progress, unit="layers") as advance:
             for layer in layers:
                 w = layer.node.inputs[1]
+                pending += w.values.nbytes
                 key = (id(w), layer.grid)
                 if key not in cache:
-                    cache[key] = rtn(w.values, layer.grid)
-                layer.qw, layer.method = cache[key], "rtn"
+                    qw = rtn(w.values, layer.grid)
+                    if readers[id(w)] > 1:  # tied weight: quantize once
+                        cache[key] = qw
+                else:
+                    qw = cache[key]
+                layer.qw, layer.method = qw, "rtn"
+                self._pack_one(graph, layer, spec, target, ctx)
+                if pending >= 256 << 20:  # a collection costs ~0.1 s on a large graph: not after every layer
+                    release()
+                    pending = 0
                 advance(1)
 
     def _sequential(self, runner: SegmentRunner, layers: list[_Layer], spec: WeightOnlySpec, ctx: PassContext,
@@ -209,21 +229,24 @@ class WeightOnlyPass(Pass):
                     groups.setdefault(node.inputs[0].name, []).append(by_node[id(node)])
                 for x_name, group in groups.items():
                     h, absmean = _statistics(wave, x_name)
-                    if spec.method == "awq":
+                    if spec.method == "awq" or (spec.method == "gptq" and spec.awq_scales):
                         h = self._awq_scale(runner, group, h, absmean, spec, counts, by_node)
                     for layer in group:
                         w = layer.node.inputs[1]
                         if id(w) in done:  # a weight shared with an earlier layer: quantized once
                             layer.qw, layer.method = done[id(w)], "shared"
                         elif spec.method == "gptq":
-                            res = gptq(w.values, h, layer.grid, damp=spec.damp, act_order=spec.act_order, mse_range=spec.mse_range)
+                            res = gptq(w.values, h, layer.grid, damp=spec.damp, act_order=spec.act_order,
+                                       mse_range=spec.mse_range, compare_rtn=False)  # fmt: skip
                             layer.qw, layer.method = res.weight, "gptq"
                         else:
                             clip = awq_clip_search(w.values, h, layer.grid, n_grid=20) if spec.awq_clip else None
                             layer.qw, layer.method = rtn(w.values, layer.grid, clip=clip), "awq"
-                        layer.error = _relative_error(w.values, layer.qw.dequantize(), h)
+                        deq = layer.qw.dequantize()
+                        layer.error = _relative_error(w.values, deq, h)
                         done[id(w)] = layer.qw
-                        self._set_weight(layer.node, layer.qw.dequantize())
+                        self._set_weight(layer.node, deq)
+                        del deq
                         advance(1)
 
     def _awq_scale(self, runner: SegmentRunner, group: list[_Layer], h: np.ndarray, absmean: np.ndarray,
@@ -309,23 +332,30 @@ class WeightOnlyPass(Pass):
 
     def _pack(self, graph: gs.Graph, layers: list[_Layer], spec: WeightOnlySpec, target: TargetProfile,
               ctx: PassContext, counts: dict[str, int]) -> None:  # fmt: skip
-        docs = ctx.scratch.setdefault("doc_strings", {})
-        fmt = ctx.recipe.format
-        if fmt == "qdq" and layers:
-            ensure_opset(graph, 21)
-        level = _accuracy_level(spec, target)
         for layer in layers:
-            assert layer.qw is not None
-            doc = f"onnxq: {layer.method.upper()} weight-only {layer.grid}"
-            if layer.error is not None:
-                doc += f"; relative output error on calibration data {layer.error:.2e}"
-            if fmt == "matmulnbits":
-                new = [to_matmulnbits(graph, layer.node, layer.qw, accuracy_level=level, names=self._fresh)]
-            else:
-                new = to_dequantize_matmul(graph, layer.node, layer.qw, names=self._fresh)
-            for n in new:
-                n.doc_string = doc
-                docs[n.name] = doc
+            if layer.qw is not None and not layer.packed:
+                self._pack_one(graph, layer, spec, target, ctx)
+
+    def _pack_one(self, graph: gs.Graph, layer: _Layer, spec: WeightOnlySpec, target: TargetProfile, ctx: PassContext) -> None:
+        """Rewrite one quantized MatMul into the recipe's format and let go of its float weight."""
+        assert layer.qw is not None
+        docs = ctx.scratch.setdefault("doc_strings", {})
+        doc = f"onnxq: {layer.method.upper()} weight-only {layer.grid}"
+        if layer.error is not None:
+            doc += f"; relative output error on calibration data {layer.error:.2e}"
+        node = layer.node
+        if ctx.recipe.format == "matmulnbits":
+            new = [to_matmulnbits(graph, node, layer.qw, accuracy_level=_accuracy_level(spec, target), names=self._fresh)]
+            node.inputs.clear()  # the MatMul left the graph: its float weight can be freed now (unless shared)
+            node.outputs.clear()
+        else:
+            ensure_opset(graph, 21)
+            new = to_dequantize_matmul(graph, node, layer.qw, names=self._fresh)
+        for n in new:
+            n.doc_string = doc
+            docs[n.name] = doc
+        layer.packed = True
+        layer.qw = None  # the packed initializers hold the codes now
 
     def _embeddings(self, graph: gs.Graph, ctx: PassContext) -> int:
         """Store constant Gather tables (axis 0, 2-D float) as int8 rows with one scale each."""
@@ -342,10 +372,7 @@ class WeightOnlyPass(Pass):
             graph_inputs = {id(t) for t in graph.inputs}
             if id(ids) not in graph_inputs or "position" in ids.name.lower():
                 continue  # token embeddings are indexed by the token ids; a RoPE cos/sin table is not one
-            t = np.asarray(table.values, np.float32)
-            absmax = np.max(np.abs(np.where(np.isfinite(t), t, 0.0)), axis=1)
-            scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-            q = np.clip(np.rint(t / scale[:, None]), -127, 127).astype(np.int8)
+            q, scale = _int8_rows(table.values)
             out = node.outputs[0]
             base = node.name or table.name
             q_c = gs.Constant(self._fresh(f"{table.name}_int8"), q)
@@ -367,6 +394,21 @@ class WeightOnlyPass(Pass):
                 docs[n.name] = doc
             done += 1
         return done
+
+
+def _int8_rows(t: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes and one float32 scale per row (``max|row| / 127``; 1 for an all-zero row),
+    computed ``rows`` rows at a time (a 49152 x 576 table needs no full-size float temporaries)."""
+    q = np.empty(t.shape, np.int8)
+    scale = np.empty(t.shape[0], np.float32)
+    for r in range(0, t.shape[0], rows):
+        part = np.asarray(t[r : r + rows], np.float32)
+        part = np.where(np.isfinite(part), part, 0.0) if not np.isfinite(part).all() else part
+        absmax = np.abs(part).max(axis=1)
+        sc = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+        q[r : r + rows] = np.clip(np.rint(part / sc[:, None]), -127, 127).astype(np.int8)
+        scale[r : r + rows] = sc
+    return q, scale
 
 
 def _excluded(ctx: PassContext, node: gs.Node) -> bool:
@@ -393,11 +435,14 @@ def _statistics(wave: Wave, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
-    """``tr(dW^T H dW) / tr(W^T H W)``: the layer's squared output error relative to its output energy."""
-    d = (np.asarray(wq, np.float64) - np.asarray(w, np.float64))
-    w64 = np.asarray(w, np.float64)
-    num = float(np.sum((h @ d) * d))
-    den = float(np.sum((h @ w64) * w64))
+    """``tr(dW^T H dW) / tr(W^T H W)``: the layer's squared output error relative to its output energy
+    (in column chunks: no full-size float64 copy of a large weight)."""
+    num = den = 0.0
+    for c in range(0, w.shape[1], 4096):
+        w64 = np.asarray(w[:, c : c + 4096], np.float64)
+        d = np.asarray(wq[:, c : c + 4096], np.float64) - w64
+        num += float(np.sum((h @ d) * d))
+        den += float(np.sum((h @ w64) * w64))
     return num / den if den > 0 else 0.0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -529,3 +530,52 @@ def test_squeezenet_fp16_upgrade_matches(assets: Path) -> None:
     assert default_opset(up) == 13
     full_check(up)
     np.testing.assert_allclose(run_ort(up, feed)[0].astype(np.float32), reference.astype(np.float32), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------ lazy external data
+def _external_model(tmp_path: Path) -> Path:
+    """A MatMul + Add model whose two initializers live in model.onnx.data."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal((6,)).astype(np.float32), "b")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "model.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+                    size_threshold=0)
+    return path
+
+
+def test_external_weights_are_read_only_when_needed(tmp_path: Path) -> None:
+    from onnxq.model import ExternalValues, to_graph, to_model
+
+    path = _external_model(tmp_path)
+    full = onnx.load(str(path))
+    expected = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer}
+    header = load_model(path, load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in header.graph.initializer)
+    graph = to_graph(header, base_dir=tmp_path)
+    consts = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    assert all(isinstance(c._values, ExternalValues) for c in consts.values())  # nothing read yet
+    # exporting reads the data afresh: the output never points at the input's data file
+    out = to_model(graph, template=header)
+    assert all(t.data_location != TensorProto.EXTERNAL and not t.external_data for t in out.graph.initializer)
+    assert {t.name: numpy_helper.to_array(t).tolist() for t in out.graph.initializer} == {k: v.tolist() for k, v in expected.items()}
+    assert isinstance(consts["w"]._values, ExternalValues)  # still lazy after the export
+    np.testing.assert_array_equal(consts["w"].values, expected["w"])  # now loaded and cached
+    consts["w"].values = consts["w"].values * 2  # a pass changes it: exported inline, not flagged external
+    out = to_model(graph, template=header)
+    np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "w")), expected["w"] * 2)
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_truncated_external_data_is_refused_before_any_pass(tmp_path: Path) -> None:
+    from onnxq.model import to_graph
+
+    path = _external_model(tmp_path)
+    data = tmp_path / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-8])
+    with pytest.raises(ModelLoadError, match="past the end|truncated"):
+        to_graph(load_model(path, load_external_data=False), base_dir=tmp_path)

@@ -101,10 +101,19 @@ class GPTQResult:
         return float(self.rtn_proxy_loss / self.proxy_loss) if self.proxy_loss > 0 else float("inf")
 
 
+COLUMNS = 4096
+"""Output columns processed at a time: GPTQ is independent per column (one shared ``H``), so a
+``[576, 49152]`` lm_head needs float64 work arrays of 4096 columns, not of all of them."""
+
+
 def proxy_loss(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """``tr(dW^T H dW)`` for ``dW = w_hat - w`` (``[K, N]``): the summed squared output error ``||X dW||^2``."""
-    d = np.asarray(w_hat, np.float64) - np.asarray(w, np.float64)
-    return float(np.einsum("kn,kn->", d, np.asarray(h, np.float64) @ d))
+    h64 = np.asarray(h, np.float64)
+    total = 0.0
+    for c in range(0, np.shape(w)[1], COLUMNS):
+        d = np.asarray(w_hat[:, c : c + COLUMNS], np.float64) - np.asarray(w[:, c : c + COLUMNS], np.float64)
+        total += float(np.einsum("kn,kn->", d, h64 @ d))
+    return total
 
 
 def gptq(
@@ -158,34 +167,40 @@ def gptq(
         raise HessianError("H = X^T X has NaN or Inf entries: the calibration activations are not finite")
 
     hn, unit, dead = _prepare_hessian(h0)
-    wk = np.array(w0, np.float64)
-    wk[dead] = 0.0
     static = static_groups or act_order
     b = grid.block(k)
     nb = grid.n_blocks(k)
-    scales = np.empty((nb, n), np.float32)
-    zps = np.empty((nb, n), np.uint8)
-    if static:
-        for blk in range(nb):
-            rows = wk[blk * b : (blk + 1) * b]
-            scales[blk], zps[blk] = block_params(rows, grid, k, mse_range)
-
     perm: np.ndarray | None = None
     if act_order:
         perm = np.argsort(-np.diag(hn), kind="stable")
-        wk = wk[perm]
         hn = hn[np.ix_(perm, perm)]
-
     u, lam, retries = _damped_inverse_cholesky(hn, damp)
     block_of = (np.arange(k) if perm is None else perm) // b
 
+    scales = np.empty((nb, n), np.float32)
+    zps = np.empty((nb, n), np.uint8)
     q = np.empty((k, n), np.uint8)
-    obs_loss = _quantize_loop(wk, u, q, scales, zps, block_of, grid, static, lazy_block, mse_range)
+    obs_loss = 0.0
+    for c0 in range(0, n, COLUMNS):  # columns are independent: bounded float64 work arrays
+        cols = slice(c0, min(c0 + COLUMNS, n))
+        wk = np.array(w0[:, cols], np.float64)
+        wk[dead] = 0.0
+        if static:
+            for blk in range(nb):
+                rows = wk[blk * b : (blk + 1) * b]
+                scales[blk, cols], zps[blk, cols] = block_params(rows, grid, k, mse_range)
+        if perm is not None:
+            wk = wk[perm]
+        qc = np.empty(wk.shape, np.uint8)
+        sc_c, zp_c = scales[:, cols].copy(), zps[:, cols].copy()
+        obs_loss += _quantize_loop(wk, u, qc, sc_c, zp_c, block_of, grid, static, lazy_block, mse_range)
+        scales[:, cols], zps[:, cols] = sc_c, zp_c
+        if perm is not None:
+            q[perm, cols] = qc
+        else:
+            q[:, cols] = qc
+        del wk, qc
 
-    if perm is not None:
-        q_orig = np.empty_like(q)
-        q_orig[perm] = q
-        q = q_orig
     weight = QuantizedWeight(q=q, scales=scales, zero_points=zps, grid=grid)
     w_hat = weight.dequantize()
     loss = proxy_loss(w0, w_hat, h0)

@@ -87,9 +87,16 @@ class QuantizedWeight:
         return self.grid.block(self.shape[0])
 
     def dequantize(self) -> np.ndarray:
-        """``(q - zero_point) * scale`` in float32, ``[K, N]``: what every packed format computes."""
-        scheme = self.grid.scheme(self.shape[0])
-        return dequantize(self.q, _params(self.scales, scheme), _params(self.zero_points, scheme), scheme)
+        """``(q - zero_point) * scale`` in float32, ``[K, N]``: what every packed format computes.
+
+        Computed block by block (``(q - z)`` is exact in float32), so the only full-size array is the result."""
+        k, n = self.shape
+        b = self.block_size
+        out = np.empty((k, n), np.float32)
+        for i in range(self.scales.shape[0]):
+            rows = slice(i * b, min((i + 1) * b, k))
+            out[rows] = (self.q[rows].astype(np.float32) - self.zero_points[i].astype(np.float32)) * self.scales[i]
+        return out
 
     def scale_columns(self, factor: np.ndarray) -> None:
         """Multiply output column n by ``factor[n]`` (exact on the grid: only the scales change).
@@ -116,27 +123,54 @@ def quantize_rows(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmax
     return np.clip(np.nan_to_num(y, nan=0.0), 0, qmax).astype(np.uint8)
 
 
+ROWS = 256
+"""Rows handled at a time where a whole-weight temporary is not needed (bounded memory on large weights)."""
+
+
+def _finite_range(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise min and max of the finite values of rows ``w`` (0 for a column with none)."""
+    finite = np.isfinite(w)
+    if finite.all():
+        return w.min(axis=0), w.max(axis=0)
+    lo = np.where(finite, w, np.inf).min(axis=0)
+    hi = np.where(finite, w, -np.inf).max(axis=0)
+    return np.where(np.isfinite(lo), lo, 0.0).astype(np.float32), np.where(np.isfinite(hi), hi, 0.0).astype(np.float32)
+
+
 def rtn(w: np.ndarray, grid: WeightGrid, *, clip: np.ndarray | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of a ``[K, N]`` weight on ``grid``.
 
     ``clip`` (optional, ``[n_blocks, N]``) shrinks each block's range to ``[max(min, -c), min(max, c)]``
-    before choosing its parameters (AWQ's clip search chooses ``c``); values outside saturate.
+    before choosing its parameters (AWQ's clip search chooses ``c``); values outside saturate. Works block
+    by block (at most :data:`ROWS` rows of temporaries), so a ``[576, 49152]`` lm_head costs no more than
+    its codes. The codes equal ONNX ``QuantizeLinear``'s (:func:`quantize_rows`).
     """
-    w = np.asarray(w, np.float32)
+    w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"a weight-only weight must be 2-D [K, N], got shape {w.shape}")
-    k = w.shape[0]
-    scheme = grid.scheme(k)
-    from onnxq.scheme import reduce_for_granularity
-
-    lo, hi = reduce_for_granularity(w, scheme.granularity)
-    lo, hi = lo.reshape(-1, w.shape[1]), hi.reshape(-1, w.shape[1])
+    k, n = w.shape
+    b, nb = grid.block(k), grid.n_blocks(k)
+    lo = np.empty((nb, n), np.float32)
+    hi = np.empty((nb, n), np.float32)
+    for i in range(nb):
+        blo = np.full(n, np.inf, np.float32)
+        bhi = np.full(n, -np.inf, np.float32)
+        for r in range(i * b, min((i + 1) * b, k), ROWS):
+            part_lo, part_hi = _finite_range(np.asarray(w[r : min(r + ROWS, (i + 1) * b, k)], np.float32))
+            blo, bhi = np.minimum(blo, part_lo), np.maximum(bhi, part_hi)
+        lo[i], hi[i] = blo, bhi
     if clip is not None:
         c = np.asarray(clip, np.float32).reshape(lo.shape)
         lo, hi = np.maximum(lo, -c), np.minimum(hi, c)
-    scale, zp = choose_qparams_from_range(lo, hi, scheme)
-    q = quantize(w, _params(scale, scheme), _params(zp, scheme), scheme).astype(np.uint8)
-    return QuantizedWeight(q=q, scales=np.asarray(scale, np.float32), zero_points=np.asarray(zp).astype(np.uint8), grid=grid)
+    scale, zp = choose_qparams_from_range(lo, hi, grid.scheme(k))
+    scale = np.asarray(scale, np.float32).reshape(nb, n)
+    zp = np.asarray(zp).astype(np.uint8).reshape(nb, n)
+    q = np.empty((k, n), np.uint8)
+    for i in range(nb):
+        for r in range(i * b, min((i + 1) * b, k), ROWS):
+            rows = slice(r, min(r + ROWS, (i + 1) * b, k))
+            q[rows] = quantize_rows(np.asarray(w[rows], np.float32), scale[i], zp[i], grid.qmax)
+    return QuantizedWeight(q=q, scales=scale, zero_points=zp, grid=grid)
 
 
 def _params(p: np.ndarray, scheme: QuantScheme) -> np.ndarray:

@@ -25,6 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from onnxq._memory import release
 from onnxq._ort import make_session
 from onnxq.calibration.sources import CalibrationSource
 from onnxq.errors import CalibrationError
@@ -168,6 +169,7 @@ class SegmentRunner:
             self.segments_run += 1
         self.store = {k: v for k, v in self.store.items() if self.last_use.get(k, -1) >= p}
         self.cut = p
+        release()  # the segment session and dropped activations: give the heap pages back
 
     def _segment_model(self, nodes: list[gs.Node], feeds: list[str], outputs: list[str]) -> onnx.ModelProto:
         tensors = self.graph.tensors()

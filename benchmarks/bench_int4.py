@@ -112,11 +112,14 @@ MODELS = {
     },
 }
 ALIASES = {"stories260k": "stories260K", "stories": "stories260K", "smollm2": "smollm2", "stories260K": "stories260K"}
-METHODS = ["ort-rtn", "ort-gptq", "ort-hqq", "onnxq-rtn", "onnxq-gptq", "onnxq-awq"]
+METHODS = ["ort-rtn", "ort-gptq", "ort-hqq", "onnxq-rtn", "onnxq-gptq", "onnxq-awq", "onnxq-gptq-awq"]
 # not run by default: ORT RTN with the lm_head MatMul left in fp32 (how the assets README's RTN figures were made)
-EXTRA_METHODS = ["ort-rtn-fp32head"]
-CALIBRATED = {"ort-gptq", "onnxq-gptq", "onnxq-awq"}
-ONNXQ_PRESET = {"onnxq-rtn": "w4-rtn", "onnxq-gptq": "w4-gptq", "onnxq-awq": "w4-awq"}
+# and onnxq with the lm_head left float (--lm-head float), to compare with those figures like for like
+EXTRA_METHODS = ["ort-rtn-fp32head", "onnxq-rtn-fp32head", "onnxq-gptq-fp32head", "onnxq-awq-fp32head"]
+CALIBRATED = {"ort-gptq", "onnxq-gptq", "onnxq-awq", "onnxq-gptq-awq", "onnxq-gptq-fp32head", "onnxq-awq-fp32head"}
+ONNXQ_PRESET = {"onnxq-rtn": "w4-rtn", "onnxq-gptq": "w4-gptq", "onnxq-awq": "w4-awq", "onnxq-gptq-awq": "w4-gptq-awq",
+                "onnxq-rtn-fp32head": "w4-rtn",
+                "onnxq-gptq-fp32head": "w4-gptq", "onnxq-awq-fp32head": "w4-awq"}
 # onnxq stderr fragments that mean "int4 not implemented yet" (skip, not a failure)
 ONNXQ_MISSING = ("unknown preset", "unknown pass", "no such option", "invalid value for '--preset'")
 
@@ -327,8 +330,10 @@ def _head_node(path: Path) -> str:
 def quantize_onnxq(row: dict, src: Path, out: Path, calib: Path | None, n_windows: int | None) -> None:
     cmd = onnxq_command() + ["quantize", str(src), "-o", str(out), "--preset", ONNXQ_PRESET[row["method"]],
                              "--block-size", str(row["block"]), "--no-progress"]
-    if row["method"] != "onnxq-rtn":
+    if row["method"] in CALIBRATED:
         cmd += ["--calib", str(calib), "--calib-size", str(n_windows), "--seq-len", str(SEQ)]
+    if row["method"].endswith("-fp32head"):
+        cmd += ["--lm-head", "float"]
     rc, wall, rss, err = run_measured(cmd, timeout=4 * 3600)
     row.update(quant_s=round(wall, 2), peak_rss_mb=round(rss, 1), command=" ".join(cmd[len(onnxq_command()):]))
     if rc != 0 or not out.exists():
@@ -438,7 +443,9 @@ def add_recovery(rows: list[dict]) -> None:
             continue
         same = {x["variant"]: x for x in rows if x["model"] == r["model"] and not x.get("error") and not x.get("skipped")}
         fp = same.get("fp32")
-        ref = same.get(variant_name("onnxq-rtn", r["block"], False)) or same.get(variant_name("ort-rtn", r["block"], False))
+        head = "-fp32head" if r["method"].endswith("-fp32head") else ""  # like for like: same lm_head treatment
+        ref = (same.get(variant_name("onnxq-rtn" + head, r["block"], False))
+               or same.get(variant_name("ort-rtn" + head, r["block"], False)))  # fmt: skip
         if fp is None or ref is None or ref is r:
             continue
         r["recovery_ref"] = ref["variant"]

@@ -510,6 +510,15 @@ PRESETS: dict[str, Recipe] = {
         calibration=CalibrationSpec(samples=32),
         format="matmulnbits",
     ),
+    "w4-gptq-awq": Recipe(
+        name="w4-gptq-awq",
+        description="int4 weight-only, AWQ's scale search and fold on each layer input, then GPTQ on the scaled "
+        "weights (needs --calib): the most accurate of the w4 presets on SmolLM2; MatMulNBits, block 128",
+        passes=_WEIGHT_ONLY_PASSES,
+        weight_only=WeightOnlySpec(method="gptq", awq_scales=True),
+        calibration=CalibrationSpec(samples=32),
+        format="matmulnbits",
+    ),
     "w4-awq": Recipe(
         name="w4-awq",
         description="int4 weight-only with AWQ (needs --calib): per-channel scales that protect salient weights, "

@@ -317,6 +317,21 @@ def test_awq_from_npz_runs_and_beats_rtn(tmp_path: Path) -> None:
     assert _rel_mse(_tiny(), res.model, feeds) < _rel_mse(_tiny(), _rtn_models()["matmulnbits"][0], feeds)
 
 
+def test_gptq_awq_scales_then_gptq(tmp_path: Path) -> None:
+    """w4-gptq-awq: the AWQ scales are folded (norm weights absorb 1/s) and every layer is then quantized by
+    GPTQ on the scaled weights; the output is closer to fp32 than RTN on held-out tokens."""
+    ids = np.asarray(_markov_tokens(16 * 16, 0), np.int64).reshape(16, 16)
+    np.savez(tmp_path / "calib.npz", input_ids=ids)
+    res = quantize_model(_tiny(), _recipe("w4-gptq-awq", embeddings="float"), calibration=CalibrationOptions(source=str(tmp_path / "calib.npz")))
+    full_check(res.model)
+    step = _step(res)
+    assert step.counts["awq_groups_scaled"] > 0 and step.counts["layers_quantized"] == N_WEIGHT_MATMULS
+    docs = [n.doc_string for n in res.model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(docs) == N_WEIGHT_MATMULS and all(d.startswith("onnxq: GPTQ weight-only") for d in docs)
+    feeds = _held_out()
+    assert _rel_mse(_tiny(), res.model, feeds) < _rel_mse(_tiny(), _rtn_models()["matmulnbits"][0], feeds)
+
+
 def test_awq_fold_is_exact(tmp_path: Path) -> None:
     """AWQ at 8 bits (nearly lossless): the logits barely change, the RMSNorm weights absorbed 1/s
     (g' = g / s), and g' * W' matches g * W to 8-bit precision for every projection -- directly for
@@ -356,7 +371,7 @@ def test_awq_fold_is_exact(tmp_path: Path) -> None:
 
 
 def test_gptq_and_awq_without_calibration_are_refused() -> None:
-    for name in ("w4-gptq", "w4-awq"):
+    for name in ("w4-gptq", "w4-awq", "w4-gptq-awq"):
         with pytest.raises(PassError, match=r"needs calibration text.*--calib.*w4-rtn"):
             WeightOnlyPass()(gs.import_onnx(_tiny()), make_ctx(_recipe(name)))
 
@@ -413,7 +428,7 @@ def test_per_channel_and_format_rules() -> None:
     assert recipe_from_dict({"preset": "w4-awq", "format": "qdq"}).format == "qdq"
     with pytest.raises(RecipeError, match=r"matmulnbits.*weight-only preset.*w4-rtn"):
         recipe_from_dict({"preset": "w8a8", "format": "matmulnbits"})
-    for name in ("w4-rtn", "w4-gptq", "w4-awq"):
+    for name in ("w4-rtn", "w4-gptq", "w4-awq", "w4-gptq-awq"):
         with pytest.raises(RecipeError, match="no QOperator form"):
             recipe_from_dict({"preset": name, "format": "qoperator"})
 

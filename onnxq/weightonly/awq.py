@@ -171,17 +171,21 @@ def awq_clip_search(
     n_cand = int(max_shrink * n_grid)
     if n_cand < 1:
         raise ValueError(f"max_shrink * n_grid must be >= 1 (got {max_shrink} * {n_grid})")
-    lo, hi = reduce_for_granularity(w32, grid.scheme(k).granularity)
-    absmax = np.maximum(-lo, hi).reshape(-1, n).astype(np.float64)
     hb = _diagonal_blocks(h64, grid.block(k))
-    w64 = w32.astype(np.float64)
-    cands = np.stack([(absmax * (1 - i / n_grid)).astype(np.float32) for i in range(n_cand)])
-    errs = np.empty((n_cand,) + absmax.shape)
-    for i in range(n_cand):
-        d = rtn(w32, grid, clip=cands[i]).dequantize().astype(np.float64) - w64
-        errs[i] = _block_quadratic(d, hb)
-    best = np.argmin(errs, axis=0)
-    return np.take_along_axis(cands, best[None], axis=0)[0]
+    out = np.empty((grid.n_blocks(k), n), np.float32)
+    for c0 in range(0, n, COLUMNS):  # columns are independent: bounded temporaries on a wide lm_head
+        wc = w32[:, c0 : c0 + COLUMNS]
+        lo, hi = reduce_for_granularity(wc, grid.scheme(k).granularity)
+        absmax = np.maximum(-lo, hi).reshape(-1, wc.shape[1]).astype(np.float64)
+        w64 = wc.astype(np.float64)
+        cands = np.stack([(absmax * (1 - i / n_grid)).astype(np.float32) for i in range(n_cand)])
+        errs = np.empty((n_cand,) + absmax.shape)
+        for i in range(n_cand):
+            d = rtn(wc, grid, clip=cands[i]).dequantize().astype(np.float64) - w64
+            errs[i] = _block_quadratic(d, hb)
+        best = np.argmin(errs, axis=0)
+        out[:, c0 : c0 + COLUMNS] = np.take_along_axis(cands, best[None], axis=0)[0]
+    return out
 
 
 def awq(
@@ -239,11 +243,20 @@ def _check(ws: list[np.ndarray], h: np.ndarray, x_absmean: np.ndarray) -> tuple[
     return np.concatenate(mats, axis=1), h64, xm
 
 
+COLUMNS = 4096
+"""Output columns scored at a time (both searches are independent per column)."""
+
+
 def _scaled_loss(w: np.ndarray, h: np.ndarray, s: np.ndarray, grid: WeightGrid) -> float:
     """``tr(D^T H D)`` for ``D = dequant(rtn(diag(s) w)) / s - w`` (``w`` float32, ``s`` float32)."""
-    q = rtn(w * s[:, None], grid).dequantize().astype(np.float64)
-    d = q / s.astype(np.float64)[:, None] - w.astype(np.float64)
-    return float(np.einsum("kn,kn->", d, h @ d))
+    total = 0.0
+    s64 = s.astype(np.float64)[:, None]
+    for c0 in range(0, w.shape[1], COLUMNS):
+        wc = w[:, c0 : c0 + COLUMNS]
+        q = rtn(wc * s[:, None], grid).dequantize().astype(np.float64)
+        d = q / s64 - wc.astype(np.float64)
+        total += float(np.einsum("kn,kn->", d, h @ d))
+    return total
 
 
 def _diagonal_blocks(h: np.ndarray, block: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import rich.markup
 from rich.console import Console
 from rich.table import Table
 
@@ -28,7 +29,8 @@ _out = Console()
 
 
 def _fail(message: str) -> None:
-    _err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    # the message is plain text: "[weight_only] block_size ..." must not be read as rich markup
+    _err.print(f"[bold red]error:[/] {rich.markup.escape(message)}", markup=True, highlight=False, soft_wrap=True)
     sys.exit(1)
 
 

@@ -573,3 +573,10 @@ def test_stories260k_gptq_nll_below_rtn(assets: Path, stories_outputs: dict[str,
     assert np.isfinite([rtn_nll, gptq_nll]).all()
     assert fp32 < gptq_nll < rtn_nll, (fp32, gptq_nll, rtn_nll)
     assert rtn_nll < 1.1 * fp32 and gptq_nll < 1.1 * fp32
+
+
+def test_cli_recipe_errors_keep_their_brackets(tiny_path: Path, tmp_path: Path) -> None:
+    """An invalid block size is a one-line error naming the recipe table, printed literally (not as rich markup)."""
+    code, _, err = _run("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-rtn", "--block-size", "48")
+    assert code == 1 and "[weight_only] block_size must be 0 (per-channel) or a power of two" in err and "got 48" in err
+    assert not (tmp_path / "o.onnx").exists()

@@ -85,7 +85,7 @@ def main(debug: bool) -> None:
 @click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size (default: the model's input size).")
 @click.option("--tokenizer", help="tokenizer.json (or its folder) for text calibration files (.txt, .jsonl, .tsv/.csv).")
 @click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens (default 128).")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files (default: the model's, else 512); with a text file and --tokenizer, the text is tokenized whole and cut into windows of this many tokens (LLM calibration for w4-gptq / w4-awq).")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files (default: the model's, else 512); with a text file and --tokenizer, the text is tokenized whole and cut into windows of this many tokens (LLM calibration; the default, 512, for the w4 presets).")
 @click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
 @click.option("--target", help="Deployment target profile: auto (this CPU), x86-avx2, x86-avx2-u8, x86-vnni, arm64, generic, cuda.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs (auto prefers CUDA when onnxruntime-gpu sees a GPU).")
@@ -124,6 +124,7 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
 
     The output is written atomically; on any error nothing is written and the exit code is 1.
     """
+    from onnxq.calibration.sources import TEXT_SUFFIXES
     from onnxq.quantize import CalibrationOptions, quantize_file
     from onnxq.recipe import load_recipe
     from onnxq.recipe import preset as get_preset
@@ -148,6 +149,8 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
             f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
             ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)"
         )
+    if "weight_only" in recipe.passes and calib and seq_len is None and max_length is None and Path(calib).suffix.lower() in TEXT_SUFFIXES:
+        seq_len = 512  # an LLM is calibrated on windows of running text, not one short line per sample
     opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
                               tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
     result = quantize_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,

@@ -580,3 +580,17 @@ def test_cli_recipe_errors_keep_their_brackets(tiny_path: Path, tmp_path: Path) 
     code, _, err = _run("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-rtn", "--block-size", "48")
     assert code == 1 and "[weight_only] block_size must be 0 (per-channel) or a power of two" in err and "got 48" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_text_calibration_is_cut_into_windows_for_llms(tiny_path: Path, tmp_path: Path) -> None:
+    """GPTQ with a text file + --tokenizer and no --seq-len: the text is tokenized whole and cut into windows of
+    512 tokens (not one short sample per line), as an LLM should be calibrated."""
+    from test_sources import LINES, make_tokenizer
+
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "wiki.txt").write_text("\n".join(LINES * 120) + "\n")
+    code, stdout, err = _run("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-gptq",
+                             "--calib", str(tmp_path / "wiki.txt"), "--tokenizer", str(tok), "--calib-size", "2", "--json")
+    assert code == 0, err
+    source = json.loads(stdout)["info"]["calibration"]["source"]
+    assert "windows of 512 tokens" in source and "2 of " in source, source

@@ -451,6 +451,13 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 _WEIGHT_ONLY_PASSES = ("upcast_float16", "shape_inference", "constant_folding", "remove_dead_nodes", "weight_only")
 
+
+def _w4(name: str, description: str, method: str, **spec: Any) -> Recipe:
+    """A weight-only int4 preset: MatMulNBits output, 32 calibration windows where the method needs data."""
+    calibration = CalibrationSpec() if method == "rtn" else CalibrationSpec(samples=32)
+    return Recipe(name=name, description=description, passes=_WEIGHT_ONLY_PASSES, format="matmulnbits",
+                  weight_only=WeightOnlySpec(method=method, **spec), calibration=calibration)  # type: ignore[arg-type]
+
 PRESETS: dict[str, Recipe] = {
     "w8a8": Recipe(
         name="w8a8",
@@ -493,41 +500,15 @@ PRESETS: dict[str, Recipe] = {
         passes=("shape_inference", "qoperator"),
         format="qoperator",
     ),
-    "w4-rtn": Recipe(
-        name="w4-rtn",
-        description="int4 weight-only, round to nearest, no calibration: MatMul weights in 4 bits (asymmetric, "
-        "block 128) as com.microsoft.MatMulNBits, int8 embeddings, float activations",
-        passes=_WEIGHT_ONLY_PASSES,
-        weight_only=WeightOnlySpec(method="rtn"),
-        format="matmulnbits",
-    ),
-    "w4-gptq": Recipe(
-        name="w4-gptq",
-        description="int4 weight-only with GPTQ (needs --calib, e.g. 32 x 512 tokens): rounding errors compensated "
-        "layer by layer from each layer's input statistics; MatMulNBits, block 128",
-        passes=_WEIGHT_ONLY_PASSES,
-        weight_only=WeightOnlySpec(method="gptq"),
-        calibration=CalibrationSpec(samples=32),
-        format="matmulnbits",
-    ),
-    "w4-gptq-awq": Recipe(
-        name="w4-gptq-awq",
-        description="int4 weight-only, AWQ's scale search and fold on each layer input, then GPTQ on the scaled "
-        "weights (needs --calib): the most accurate of the w4 presets on SmolLM2; MatMulNBits, block 128",
-        passes=_WEIGHT_ONLY_PASSES,
-        weight_only=WeightOnlySpec(method="gptq", awq_scales=True),
-        calibration=CalibrationSpec(samples=32),
-        format="matmulnbits",
-    ),
-    "w4-awq": Recipe(
-        name="w4-awq",
-        description="int4 weight-only with AWQ (needs --calib): per-channel scales that protect salient weights, "
-        "folded into the preceding op, then clipping search; MatMulNBits, block 128",
-        passes=_WEIGHT_ONLY_PASSES,
-        weight_only=WeightOnlySpec(method="awq"),
-        calibration=CalibrationSpec(samples=32),
-        format="matmulnbits",
-    ),
+    "w4-rtn": _w4("w4-rtn", "int4 weight-only, round to nearest, no calibration: MatMul weights in 4 bits "
+                  "(asymmetric, block 128) as com.microsoft.MatMulNBits, int8 embeddings, float activations", "rtn"),
+    "w4-gptq": _w4("w4-gptq", "int4 weight-only with GPTQ (needs --calib, e.g. 32 x 512 tokens): rounding errors "
+                   "compensated layer by layer from each layer's input statistics; MatMulNBits, block 128", "gptq"),
+    "w4-gptq-awq": _w4("w4-gptq-awq", "int4 weight-only, AWQ's scale search and fold on each layer input, then GPTQ "
+                       "on the scaled weights (needs --calib): the most accurate of the w4 presets on SmolLM2; "
+                       "MatMulNBits, block 128", "gptq", awq_scales=True),
+    "w4-awq": _w4("w4-awq", "int4 weight-only with AWQ (needs --calib): per-channel scales that protect salient "
+                  "weights, folded into the preceding op, then clipping search; MatMulNBits, block 128", "awq"),
     "fp16": Recipe(
         name="fp16",
         description="float16 conversion, no calibration: weights and compute in float16, float32 inputs/outputs; "

@@ -43,7 +43,7 @@ from onnxq.recipe import WeightOnlySpec
 from onnxq.target import PROFILES, TargetProfile
 from onnxq.weightonly.awq import awq_clip_search, awq_scale_search
 from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, rtn
-from onnxq.weightonly.gptq import gptq
+from onnxq.weightonly.gptq import gptq, output_energy, proxy_loss
 from onnxq.weightonly.pack import ensure_opset, to_dequantize_matmul, to_matmulnbits
 from onnxq.weightonly.segments import SegmentRunner, Wave
 
@@ -360,6 +360,7 @@ class WeightOnlyPass(Pass):
     def _embeddings(self, graph: gs.Graph, ctx: PassContext) -> int:
         """Store constant Gather tables (axis 0, 2-D float) as int8 rows with one scale each."""
         docs = ctx.scratch.setdefault("doc_strings", {})
+        graph_inputs = {id(t) for t in graph.inputs}
         done = 0
         for node in list(graph.nodes):
             if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0 or len(node.inputs) != 2:
@@ -369,7 +370,6 @@ class WeightOnlyPass(Pass):
                 continue
             if table.values.dtype != np.float32 or _excluded(ctx, node):
                 continue  # float16 tables are already half the size; excluded nodes stay as they are
-            graph_inputs = {id(t) for t in graph.inputs}
             if id(ids) not in graph_inputs or "position" in ids.name.lower():
                 continue  # token embeddings are indexed by the token ids; a RoPE cos/sin table is not one
             q, scale = _int8_rows(table.values)
@@ -435,15 +435,9 @@ def _statistics(wave: Wave, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
-    """``tr(dW^T H dW) / tr(W^T H W)``: the layer's squared output error relative to its output energy
-    (in column chunks: no full-size float64 copy of a large weight)."""
-    num = den = 0.0
-    for c in range(0, w.shape[1], 4096):
-        w64 = np.asarray(w[:, c : c + 4096], np.float64)
-        d = np.asarray(wq[:, c : c + 4096], np.float64) - w64
-        num += float(np.sum((h @ d) * d))
-        den += float(np.sum((h @ w64) * w64))
-    return num / den if den > 0 else 0.0
+    """``tr(dW^T H dW) / tr(W^T H W)``: the layer's squared output error relative to its output energy."""
+    den = output_energy(w, h)
+    return proxy_loss(w, wq, h) / den if den > 0 else 0.0
 
 
 def _downstream(nodes: list[gs.Node], *, stop: dict[int, int], cut: int) -> set[str]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.scheme import reduce_for_granularity
-from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, rtn
+from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, rtn, weight_and_hessian
 
 __all__ = ["ScaleSearch", "AWQResult", "awq_candidate_scales", "awq_scale_search", "awq_clip_search", "awq"]
 
@@ -161,13 +161,9 @@ def awq_clip_search(
     smaller shrink. Pass the result to ``rtn(w, grid, clip=...)``. For a scaled weight ``diag(s) W``, pass
     the scaled Hessian ``H / (s s^T)`` (the activation is ``X / s``).
     """
-    w32 = np.asarray(w, np.float32)
-    if w32.ndim != 2:
-        raise ValueError(f"a weight must be 2-D [K, N], got shape {w32.shape}")
+    w_in, h64 = weight_and_hessian(w, h, "AWQ's clip search")
+    w32 = np.asarray(w_in, np.float32)
     k, n = w32.shape
-    h64 = np.asarray(h, np.float64)
-    if h64.shape != (k, k):
-        raise ValueError(f"H must be [K, K] = [{k}, {k}] for a weight of shape {w32.shape}, got {h64.shape}")
     n_cand = int(max_shrink * n_grid)
     if n_cand < 1:
         raise ValueError(f"max_shrink * n_grid must be >= 1 (got {max_shrink} * {n_grid})")

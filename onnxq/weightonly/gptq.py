@@ -46,12 +46,13 @@ to :data:`MAX_DAMP_RETRIES` times) and the damping used is recorded; after that
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from onnxq.errors import CalibrationError
-from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, qparams, quantize_rows, rtn
+from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, qparams, quantize_rows, rtn, weight_and_hessian
 
 __all__ = ["GPTQResult", "HessianError", "gptq", "proxy_loss", "MAX_DAMP_RETRIES"]
 
@@ -108,10 +109,20 @@ COLUMNS = 4096
 
 def proxy_loss(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """``tr(dW^T H dW)`` for ``dW = w_hat - w`` (``[K, N]``): the summed squared output error ``||X dW||^2``."""
+    return _quadratic(h, lambda c: np.asarray(w_hat[:, c], np.float64) - np.asarray(w[:, c], np.float64), np.shape(w)[1])
+
+
+def output_energy(w: np.ndarray, h: np.ndarray) -> float:
+    """``tr(W^T H W) = ||X W||^2``: what :func:`proxy_loss` is relative to."""
+    return _quadratic(h, lambda c: np.asarray(w[:, c], np.float64), np.shape(w)[1])
+
+
+def _quadratic(h: np.ndarray, columns: Callable[[slice], np.ndarray], n: int) -> float:
+    """``sum_n d_n^T H d_n`` over the columns ``columns(slice)`` yields, :data:`COLUMNS` at a time."""
     h64 = np.asarray(h, np.float64)
     total = 0.0
-    for c in range(0, np.shape(w)[1], COLUMNS):
-        d = np.asarray(w_hat[:, c : c + COLUMNS], np.float64) - np.asarray(w[:, c : c + COLUMNS], np.float64)
+    for c0 in range(0, n, COLUMNS):
+        d = columns(slice(c0, c0 + COLUMNS))
         total += float(np.einsum("kn,kn->", d, h64 @ d))
     return total
 
@@ -152,13 +163,8 @@ def gptq(
         ValueError: on shapes or arguments that make no sense.
         HessianError: if ``h`` is not finite or stays indefinite after raising the damping.
     """
-    w0 = np.asarray(w)
-    if w0.ndim != 2:
-        raise ValueError(f"GPTQ needs a 2-D [K, N] weight, got shape {w0.shape}")
+    w0, h0 = weight_and_hessian(w, h, "GPTQ")
     k, n = w0.shape
-    h0 = np.asarray(h, np.float64)
-    if h0.shape != (k, k):
-        raise ValueError(f"H must be [K, K] = [{k}, {k}] for a weight of shape {w0.shape}, got {h0.shape}")
     if lazy_block < 1:
         raise ValueError(f"lazy_block must be >= 1, got {lazy_block}")
     if not damp >= 0:

@@ -25,7 +25,7 @@ import numpy as np
 
 from onnxq.scheme import PerBlock, PerChannel, QuantDtype, QuantScheme, Symmetry, choose_qparams_from_range, dequantize, quantize
 
-__all__ = ["WeightGrid", "QuantizedWeight", "rtn", "qparams", "quantize_rows"]
+__all__ = ["WeightGrid", "QuantizedWeight", "rtn", "qparams", "quantize_rows", "weight_and_hessian"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,19 @@ class QuantizedWeight:
         Used when a later scale search folds ``1/s`` into this layer's outputs (AWQ)."""
         f = np.asarray(factor, np.float32).reshape(1, -1)
         self.scales = (self.scales * f).astype(np.float32)
+
+
+def weight_and_hessian(w: np.ndarray, h: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` as an array checked to be 2-D ``[K, N]`` and ``h`` as float64 checked to be ``[K, K]``
+    (the inputs of GPTQ and of AWQ's clip search); ``who`` names the caller in the error."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"{who} needs a 2-D [K, N] weight, got shape {w.shape}")
+    k = w.shape[0]
+    h64 = np.asarray(h, np.float64)
+    if h64.shape != (k, k):
+        raise ValueError(f"H must be [K, K] = [{k}, {k}] for a weight of shape {w.shape}, got {h64.shape}")
+    return w, h64
 
 
 def qparams(lo: np.ndarray, hi: np.ndarray, grid: WeightGrid, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -99,7 +99,10 @@ def main(debug: bool) -> None:
 @click.option("--symmetric", is_flag=True, help="Weight-only presets: symmetric int4 (zero point fixed at 8) instead of a zero point per block.")
 @click.option("--lm-head", type=click.Choice(["same", "int8", "float"]), help="Weight-only presets: the output projection quantized like the rest (same, default), in 8 bits, or left float.")
 @click.option("--alpha", help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer (presets with smoothquant).")
-@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json into this folder.")
+@click.option("--accuracy-budget", "accuracy_budget", help="Mixed precision: the accuracy to keep, e.g. agreement=0.99 (top-1 agreement with the float model), sqnr=30 (output SQNR, dB) or cosine=0.999. Layers are ranked by sensitivity and the fewest fall back (int16 activations, then float) until it holds; the report lists them and the cost.")
+@click.option("--eval", "eval_source", help="Samples the accuracy budget and the report's comparison are measured on (default: --calib). Same formats and preprocessing options as --calib.")
+@click.option("--eval-size", type=click.IntRange(min=1), default=128, show_default=True, help="How many --eval samples (evenly spaced) the budget is measured on.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json and a self-contained report.html into this folder (with a float-vs-quantized comparison: per-tensor SQNR, histograms; charts need onnxq[report]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a summary.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--checked", is_flag=True, help="Validate the graph (onnx.checker + ORT load) after every pass (slower).")
@@ -109,7 +112,8 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
              exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], calib_cache: Path | None,
              out_format: str | None, block_size: int | None, symmetric: bool, lm_head: str | None,
-             alpha: str | None, exclude_activation_matmuls: bool,
+             alpha: str | None, exclude_activation_matmuls: bool, accuracy_budget: str | None,
+             eval_source: str | None, eval_size: int,
              report_dir: Path | None, as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
     """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
 
@@ -121,6 +125,10 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     Example (an LLM in int4 with GPTQ, 32 windows of 512 tokens):
       onnxq quantize model.onnx -o model.int4.onnx --preset w4-gptq \\
             --calib tokens.json --calib-size 32 --seq-len 512 --block-size 128
+    \b
+    Example (keep 99% top-1 agreement; sensitive layers fall back; HTML report):
+      onnxq quantize mobilenetv2.onnx -o m.onnx --calib calib_images/ --calib-preprocess torch \\
+            --accuracy-budget agreement=0.99 --eval val_images/ --eval-size 400 --report report/
 
     The output is written atomically; on any error nothing is written and the exit code is 1.
     """
@@ -153,8 +161,17 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
         seq_len = 512  # an LLM is calibrated on windows of running text, not one short line per sample
     opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
                               tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+    budget = None
+    if accuracy_budget:
+        from onnxq.mixed_precision import AccuracyBudget
+
+        budget = AccuracyBudget.parse(accuracy_budget)
+        if not (calib or eval_source):
+            raise click.UsageError("--accuracy-budget is measured on samples: give --calib or --eval")
+    evaluation = dataclasses.replace(opts, source=eval_source) if eval_source else None
     result = quantize_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
-                           checked=checked, report_dir=report_dir, calib_cache=calib_cache)  # fmt: skip
+                           checked=checked, report_dir=report_dir, calib_cache=calib_cache, budget=budget,
+                           evaluation=evaluation, eval_size=eval_size)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.report.to_dict(), indent=2, default=str))
         return
@@ -364,6 +381,84 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
 
 
 @main.command()
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("quant_model", type=click.Path(path_type=Path))
+@click.option("--calib", "data", required=True, help="Inputs to run both models on (any --calib source of `onnxq quantize`).")
+@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders).")
+@click.option("--calib-size", "size", type=click.IntRange(min=1), default=64, show_default=True, help="How many samples (evenly spaced over the source).")
+@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side before cropping.")
+@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size.")
+@click.option("--tokenizer", help="tokenizer.json for text files.")
+@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens.")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files / running text.")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Worst tensors to show.")
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (all tensors, worst first).")
+@_handle_errors
+def compare(float_model: Path, quant_model: Path, data: str, calib_preprocess: str | None, size: int,
+            calib_resize: int | None, calib_crop: int | None, tokenizer: str | None, max_length: int | None,
+            seq_len: int | None, top: int, no_latency: bool, as_json: bool) -> None:  # fmt: skip
+    """Run FLOAT_MODEL and QUANT_MODEL on the same inputs and show where they differ.
+
+    \b
+    Per-tensor SQNR (worst first) between matching tensors: QDQ models are matched through their
+    QuantizeLinear/DequantizeLinear pairs and names, QOperator models (QLinearConv, ...) by their
+    output scales and, where names differ, by aligning layers with equal weight shapes. Then output
+    SQNR, cosine and top-1 agreement (classifiers), size and ORT CPU latency of each model.
+      onnxq compare model.onnx model.int8.onnx --calib images/ --calib-preprocess torch --json
+    """
+    from onnxq.calibration.sources import open_source
+    from onnxq.evaluate import compare_models
+    from onnxq.model import load_model
+
+    fm, qm = load_model(float_model), load_model(quant_model)
+    source = open_source(data, fm, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop, limit=size,
+                         tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+    result = compare_models(fm, qm, source, float_path=float_model, quant_path=quant_model, latency=not no_latency,
+                            histograms=0, progress=not as_json)  # fmt: skip
+    d = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    _print_comparison(d, float_model, quant_model, top)
+
+
+def _db(v: float | None) -> str:
+    return "exact" if v is None else f"{v:.1f}"
+
+
+def _print_comparison(d: dict[str, Any], float_model: Path, quant_model: Path, top: int) -> None:
+    t = Table(title=f"outputs ({d['samples']} samples)", header_style="bold")
+    for col in ("output", "SQNR dB", "cosine", "max |err|", "top-1 agreement"):
+        t.add_column(col)
+    for name, o in d["outputs"].items():
+        agree = "" if o.get("top1_agreement") is None else f"{100 * o['top1_agreement']:.1f}%"
+        t.add_row(rich.markup.escape(name), _db(o["sqnr_db"]), f"{o['cosine']:.5f}", f"{o['max_abs_err']:.4g}", agree)
+    _out.print(t)
+    t = Table(title=f"worst tensors ({len(d['tensors'])} matched)", header_style="bold")
+    for col in ("tensor", "quantized tensor", "op", "SQNR dB", "cosine"):
+        t.add_column(col)
+    for r in d["tensors"][:top]:
+        t.add_row(rich.markup.escape(r["float_name"]), rich.markup.escape(r["quant_name"]), r["op_type"],
+                  _db(r["sqnr_db"]), f"{r['cosine']:.4f}")  # fmt: skip
+    _out.print(t)
+    if d["unmatched"]:
+        more = f" and {len(d['unmatched']) - 5} more" if len(d["unmatched"]) > 5 else ""
+        _out.print(f"not matched (no counterpart found): {', '.join(d['unmatched'][:5])}{more}", highlight=False)
+    t = Table(title="models", header_style="bold")
+    for col in ("model", "size", "latency ms (1 sample, ORT CPU)"):
+        t.add_column(col)
+    for key, path in (("float", float_model), ("quant", quant_model)):
+        m = d["models"][key]
+        lat = m.get("latency_ms")
+        t.add_row(str(path), _human(m["bytes"]), "" if lat is None else f"{lat:.2f}")
+    _out.print(t)
+    f, q = d["models"]["float"], d["models"]["quant"]
+    if f.get("latency_ms") and q.get("latency_ms"):
+        _out.print(f"size {q['bytes'] / max(f['bytes'], 1):.1%} of float; speed-up {f['latency_ms'] / q['latency_ms']:.2f}x")
+
+
+@main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_handle_errors
@@ -377,6 +472,28 @@ def inspect(model: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
     else:
         render_summary(summary, _out)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-p", "--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to serve on (default: 8080, else 8081, else a free one; 0 = any free port).")
+@click.option("--host", default="localhost", show_default=True,
+              help="Interface to listen on; localhost keeps the model on this machine (0.0.0.0 exposes it to the network).")
+@click.option("--browse/--no-browse", default=False, show_default=True, help="Also open the address in a web browser.")
+@_handle_errors
+def view(model: Path, port: int | None, host: str, browse: bool) -> None:
+    """Open MODEL in Netron, served on this machine, and print the address; Ctrl-C stops it.
+
+    \b
+    Inserted nodes are named after the tensor or node they serve (<tensor>/QuantizeLinear) and their
+    doc strings (Netron's node panel) give the scheme, calibration method, range and measured SQNR;
+    the model properties hold the recipe, onnxq version and input hash. Needs: pip install "onnxq[view]"
+      onnxq view mnv2.int8.onnx            # then open http://localhost:8080
+    """
+    from onnxq.view import view_model
+
+    view_model(model, port=port, browse=browse, echo=click.echo, host=host)
 
 
 @main.command()

@@ -34,7 +34,8 @@ from onnxq.model import (
 )
 from onnxq.passes import PASSES
 from onnxq.pipeline import PassContext, Pipeline
-from onnxq.recipe import Recipe, recipe_to_dict
+from onnxq.mixed_precision import AccuracyBudget, EvalSet, search_mixed_precision
+from onnxq.recipe import Override, Recipe, recipe_to_dict
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import resolve_target
@@ -66,6 +67,7 @@ class QuantizeResult:
     report: Report
     files: list[Path] = field(default_factory=list)
     calibration: Any = None  # the CalibrationSession (or cache) that answered the range questions
+    recipe: Recipe | None = None  # the recipe as applied (with the mixed-precision overrides, if any)
 
 
 def _required_opset(recipe: Recipe) -> int:
@@ -92,6 +94,9 @@ def quantize_model(
     calibration_session: Any = None,
     on_stage: Callable[[str], None] | None = None,
     copy_input: bool = True,
+    budget: AccuracyBudget | None = None,
+    evaluation: CalibrationOptions | None = None,
+    eval_size: int = 128,
 ) -> QuantizeResult:
     """Quantize an in-memory model with ``recipe`` and return the new model and its report.
 
@@ -107,10 +112,17 @@ def quantize_model(
         calibration_session: answers range questions instead of running calibration (a cache).
         on_stage: called with the name of each pass as it starts (batch workers report it).
         copy_input: work on a copy of ``model`` (False: ``model`` is consumed; its initializers are dropped).
+        budget: an accuracy target: layers fall back to int16 activations or float until it holds
+            (:mod:`onnxq.mixed_precision`).
+        evaluation: the samples the budget is measured on (default: the calibration source), at most
+            ``eval_size`` of them.
     """
     report = report or Report()
     t_start = time.perf_counter()
     base_dir: Path | None = None
+    float_ref: onnx.ModelProto | None = None
+    if budget is not None:  # the float model's outputs are the reference the budget is measured against
+        float_ref = load_model(Path(model)) if isinstance(model, (str, os.PathLike)) else model
     if isinstance(model, (str, os.PathLike)):
         # weights stay in their external-data file until a pass reads them (see onnxq.model.ExternalValues)
         base_dir = Path(os.path.abspath(model)).parent
@@ -178,7 +190,17 @@ def quantize_model(
     else:
         del work.graph.initializer[:]
         del model, work  # the caller handed the model over (a path, or quantize_file's copy_input=False)
-    graph = Pipeline(passes, checked=checked).run(graph_in, ctx, on_pass=hook)
+    if budget is None:
+        graph = Pipeline(passes, checked=checked).run(graph_in, ctx, on_pass=hook)
+    else:
+        assert float_ref is not None
+        opts = evaluation if evaluation is not None and evaluation.source else calibration
+        if opts is None or not opts.source:
+            raise OnnxqError("--accuracy-budget needs evaluation samples: --calib (or --eval) SOURCE")
+        eval_source = open_source(opts.source, float_ref, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
+                                  tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len,
+                                  limit=eval_size, seed=opts.seed)  # fmt: skip
+        graph = _run_with_budget(graph_in, passes, ctx, budget, float_ref, eval_source, template, hook)
     del graph_in
     qsteps = [st for st in report.steps if st.name == "insert_qdq"]
     if qsteps and qsteps[-1].counts.get("nodes_quantized", 0) == 0:
@@ -192,7 +214,7 @@ def quantize_model(
                     "relies on; --preset w8a8-smoothquant (SmoothQuant + MSE ranges) is usually far more accurate "
                     "(MiniLM embedding cosine to fp32 0.86 -> 0.994)")  # fmt: skip
     out = to_model(graph, template=template)
-    _annotate(out, ctx.scratch.get("doc_strings", {}), recipe)
+    _annotate(out, ctx.scratch.get("doc_strings", {}), ctx.recipe)
     if isinstance(calib_session, CalibrationSession):
         report.info["calibration"].update(
             {"provider": calib_session.provider_used, "seconds": round(calib_session.seconds, 2),
@@ -200,7 +222,95 @@ def quantize_model(
         )
     report.info["seconds"] = round(time.perf_counter() - t_start, 2)
     report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    return QuantizeResult(out, report, calibration=calib_session)
+    return QuantizeResult(out, report, calibration=calib_session, recipe=ctx.recipe)
+
+
+def _run_with_budget(graph_in: Any, passes: list[Any], ctx: PassContext, budget: AccuracyBudget, float_ref: onnx.ModelProto,
+                     eval_source: CalibrationSource, template: Any, hook: Any) -> Any:  # fmt: skip
+    """The pipeline with a mixed-precision search between preprocessing and quantization.
+
+    The passes before the quantizing one (``insert_qdq`` or ``dynamic``) run once; the quantizing pass and
+    those after it run once per candidate on a copy of the preprocessed graph, with per-node overrides.
+    """
+    names = [p.name for p in passes]
+    cut = next((i for i, n in enumerate(names) if n in ("insert_qdq", "dynamic")), None)
+    if cut is None:
+        raise OnnxqError(f"--accuracy-budget applies to int8 recipes (w8a8, w8a8-smoothquant, int8-dynamic, ...); "
+                         f"recipe '{ctx.recipe.name}' runs {', '.join(names)}")  # fmt: skip
+    pre = Pipeline(passes[:cut], checked=ctx.checked).run(graph_in, ctx, on_pass=hook)
+    pre_model = to_model(pre, template=template)
+    del pre
+    levels = ("int16", "float") if names[cut] == "insert_qdq" else ("float",)
+    upgraded: dict[int, onnx.ModelProto] = {}
+    memo: dict[Any, Any] = {}
+    found: list[tuple[str, str]] = []
+
+    def base_for(cfg: dict[str, str]) -> onnx.ModelProto:
+        if "int16" not in cfg.values():
+            return pre_model
+        if 21 not in upgraded:  # int16 QuantizeLinear needs opset 21
+            upgraded[21] = upgrade_opset(pre_model, 21) if default_opset(pre_model) < 21 else pre_model
+        return upgraded[21]
+
+    def build(cfg: dict[str, str]) -> onnx.ModelProto:
+        sub = PassContext(recipe=with_levels(ctx.recipe, cfg), report=Report(), calibration=ctx.calibration,
+                          progress=False, scratch={"target": ctx.scratch["target"], "weight_qparams_memo": memo})  # fmt: skip
+        g = Pipeline([PASSES[n]() for n in names[cut:]]).run(to_graph(base_for(cfg)), sub)
+        if not cfg and not found:
+            found.extend(sub.scratch.get("quantized_nodes", []))
+        return to_model(g, template=template)
+
+    status = _status(ctx.progress)
+    try:
+        evalset = EvalSet(float_ref, eval_source)
+        build({})
+        result = search_mixed_precision(build, evalset, budget, list(found), levels=levels, progress=status.update)
+    finally:
+        status.stop()
+    ctx.report.info["mixed_precision"] = result.to_dict()
+    ctx.report.info["evaluation"] = {"source": eval_source.describe(), "samples": evalset.samples}
+    n16 = sum(v == "int16" for v in result.levels.values())
+    nfl = len(result.levels) - n16
+    ctx.report.note(f"accuracy budget {result.target}: int8 {result.baseline} -> {result.final} "
+                    f"({'met' if result.met else 'NOT met'}) with {n16} layer(s) at int16 activations and {nfl} in float, "
+                    f"of {len(found)}; {result.forward_passes} forward passes, {result.builds} builds, {result.seconds} s")  # fmt: skip
+    ctx.recipe = with_levels(ctx.recipe, result.levels)
+    return Pipeline([PASSES[n]() for n in names[cut:]], checked=ctx.checked).run(to_graph(base_for(result.levels)), ctx, on_pass=hook)
+
+
+class _Status:
+    """One status line on stderr while the search runs (nothing when progress is off)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._s = None
+        if enabled:
+            from rich.console import Console
+
+            self._s = Console(stderr=True).status("mixed precision: measuring the int8 model")
+            self._s.start()
+
+    def update(self, text: str) -> None:
+        if self._s is not None:
+            self._s.update(f"mixed precision: {text}")
+
+    def stop(self) -> None:
+        if self._s is not None:
+            self._s.stop()
+
+
+def _status(enabled: bool) -> _Status:
+    return _Status(enabled)
+
+
+def with_levels(recipe: Recipe, levels: dict[str, str]) -> Recipe:
+    """``recipe`` with one override per node: ``float`` leaves it unquantized, ``int16`` widens its inputs
+    to 16 bits (and its weights to the full int8 range)."""
+    # an int16 layer runs as DequantizeLinear + float op (no int16 integer kernels), so its weights can use the
+    # full int8 range even where the target's u8s8 kernels need 7-bit weights
+    extra = tuple(Override(name=n, skip=True) if lv == "float"
+                  else Override(name=n, activations={"dtype": "int16"}, weights={"reduce_range": False})
+                  for n, lv in sorted(levels.items()))  # fmt: skip
+    return recipe.with_(overrides=recipe.overrides + extra) if extra else recipe
 
 
 def _annotate(model: onnx.ModelProto, docs: dict[str, str], recipe: Recipe) -> None:
@@ -243,12 +353,22 @@ def quantize_file(
     calib_cache: str | os.PathLike | None = None,
     on_stage: Callable[[str], None] | None = None,
     metadata: dict[str, str] | None = None,
+    budget: AccuracyBudget | None = None,
+    evaluation: CalibrationOptions | None = None,
+    eval_size: int = 128,
+    compare_samples: int = 32,
 ) -> QuantizeResult:
     """Quantize the model file ``input_path`` into ``output_path`` (written atomically, input untouched).
 
     ``calib_cache``: a file written by :func:`calibrate_file` for this model and these calibration
     settings; its ranges are used instead of running calibration. ``metadata``: extra
     ``metadata_props`` entries for the output (batch runs record their fingerprint there).
+    ``budget``/``evaluation``/``eval_size``: see :func:`quantize_model`.
+
+    With ``report_dir``, the result is also compared with the float model on ``compare_samples`` samples
+    of the evaluation (else calibration) source: per-tensor SQNR goes into the report and into the doc
+    string of each tensor's QuantizeLinear/DequantizeLinear, and ``report.html`` is written beside
+    ``report.json``.
     """
     src, dst = Path(input_path), Path(output_path)
     report = Report()
@@ -261,7 +381,8 @@ def quantize_file(
     session = CachedCalibration(calib_cache, model_sha256=sha, spec=recipe.calibration) if calib_cache else None
     # quantize_model loads the file itself, so no frame here keeps the (large) protobuf alive during the passes
     result = quantize_model(src, recipe, calibration=calibration, progress=progress, checked=checked, report=report,
-                            calibration_session=session, on_stage=on_stage)  # fmt: skip
+                            calibration_session=session, on_stage=on_stage, budget=budget, evaluation=evaluation,
+                            eval_size=eval_size)  # fmt: skip
     result.model.metadata_props.add(key="onnxq.input_sha256", value=report.info["input_sha256"])
     for key, value in (metadata or {}).items():
         result.model.metadata_props.add(key=key, value=value)
@@ -272,15 +393,82 @@ def quantize_file(
         report.note("bfloat16 output: ONNX Runtime's CPU provider has no bfloat16 kernels for most ops, so the "
                     "model was checked with onnx.checker only; run it on a bfloat16-capable provider (CUDA)")  # fmt: skip
     verify_loads(result.model, ort_load=not bf16)
+    report.info["recipe_full"] = recipe_to_dict(result.recipe or recipe)
+    comparison = None
+    opts = evaluation if evaluation is not None and evaluation.source else calibration
+    if report_dir is not None and opts is not None and opts.source and not bf16 and in_bytes < 1_500_000_000:
+        if on_stage:
+            on_stage("comparing")
+        comparison = _compare_for_report(src, result.model, opts, compare_samples, progress)
+        report.info["comparison"] = {k: v for k, v in comparison.items() if k != "histograms"}
+        report.info["histograms"] = _with_ranges(comparison["histograms"], report, recipe)
+        annotate_sqnr(result.model, comparison, comparison["samples"])
+    elif report_dir is not None:
+        report.note("no accuracy comparison in the report: it needs --calib or --eval samples (and a model under 1.5 GB)")
     if on_stage:
         on_stage("saving")
     result.files = save_model(result.model, dst, input_path=src)
     out_bytes = sum(p.stat().st_size for p in result.files)
     report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
+    if comparison is not None:
+        report.info["comparison"]["models"]["quant"]["bytes"] = out_bytes
     if report_dir is not None:
+        from onnxq.report_html import write_html
+
         Path(report_dir).mkdir(parents=True, exist_ok=True)
         report.write_json(Path(report_dir) / "report.json")
+        write_html(_report_view(report), Path(report_dir) / "report.html")
     return result
+
+
+def _report_view(report: Report) -> dict[str, Any]:
+    """The report as the HTML page reads it: info's comparison, histograms and mixed precision at the top."""
+    d = json.loads(json.dumps(report.to_dict(), default=str))
+    for key in ("comparison", "histograms", "mixed_precision"):
+        if key in d["info"]:
+            d[key] = d["info"].pop(key)
+    return d
+
+
+def _compare_for_report(src: Path, quant: onnx.ModelProto, opts: CalibrationOptions, samples: int,
+                        progress: bool) -> dict[str, Any]:  # fmt: skip
+    """Float vs quantized on ``samples`` samples (per-tensor SQNR, outputs, size, latency) as a dict."""
+    from onnxq.evaluate import compare_models
+
+    float_model = load_model(src)
+    source = open_source(opts.source, float_model, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
+                         tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len, limit=samples,
+                         seed=opts.seed)  # fmt: skip
+    return compare_models(float_model, quant, source, float_path=src, progress=progress).to_dict()
+
+
+def _with_ranges(hists: list[dict[str, Any]], report: Report, recipe: Recipe) -> list[dict[str, Any]]:
+    """The histograms of the worst tensors with the clipping range calibration chose for each."""
+    ranges = report.info.get("activation_ranges", {})
+    out = []
+    for h in hists:
+        r = ranges.get(h["tensor"])
+        out.append({**h, "range": r if r is not None else h.get("data_range"),
+                    "method": recipe.calibration.method if r is not None else "not quantized (data range)"})  # fmt: skip
+    return out
+
+
+def annotate_sqnr(model: onnx.ModelProto, comparison: dict[str, Any], samples: int) -> int:
+    """Append the measured SQNR to the doc string of each compared tensor's Q/DQ nodes (read in Netron)."""
+    by_tensor = {r["float_name"]: r for r in comparison.get("tensors", [])}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        base = node.name.rsplit("/", 1)[0] if "/" in node.name else ""
+        row = by_tensor.get(base)
+        if row is None:
+            continue
+        sqnr = row.get("sqnr_db")
+        text = "exact" if sqnr is None else f"{sqnr:.1f} dB"
+        node.doc_string = (node.doc_string + "; " if node.doc_string else "") + f"measured SQNR {text} over {samples} samples"
+        count += 1
+    return count
 
 
 def calibrate_file(

@@ -224,6 +224,7 @@ class DynamicQuantizePass(Pass):
                 counts["activations_rotated"] += bool(block)
                 activations[(x.name, block)] = self._quantize_activation(graph, x, per_row, k, block)
                 counts["activations_quantized"] += 1
+            ctx.scratch.setdefault("quantized_nodes", []).append((node.name, node.op))
             self._rewrite(graph, node, activations[(x.name, block)], weights[key], per_row)
             counts["nodes_quantized"] += 1
 

@@ -21,7 +21,10 @@ What the pass does, per quantized node (the recipe decides which nodes; excluded
 Inserted nodes are named after the tensor they serve (``<tensor>/QuantizeLinear``) and carry a doc
 string with the scheme, calibration method and range, so the result reads well in Netron.
 
-``ctx.scratch`` keys read: ``"target"`` (a :class:`onnxq.target.TargetProfile`).
+``ctx.scratch`` keys read: ``"target"`` (a :class:`onnxq.target.TargetProfile`) and, where present,
+``"weight_qparams_memo"`` (a dict that keeps weight scales between runs on the same graph: the
+mixed-precision search of :mod:`onnxq.mixed_precision` rebuilds the model once per candidate).
+Written: ``"quantized_nodes"`` (name, op type) of every quantized compute node, in graph order.
 """
 
 from __future__ import annotations
@@ -117,6 +120,14 @@ class _IntegerInputs:
         return False
 
 
+def _want(wanted: dict[str, tuple[gs.Variable, NodeConfig]], t: gs.Variable, cfg: NodeConfig) -> None:
+    """Ask for a Q/DQ pair on ``t``. One tensor has one pair: where its readers' settings differ, the widest
+    activation dtype wins (a reader moved to int16 by the mixed-precision search gets int16 inputs)."""
+    have = wanted.get(t.name)
+    if have is None or QuantDtype(cfg.activations.dtype).bits > QuantDtype(have[1].activations.dtype).bits:
+        wanted[t.name] = (t, cfg)
+
+
 def _activation_matmul(node: gs.Node) -> bool:
     """A MatMul of two activations (attention's Q @ K^T and probs @ V): no constant operand."""
     return node.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in node.inputs[:2])
@@ -155,6 +166,8 @@ class InsertQDQPass(Pass):
         # names already in the model: inserted tensors and nodes must not reuse one (a model may well have an
         # initializer called "x_scale" already, e.g. when it was quantized before)
         self._fresh = FreshNames(graph)
+        # weight scales by (name, scheme, method): the mixed-precision search rebuilds the same graph many times
+        self._memo: dict | None = ctx.scratch.get("weight_qparams_memo")
         notes: list[str] = []
 
         configs: dict[int, NodeConfig] = {}
@@ -189,8 +202,8 @@ class InsertQDQPass(Pass):
             if cfg is not None and node.op in PASS_THROUGH_OPS:
                 out, src = node.outputs[0], node.inputs[0]
                 if demanded and isinstance(src, gs.Variable) and _is_float(src):
-                    wanted.setdefault(out.name, (out, cfg))
-                    wanted.setdefault(src.name, (src, cfg))
+                    _want(wanted, out, cfg)
+                    _want(wanted, src, cfg)
                     quantized.add(id(node))
             elif cfg is not None and node.op in _ELEMENTWISE_OPS and not (demanded and friendly.eligible(node)):
                 # an elementwise Add/Mul pays off only between quantized ops (a CNN's residual Add feeding
@@ -202,10 +215,10 @@ class InsertQDQPass(Pass):
                 for i in _activation_inputs(node):
                     t = node.inputs[i] if i < len(node.inputs) else None
                     if isinstance(t, gs.Variable) and _is_float(t):
-                        wanted.setdefault(t.name, (t, cfg))
+                        _want(wanted, t, cfg)
                 out = node.outputs[0]
                 if recipe.quantize_outputs and out.name in graph_outputs and _is_float(out):
-                    wanted.setdefault(out.name, (out, cfg))
+                    _want(wanted, out, cfg)
             elif node.op in _ABSORBABLE and node.outputs and node.outputs[0].name in wanted:
                 # quantized node -> T -> (only) Relu/Clip -> U (quantized): Q(U) may do the Relu's job
                 t = node.inputs[0]
@@ -282,6 +295,8 @@ class InsertQDQPass(Pass):
             if cfg is None or id(node) not in quantized:
                 continue
             counts["nodes_quantized"] += 1
+            if node.op not in PASS_THROUGH_OPS:  # the layers a mixed-precision search may move back
+                ctx.scratch.setdefault("quantized_nodes", []).append((node.name, node.op))
             for i, inp in enumerate(list(node.inputs)):
                 if not isinstance(inp, gs.Constant) or not np.issubdtype(inp.values.dtype, np.floating):
                     continue
@@ -349,10 +364,15 @@ class InsertQDQPass(Pass):
         range_method: str = "minmax",
     ) -> tuple[gs.Variable, _QParams]:
         values = np.asarray(c.values, np.float32)
-        if range_method == "mse":
+        key = (c.name, str(scheme), range_method, values.shape)
+        if self._memo is not None and key in self._memo:
+            scale, zp = self._memo[key]
+        elif range_method == "mse":
             scale, zp = choose_qparams_mse(values, scheme)
         else:
             scale, zp = choose_qparams(values, scheme)
+        if self._memo is not None:
+            self._memo[key] = (scale, zp)
         q = quantize(values, scale, zp, scheme, clip_to_scheme=True)  # stored codes never leave the scheme's range
         suffix = "" if index == 0 or not any(t == f"{c.name}_quantized" for t in graph.tensors()) else f"_{index}"
         qc = gs.Constant(self._fresh(f"{c.name}_quantized{suffix}"), q)

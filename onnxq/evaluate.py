@@ -1,0 +1,577 @@
+"""Float-vs-quantized comparison: per-tensor SQNR, output metrics, size and latency (``onnxq compare``).
+
+Both models run on the same inputs; matching tensors are exposed as extra outputs and compared as they
+stream by, so memory holds one batch of activations plus a few numbers (and a small histogram) per
+tensor, whatever the number of samples.
+
+Matching (:func:`match_tensors`), in order:
+
+1. **Q/DQ structure and names** (QDQ models, MatMulNBits and dynamic models, which keep the float
+   model's tensor names): every tensor that feeds a ``QuantizeLinear`` and every output of a node that
+   reads a dequantized tensor is compared with the float tensor of the same name. Where the quantized
+   model has ``X -> QuantizeLinear -> DequantizeLinear``, the dequantized copy is what the next layer
+   sees, so that is what is compared.
+2. **QOperator structure** (``QLinearConv``, ``QLinearMatMul``, ``QGemm``, ``QLinearAdd``, ...: tensors
+   renamed ``<x>_quantized`` or numbered by another exporter): an integer output is dequantized on the
+   host with the node's own output scale and zero point. Its float counterpart is found by name
+   (``<x>_quantized`` -> ``<x>``) or, when names differ, by aligning the weight-bearing nodes of both
+   graphs in topological order with equal weight shapes (a fused ReLU/Clip and a separate bias
+   ``QLinearAdd`` are followed so that like is compared with like).
+
+Graph outputs are always compared (by name, else in order). Tensors that cannot be matched are
+listed in :attr:`Comparison.unmatched` rather than guessed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.calibration.observers import HistogramObserver
+from onnxq.errors import OnnxqError
+
+__all__ = ["TensorMatch", "TensorStats", "OutputStats", "Comparison", "match_tensors", "compare_models",
+           "measure_latency", "model_bytes", "iter_batches", "samples_in"]  # fmt: skip
+
+_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+_Q_WEIGHT_OPS = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3, "ConvInteger": 1, "MatMulInteger": 1}
+# QOperator op -> (index of the output scale input, index of the output zero point input)
+_Q_OUTPUT_PARAMS = {"QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QLinearAdd": (6, 7), "QLinearMul": (6, 7),
+                    "QGemm": (7, 8), "QLinearGlobalAveragePool": (3, 4), "QLinearAveragePool": (3, 4),
+                    "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4), "QLinearSoftmax": (3, 4),
+                    "QLinearConcat": (0, 1), "QuantizeLinear": (1, 2)}  # fmt: skip
+_Q_TO_FLOAT = {"QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearGlobalAveragePool": "GlobalAveragePool",
+               "QLinearAveragePool": "AveragePool", "QLinearConcat": "Concat", "QLinearSigmoid": "Sigmoid",
+               "QLinearLeakyRelu": "LeakyRelu", "QLinearSoftmax": "Softmax"}  # fmt: skip
+_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish"}
+_HIST_BINS = 256
+
+
+@dataclass(frozen=True)
+class TensorMatch:
+    """One float tensor and where its counterpart lives in the quantized model.
+
+    ``scale``/``zero_point``: initializer names that dequantize an integer quantized tensor on the host
+    (QOperator outputs); None when the quantized tensor is already float.
+    """
+
+    float_name: str
+    quant_name: str
+    node: str
+    op_type: str
+    scale: str | None = None
+    zero_point: str | None = None
+
+
+class _Histogram(HistogramObserver):
+    """A streaming histogram kept for the report (no range selection)."""
+
+    def _select(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+@dataclass
+class TensorStats:
+    """Running sums for one matched tensor (float64), and a histogram of the float values."""
+
+    signal: float = 0.0  # sum x^2
+    noise: float = 0.0  # sum (x - xq)^2
+    dot: float = 0.0
+    quant_sq: float = 0.0
+    max_abs_err: float = 0.0
+    count: int = 0
+    hist: Any = None  # onnxq.calibration.observers.HistogramObserver
+
+    def update(self, ref: np.ndarray, got: np.ndarray, *, histogram: bool = False) -> None:
+        r = np.asarray(ref, np.float64).reshape(-1)
+        g = np.asarray(got, np.float64).reshape(-1)
+        ok = np.isfinite(r) & np.isfinite(g)
+        if not ok.all():
+            r, g = r[ok], g[ok]
+        d = r - g
+        self.signal += float(r @ r)
+        self.noise += float(d @ d)
+        self.dot += float(r @ g)
+        self.quant_sq += float(g @ g)
+        self.max_abs_err = max(self.max_abs_err, float(np.abs(d).max()) if d.size else 0.0)
+        self.count += int(r.size)
+        if histogram:
+            if self.hist is None:
+                self.hist = _Histogram(bins=_HIST_BINS)
+            self.hist.observe(np.asarray(ref, np.float32))
+
+    @property
+    def sqnr_db(self) -> float:
+        """10 log10(signal / noise); +inf when the tensors are equal, -inf for a zero signal with noise."""
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+    @property
+    def cosine(self) -> float:
+        den = math.sqrt(self.signal * self.quant_sq)
+        return self.dot / den if den > 0 else (1.0 if self.noise == 0.0 else 0.0)
+
+
+@dataclass
+class OutputStats:
+    """One graph output: tensor sums plus the mean per-sample cosine and top-1 agreement."""
+
+    tensor: TensorStats = field(default_factory=TensorStats)
+    cosine_sum: float = 0.0
+    samples: int = 0
+    top1_same: int = 0
+    top1_total: int = 0
+
+    def update(self, ref: np.ndarray, got: np.ndarray) -> None:
+        ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        self.tensor.update(ref, got)
+        n = ref.shape[0] if ref.ndim >= 1 else 1
+        r, g = ref.reshape(n, -1), got.reshape(n, -1)
+        num = np.einsum("ij,ij->i", r, g)
+        den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+        self.cosine_sum += float(np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0).sum())
+        self.samples += n
+        if is_classifier_output(ref):
+            self.top1_same += int((r.argmax(1) == g.argmax(1)).sum())
+            self.top1_total += n
+
+    @property
+    def cosine(self) -> float:
+        return self.cosine_sum / max(self.samples, 1)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.top1_same / self.top1_total if self.top1_total else None
+
+
+def is_classifier_output(x: np.ndarray) -> bool:
+    """[batch, classes] (or [batch, classes, 1, 1]) scores: top-1 agreement is meaningful."""
+    s = np.shape(x)
+    return len(s) >= 2 and s[1] >= 2 and all(d == 1 for d in s[2:]) and np.issubdtype(np.asarray(x).dtype, np.floating)
+
+
+@dataclass
+class Comparison:
+    """What ``onnxq compare`` reports."""
+
+    samples: int
+    outputs: dict[str, dict[str, float | None]]
+    top1_agreement: float | None
+    tensors: list[dict[str, Any]]  # worst SQNR first
+    unmatched: list[str]
+    models: dict[str, dict[str, Any]]
+    forward_passes: int
+    histograms: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+    def worst(self, n: int = 10) -> list[dict[str, Any]]:
+        return self.tensors[:n]
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no infinities: +inf SQNR (identical tensors) becomes None, with the rest unchanged."""
+    if isinstance(obj, float):
+        return None if math.isinf(obj) or math.isnan(obj) else round(obj, 6)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# -- matching -----------------------------------------------------------------------------------------
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {t: n for n in model.graph.node for t in n.output if t}
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            if t:
+                out.setdefault(t, []).append(n)
+    return out
+
+
+def _initializer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    return {i.name: tuple(i.dims) for i in model.graph.initializer}
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Node outputs of a float dtype (or unknown dtype: checked again when the values arrive)."""
+    known: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model))
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+            known[vi.name] = vi.type.tensor_type.elem_type
+    except Exception:  # noqa: BLE001 - best effort; values are checked at run time anyway
+        pass
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    return {t for n in model.graph.node for t in n.output if t and known.get(t, onnx.TensorProto.FLOAT) in floats}
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without large initializer payloads (shape inference only needs their shapes)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model) if model.ByteSize() < 200_000_000 else _copy_small(model, m)
+    return m
+
+
+def _copy_small(model: onnx.ModelProto, m: onnx.ModelProto) -> None:
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    g = m.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if np.prod(init.dims) <= 4096:
+            g.initializer.append(init)
+        else:
+            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+
+
+def match_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> tuple[list[TensorMatch], list[str]]:
+    """Pairs of (float tensor, quantized counterpart); and the float compute outputs left unmatched."""
+    fprod, qprod = _producers(float_model), _producers(quant_model)
+    qcons = _consumers(quant_model)
+    ffloat = _float_tensors(float_model)
+    qinits = {i.name for i in quant_model.graph.initializer}
+    matches: dict[str, TensorMatch] = {}
+
+    def dequantized_copy(name: str) -> str:
+        for q in qcons.get(name, []):
+            if q.op_type == "QuantizeLinear":
+                for dq in qcons.get(q.output[0], []):
+                    if dq.op_type == "DequantizeLinear":
+                        return dq.output[0]
+        return name
+
+    # 1. names and the Q/DQ structure
+    wanted: list[str] = []
+    dq_outputs = {n.output[0] for n in quant_model.graph.node if n.op_type == "DequantizeLinear"}
+    for node in quant_model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            wanted.append(node.input[0])
+        elif node.op_type != "DequantizeLinear" and (
+            any(t in dq_outputs for t in node.input) or node.op_type in ("MatMulNBits", "MatMulInteger", "ConvInteger")
+            or node.domain == "com.microsoft" and node.op_type.startswith("DynamicQuantize")
+        ):  # fmt: skip
+            wanted.extend(t for t in node.output if t)
+    for node in float_model.graph.node:  # float compute outputs that kept their name (dynamic, MatMulNBits)
+        if node.op_type in _WEIGHT_OPS and node.output[0] in qprod:
+            wanted.append(node.output[0])
+    for name in wanted:
+        if name in ffloat and name in qprod and name not in matches and qprod[name].op_type != "DequantizeLinear":
+            q = qprod[name]
+            matches[name] = TensorMatch(name, dequantized_copy(name), q.name, q.op_type)
+
+    # 2. QOperator outputs: integer tensors with the node's own output scale and zero point
+    qop: list[tuple[onnx.NodeProto, str, str]] = []
+    for node in quant_model.graph.node:
+        idx = _Q_OUTPUT_PARAMS.get(node.op_type)
+        if idx is None or node.op_type == "QuantizeLinear" or len(node.input) <= max(idx):
+            continue
+        s, z = node.input[idx[0]], node.input[idx[1]]
+        if s in qinits:
+            qop.append((node, s, z))
+    by_name = {}
+    for node, s, z in qop:
+        out = node.output[0]
+        base = out[: -len("_quantized")] if out.endswith("_quantized") else out
+        if base in ffloat and base not in matches:
+            # a ReLU/Clip fused into the integer op (its output range does the clipping): compare after it
+            fused_act = base in fprod and not any(c.op_type in _ACTIVATIONS for c in qcons.get(out, []))
+            fname = _followed(float_model, fprod[base]) if fused_act else base
+            by_name[fname] = TensorMatch(fname, out, node.name, node.op_type, s, z or None)
+    if qop and len(by_name) * 2 >= len(qop):
+        matches.update(by_name)
+    elif qop:
+        matches.update(_align_weight_nodes(float_model, quant_model, ffloat, {id(n): (s, z) for n, s, z in qop}))
+
+    # 3. graph outputs, by name or in order
+    fouts = [o.name for o in float_model.graph.output]
+    qouts = [o.name for o in quant_model.graph.output]
+    if set(fouts) <= set(qouts):
+        pairs = [(o, o) for o in fouts]
+    elif len(fouts) == len(qouts):
+        pairs = list(zip(fouts, qouts))
+    else:
+        raise OnnxqError(f"the models have different outputs (float: {', '.join(fouts)}; quantized: {', '.join(qouts)}): "
+                         "compare needs the quantized model of this float model")  # fmt: skip
+    for f, q in pairs:
+        matches.pop(f, None)
+    order = {t: i for i, n in enumerate(float_model.graph.node) for t in n.output}
+    result = sorted(matches.values(), key=lambda m: order.get(m.float_name, 0))
+    matched = {m.float_name for m in result} | set(fouts)
+    unmatched = [n.output[0] for n in float_model.graph.node
+                 if n.op_type in _WEIGHT_OPS and n.output[0] not in matched and _followed(float_model, n) not in matched]  # fmt: skip
+    return result, unmatched
+
+
+def graph_output_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(float output, quantized output) pairs: by name, else in order."""
+    fouts = [o.name for o in float_model.graph.output]
+    qouts = [o.name for o in quant_model.graph.output]
+    return [(o, o) for o in fouts] if set(fouts) <= set(qouts) else list(zip(fouts, qouts))
+
+
+def _followed(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
+    """The output of ``node`` after a single ReLU/Clip-like consumer (what a fused QOperator node produces)."""
+    cons = _consumers(model).get(node.output[0], [])
+    if len(cons) == 1 and cons[0].op_type in _ACTIVATIONS:
+        return cons[0].output[0]
+    return node.output[0]
+
+
+def _weight_key(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(shape)) if len(shape) == 2 else shape
+
+
+def _align_weight_nodes(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, ffloat: set[str],
+                        qparams: dict[int, tuple[str, str]]) -> dict[str, TensorMatch]:  # fmt: skip
+    """Pair the weight-bearing nodes of both graphs in topological order when their weight shapes agree."""
+    finit, qinit = _initializer_shapes(float_model), _initializer_shapes(quant_model)
+    fnodes = [n for n in float_model.graph.node if n.op_type in _WEIGHT_OPS and len(n.input) > 1 and n.input[1] in finit]
+    qnodes = [n for n in quant_model.graph.node
+              if n.op_type in _Q_WEIGHT_OPS and len(n.input) > _Q_WEIGHT_OPS[n.op_type] and n.input[_Q_WEIGHT_OPS[n.op_type]] in qinit]  # fmt: skip
+    fkeys = [_weight_key(finit[n.input[1]]) for n in fnodes]
+    qkeys = [_weight_key(qinit[n.input[_Q_WEIGHT_OPS[n.op_type]]]) for n in qnodes]
+    if fkeys != qkeys:
+        return {}
+    qcons = _consumers(quant_model)
+    out: dict[str, TensorMatch] = {}
+    used: set[int] = set()
+    for fn, qn in zip(fnodes, qnodes):
+        node = qn
+        # a Gemm exported as QLinearMatMul + QLinearAdd(bias): compare after the bias
+        cons = qcons.get(qn.output[0], [])
+        if len(cons) == 1 and cons[0].op_type == "QLinearAdd" and id(cons[0]) in qparams:
+            a, b = cons[0].input[0], cons[0].input[3]
+            if (b if a == qn.output[0] else a) in qinit:
+                node = cons[0]
+        if id(node) not in qparams:
+            continue
+        s, z = qparams[id(node)]
+        fused_act = not any(c.op_type in _ACTIVATIONS for c in qcons.get(node.output[0], []))
+        fname = _followed(float_model, fn) if fused_act else fn.output[0]
+        if fname in ffloat:
+            out[fname] = TensorMatch(fname, node.output[0], node.name, node.op_type, s, z or None)
+        used.add(id(node))
+    # the other QOperator nodes (residual QLinearAdd, pooling, Concat, ...): op by op, in order, when the
+    # two graphs have as many of each
+    for qop, fop in _Q_TO_FLOAT.items():
+        qs = [n for n in quant_model.graph.node if n.op_type == qop and id(n) in qparams and id(n) not in used]
+        fs = [n for n in float_model.graph.node if n.op_type == fop and n.output[0] in ffloat
+              and not all(t in finit for t in n.input[1:])]  # fmt: skip
+        if not qs or len(qs) != len(fs):
+            continue
+        for fn, qn in zip(fs, qs):
+            s, z = qparams[id(qn)]
+            fused_act = not any(c.op_type in _ACTIVATIONS for c in qcons.get(qn.output[0], []))
+            fname = _followed(float_model, fn) if fused_act else fn.output[0]
+            out.setdefault(fname, TensorMatch(fname, qn.output[0], qn.name, qn.op_type, s, z or None))
+    return out
+
+
+# -- running --------------------------------------------------------------------------------------------
+
+
+def _probe(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """The model's bytes with ``names`` added as graph outputs."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(helper.make_empty_tensor_value_info(n))
+            have.add(n)
+    return m.SerializeToString()
+
+
+def iter_batches(source: Iterable[dict[str, np.ndarray]], model: onnx.ModelProto, *, max_batch: int = 16) -> Iterator[dict[str, np.ndarray]]:
+    """Samples concatenated on axis 0 when the model takes batches (else one by one)."""
+    from onnxq.calibration.runner import _concat, _same_shapes, _takes_batches
+
+    pending: list[dict[str, np.ndarray]] = []
+    batches: bool | None = None
+    for feed in source:
+        if batches is None:
+            batches = _takes_batches(model, feed)
+        if not batches:
+            yield feed
+            continue
+        if pending and not _same_shapes(pending[0], feed):
+            yield _concat(pending)
+            pending = []
+        pending.append(feed)
+        if len(pending) >= max_batch:
+            yield _concat(pending)
+            pending = []
+    if pending:
+        yield _concat(pending)
+
+
+def _dequantize(arr: np.ndarray, scale: np.ndarray, zp: np.ndarray | None) -> np.ndarray:
+    z = np.zeros_like(scale, np.int32) if zp is None else zp.astype(np.int32)
+    return (arr.astype(np.int32) - z).astype(np.float32) * scale.astype(np.float32)
+
+
+def model_bytes(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> int:
+    """File size plus external data when a path is known, else the serialized size."""
+    if path is not None:
+        p = Path(path)
+        files = {e.value for init in model.graph.initializer for e in init.external_data if e.key == "location"}
+        return p.stat().st_size + sum((p.parent / f).stat().st_size for f in files if (p.parent / f).exists())
+    return model.ByteSize()
+
+
+def measure_latency(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, budget_s: float = 1.0, max_runs: int = 50) -> float:
+    """Median milliseconds of one run on ORT's CPU provider (all graph optimisations, as deployed)."""
+    from onnxq._ort import make_session
+
+    sess = make_session(model.SerializeToString(), optimization="all")
+    for _ in range(3):
+        sess.run(None, feed)
+    times: list[float] = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < max_runs and (len(times) < 5 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times)
+
+
+def compare_models(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    source: Iterable[dict[str, np.ndarray]],
+    *,
+    float_path: str | os.PathLike | None = None,
+    quant_path: str | os.PathLike | None = None,
+    tensors: bool = True,
+    latency: bool = True,
+    histograms: int = 10,
+    progress: bool = False,
+) -> Comparison:
+    """Run both models on every sample of ``source`` and compare them (see the module docstring).
+
+    ``histograms``: keep the float-value histograms of this many worst tensors (for the report).
+    Cost: one forward pass of each model per sample (batched where the model allows), plus the latency runs.
+    """
+    from onnxq._ort import make_session
+
+    matches, unmatched = match_tensors(float_model, quant_model) if tensors else ([], [])
+    pairs = graph_output_pairs(float_model, quant_model)
+    fnames = [f for f, _ in pairs] + [m.float_name for m in matches]
+    qnames = [q for _, q in pairs] + [m.quant_name for m in matches]
+    fsess = make_session(_probe(float_model, fnames), optimization="basic")
+    qsess = make_session(_probe(quant_model, qnames), optimization="basic")
+    qinit = {i.name: i for i in quant_model.graph.initializer}
+    dq: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for m in matches:
+        if m.scale is not None:
+            dq[m.quant_name] = (numpy_helper.to_array(qinit[m.scale]),
+                                numpy_helper.to_array(qinit[m.zero_point]) if m.zero_point in qinit else None)  # fmt: skip
+    out_stats = {f: OutputStats() for f, _ in pairs}
+    t_stats = {m.float_name: TensorStats() for m in matches}
+    samples, first = 0, None
+    bar = _progress(progress)
+    task = bar.add_task("comparing", total=None) if bar else None
+    try:
+        for feed in _sized_batches(source, float_model, fsess, fnames, qsess, qnames):
+            first = first or {k: v[:1] for k, v in feed.items()}
+            try:
+                fvals = fsess.run(fnames, feed)
+                qvals = qsess.run(qnames, feed)
+            except Exception as exc:  # noqa: BLE001 - ORT raises many types
+                raise OnnxqError(f"running the models on sample {samples} failed: {exc}") from exc
+            for (f, _), a, b in zip(pairs, fvals, qvals):
+                out_stats[f].update(a, b)
+            for m, a, b in zip(matches, fvals[len(pairs):], qvals[len(pairs):]):
+                if not np.issubdtype(a.dtype, np.floating):
+                    continue
+                if m.quant_name in dq:
+                    b = _dequantize(b, *dq[m.quant_name])
+                elif not np.issubdtype(b.dtype, np.floating) or a.shape != b.shape:
+                    continue
+                t_stats[m.float_name].update(a, b, histogram=histograms > 0)
+            samples += samples_in(feed, float_model)
+            if bar:
+                bar.update(task, completed=samples)
+    finally:
+        if bar:
+            bar.stop()
+    if samples == 0:
+        raise OnnxqError("the comparison source gave no samples")
+    rows = []
+    for m in matches:
+        st = t_stats[m.float_name]
+        if st.count:
+            rows.append({"float_name": m.float_name, "quant_name": m.quant_name, "node": m.node, "op_type": m.op_type,
+                         "sqnr_db": st.sqnr_db, "cosine": st.cosine, "max_abs_err": st.max_abs_err})  # fmt: skip
+    rows.sort(key=lambda r: r["sqnr_db"])
+    hists = []
+    for r in rows[:histograms]:
+        h = t_stats[r["float_name"]].hist
+        if h is not None and h.width > 0:
+            hists.append({"tensor": r["float_name"], "edges": h.edges.tolist(), "counts": h.hist.tolist(),
+                          "sqnr_db": r["sqnr_db"], "data_range": [h.lo, h.hi]})  # fmt: skip
+    outputs = {f: {"sqnr_db": s.tensor.sqnr_db, "cosine": s.cosine, "max_abs_err": s.tensor.max_abs_err,
+                   "top1_agreement": s.top1_agreement} for f, s in out_stats.items()}  # fmt: skip
+    top1 = next((s.top1_agreement for s in out_stats.values() if s.top1_agreement is not None), None)
+    models: dict[str, dict[str, Any]] = {"float": {"bytes": model_bytes(float_model, float_path)},
+                                         "quant": {"bytes": model_bytes(quant_model, quant_path)}}  # fmt: skip
+    if latency and first is not None:
+        models["float"]["latency_ms"] = measure_latency(float_model, first)
+        models["quant"]["latency_ms"] = measure_latency(quant_model, first)
+    return Comparison(samples, outputs, top1, rows, unmatched, models, forward_passes=2 * samples, histograms=hists)
+
+
+def _sized_batches(source: Iterable[dict[str, np.ndarray]], model: onnx.ModelProto, fsess: Any, fnames: list[str],
+                   qsess: Any, qnames: list[str], budget: int = 256 << 20) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+    """The first sample alone, then batches small enough that the exposed tensors of both models stay
+    under ``budget`` bytes (every matched activation of a batch is held at once)."""
+    it = iter(source)
+    first = next(it, None)
+    if first is None:
+        return
+    per_sample = sum(a.nbytes for a in fsess.run(fnames, first)) + sum(a.nbytes for a in qsess.run(qnames, first))
+    yield first
+    yield from iter_batches(it, model, max_batch=int(min(16, max(1, budget // max(per_sample, 1)))))
+
+
+def samples_in(feed: dict[str, np.ndarray], model: onnx.ModelProto) -> int:
+    """How many samples one feed of :func:`iter_batches` holds."""
+    from onnxq.calibration.runner import _takes_batches
+
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if np.ndim(first) and _takes_batches(model, {k: v[:1] for k, v in feed.items()}) else 1
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}: {task.completed} samples"), TimeElapsedColumn(),
+                   transient=True)  # fmt: skip
+    bar.start()
+    return bar

@@ -79,7 +79,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import ASSETS, REPO_ROOT, cpu_info  # noqa: E402
+from _common import ASSETS, cpu_info  # noqa: E402
 from bench_cnn import _last_line, onnxq_command, run_measured  # noqa: E402
 
 SMOLLM2 = Path(os.environ.get("ONNXQ_SMOLLM2", "/tmp/smollm2/smollm2.onnx"))

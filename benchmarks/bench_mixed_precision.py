@@ -9,7 +9,11 @@
    channel 300x larger than the rest, so per-tensor int8 activations crush every other channel of that
    layer's input). Plain w8a8 vs ``--accuracy-budget sqnr=30``: the ranking must put the planted layer first.
 
-Usage: python benchmarks/bench_mixed_precision.py [--budget agreement=0.99] [--outlier] [--out /tmp/bench_mp]
+3. ``--minilm cosine=0.99``: MiniLM-L6 w8a8 without SmoothQuant (output cosine 0.86 on STS sentences)
+   and with the budget measured on STS-dev sentences (calibration on STS-train).
+
+Usage: python benchmarks/bench_mixed_precision.py [--budget agreement=0.99] [--outlier] [--minilm cosine=0.99]
+       [--skip-mnv2] [--out /tmp/bench_mp]
 Prints a JSON summary (and writes it to OUT/summary.json).
 """
 
@@ -52,7 +56,7 @@ def _run(cmd: list[str]) -> tuple[float, str]:
 
 def _compare(model: Path, fp32: Path, data: Path, n: int) -> dict:
     _, out = _run(["onnxq", "compare", str(fp32), str(model), "--calib", str(data), "--calib-preprocess", "torch",
-                   "--calib-size", str(n), "--json"])  # fmt: skip
+                   "--calib-size", str(n), "--json", "--outputs-only"])  # fmt: skip
     return json.loads(out)
 
 
@@ -88,7 +92,7 @@ def outlier(out: Path) -> dict:
     for name, extra in (("w8a8", []), ("w8a8+budget", ["--accuracy-budget", "sqnr=30", "--report", str(out / "outlier_report")])):
         dst = out / f"outlier.{name}.onnx"
         secs, _ = _run(["onnxq", "quantize", str(model), "-o", str(dst), "--calib", str(data), "--no-progress", *extra])
-        _, cmp_out = _run(["onnxq", "compare", str(model), str(dst), "--calib", str(data), "--json", "--no-latency"])
+        _, cmp_out = _run(["onnxq", "compare", str(model), str(dst), "--calib", str(data), "--json", "--no-latency", "--outputs-only"])
         c = json.loads(cmp_out)
         rows[name] = {"seconds": round(secs, 1), "output_sqnr_db": next(iter(c["outputs"].values()))["sqnr_db"]}
     mp = json.loads((out / "outlier_report" / "report.json").read_text())["info"]["mixed_precision"]
@@ -99,11 +103,39 @@ def outlier(out: Path) -> dict:
     return rows
 
 
+def minilm(out: Path, budget: str) -> dict:
+    """MiniLM-L6 (sentence embeddings) with plain w8a8, which clips the rare large activations transformers
+    rely on, then with the budget: calibration on STS-train sentences, the budget measured on STS-dev ones."""
+    import sts_eval  # noqa: PLC0415
+
+    model = ASSETS / "minilm" / "model.onnx"
+    text = ["--tokenizer", str(sts_eval.TOKENIZER)]
+    rows = {}
+    for name, extra in (("w8a8", []), ("w8a8+budget", ["--accuracy-budget", budget, "--eval", str(sts_eval.STS_DEV),
+                                                         "--eval-size", "128", "--report", str(out / "minilm_report")])):
+        dst = out / f"minilm.{name}.onnx"
+        secs, _ = _run(["onnxq", "quantize", str(model), "-o", str(dst), "--calib", str(sts_eval.STS_TRAIN), *text,
+                        "--calib-size", "128", "--no-progress", *extra])  # fmt: skip
+        _, cmp_out = _run(["onnxq", "compare", str(model), str(dst), "--calib", str(sts_eval.STS_DEV), *text,
+                           "--calib-size", "256", "--json", "--outputs-only"])  # fmt: skip
+        c = json.loads(cmp_out)
+        o = next(iter(c["outputs"].values()))
+        rows[name] = {"seconds": round(secs, 1), "dev_cosine": o["cosine"], "dev_sqnr_db": o["sqnr_db"],
+                      "bytes": c["models"]["quant"]["bytes"], "latency_ms": c["models"]["quant"]["latency_ms"],
+                      "fp32_latency_ms": c["models"]["float"]["latency_ms"]}  # fmt: skip
+    mp = json.loads((out / "minilm_report" / "report.json").read_text())["info"]["mixed_precision"]
+    rows["mixed_precision"] = {k: mp[k] for k in ("target", "baseline", "final", "met", "forward_passes", "builds", "seconds")}
+    rows["ranking_top5"] = [(r["node"], r["gain"]) for r in mp["ranking"][:5]]
+    rows["fallbacks"] = mp["fallbacks"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="agreement=0.99")
     ap.add_argument("--outlier", action="store_true", help="also run the planted-outlier model")
     ap.add_argument("--skip-mnv2", action="store_true")
+    ap.add_argument("--minilm", default=None, help="also run MiniLM with this budget, e.g. cosine=0.99")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_mp"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +144,8 @@ def main() -> None:
         summary["mobilenetv2"] = mobilenet(args.out, args.budget)
     if args.outlier:
         summary["outlier_mlp"] = outlier(args.out)
+    if args.minilm:
+        summary["minilm"] = minilm(args.out, args.minilm)
     text = json.dumps(summary, indent=2, default=str)
     (args.out / "summary.json").write_text(text + "\n")
     print(text)

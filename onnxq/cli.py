@@ -393,11 +393,12 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
 @click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files / running text.")
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Worst tensors to show.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--outputs-only", is_flag=True, help="Compare the outputs only (faster on many samples: no per-tensor SQNR).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (all tensors, worst first).")
 @_handle_errors
 def compare(float_model: Path, quant_model: Path, data: str, calib_preprocess: str | None, size: int,
             calib_resize: int | None, calib_crop: int | None, tokenizer: str | None, max_length: int | None,
-            seq_len: int | None, top: int, no_latency: bool, as_json: bool) -> None:  # fmt: skip
+            seq_len: int | None, top: int, no_latency: bool, outputs_only: bool, as_json: bool) -> None:  # fmt: skip
     """Run FLOAT_MODEL and QUANT_MODEL on the same inputs and show where they differ.
 
     \b
@@ -415,7 +416,7 @@ def compare(float_model: Path, quant_model: Path, data: str, calib_preprocess: s
     source = open_source(data, fm, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop, limit=size,
                          tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
     result = compare_models(fm, qm, source, float_path=float_model, quant_path=quant_model, latency=not no_latency,
-                            histograms=0, progress=not as_json)  # fmt: skip
+                            tensors=not outputs_only, histograms=0, progress=not as_json)  # fmt: skip
     d = result.to_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -435,9 +436,12 @@ def _print_comparison(d: dict[str, Any], float_model: Path, quant_model: Path, t
         agree = "" if o.get("top1_agreement") is None else f"{100 * o['top1_agreement']:.1f}%"
         t.add_row(rich.markup.escape(name), _db(o["sqnr_db"]), f"{o['cosine']:.5f}", f"{o['max_abs_err']:.4g}", agree)
     _out.print(t)
+    if not d["tensors"]:
+        _print_models(d, float_model, quant_model)
+        return
     t = Table(title=f"worst tensors ({len(d['tensors'])} matched)", header_style="bold")
     for col in ("tensor", "quantized tensor", "op", "SQNR dB", "cosine"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for r in d["tensors"][:top]:
         t.add_row(rich.markup.escape(r["float_name"]), rich.markup.escape(r["quant_name"]), r["op_type"],
                   _db(r["sqnr_db"]), f"{r['cosine']:.4f}")  # fmt: skip
@@ -445,9 +449,13 @@ def _print_comparison(d: dict[str, Any], float_model: Path, quant_model: Path, t
     if d["unmatched"]:
         more = f" and {len(d['unmatched']) - 5} more" if len(d["unmatched"]) > 5 else ""
         _out.print(f"not matched (no counterpart found): {', '.join(d['unmatched'][:5])}{more}", highlight=False)
+    _print_models(d, float_model, quant_model)
+
+
+def _print_models(d: dict[str, Any], float_model: Path, quant_model: Path) -> None:
     t = Table(title="models", header_style="bold")
     for col in ("model", "size", "latency ms (1 sample, ORT CPU)"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for key, path in (("float", float_model), ("quant", quant_model)):
         m = d["models"][key]
         lat = m.get("latency_ms")

@@ -93,22 +93,26 @@ class TensorStats:
     hist: Any = None  # onnxq.calibration.observers.HistogramObserver
 
     def update(self, ref: np.ndarray, got: np.ndarray, *, histogram: bool = False) -> None:
-        r = np.asarray(ref, np.float64).reshape(-1)
-        g = np.asarray(got, np.float64).reshape(-1)
-        ok = np.isfinite(r) & np.isfinite(g)
-        if not ok.all():
-            r, g = r[ok], g[ok]
+        r = np.ascontiguousarray(ref, np.float32).reshape(-1)
+        g = np.ascontiguousarray(got, np.float32).reshape(-1)
         d = r - g
-        self.signal += float(r @ r)
-        self.noise += float(d @ d)
-        self.dot += float(r @ g)
-        self.quant_sq += float(g @ g)
-        self.max_abs_err = max(self.max_abs_err, float(np.abs(d).max()) if d.size else 0.0)
+        sums = (float(np.dot(r, r)), float(np.dot(d, d)), float(np.dot(r, g)), float(np.dot(g, g)))
+        if not all(math.isfinite(v) for v in sums):  # NaN/Inf somewhere: drop those elements
+            ok = np.isfinite(r) & np.isfinite(g)
+            r, g = r[ok], g[ok]
+            d = r - g
+            sums = (float(np.dot(r, r)), float(np.dot(d, d)), float(np.dot(r, g)), float(np.dot(g, g)))
+        self.signal += sums[0]
+        self.noise += sums[1]
+        self.dot += sums[2]
+        self.quant_sq += sums[3]
+        if d.size:
+            self.max_abs_err = max(self.max_abs_err, float(d.max()), -float(d.min()))
         self.count += int(r.size)
         if histogram:
             if self.hist is None:
                 self.hist = _Histogram(bins=_HIST_BINS)
-            self.hist.observe(np.asarray(ref, np.float32))
+            self.hist.observe(r)
 
     @property
     def sqnr_db(self) -> float:
@@ -478,6 +482,10 @@ def compare_models(
     """
     from onnxq._ort import make_session
 
+    for what, m in (("float", float_model), ("quantized", quant_model)):
+        if m.ByteSize() > 1_900_000_000:
+            raise OnnxqError(f"the {what} model is over 2 GB in memory; compare runs models from memory and cannot "
+                             "take it yet: compare a smaller export (fewer layers) or measure with benchmarks/perplexity.py")  # fmt: skip
     matches, unmatched = match_tensors(float_model, quant_model) if tensors else ([], [])
     pairs = graph_output_pairs(float_model, quant_model)
     fnames = [f for f, _ in pairs] + [m.float_name for m in matches]

@@ -16,7 +16,11 @@
    layers win; on a tie, int16 (weights stay int8: the smaller model).
 4. **Pruning.** Each chosen layer, least sensitive first, is tried back at int8 and, where it was
    moved to float, at int16; a change is kept when the budget still holds. The metric measured without
-   each fallback that stays is its effect, which the report lists.
+   each fallback that stays (at the time it was tried) is its effect, which the report lists.
+
+With an agreement budget, a configuration's measurement stops as soon as the disagreements already
+seen rule the target out (the report then shows that value as an upper bound): most of the
+configurations the search tries fail, and each costs only part of the evaluation set.
 
 Every candidate model is rebuilt from the preprocessed graph with per-node recipe overrides
 (``[[override]] name = ... skip = true`` or ``activations = {dtype = "int16"}``), reusing the calibrated
@@ -108,12 +112,19 @@ class EvalSet:
             raise OnnxqError("the evaluation source gave no samples")
         self.classifier = next((i for i, o in enumerate(self.reference[0]) if is_classifier_output(o)), None)
         self.forward_passes = self.samples
+        self.stopped_early = False
 
     def _feeds(self) -> Iterable[dict[str, np.ndarray]]:
         return self.batches if self.batches is not None else iter_batches(self.source, self.float_model)
 
-    def measure(self, model: onnx.ModelProto, metric: str, *, limit: int | None = None) -> float:
-        """``metric`` of ``model`` against the float outputs on the first ``limit`` samples (all: None)."""
+    def measure(self, model: onnx.ModelProto, metric: str, *, limit: int | None = None, floor: float | None = None) -> float:
+        """``metric`` of ``model`` against the float outputs on the first ``limit`` samples (all: None).
+
+        ``floor`` (agreement only): stop as soon as the agreement can no longer reach it, and return the
+        highest agreement still possible then (below ``floor``); :attr:`stopped_early` says so. A
+        configuration that misses the budget then costs a fraction of the evaluation set.
+        """
+        self.stopped_early = False
         from onnxq._ort import make_session
 
         if metric == "agreement" and self.classifier is None:
@@ -130,6 +141,14 @@ class EvalSet:
             for st, a, b in zip(stats, ref, got):
                 st.update(a, b)
             seen += n
+            if floor is not None and metric == "agreement":
+                top = stats[self.classifier]
+                total = min(limit or self.samples, self.samples)
+                best_possible = (total - (top.top1_total - top.top1_same)) / total
+                if best_possible < floor and seen < total:
+                    self.forward_passes += seen
+                    self.stopped_early = True
+                    return best_possible
         self.forward_passes += seen
         if metric == "agreement":
             return stats[self.classifier].top1_agreement or 0.0
@@ -169,7 +188,7 @@ def search_mixed_precision(
     candidates: list[tuple[str, str]],
     *,
     levels: tuple[str, ...] = LEVELS,
-    rank_samples: int = 64,
+    rank_samples: int = 32,
     progress: Callable[[str], None] | None = None,
 ) -> MixedPrecisionResult:
     """Find per-layer fallbacks that meet ``budget`` (see the module docstring).
@@ -187,18 +206,21 @@ def search_mixed_precision(
     say = progress or (lambda _m: None)
     ops = dict(candidates)
     builds = 0
-    cache: dict[tuple[tuple[str, str], ...], float] = {}
+    cache: dict[tuple[tuple[str, str], ...], tuple[float, bool]] = {}  # config -> (value, exact)
 
-    def measure(cfg: dict[str, str]) -> float:
+    def measure(cfg: dict[str, str], *, exact: bool = False) -> float:
+        """The budget metric of ``cfg``; unless ``exact``, a failing agreement may stop early (a bound)."""
         nonlocal builds
         key = tuple(sorted(cfg.items()))
-        if key not in cache:
+        if key not in cache or (exact and not cache[key][1]):
             builds += 1
-            cache[key] = evalset.measure(build(cfg), budget.metric)
-        return cache[key]
+            floor = None if exact else budget.threshold
+            value = evalset.measure(build(cfg), budget.metric, floor=floor)
+            cache[key] = (value, not evalset.stopped_early)
+        return cache[key][0]
 
     passes_before = evalset.forward_passes
-    baseline = measure({})
+    baseline = measure({}, exact=True)
     result = MixedPrecisionResult(budget.describe(), budget.metric, baseline, baseline, budget.met(baseline), {})
     result.eval_samples, result.rank_samples = evalset.samples, min(rank_samples, evalset.samples)
     if result.met:
@@ -230,7 +252,7 @@ def search_mixed_precision(
             best = {n: level for n in order[:k]}
     if best is None:
         everything = {n: "float" for n in order}
-        result.final = measure(everything)
+        result.final = measure(everything, exact=True)
         result.notes.append(f"{budget.describe()} is not reached even with every quantized layer in float "
                             f"({result.final:.4g}): the remaining error comes from elsewhere (inputs, unquantizable ops)")  # fmt: skip
         result.levels = everything
@@ -239,26 +261,26 @@ def search_mixed_precision(
     # 4. pruning: least sensitive first, back to int8, else float -> int16; what the budget metric is without
     #    each fallback that stays is its measured effect (given the others)
     rank = {n: i for i, n in enumerate(order)}
-    without: dict[str, float] = {}
+    without: dict[str, tuple[float, bool]] = {}
     for name in sorted(best, key=lambda n: -rank[n]):
         say(f"pruning: {name} back to int8?")
         trial = {k: v for k, v in best.items() if k != name}
-        without[name] = measure(trial)
-        if budget.met(without[name]):
+        without[name] = (measure(trial), not cache[tuple(sorted(trial.items()))][1])
+        if budget.met(without[name][0]):
             best = trial
         elif best[name] == "float" and "int16" in levels:
             trial = {**best, name: "int16"}
             if budget.met(measure(trial)):
                 best = trial
     result.levels = best
-    result.final = measure(best)
+    result.final = measure(best, exact=True)
     result.met = budget.met(result.final)
     for name in sorted(best, key=lambda n: rank[n]):
-        w = without.get(name)
-        if w is None or any(k not in best for k in without if rank[k] > rank[name]):
-            w = measure({k: v for k, v in best.items() if k != name})  # others changed after it was tried
+        # measured when pruning tried this layer: the more sensitive layers pruned after it were still in
+        w, bound = without[name]
         result.fallbacks.append({"node": name, "op_type": ops[name], "level": best[name], "metric_without": _r(w),
-                                 "effect": _r(result.final - w), "gain_if_float": result.ranking[rank[name]]["gain"]})  # fmt: skip
+                                 "metric_without_is_bound": bound, "effect": _r(result.final - w),
+                                 "gain_if_float": result.ranking[rank[name]]["gain"]})  # fmt: skip
     return _finish(result, evalset, passes_before, builds, t0)
 
 

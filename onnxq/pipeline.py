@@ -145,11 +145,14 @@ class Pipeline:
     Args:
         passes: the passes, in order.
         checked: validate the graph after every pass (see :func:`check_graph`).
+        release_memory: return freed memory to the OS after every pass (a full garbage collection: worth it
+            for one large model, not for the mixed-precision search's many rebuilds of a small one).
     """
 
-    def __init__(self, passes: Sequence[Pass], *, checked: bool = False) -> None:
+    def __init__(self, passes: Sequence[Pass], *, checked: bool = False, release_memory: bool = True) -> None:
         self.passes = list(passes)
         self.checked = checked
+        self.release_memory = release_memory
 
     def run(
         self,
@@ -174,7 +177,8 @@ class Pipeline:
                 raise PassError(p.name, f"{type(exc).__name__}: {exc} (passes already run: {ran})") from exc
             seconds = time.perf_counter() - t0
             graph = result.graph
-            release()  # the pass's freed temporaries back to the OS (see onnxq._memory)
+            if self.release_memory:
+                release()  # the pass's freed temporaries back to the OS (see onnxq._memory)
             ctx.report.add_step(p.name, seconds, result.modified, result.counts, result.notes)
             logger.debug("pass %s: modified=%s counts=%s (%.3fs)", p.name, result.modified, result.counts, seconds)
             if checked:

@@ -255,7 +255,7 @@ def _run_with_budget(graph_in: Any, passes: list[Any], ctx: PassContext, budget:
     def build(cfg: dict[str, str]) -> onnx.ModelProto:
         sub = PassContext(recipe=with_levels(ctx.recipe, cfg), report=Report(), calibration=ctx.calibration,
                           progress=False, scratch={"target": ctx.scratch["target"], "weight_qparams_memo": memo})  # fmt: skip
-        g = Pipeline([PASSES[n]() for n in names[cut:]]).run(to_graph(base_for(cfg)), sub)
+        g = Pipeline([PASSES[n]() for n in names[cut:]], release_memory=False).run(to_graph(base_for(cfg)), sub)
         if not cfg and not found:
             found.extend(sub.scratch.get("quantized_nodes", []))
         return to_model(g, template=template)

@@ -276,11 +276,13 @@ def _mixed(mp: Mapping[str, Any], plt: Any | None) -> str:
     fallbacks = [_d(f) for f in _l(mp.get("fallbacks"))]
     if fallbacks:
         rows = [[_code(f.get("node", "?")), _e(f.get("op_type", "")), _e(f.get("level", "")),
-                 _f(f.get("metric_without"), 4), _f(f.get("effect"), 4), _f(f.get("gain_if_float"), 2)]
+                 ("&lt; " if f.get("metric_without_is_bound") else "") + _f(f.get("metric_without"), 4),
+                 _f(f.get("effect"), 4), _f(f.get("gain_if_float"), 2)]
                 for f in fallbacks]  # fmt: skip
         metric = _e(mp.get("metric", "metric"))
         parts.append("<h3>Fallbacks</h3>\n<p>Each row: the budget metric measured with every other fallback kept "
-                     "but this one back at int8, and the difference it makes.</p>\n"
+                     "but this one back at int8, and the difference it makes (&lt;: the measurement stopped once the "
+                     "target was out of reach, so the value is an upper bound).</p>\n"
                      + _table(["node", "op", "level", f"{metric} without it", "effect", "ranking gain (dB)"], rows, (3, 4, 5)))
     ranking = [_d(r) for r in _l(mp.get("ranking"))][:TOP_RANKING]
     if ranking:

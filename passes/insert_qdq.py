@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.errors import CalibrationError, PassError
+from onnxq.errors import CalibrationError
 from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import (
@@ -47,6 +47,7 @@ from onnxq.scheme import (
     choose_qparams,
     choose_qparams_from_range,
     choose_qparams_mse,
+    dequantize,
     quantize,
 )
 from onnxq.target import PROFILES, TargetProfile
@@ -381,7 +382,11 @@ class InsertQDQPass(Pass):
         out = gs.Variable(self._fresh(f"{c.name}_dequantized{suffix}"), dtype=np.float32, shape=list(values.shape))
         attrs = {"axis": scheme.granularity.axis} if isinstance(scheme.granularity, PerChannel) else {}
         dq = gs.Node("DequantizeLinear", self._fresh(f"{c.name}/DequantizeLinear{suffix}"), attrs=attrs, inputs=[qc, sc, zc], outputs=[out])
-        docs[dq.name] = f"onnxq: weight {scheme}; range {'minimising squared error' if range_method == 'mse' else 'min-max of the weight values'}"
+        err = values - dequantize(q, scale, zp, scheme)
+        signal, noise = float(np.square(values, dtype=np.float64).sum()), float(np.square(err, dtype=np.float64).sum())
+        sqnr = "exact" if noise == 0 else f"{10 * np.log10(max(signal, 1e-300) / noise):.1f} dB"
+        docs[dq.name] = (f"onnxq: weight {scheme}; range {'minimising squared error' if range_method == 'mse' else 'min-max of the weight values'}"
+                         f"; weight SQNR {sqnr}")  # fmt: skip
         graph.nodes.append(dq)
         counts["weights_quantized"] += 1
         lo, hi = float(np.nanmin(values)) if values.size else 0.0, float(np.nanmax(values)) if values.size else 0.0

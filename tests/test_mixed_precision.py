@@ -135,7 +135,7 @@ def test_cli_budget_report_and_netron_view(outlier: tuple[Path, Path], tmp_path:
     assert sum("measured SQNR" in q.doc_string for q in qs) >= len(qs) - 1
     for n in m.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized"):
-            assert n.name.endswith("/DequantizeLinear") and "weight" in n.doc_string
+            assert n.name.endswith("/DequantizeLinear") and "weight int8" in n.doc_string and "weight SQNR" in n.doc_string
     report = json.loads((rep / "report.json").read_text())
     assert report["info"]["mixed_precision"]["met"] and report["info"]["comparison"]["tensors"]
     assert report["info"]["histograms"] and all("range" in h for h in report["info"]["histograms"])
@@ -161,3 +161,37 @@ def test_eval_source_differs_from_calibration(outlier: tuple[Path, Path], tmp_pa
     assert res.report.info["evaluation"]["samples"] == 16
     assert str(ev) in res.report.info["evaluation"]["source"]
     _ = open_source  # the evaluation source is opened like a calibration source
+
+
+def test_shared_input_gets_the_widest_reader_dtype() -> None:
+    """One tensor read by an int8 layer and an int16 layer has one Q/DQ pair: the int16 one."""
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), n) for n in ("wa", "wb")]
+    g = h.make_graph([h.make_node("MatMul", ["x", "wa"], ["a"], name="mm_a"), h.make_node("MatMul", ["x", "wb"], ["b"], name="mm_b"),
+                      h.make_node("Add", ["a", "b"], ["y"], name="add")],
+                     "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8])], inits)  # fmt: skip
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    for levels in ({"mm_a": "int16"}, {"mm_b": "int16"}):
+        q = quantize_model(m, with_levels(preset("w8a8"), levels), calibration=CalibrationOptions("random:4")).model
+        ql = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+        assert len(ql) == 1, "one pair on x, shared by both readers"
+        zp = next(i for i in q.graph.initializer if i.name == ql[0].input[2])
+        assert zp.data_type == onnx.TensorProto.INT16, levels
+
+
+def test_agreement_measure_stops_early_when_out_of_reach(outlier: tuple[Path, Path]) -> None:
+    from onnxq.mixed_precision import EvalSet
+
+    model, data = outlier
+    fm = onnx.load(model)
+    plain = quantize_model(fm, preset("w8a8"), calibration=CalibrationOptions(str(data))).model
+    ev = EvalSet(fm, open_source(str(data), fm))
+    full = ev.measure(plain, "agreement")
+    assert not ev.stopped_early and full < 0.9
+    before = ev.forward_passes
+    bound = ev.measure(plain, "agreement", floor=0.99)
+    assert ev.stopped_early and full <= bound < 0.99
+    assert ev.forward_passes - before < ev.samples
+    assert ev.measure(fm, "agreement", floor=0.99) == 1.0 and not ev.stopped_early  # the float model itself

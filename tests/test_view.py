@@ -198,3 +198,13 @@ def test_wait_returns_when_the_server_is_stopped_elsewhere(tiny_model: Path, net
         timer.cancel()
         timer.join()
         stop(address)
+
+
+def test_cli_view_missing_model_one_line_error(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from onnxq.cli import main
+
+    r = CliRunner().invoke(main, ["view", str(tmp_path / "nope.onnx")])
+    assert r.exit_code == 1 and "nope.onnx" in r.stderr and "Traceback" not in r.stderr
+    assert "Netron" in CliRunner().invoke(main, ["view", "--help"]).stdout

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxq.scheme import PerBlock, PerChannel, QuantDtype, QuantScheme, Symmetry, choose_qparams_from_range, dequantize, quantize
+from onnxq.scheme import PerBlock, PerChannel, QuantDtype, QuantScheme, Symmetry, choose_qparams_from_range
 
 __all__ = ["WeightGrid", "QuantizedWeight", "rtn", "qparams", "quantize_rows", "weight_and_hessian"]
 

@@ -232,30 +232,27 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without large initializer payloads (shape inference only needs their shapes)."""
+    """A copy for shape inference: large initializers become typed graph inputs (their shapes are enough)."""
     m = onnx.ModelProto()
-    m.CopyFrom(model) if model.ByteSize() < 200_000_000 else _copy_small(model, m)
-    return m
-
-
-def _copy_small(model: onnx.ModelProto, m: onnx.ModelProto) -> None:
     m.ir_version = model.ir_version
     m.opset_import.extend(model.opset_import)
     g = m.graph
     g.node.extend(model.graph.node)
     g.input.extend(model.graph.input)
     g.output.extend(model.graph.output)
+    listed = {vi.name for vi in model.graph.input}
     for init in model.graph.initializer:
         if np.prod(init.dims) <= 4096:
             g.initializer.append(init)
-        else:
+        elif init.name not in listed:
             g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return m
 
 
 def match_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> tuple[list[TensorMatch], list[str]]:
     """Pairs of (float tensor, quantized counterpart); and the float compute outputs left unmatched."""
     fprod, qprod = _producers(float_model), _producers(quant_model)
-    qcons = _consumers(quant_model)
+    fcons, qcons = _consumers(float_model), _consumers(quant_model)
     ffloat = _float_tensors(float_model)
     qinits = {i.name for i in quant_model.graph.initializer}
     matches: dict[str, TensorMatch] = {}
@@ -303,7 +300,7 @@ def match_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) ->
         if base in ffloat and base not in matches:
             # a ReLU/Clip fused into the integer op (its output range does the clipping): compare after it
             fused_act = base in fprod and not any(c.op_type in _ACTIVATIONS for c in qcons.get(out, []))
-            fname = _followed(float_model, fprod[base]) if fused_act else base
+            fname = _followed(fcons, fprod[base]) if fused_act else base
             by_name[fname] = TensorMatch(fname, out, node.name, node.op_type, s, z or None)
     if qop and len(by_name) * 2 >= len(qop):
         matches.update(by_name)
@@ -326,7 +323,7 @@ def match_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) ->
     result = sorted(matches.values(), key=lambda m: order.get(m.float_name, 0))
     matched = {m.float_name for m in result} | set(fouts)
     unmatched = [n.output[0] for n in float_model.graph.node
-                 if n.op_type in _WEIGHT_OPS and n.output[0] not in matched and _followed(float_model, n) not in matched]  # fmt: skip
+                 if n.op_type in _WEIGHT_OPS and n.output[0] not in matched and _followed(fcons, n) not in matched]  # fmt: skip
     return result, unmatched
 
 
@@ -337,9 +334,9 @@ def graph_output_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProt
     return [(o, o) for o in fouts] if set(fouts) <= set(qouts) else list(zip(fouts, qouts))
 
 
-def _followed(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
+def _followed(consumers: dict[str, list[onnx.NodeProto]], node: onnx.NodeProto) -> str:
     """The output of ``node`` after a single ReLU/Clip-like consumer (what a fused QOperator node produces)."""
-    cons = _consumers(model).get(node.output[0], [])
+    cons = consumers.get(node.output[0], [])
     if len(cons) == 1 and cons[0].op_type in _ACTIVATIONS:
         return cons[0].output[0]
     return node.output[0]
@@ -360,7 +357,7 @@ def _align_weight_nodes(float_model: onnx.ModelProto, quant_model: onnx.ModelPro
     qkeys = [_weight_key(qinit[n.input[_Q_WEIGHT_OPS[n.op_type]]]) for n in qnodes]
     if fkeys != qkeys:
         return {}
-    qcons = _consumers(quant_model)
+    fcons, qcons = _consumers(float_model), _consumers(quant_model)
     out: dict[str, TensorMatch] = {}
     used: set[int] = set()
     for fn, qn in zip(fnodes, qnodes):
@@ -375,7 +372,7 @@ def _align_weight_nodes(float_model: onnx.ModelProto, quant_model: onnx.ModelPro
             continue
         s, z = qparams[id(node)]
         fused_act = not any(c.op_type in _ACTIVATIONS for c in qcons.get(node.output[0], []))
-        fname = _followed(float_model, fn) if fused_act else fn.output[0]
+        fname = _followed(fcons, fn) if fused_act else fn.output[0]
         if fname in ffloat:
             out[fname] = TensorMatch(fname, node.output[0], node.name, node.op_type, s, z or None)
         used.add(id(node))
@@ -390,24 +387,12 @@ def _align_weight_nodes(float_model: onnx.ModelProto, quant_model: onnx.ModelPro
         for fn, qn in zip(fs, qs):
             s, z = qparams[id(qn)]
             fused_act = not any(c.op_type in _ACTIVATIONS for c in qcons.get(qn.output[0], []))
-            fname = _followed(float_model, fn) if fused_act else fn.output[0]
+            fname = _followed(fcons, fn) if fused_act else fn.output[0]
             out.setdefault(fname, TensorMatch(fname, qn.output[0], qn.name, qn.op_type, s, z or None))
     return out
 
 
 # -- running --------------------------------------------------------------------------------------------
-
-
-def _probe(model: onnx.ModelProto, names: list[str]) -> bytes:
-    """The model's bytes with ``names`` added as graph outputs."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(helper.make_empty_tensor_value_info(n))
-            have.add(n)
-    return m.SerializeToString()
 
 
 def iter_batches(source: Iterable[dict[str, np.ndarray]], model: onnx.ModelProto, *, max_batch: int = 16) -> Iterator[dict[str, np.ndarray]]:
@@ -481,6 +466,7 @@ def compare_models(
     Cost: one forward pass of each model per sample (batched where the model allows), plus the latency runs.
     """
     from onnxq._ort import make_session
+    from onnxq.calibration.runner import build_observer_model
 
     for what, m in (("float", float_model), ("quantized", quant_model)):
         if m.ByteSize() > 1_900_000_000:
@@ -490,8 +476,9 @@ def compare_models(
     pairs = graph_output_pairs(float_model, quant_model)
     fnames = [f for f, _ in pairs] + [m.float_name for m in matches]
     qnames = [q for _, q in pairs] + [m.quant_name for m in matches]
-    fsess = make_session(_probe(float_model, fnames), optimization="basic")
-    qsess = make_session(_probe(quant_model, qnames), optimization="basic")
+    # graph outputs come first in fnames/qnames, so the observer model keeps them as well
+    fsess = make_session(build_observer_model(float_model, list(dict.fromkeys(fnames)), reduce=False).SerializeToString(), optimization="basic")
+    qsess = make_session(build_observer_model(quant_model, list(dict.fromkeys(qnames)), reduce=False).SerializeToString(), optimization="basic")
     qinit = {i.name: i for i in quant_model.graph.initializer}
     dq: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for m in matches:

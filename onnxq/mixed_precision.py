@@ -220,7 +220,10 @@ def search_mixed_precision(
         return cache[key][0]
 
     passes_before = evalset.forward_passes
-    baseline = measure({}, exact=True)
+    baseline_model = build({})
+    builds += 1
+    baseline = evalset.measure(baseline_model, budget.metric)
+    cache[()] = (baseline, True)
     result = MixedPrecisionResult(budget.describe(), budget.metric, baseline, baseline, budget.met(baseline), {})
     result.eval_samples, result.rank_samples = evalset.samples, min(rank_samples, evalset.samples)
     if result.met:
@@ -233,7 +236,7 @@ def search_mixed_precision(
         raise OnnxqError("no quantized layer has a node name, so none can be moved to a wider precision")
 
     # 2. ranking: each layer alone in float
-    base_score = evalset.measure(build({}), "sqnr", limit=rank_samples)
+    base_score = evalset.measure(baseline_model, "sqnr", limit=rank_samples)
     scores: list[tuple[float, str]] = []
     for i, (name, _op) in enumerate(named):
         say(f"ranking layers {i + 1}/{len(named)}")

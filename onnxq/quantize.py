@@ -260,7 +260,7 @@ def _run_with_budget(graph_in: Any, passes: list[Any], ctx: PassContext, budget:
             found.extend(sub.scratch.get("quantized_nodes", []))
         return to_model(g, template=template)
 
-    status = _status(ctx.progress)
+    status = _Status(ctx.progress)
     try:
         evalset = EvalSet(float_ref, eval_source)
         build({})
@@ -296,10 +296,6 @@ class _Status:
     def stop(self) -> None:
         if self._s is not None:
             self._s.stop()
-
-
-def _status(enabled: bool) -> _Status:
-    return _Status(enabled)
 
 
 def with_levels(recipe: Recipe, levels: dict[str, str]) -> Recipe:

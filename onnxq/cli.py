@@ -267,7 +267,7 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
                    f"{cal.get('provider')} in {cal.get('seconds')} s; source: {cal.get('source')}")  # fmt: skip
     keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
             "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
-            "casts_inserted", "values_clamped", "batchnorms_folded", "nodes_folded", "layers_quantized",
+            "casts_inserted", "values_clamped", "batchnorms_folded", "gelus_rewritten", "nodes_folded", "layers_quantized",
             "layers_int8", "layers_left_float", "embeddings_quantized", "awq_groups_scaled", "segments_run")  # fmt: skip
     _out.print("done: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in keys if counts.get(k)))
     step_notes = [n for st in report.steps if st.name in ("float16", "weight_only") for n in st.notes]

@@ -336,7 +336,7 @@ class Recipe:
     description: str = ""
     version: int = 1
     passes: tuple[str, ...] = (
-        "upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm",
+        "upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "canonical_gelu",
         "remove_dead_nodes", "insert_qdq",
     )  # fmt: skip
     target: str = "auto"
@@ -449,7 +449,8 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
         raise RecipeError(f"invalid {where}: {exc}") from exc
 
 
-_WEIGHT_ONLY_PASSES = ("upcast_float16", "shape_inference", "constant_folding", "remove_dead_nodes", "weight_only")
+_WEIGHT_ONLY_PASSES = ("upcast_float16", "shape_inference", "constant_folding", "canonical_gelu", "remove_dead_nodes",
+                       "weight_only")
 
 
 def _w4(name: str, description: str, method: str, **spec: Any) -> Recipe:
@@ -483,15 +484,15 @@ PRESETS: dict[str, Recipe] = {
         # LayerNorm outputs carry rare large values that matter: a percentile range clips them (MiniLM embedding
         # cosine to fp32 0.917 with mse-percentile vs 0.995 with mse, measured 2026-11-30)
         calibration=CalibrationSpec(method="mse"),
-        passes=("upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "remove_dead_nodes",
-                "smoothquant", "insert_qdq"),  # fmt: skip
+        passes=("upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "canonical_gelu",
+                "remove_dead_nodes", "smoothquant", "insert_qdq"),  # fmt: skip
     ),
     "int8-dynamic": Recipe(
         name="int8-dynamic",
         description="dynamic int8, no calibration: weight MatMul/Gemm run as MatMulInteger with one activation "
         "scale per token computed at run time (after a block-64 Hadamard rotation); int8 per-channel weights, "
         "bits set by the target CPU",
-        passes=("upcast_float16", "shape_inference", "constant_folding", "remove_dead_nodes", "dynamic"),
+        passes=("upcast_float16", "shape_inference", "constant_folding", "canonical_gelu", "remove_dead_nodes", "dynamic"),
     ),
     "qoperator": Recipe(
         name="qoperator",
@@ -513,7 +514,7 @@ PRESETS: dict[str, Recipe] = {
         name="fp16",
         description="float16 conversion, no calibration: weights and compute in float16, float32 inputs/outputs; "
         "normalisations, softmax and reductions stay float32",
-        passes=("shape_inference", "constant_folding", "fold_batchnorm", "remove_dead_nodes", "float16"),
+        passes=("shape_inference", "constant_folding", "fold_batchnorm", "canonical_gelu", "remove_dead_nodes", "float16"),
     ),
 }
 

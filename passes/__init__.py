@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from onnxq.pipeline import Pass
 
+from .canonical_gelu import CanonicalGeluPass, canonical_gelu
 from .constant_folding import ConstantFoldingPass, fold_constants
 from .dynamic import DynamicQuantizePass, quantize_dynamic
 from .float16 import Float16Pass, convert_float16
@@ -21,6 +22,7 @@ from .weight_only import WeightOnlyPass, quantize_weight_only
 
 __all__ = [
     "PASSES",
+    "CanonicalGeluPass",
     "ConstantFoldingPass",
     "DynamicQuantizePass",
     "FoldBatchNormPass",
@@ -32,6 +34,7 @@ __all__ = [
     "SmoothQuantPass",
     "UpcastFloat16Pass",
     "WeightOnlyPass",
+    "canonical_gelu",
     "convert_float16",
     "fold_batchnorm",
     "fold_constants",
@@ -52,6 +55,7 @@ PASSES: dict[str, type[Pass]] = {
         ShapeInferencePass,
         ConstantFoldingPass,
         FoldBatchNormPass,
+        CanonicalGeluPass,
         RemoveDeadNodesPass,
         SmoothQuantPass,
         InsertQDQPass,

@@ -143,6 +143,10 @@ class ExcludeSpec:
     name_regex: tuple[str, ...] = ()
     activation_matmuls: bool = False  # MatMuls of two activations (attention Q @ K^T, probs @ V) stay float
 
+    def excludes(self, name: str, op_type: str) -> bool:
+        """True when the node called ``name`` of type ``op_type`` is excluded by type, name or regex."""
+        return op_type in self.op_types or name in self.names or any(re.search(rx, name) for rx in self.name_regex)
+
 
 @dataclass(frozen=True)
 class Float16Spec:
@@ -337,7 +341,7 @@ class Recipe:
     version: int = 1
     passes: tuple[str, ...] = (
         "upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "canonical_gelu",
-        "remove_dead_nodes", "insert_qdq",
+        "remove_dead_nodes", "int8_embeddings", "insert_qdq",
     )  # fmt: skip
     target: str = "auto"
     op_types: tuple[str, ...] = QUANTIZABLE_OPS
@@ -398,13 +402,7 @@ class Recipe:
 
     def config_for(self, name: str, op_type: str) -> NodeConfig | None:
         """Resolved settings for a node, or None when it stays in float (excluded or skipped)."""
-        ex = self.exclude
-        if (
-            op_type not in self.op_types
-            or op_type in ex.op_types
-            or name in ex.names
-            or any(re.search(rx, name) for rx in ex.name_regex)
-        ):
+        if op_type not in self.op_types or self.exclude.excludes(name, op_type):
             return None
         act, wt = self.activations, self.weights
         for ov in sorted((o for o in self.overrides if o.matches(name, op_type)), key=lambda o: o.priority):
@@ -485,14 +483,15 @@ PRESETS: dict[str, Recipe] = {
         # cosine to fp32 0.917 with mse-percentile vs 0.995 with mse, measured 2026-11-30)
         calibration=CalibrationSpec(method="mse"),
         passes=("upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "canonical_gelu",
-                "remove_dead_nodes", "smoothquant", "insert_qdq"),  # fmt: skip
+                "remove_dead_nodes", "int8_embeddings", "smoothquant", "insert_qdq"),  # fmt: skip
     ),
     "int8-dynamic": Recipe(
         name="int8-dynamic",
         description="dynamic int8, no calibration: weight MatMul/Gemm run as MatMulInteger with one activation "
         "scale per token computed at run time (after a block-64 Hadamard rotation); int8 per-channel weights, "
         "bits set by the target CPU",
-        passes=("upcast_float16", "shape_inference", "constant_folding", "canonical_gelu", "remove_dead_nodes", "dynamic"),
+        passes=("upcast_float16", "shape_inference", "constant_folding", "canonical_gelu", "remove_dead_nodes",
+                "int8_embeddings", "dynamic"),
     ),
     "qoperator": Recipe(
         name="qoperator",

@@ -13,6 +13,7 @@ from .dynamic import DynamicQuantizePass, quantize_dynamic
 from .float16 import Float16Pass, convert_float16
 from .fold_batchnorm import FoldBatchNormPass, fold_batchnorm
 from .insert_qdq import InsertQDQPass, insert_qdq
+from .int8_embeddings import Int8EmbeddingsPass, quantize_embedding_tables
 from .qoperator import QOperatorPass, lower_to_qoperator
 from .remove_dead_nodes import RemoveDeadNodesPass, remove_dead_nodes
 from .smoothquant import SmoothQuantPass, smoothquant
@@ -28,6 +29,7 @@ __all__ = [
     "FoldBatchNormPass",
     "Float16Pass",
     "InsertQDQPass",
+    "Int8EmbeddingsPass",
     "QOperatorPass",
     "RemoveDeadNodesPass",
     "ShapeInferencePass",
@@ -42,6 +44,7 @@ __all__ = [
     "insert_qdq",
     "lower_to_qoperator",
     "quantize_dynamic",
+    "quantize_embedding_tables",
     "quantize_weight_only",
     "remove_dead_nodes",
     "smoothquant",
@@ -57,6 +60,7 @@ PASSES: dict[str, type[Pass]] = {
         FoldBatchNormPass,
         CanonicalGeluPass,
         RemoveDeadNodesPass,
+        Int8EmbeddingsPass,
         SmoothQuantPass,
         InsertQDQPass,
         QOperatorPass,

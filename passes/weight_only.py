@@ -27,7 +27,6 @@ Written: ``"doc_strings"`` for the rewritten nodes, ``"weight_only"`` (per-layer
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -47,6 +46,7 @@ from onnxq.weightonly.gptq import gptq, output_energy, proxy_loss
 from onnxq.weightonly.pack import ensure_opset, to_dequantize_matmul, to_matmulnbits
 from onnxq.weightonly.segments import SegmentRunner, Wave
 
+from .int8_embeddings import quantize_embedding_tables
 from .smoothquant import _Edit, _plan_producer, _value_readers
 
 __all__ = ["WeightOnlyPass", "quantize_weight_only", "output_projections"]
@@ -358,62 +358,13 @@ class WeightOnlyPass(Pass):
         layer.qw = None  # the packed initializers hold the codes now
 
     def _embeddings(self, graph: gs.Graph, ctx: PassContext) -> int:
-        """Store constant Gather tables (axis 0, 2-D float) as int8 rows with one scale each."""
+        """Store constant Gather tables (token embeddings) as int8 rows with one scale each."""
         docs = ctx.scratch.setdefault("doc_strings", {})
-        graph_inputs = {id(t) for t in graph.inputs}
-        done = 0
-        for node in list(graph.nodes):
-            if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0 or len(node.inputs) != 2:
-                continue
-            table, ids = node.inputs
-            if not (isinstance(table, gs.Constant) and table.values.ndim == 2 and np.issubdtype(table.values.dtype, np.floating)):
-                continue
-            if table.values.dtype != np.float32 or _excluded(ctx, node):
-                continue  # float16 tables are already half the size; excluded nodes stay as they are
-            if id(ids) not in graph_inputs or "position" in ids.name.lower():
-                continue  # token embeddings are indexed by the token ids; a RoPE cos/sin table is not one
-            q, scale = _int8_rows(table.values)
-            out = node.outputs[0]
-            base = node.name or table.name
-            q_c = gs.Constant(self._fresh(f"{table.name}_int8"), q)
-            s_c = gs.Constant(self._fresh(f"{table.name}_row_scales"), scale[:, None])
-            rows = gs.Variable(self._fresh(f"{out.name}_int8"), dtype=np.int8)
-            rows_f = gs.Variable(self._fresh(f"{out.name}_float"), dtype=np.float32)
-            row_scale = gs.Variable(self._fresh(f"{out.name}_scale"), dtype=np.float32)
-            doc = "onnxq: embedding table stored as int8, one symmetric scale per row"
-            new = [
-                gs.Node("Gather", self._fresh(f"{base}/GatherInt8"), attrs={"axis": 0}, inputs=[q_c, ids], outputs=[rows]),
-                gs.Node("Cast", self._fresh(f"{base}/Cast"), attrs={"to": 1}, inputs=[rows], outputs=[rows_f]),
-                gs.Node("Gather", self._fresh(f"{base}/GatherScale"), attrs={"axis": 0}, inputs=[s_c, ids], outputs=[row_scale]),
-            ]
-            node.outputs = []
-            new.append(gs.Node("Mul", self._fresh(f"{base}/Dequantize"), inputs=[rows_f, row_scale], outputs=[out]))
-            graph.nodes.extend(new)
-            for n in new:
-                n.doc_string = doc
-                docs[n.name] = doc
-            done += 1
-        return done
-
-
-def _int8_rows(t: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 codes and one float32 scale per row (``max|row| / 127``; 1 for an all-zero row),
-    computed ``rows`` rows at a time (a 49152 x 576 table needs no full-size float temporaries)."""
-    q = np.empty(t.shape, np.int8)
-    scale = np.empty(t.shape[0], np.float32)
-    for r in range(0, t.shape[0], rows):
-        part = np.asarray(t[r : r + rows], np.float32)
-        part = np.where(np.isfinite(part), part, 0.0) if not np.isfinite(part).all() else part
-        absmax = np.abs(part).max(axis=1)
-        sc = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-        q[r : r + rows] = np.clip(np.rint(part / sc[:, None]), -127, 127).astype(np.int8)
-        scale[r : r + rows] = sc
-    return q, scale
+        return quantize_embedding_tables(graph, self._fresh, docs, lambda node: _excluded(ctx, node))
 
 
 def _excluded(ctx: PassContext, node: gs.Node) -> bool:
-    ex = ctx.recipe.exclude
-    return node.op in ex.op_types or node.name in ex.names or any(re.search(rx, node.name) for rx in ex.name_regex)
+    return ctx.recipe.exclude.excludes(node.name, node.op)
 
 
 def _statistics(wave: Wave, name: str) -> tuple[np.ndarray, np.ndarray]:

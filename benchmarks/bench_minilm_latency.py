@@ -1,8 +1,9 @@
 """MiniLM int8 latency against fp32, timed round-robin (the transformers issue's latency criterion).
 
 The criterion: batch 32 x 64 tokens, ORT CPU, median of 10, the fastest int8 variant at least 1.5x faster
-than fp32. Every model is loaded once (ORT_ENABLE_ALL, default threads), warmed up twice, then timed one
-run each in turn, ``--runs`` times, so load changes on the machine hit every model alike.
+than fp32. Every model is loaded once (ORT_ENABLE_ALL, default threads); in each of 2 rounds every model in
+turn gets 2 warm-up runs and ``--runs / 2`` timed consecutive runs, so load changes on the machine hit every
+model alike (see ``time_round_robin`` for why runs of one model are consecutive).
 
 Variants:
 
@@ -12,7 +13,8 @@ Variants:
 * onnxq ``w8a8-smoothquant`` (QDQ and ``--format qoperator``; 128 STS-train sentences), ``int8-dynamic``
   (defaults: per-token, Hadamard) and ``int8-dynamic`` per-tensor without rotation (a recipe file).
 * onnxruntime ``quantize_dynamic`` (QInt8, per-tensor) on the asset, and on the rewritten fp32 model
-  (ORT given the same GELU rewrite).
+  (ORT given the same GELU rewrite); onnxruntime ``quantize_static`` (QDQ, MinMax, per-channel int8
+  weights, the same 128 sentences; bench_transformers.py's settings) on the rewritten fp32 model.
 
 With ``--accuracy``: STS-dev Spearman and the mean cosine of each embedding to fp32 (sts_eval.py), so a
 speed-up is never read without the accuracy it costs.
@@ -39,6 +41,7 @@ import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import bench_transformers  # noqa: E402
 import sts_eval  # noqa: E402
 from _common import cpu_info  # noqa: E402
 
@@ -81,6 +84,8 @@ def build(work: Path) -> list[tuple[str, Path]]:
         ("onnxq int8-dynamic per-tensor, no rotation", lambda p: _onnxq(p, "--recipe", str(recipe))),
         ("onnxruntime quantize_dynamic", lambda p: _ort_dynamic(MINILM, p)),
         ("onnxruntime quantize_dynamic on fp32 + canonical GELU", lambda p: _ort_dynamic(fp32c, p)),
+        ("onnxruntime quantize_static (QDQ, MinMax) on fp32 + canonical GELU",
+         lambda p: bench_transformers._ort_static(fp32c, p, bench_transformers._minilm_feeds(128), "MinMax")),
     ]  # fmt: skip
     out = []
     for i, (name, make) in enumerate(jobs):
@@ -93,20 +98,27 @@ def build(work: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def time_round_robin(models: list[tuple[str, Path]], runs: int, batch: int = 32, seq: int = 64) -> dict[str, list[float]]:
-    """Milliseconds of each model's ``runs`` timed forwards, taken one model at a time in turn."""
+def time_round_robin(models: list[tuple[str, Path]], runs: int, batch: int = 32, seq: int = 64,
+                     rounds: int = 2) -> dict[str, list[float]]:  # fmt: skip
+    """Milliseconds of each model's ``runs`` timed forwards, taken in ``rounds`` rounds of consecutive runs per
+    model (models in turn within a round, so load drift hits every model alike).
+
+    Runs of one model are consecutive because ORT's intra-op threads keep spinning for a while after a run:
+    alternating sessions run by run on 2 cores makes each run compete with the previous session's spinning
+    threads (measured: w8a8-smoothquant 303 ms run-by-run vs 225-248 ms alone, fp32 barely affected)."""
     ids = np.random.default_rng(0).integers(1000, 20000, (batch, seq)).astype(np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     sessions = {name: sts_eval.session(path) for name, path in models}
-    for s in sessions.values():
-        for _ in range(2):
-            s.run(None, feed)
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
         for name, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[name].append((time.perf_counter() - t) * 1e3)
+            for _ in range(2):  # warm-up (and let the previous session's threads go idle)
+                s.run(None, feed)
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[name].append((time.perf_counter() - t) * 1e3)
     return times
 
 
@@ -138,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"{cpu['model']}, {cpu['cores']} cores (AVX2 {cpu['avx2']}, AVX-512 {cpu['avx512f']}, "
         f"VNNI {cpu['avx512_vnni'] or cpu['avx_vnni']}); onnxruntime {ort.__version__} CPU, ORT_ENABLE_ALL, "
-        f"default threads; batch 32 x 64 tokens, median of {args.runs} runs per model after 2 warm-up runs, "
-        f"models timed in turn; load average {load0:.2f} before, {load1:.2f} after.",
+        f"default threads; batch 32 x 64 tokens, median of {args.runs} runs per model (2 rounds of "
+        f"consecutive runs after 2 warm-up runs, models in turn); load average {load0:.2f} before, {load1:.2f} after.",
         "",
         "| variant | median ms | speed-up vs fp32 | vs fp32 + canonical GELU | size MB |"
         + (" STS-dev Spearman | cosine to fp32 |" if acc else ""),

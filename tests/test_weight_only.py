@@ -26,9 +26,11 @@ from onnxq.cli import main
 from onnxq.errors import CalibrationError, PassError, RecipeError
 from onnxq.model import to_model
 from onnxq.passes import WeightOnlyPass
+from onnxq.passes.weight_only import AWQ_SEARCH_CLIP_GRID
 from onnxq.quantize import CalibrationOptions, QuantizeResult, quantize_model
 from onnxq.recipe import Recipe, load_recipe, preset, recipe_from_dict
 from onnxq.report import StepRecord
+from onnxq.weightonly.awq import awq_candidate_scales, awq_clip_search
 from onnxq.weightonly.grid import WeightGrid, rtn
 from onnxq.weightonly.pack import MS_DOMAIN, MatMulNBitsArrays, unpack_matmulnbits
 
@@ -96,6 +98,16 @@ def _tokens_file(tmp_path: Path, n: int = 16 * 16, seed: int = 0) -> Path:
     p = tmp_path / "tokens.json"
     p.write_text(json.dumps(_markov_tokens(n, seed)))
     return p
+
+
+def _full_outputs(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """Intermediate tensors ``names`` of ``model`` (made graph outputs), one array per feed."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    outs = [o.name for o in m.graph.output]
+    runs = [dict(zip(outs, run_ort(m, f))) for f in feeds]
+    return {n: [r[n] for r in runs] for n in names}
 
 
 def _unpacked(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -315,6 +327,49 @@ def test_awq_from_npz_runs_and_beats_rtn(tmp_path: Path) -> None:
     assert step.counts["awq_groups_scaled"] + step.counts["awq_groups_unscaled"] == 9  # one group per wave input
     feeds = _held_out()
     assert _rel_mse(_tiny(), res.model, feeds) < _rel_mse(_tiny(), _rtn_models()["matmulnbits"][0], feeds)
+
+
+def test_awq_scores_qkv_and_gate_up_on_their_module_output(tmp_path: Path) -> None:
+    """The pass run directly: the scales of q/k/v and gate/up are searched on the output of the module they
+    open (o_proj's, down_proj's), those of o_proj, down_proj and lm_head on their own output. Brute force
+    for layer 0's q/k/v, whose input no quantized layer has touched: for every ratio, the float model with
+    q/k/v replaced by their scaled weights quantized with the clips the search tries (divided by s)
+    changes layers.0/o by some amount; the pass chose the ratio with the smallest change."""
+    model = onnx.shape_inference.infer_shapes(_tiny())
+    recipe = _recipe("w4-awq", embeddings="float")
+    source = TokenFileSource(_tokens_file(tmp_path), input_specs(model), seq_len=16, limit=8)
+    ctx = make_ctx(recipe, calibration=CalibrationSession(source, recipe.calibration, progress=False))
+    WeightOnlyPass()(gs.import_onnx(model), ctx)
+    info = ctx.scratch["weight_only"]
+    modules = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    assert {k: v["awq_scored_on"] for k, v in info.items()} == {
+        k: "module" if k.split("/")[-1] in modules else "linear" for k in WEIGHT
+    }
+
+    feeds = list(source)
+    x = _full_outputs(model, ["layers.0/attn_norm/out"], feeds)["layers.0/attn_norm/out"]
+    rows = [np.asarray(a, np.float32).reshape(-1, DIM) for a in x]
+    h = sum((r.T @ r).astype(np.float64) for r in rows)
+    absmean = np.abs(np.concatenate(rows)).mean(0)
+    grid = WeightGrid(4, False, 16)
+    inits = _inits(model)
+    names = ["layers.0.wq", "layers.0.wk", "layers.0.wv"]
+    reference = _full_outputs(model, ["layers.0/o"], feeds)["layers.0/o"]
+    losses = []
+    for i in range(20):
+        s = awq_candidate_scales(absmean, i / 20).astype(np.float64)
+        weights = {}
+        for name in names:
+            scaled = (inits[name] * s[:, None]).astype(np.float32)
+            clip = awq_clip_search(scaled, h / np.outer(s, s), grid, n_grid=AWQ_SEARCH_CLIP_GRID)
+            weights[name] = rtn(scaled, grid, clip=clip).dequantize() / s[:, None]
+        out = _full_outputs(_with_weights(model, weights), ["layers.0/o"], feeds)["layers.0/o"]
+        losses.append(sum(float(((a.astype(np.float64) - b) ** 2).sum()) for a, b in zip(out, reference)))
+    best = int(np.argmin(losses))
+    print("layer 0 q/k/v: module loss per ratio / unscaled", np.round(np.asarray(losses) / losses[0], 3))
+    assert best > 0 and losses[best] < 0.95 * losses[0], "the test should exercise a scale that matters"
+    assert sorted(losses)[1] > losses[best] * (1 + 1e-4), "a near tie would make the comparison fragile"
+    assert info["layers.0/q_proj"]["awq_ratio"] == best / 20
 
 
 def test_gptq_awq_scales_then_gptq(tmp_path: Path) -> None:

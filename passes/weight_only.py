@@ -9,8 +9,9 @@ constant 2-D float weight ``[K, N]`` is quantized on a :class:`~onnxq.weightonly
 * ``gptq``: GPTQ (:mod:`onnxq.weightonly.gptq`) from each layer's input Hessian ``H = X^T X``;
 * ``awq``: AWQ (:mod:`onnxq.weightonly.awq`): a per-input-channel scale ``s`` searched on a grid, ``W``'s
   rows multiplied by ``s`` and ``1/s`` folded into what produces ``X`` (an RMSNorm/LayerNorm weight, the
-  previous projection's output columns; never a new op: a group whose input cannot absorb it is left
-  unscaled and not searched), then a per-block clipping search. As in the paper, the scales of a group
+  previous projection's output columns, also through a grouped-query attention's repeat of the KV heads,
+  with the scales of the query heads sharing a KV head tied; never a new op: a group whose input cannot
+  absorb it is left unscaled and not searched), then a per-block clipping search. As in the paper, the scales of a group
   that opens a module (q/k/v: attention up to o_proj; gate/up: the MLP up to down_proj) are scored on
   that module's output, computed by a :class:`~onnxq.weightonly.segments.Probe` on the stored
   activations (on as many calibration samples as :data:`AWQ_MODULE_MACS` allows); each candidate is
@@ -51,7 +52,8 @@ from onnxq.weightonly.gptq import gptq, output_energy, proxy_loss
 from onnxq.weightonly.pack import ensure_opset, to_dequantize_matmul, to_matmulnbits
 from onnxq.weightonly.segments import SegmentRunner, Wave
 
-from .smoothquant import _Edit, _plan_producer, _value_readers
+from .shape_inference import refine_static_dims
+from .smoothquant import _Edit, _plan_producer, _value_readers, channel_ties
 
 __all__ = ["WeightOnlyPass", "quantize_weight_only", "output_projections"]
 
@@ -145,6 +147,7 @@ class WeightOnlyPass(Pass):
                   "awq_groups_scaled": 0, "awq_groups_unscaled": 0, "segments_run": 0}  # fmt: skip
         notes: list[str] = []
         self._fresh = FreshNames(graph)
+        self._awq_unscaled: dict[str, str] = {}  # first MatMul of an AWQ group kept at s = 1 -> why
         candidates = [n for n in graph.nodes if _weight_matmul(n)]
         gemms = [n for n in graph.nodes if n.op == "Gemm" and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
         if gemms:
@@ -177,6 +180,10 @@ class WeightOnlyPass(Pass):
                         "ids (.json) or text and --tokenizer, e.g. 32 windows of 512 tokens; or use --preset w4-rtn",
                     )
                 device = getattr(getattr(ctx.calibration, "spec", None), "device", "auto")
+                if method == "awq" or spec.awq_scales:
+                    # AWQ folds 1/s through reshapes whose sizes ONNX inference may have left symbolic (a GQA's
+                    # KV-head repeat); the planners need them static
+                    logger.debug("AWQ: %d tensor shapes made static by symbolic shape inference", refine_static_dims(graph))
                 runner = SegmentRunner(graph, [layer.node for layer in layers], source, providers=choose_providers(device))
                 self._sequential(runner, layers, spec, ctx, counts)
                 counts["segments_run"] = runner.segments_run
@@ -198,8 +205,12 @@ class WeightOnlyPass(Pass):
             notes.append(f"{method.upper()}: relative output error per layer median {np.median(errs):.2e}, "
                          f"worst {max(errs):.2e} ({max(layers, key=lambda la: la.error or 0).node.name})")  # fmt: skip
         if counts["awq_groups_unscaled"]:
-            notes.append(f"AWQ: {counts['awq_groups_unscaled']} layer inputs kept s = 1 (nothing before them can absorb "
-                         "1/s exactly, or no scale beat s = 1); their weights were still clip-searched")  # fmt: skip
+            unfoldable = [name for name, why in self._awq_unscaled.items() if why == "unfoldable"]
+            notes.append(f"AWQ: {counts['awq_groups_scaled']} layer inputs scaled, {counts['awq_groups_unscaled']} kept s = 1 "
+                         f"({counts['awq_groups_unscaled'] - len(unfoldable)} because no scale beat s = 1"
+                         + (f"; {len(unfoldable)} because nothing before them can absorb 1/s exactly: "
+                            f"{', '.join(unfoldable[:4])}{', ...' if len(unfoldable) > 4 else ''}" if unfoldable else "")
+                         + "); their weights were still clip-searched")  # fmt: skip
         ctx.scratch["weight_only"] = {
             layer.node.name: {"method": layer.method, "grid": str(layer.grid), "rel_error": layer.error}
             | ({"awq_ratio": layer.awq["ratio"], "awq_scored_on": layer.awq["scored_on"]} if layer.awq else {})
@@ -273,16 +284,22 @@ class WeightOnlyPass(Pass):
                    spec: WeightOnlySpec, counts: dict[str, int], by_node: dict[int, _Layer]) -> np.ndarray:  # fmt: skip
         """Search AWQ's scale for the layers reading one activation, fold it, and return the scaled input's H.
 
-        A group whose input cannot absorb ``1/s`` is not searched. When the group opens a module
+        A group whose input cannot absorb ``1/s`` is not searched. Channels that must share a scale for
+        the fold to stay exact (:func:`~passes.smoothquant.channel_ties`: o_proj's inputs from query heads
+        reading one KV head of a grouped-query attention, whose ``1/s`` goes into that head's V columns)
+        get one scale, from their mean ``|x|``. When the group opens a module
         (:meth:`SegmentRunner.module_outputs`), candidates are scored on the module's output (the
         paper's loss), run on the stored activations by a probe; otherwise on the linears' own output.
         For method ``awq`` with clipping, each candidate is scored with its clips applied."""
         x = group[0].node.inputs[0]
         nodes = [layer.node for layer in group]
-        if self._fold_plan(runner, group, x, np.ones(absmean.shape, np.float32)) is None:
-            logger.debug("AWQ %s: 1/s cannot be folded into its producer; not searched", x.name)
+        ties = self._fold_ties(runner, group, x)
+        if ties is None:
+            logger.debug("AWQ %s (%s): 1/s cannot be folded into its producer; not searched", x.name, nodes[0].name)
+            self._awq_unscaled[nodes[0].name] = "unfoldable"
             counts["awq_groups_unscaled"] += 1
             return h
+        tied = None if len(np.unique(ties)) == ties.size else ties
         constants = list({id(n.inputs[1]): n.inputs[1] for n in nodes}.values())  # a weight read twice counts once
         ws = [c.values for c in constants]
         score, scored_on = None, "linear output"
@@ -296,7 +313,7 @@ class WeightOnlyPass(Pass):
 
         def search(duo: bool) -> ScaleSearch:
             return awq_scale_search(ws, h, absmean, group[0].grid, n_grid=spec.awq_grid, duo=duo, clip=clip,
-                                    clip_grid=AWQ_SEARCH_CLIP_GRID, score=score)  # fmt: skip
+                                    clip_grid=AWQ_SEARCH_CLIP_GRID, score=score, ties=tied)  # fmt: skip
 
         result = search(False)
         if spec.awq_duo:
@@ -307,10 +324,12 @@ class WeightOnlyPass(Pass):
         for layer in group:
             layer.awq = {"ratio": result.ratio if edits else 0.0, "scored_on": "linear" if score is None else "module"}
         if edits is None:
-            logger.debug("AWQ %s: ratio %g (%s): not scaled", x.name, result.ratio, scored_on)
+            logger.debug("AWQ %s (%s): ratio %g (%s): not scaled", x.name, nodes[0].name, result.ratio, scored_on)
+            self._awq_unscaled[nodes[0].name] = "s = 1 best"
             counts["awq_groups_unscaled"] += 1
             return h
-        logger.debug("AWQ %s: ratio %g, loss %.4g -> %.4g (%s)", x.name, result.ratio, result.rtn_loss, result.loss, scored_on)
+        logger.debug("AWQ %s (%s): ratio %g, loss %.4g -> %.4g (%s%s)", x.name, nodes[0].name, result.ratio, result.rtn_loss,
+                     result.loss, scored_on, f"; {len(np.unique(ties))} tied scales" if tied is not None else "")  # fmt: skip
         for e in edits:
             self._apply_edit(e, by_node)
         scaled: set[int] = set()
@@ -323,6 +342,17 @@ class WeightOnlyPass(Pass):
         counts["awq_groups_scaled"] += 1
         inv = (1.0 / s).astype(np.float64)
         return h * inv[:, None] * inv[None, :]
+
+    def _fold_ties(self, runner: SegmentRunner, group: list[_Layer], x: gs.Tensor) -> np.ndarray | None:
+        """A label per channel of ``x`` (channels with one label must share their scale, see
+        :func:`~passes.smoothquant.channel_ties`), or None when ``1/s`` cannot be folded into what
+        produces ``x`` (see :meth:`_fold_plan`)."""
+        if not isinstance(x, gs.Variable):
+            return None
+        ties = channel_ties(x)
+        if ties is None or self._fold_plan(runner, group, x, np.ones(ties.shape, np.float32)) is None:
+            return None
+        return ties
 
     def _fold_plan(self, runner: SegmentRunner, group: list[_Layer], x: gs.Tensor, s: np.ndarray) -> list[_Edit] | None:
         """Edits that divide ``x`` by ``s`` exactly, or None when that is impossible or would also change

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq.weightonly.awq import awq, awq_candidate_scales, awq_clip_search, awq_scale_search, output_error
+from onnxq.weightonly.awq import (
+    awq, awq_candidate_scales, awq_clip_search, awq_scale_search, output_error, tie_channels,
+)
 from onnxq.weightonly.grid import WeightGrid, qparams, quantize_rows, rtn
 
 GRIDS = [
@@ -70,6 +72,29 @@ def test_scale_search_matches_brute_force(grid: WeightGrid) -> None:
     rtn_loss = sum(np.linalg.norm(x @ (rtn(w, grid).dequantize() - w)) ** 2 for w in ws)
     np.testing.assert_allclose(res.rtn_loss, rtn_loss, rtol=1e-6)
     assert res.loss <= res.rtn_loss
+
+
+def test_tied_channels_share_their_scale() -> None:
+    """With ``ties`` every candidate (and the result) holds one value per label: the scale of the label's
+    mean |x|, which is the search on the tied statistic; labels need not be contiguous."""
+    rng = np.random.default_rng(5)
+    k, grid = 32, WeightGrid(4, False, 128)
+    x = outlier_x(rng, 128, k)
+    ws = [rng.standard_normal((k, 16)).astype(np.float32) * 0.1]
+    ties = np.tile(np.arange(8), 4) * 4 % 13  # 8 labels, each on 4 scattered channels
+    xm = np.abs(x).mean(0)
+    tied = tie_channels(xm, ties)
+    for label in np.unique(ties):
+        np.testing.assert_allclose(tied[ties == label], xm[ties == label].mean())
+    res = awq_scale_search(ws, x.T @ x, xm, grid, n_grid=10, ties=ties)
+    assert res.ratio > 0
+    for label in np.unique(ties):
+        assert len(np.unique(res.scales[ties == label])) == 1
+    ref = awq_scale_search(ws, x.T @ x, tied, grid, n_grid=10)
+    np.testing.assert_array_equal(res.scales, ref.scales)
+    np.testing.assert_allclose(res.losses, ref.losses)
+    with pytest.raises(ValueError, match="one label per channel"):
+        tie_channels(xm, ties[:-1])
 
 
 def test_candidate_scales_formula() -> None:

@@ -649,3 +649,43 @@ def test_cli_text_calibration_is_cut_into_windows_for_llms(tiny_path: Path, tmp_
     assert code == 0, err
     source = json.loads(stdout)["info"]["calibration"]["source"]
     assert "windows of 512 tokens" in source and "2 of " in source, source
+
+
+@pytest.mark.assets
+def test_stories260k_gqa_o_proj_fold_is_exact(assets: Path) -> None:
+    """stories260K repeats its 4 KV heads for 8 query heads (Unsqueeze -> Expand -> Reshape, the Expand's
+    shape computed through Where, which ONNX inference leaves symbolic). After refine_static_dims every
+    o_proj input has 32 tied channel pairs (query heads 2g and 2g + 1 read KV head g), and a tied 1/s
+    folded into v_proj's columns, with o_proj's rows multiplied by s, leaves the logits unchanged."""
+    from onnxq.passes import PASSES
+    from onnxq.passes.shape_inference import refine_static_dims
+    from onnxq.passes.smoothquant import _plan_producer, channel_ties
+    from onnxq.pipeline import PassContext
+    from onnxq.report import Report
+
+    model = onnx.load(str(asset(assets, STORIES)))
+    graph = gs.import_onnx(model)
+    ctx = PassContext(recipe=preset("w4-awq"), report=Report(), progress=False)
+    for name in ("shape_inference", "constant_folding", "remove_dead_nodes"):
+        graph = PASSES[name]()(graph, ctx).graph
+    o_inputs = [n.inputs[0] for n in graph.nodes if n.op == "MatMul" and n.name.endswith("attention/wo/MatMul")]
+    assert len(o_inputs) == 5 and channel_ties(o_inputs[0]) is None  # the repeat's size is unknown to ONNX
+    assert refine_static_dims(graph) > 0
+    rng = np.random.default_rng(0)
+    pairs = np.arange(64).reshape(8, 8)[[0, 2, 4, 6]].reshape(-1)  # the first channel of each tie
+    for x in o_inputs:
+        ties = channel_ties(x)
+        assert ties is not None and len(np.unique(ties)) == 32
+        np.testing.assert_array_equal(np.unique(ties), pairs)
+        s = np.exp(rng.normal(size=64) * 0.5).astype(np.float32)[ties]
+        edits = _plan_producer(x, (1.0 / s).reshape(1, 1, -1))
+        assert edits is not None and [e.node.name for e in edits] == [x.name.replace("Reshape_15_output_0", "wv/MatMul")]
+        for e in edits:
+            c = e.node.inputs[e.index]
+            c.values = np.asarray(c.values * e.factor, np.float32)
+        wo = next(n for n in x.outputs if n.op == "MatMul").inputs[1]
+        wo.values = (wo.values * s[:, None]).astype(np.float32)
+    folded = gs.export_onnx(graph)
+    ids = {"input_ids": np.array([json.loads(asset(assets, TOKENS).read_text())[:64]], np.int64)}
+    ref, out = run_ort(model, ids)[0], run_ort(folded, ids)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))

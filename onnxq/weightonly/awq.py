@@ -57,13 +57,13 @@ Over the four calibration sets the default's perplexity is 3.794 on average (29%
 candidates (3.790); the module scored on 8 of the 32 windows (3.816).
 
 The searches evaluate candidates with array operations or one probe run per candidate; the Python
-loops are over the ``n_grid`` candidates (one ``K x K x N`` product per scale candidate on ``H``, one
-blockwise product per clip candidate).
+loops are over the ``n_grid`` candidates (one ``K x K x N`` product per scale candidate on ``H``; the
+clip search scores all its candidates with one product per block, unpadded: a K = 64 weight at block
+128 costs a 64 x 64 product, not 128 x 128).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -74,7 +74,7 @@ from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, rtn, weight_and_h
 
 __all__ = [
     "ScaleSearch", "AWQResult", "awq_candidate_scales", "awq_fake_quantize", "output_error", "awq_scale_search",
-    "awq_clip_search", "awq",
+    "awq_clip_search", "awq", "tie_channels",
 ]
 
 
@@ -158,6 +158,16 @@ def weight_row_means(ws: list[np.ndarray], grid: WeightGrid) -> np.ndarray:
     return rel.mean(axis=1)
 
 
+def tie_channels(v: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """``v`` (``[K]``) with each entry replaced by the mean over the channels sharing its label in ``ties``."""
+    labels = np.asarray(ties).reshape(-1)
+    if labels.shape != np.shape(v):
+        raise ValueError(f"ties must have one label per channel ({np.shape(v)}), got {labels.shape}")
+    _, inv = np.unique(labels, return_inverse=True)
+    means = np.bincount(inv, weights=np.asarray(v, np.float64)) / np.bincount(inv)
+    return means[inv]
+
+
 def awq_fake_quantize(
     ws: list[np.ndarray], s: np.ndarray, grid: WeightGrid, *, h: np.ndarray | None = None, n_grid: int = 20,
     max_shrink: float = 0.5,
@@ -201,7 +211,7 @@ def output_error(
 def awq_scale_search(
     ws: list[np.ndarray], h: np.ndarray | None, x_absmean: np.ndarray, grid: WeightGrid, *, n_grid: int = 20,
     duo: bool = False, clip: bool = False, clip_grid: int = 20, max_shrink: float = 0.5,
-    score: Callable[[list[np.ndarray]], float] | None = None,
+    score: Callable[[list[np.ndarray]], float] | None = None, ties: np.ndarray | None = None,
 ) -> ScaleSearch:
     """Search the shared input-channel scale ``s`` of the MatMuls ``ws`` (each ``[K, N_i]``) reading ``X``.
 
@@ -216,6 +226,11 @@ def awq_scale_search(
     error of every linear, ``sum_i ||X Q_i - X W_i||^2 = sum_i tr(D_i^T H D_i)`` with ``D_i = Q_i - W_i``
     and ``H = X^T X``; ``h`` is needed for this and for ``clip`` only.
 
+    ``ties`` (a label per channel) makes channels with one label share their scale: their ``x_absmean``
+    (and AutoAWQ's ``w_mean``) are replaced by the label's mean, so every candidate holds equal values
+    there (e.g. the o_proj channels of the query heads reading one KV head, whose ``1/s`` is folded
+    into that head's V columns).
+
     Ratio 0 is ``s = 1``, so the best loss is never above that of quantizing unscaled weights. ``duo``:
     candidates use AutoAWQ's duo scaling (see :func:`awq_candidate_scales`); ratio 0 is then not
     ``s = 1``, so ``s = 1`` is scored as well and kept when nothing beats it.
@@ -226,6 +241,9 @@ def awq_scale_search(
     if h64 is None and (clip or score is None):
         raise ValueError("the scale search needs H = X^T X for its own loss and for clip = True")
     wm = weight_row_means(ws, grid) if duo else None
+    if ties is not None:
+        xm = tie_channels(xm, ties)
+        wm = None if wm is None else tie_channels(wm, ties)
     hc = h64 if clip else None
 
     def loss(s: np.ndarray) -> float:
@@ -270,20 +288,23 @@ def awq_clip_search(
     n_cand = int(max_shrink * n_grid)
     if n_cand < 1:
         raise ValueError(f"max_shrink * n_grid must be >= 1 (got {max_shrink} * {n_grid})")
-    hb = _diagonal_blocks(h64, grid.block(k))
+    block = grid.block(k)
+    spans = [(r, min(r + block, k)) for r in range(0, k, block)]
+    hbs = [h64[a:b, a:b] for a, b in spans]
     out = np.empty((grid.n_blocks(k), n), np.float32)
-    for c0 in range(0, n, COLUMNS):  # columns are independent: bounded temporaries on a wide lm_head
-        wc = w32[:, c0 : c0 + COLUMNS]
+    step = max(1, COLUMNS // n_cand)  # columns are independent: bounded temporaries on a wide lm_head
+    for c0 in range(0, n, step):
+        wc = w32[:, c0 : c0 + step]
+        nc = wc.shape[1]
         lo, hi = reduce_for_granularity(wc, grid.scheme(k).granularity)
-        absmax = np.maximum(-lo, hi).reshape(-1, wc.shape[1]).astype(np.float64)
+        absmax = np.maximum(-lo, hi).reshape(-1, nc).astype(np.float64)
         w64 = wc.astype(np.float64)
         cands = np.stack([(absmax * (1 - i / n_grid)).astype(np.float32) for i in range(n_cand)])
-        errs = np.empty((n_cand,) + absmax.shape)
-        for i in range(n_cand):
-            d = rtn(wc, grid, clip=cands[i]).dequantize().astype(np.float64) - w64
-            errs[i] = _block_quadratic(d, hb)
-        best = np.argmin(errs, axis=0)
-        out[:, c0 : c0 + COLUMNS] = np.take_along_axis(cands, best[None], axis=0)[0]
+        # every candidate's error at once: d is [K, n_cand * N], one product with each H_bb
+        d = np.concatenate([rtn(wc, grid, clip=cands[i]).dequantize().astype(np.float64) - w64 for i in range(n_cand)], axis=1)
+        errs = np.stack([np.einsum("kn,kn->n", d[a:b], hb @ d[a:b]).reshape(n_cand, nc) for (a, b), hb in zip(spans, hbs)], axis=1)
+        best = np.argmin(errs, axis=0)  # [n_blocks, N]; argmin keeps the first (smallest shrink) of equal errors
+        out[:, c0 : c0 + step] = np.take_along_axis(cands, best[None], axis=0)[0]
     return out
 
 
@@ -367,22 +388,4 @@ def _scaled_loss(w: np.ndarray, h: np.ndarray, s: np.ndarray, grid: WeightGrid) 
         d = q / s64 - wc.astype(np.float64)
         total += float(np.einsum("kn,kn->", d, h @ d))
     return total
-
-
-def _diagonal_blocks(h: np.ndarray, block: int) -> np.ndarray:
-    """The ``[n_blocks, block, block]`` diagonal blocks of ``h``, zero-padded past ``K``."""
-    k = h.shape[0]
-    nb = max(1, math.ceil(k / block))
-    pad = nb * block - k
-    hp = np.pad(h, ((0, pad), (0, pad)))
-    idx = np.arange(nb)
-    return hp.reshape(nb, block, nb, block)[idx, :, idx, :]
-
-
-def _block_quadratic(d: np.ndarray, hb: np.ndarray) -> np.ndarray:
-    """``err[b, n] = d_b[:, n]^T H_bb d_b[:, n]`` for ``d`` ``[K, N]`` and the blocks ``hb`` of ``H``."""
-    nb, block, _ = hb.shape
-    k, n = d.shape
-    dp = np.pad(d, ((0, nb * block - k), (0, 0))).reshape(nb, block, n)
-    return np.einsum("bkn,bkn->bn", dp, hb @ dp)
 

@@ -488,21 +488,41 @@ def _excluded(ctx: PassContext, node: gs.Node) -> bool:
     return node.op in ex.op_types or node.name in ex.names or any(re.search(rx, node.name) for rx in ex.name_regex)
 
 
-def _statistics(wave: Wave, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``H = X^T X`` (float64) and mean |x| per channel of the wave's activation ``name``."""
+def _statistics(wave: Wave, name: str, rows_per_product: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """``H = X^T X`` (float64) and mean |x| per channel of the wave's activation ``name``.
+
+    Samples are stacked up to ``rows_per_product`` rows per ``X^T X`` product: one product per sample
+    (512 rows of 64 channels on stories260K) spends more in the call than in the arithmetic."""
+    k: int | None = None
     h: np.ndarray | None = None
     total: np.ndarray | None = None
     rows = 0
-    for x in wave.rows(name):
-        xf = np.asarray(x, np.float32)
+    pending: list[np.ndarray] = []
+    pending_rows = 0
+
+    def flush() -> None:
+        nonlocal h, total, pending_rows
+        xf = pending[0] if len(pending) == 1 else np.concatenate(pending)
         if not np.isfinite(xf).all():
             raise PassError("weight_only", f"activation '{name}' holds NaN/Inf on a calibration sample; GPTQ/AWQ need finite inputs")
         g = (xf.T @ xf).astype(np.float64)
         a = np.abs(xf).sum(axis=0, dtype=np.float64)
         h = g if h is None else h + g
         total = a if total is None else total + a
+        pending.clear()
+        pending_rows = 0
+
+    for x in wave.rows(name):
+        xf = np.asarray(x, np.float32)
+        k = xf.shape[1]
+        if pending and pending_rows + xf.shape[0] > rows_per_product:
+            flush()
+        pending.append(xf)
+        pending_rows += xf.shape[0]
         rows += xf.shape[0]
-    assert h is not None and total is not None
+    if pending:
+        flush()
+    assert h is not None and total is not None and k is not None
     return h, total / max(rows, 1)
 
 

@@ -300,8 +300,10 @@ def awq_clip_search(
         absmax = np.maximum(-lo, hi).reshape(-1, nc).astype(np.float64)
         w64 = wc.astype(np.float64)
         cands = np.stack([(absmax * (1 - i / n_grid)).astype(np.float32) for i in range(n_cand)])
-        # every candidate's error at once: d is [K, n_cand * N], one product with each H_bb
-        d = np.concatenate([rtn(wc, grid, clip=cands[i]).dequantize().astype(np.float64) - w64 for i in range(n_cand)], axis=1)
+        # every candidate at once (columns are quantized independently): the weight repeated n_cand times
+        # side by side, candidate i clipping copy i; d is [K, n_cand * N], one product with each H_bb
+        tiled = rtn(np.tile(wc, (1, n_cand)), grid, clip=cands.transpose(1, 0, 2).reshape(cands.shape[1], -1))
+        d = tiled.dequantize().astype(np.float64) - np.tile(w64, (1, n_cand))
         errs = np.stack([np.einsum("kn,kn->n", d[a:b], hb @ d[a:b]).reshape(n_cand, nc) for (a, b), hb in zip(spans, hbs)], axis=1)
         best = np.argmin(errs, axis=0)  # [n_blocks, N]; argmin keeps the first (smallest shrink) of equal errors
         out[:, c0 : c0 + step] = np.take_along_axis(cands, best[None], axis=0)[0]

@@ -148,6 +148,7 @@ class WeightOnlyPass(Pass):
         notes: list[str] = []
         self._fresh = FreshNames(graph)
         self._awq_unscaled: dict[str, str] = {}  # first MatMul of an AWQ group kept at s = 1 -> why
+        self._refined = False  # whether refine_static_dims ran (once, when a fold first needs it)
         candidates = [n for n in graph.nodes if _weight_matmul(n)]
         gemms = [n for n in graph.nodes if n.op == "Gemm" and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
         if gemms:
@@ -180,10 +181,6 @@ class WeightOnlyPass(Pass):
                         "ids (.json) or text and --tokenizer, e.g. 32 windows of 512 tokens; or use --preset w4-rtn",
                     )
                 device = getattr(getattr(ctx.calibration, "spec", None), "device", "auto")
-                if method == "awq" or spec.awq_scales:
-                    # AWQ folds 1/s through reshapes whose sizes ONNX inference may have left symbolic (a GQA's
-                    # KV-head repeat); the planners need them static
-                    logger.debug("AWQ: %d tensor shapes made static by symbolic shape inference", refine_static_dims(graph))
                 runner = SegmentRunner(graph, [layer.node for layer in layers], source, providers=choose_providers(device))
                 self._sequential(runner, layers, spec, ctx, counts)
                 counts["segments_run"] = runner.segments_run
@@ -350,6 +347,12 @@ class WeightOnlyPass(Pass):
         if not isinstance(x, gs.Variable):
             return None
         ties = channel_ties(x)
+        if ties is None and not self._refined:
+            # the fold may pass reshapes whose sizes ONNX inference left symbolic (a grouped-query attention's
+            # KV-head repeat); ORT's symbolic inference (a few seconds on a whole graph) is run once, when needed
+            self._refined = True
+            logger.debug("AWQ: %d tensor shapes made static by symbolic shape inference", refine_static_dims(runner.graph))
+            ties = channel_ties(x)
         if ties is None or self._fold_plan(runner, group, x, np.ones(ties.shape, np.float32)) is None:
             return None
         return ties

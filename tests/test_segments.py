@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxq.calibration.sources import CalibrationSource
 from onnxq.errors import CalibrationError
 from onnxq.passes.weight_only import _weight_matmul
-from onnxq.weightonly.segments import SegmentRunner
+from onnxq.weightonly.segments import SegmentRunner, _specialise
 
 PROVIDERS = ["CPUExecutionProvider"]
 VOCAB = 64
@@ -420,3 +420,27 @@ def test_stories260k_modules(assets: Path) -> None:
         assert found[f"/layers.{i}/feed_forward/w1/MatMul"] == [f"/layers.{i}/feed_forward/w2/MatMul_output_0"]
         assert found[f"/layers.{i}/attention/wo/MatMul"] is None and found[f"/layers.{i}/feed_forward/w2/MatMul"] is None
     assert found["/output/MatMul"] is None and len(found) == 21
+
+
+def test_probe_specialisation_bakes_equal_shape_inputs_and_keeps_the_outputs() -> None:
+    """A probe's integer input equal on every sample (a stored Shape output) becomes an initializer, an
+    input with one shape everywhere gets it statically, and the model computes the same."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y0"]), helper.make_node("Mul", ["y0", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None]),
+                                           helper.make_tensor_value_info("shape", TensorProto.INT64, [None]),
+                                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [1])],
+                              [helper.make_empty_tensor_value_info("y")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    inputs = [{"x": rng.normal(size=(2, 6)).astype(np.float32), "shape": np.array([3, 4], np.int64)} for _ in range(3)]
+    expected = [run_ort(model, {**feed, "w": np.array([2.0], np.float32)})[0] for feed in inputs]
+    _specialise(model, inputs)
+    assert [vi.name for vi in model.graph.input] == ["x", "w"] and [t.name for t in model.graph.initializer] == ["shape"]
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 6]
+    assert all(set(feed) == {"x"} for feed in inputs)
+    for feed, ref in zip(inputs, expected):
+        np.testing.assert_array_equal(run_ort(model, {**feed, "w": np.array([2.0], np.float32)})[0], ref)
+    varied = [{"shape": np.array([3, 4], np.int64)}, {"shape": np.array([4, 3], np.int64)}]
+    model2 = helper.make_model(helper.make_graph([], "g", [helper.make_tensor_value_info("shape", TensorProto.INT64, [None])], []))
+    _specialise(model2, varied)
+    assert [vi.name for vi in model2.graph.input] == ["shape"] and not model2.graph.initializer

@@ -23,7 +23,7 @@ from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
 from onnxq.pipeline import Pass, PassContext, PassResult
 
-__all__ = ["ShapeInferencePass", "infer_shapes", "infer_into_graph"]
+__all__ = ["ShapeInferencePass", "infer_shapes", "infer_into_graph", "refine_static_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,42 @@ def infer_into_graph(graph: gs.Graph) -> tuple[int, list[str]]:
             changed = True
         updated += int(changed)
     return updated, notes
+
+
+def refine_static_dims(graph: gs.Graph) -> int:
+    """Fill in dims that ONNX inference left symbolic but ONNX Runtime's symbolic shape inference computes
+    as integers; returns how many tensors gained a static dim.
+
+    ONNX inference loses the size of a dim that comes out of shape arithmetic through ``Where``/``Equal``
+    (an ``Expand`` repeating each KV head of a grouped-query attention: ``[b, s, 4, 1, 8] -> [b, s, 4, ?, 8]``);
+    ORT's ``SymbolicShapeInference`` tracks it. Only a non-integer dim is replaced, only by an integer, and
+    only where both agree on the rank, so nothing known is changed. Best effort: a failure changes nothing.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(_model_for_inference(graph), auto_merge=True, guess_output_rank=False)
+    except Exception as exc:  # noqa: BLE001 - best effort, as infer_into_graph
+        logger.debug("symbolic shape inference failed on graph '%s': %s", graph.name, exc)
+        return 0
+    if inferred is None:
+        return 0
+    dims: dict[str, list[int | None]] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    refined = 0
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) or tensor.shape is None or tensor.name not in dims:
+            continue
+        new = dims[tensor.name]
+        if len(new) != len(tensor.shape):
+            continue
+        shape = [d if isinstance(d, int) or n is None else int(n) for d, n in zip(tensor.shape, new)]
+        if shape != list(tensor.shape):
+            tensor.shape = shape
+            refined += 1
+    return refined
 
 
 def _shape_counts(graph: gs.Graph) -> dict[str, int]:

@@ -286,21 +286,30 @@ class SmoothQuantPass(Pass):
 # They never mutate the graph, so a failed plan leaves nothing half-done.
 
 
-def _plan(t: gs.Tensor, f: np.ndarray) -> list[_Edit] | None:
+Ties = list[tuple[np.ndarray, np.ndarray]]
+"""Pairs of equally shaped factor slices that must be equal for a plan to exist (see :func:`_plan_node`)."""
+
+
+def _plan(t: gs.Tensor, f: np.ndarray, ties: Ties | None = None) -> list[_Edit] | None:
     """Edits that scale tensor ``t`` by ``f``; ``t`` must have exactly one reader (the caller)."""
     if not isinstance(t, gs.Variable) or len(_value_readers(t)) != 1 or not t.inputs:
         return None
-    return _plan_producer(t, f)
+    return _plan_producer(t, f, ties)
 
 
-def _plan_producer(t: gs.Variable, f: np.ndarray) -> list[_Edit] | None:
+def _plan_producer(t: gs.Variable, f: np.ndarray, ties: Ties | None = None) -> list[_Edit] | None:
     if not t.inputs:
         return None
-    return _plan_node(t.inputs[0], t, f)
+    return _plan_node(t.inputs[0], t, f, ties)
 
 
-def _plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray) -> list[_Edit] | None:  # noqa: C901 - one case per op
-    """Edits to ``p``'s constants (or, recursively, its producers) so that ``p``'s output ``t`` becomes ``t * f``."""
+def _plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None = None) -> list[_Edit] | None:  # noqa: C901
+    """Edits to ``p``'s constants (or, recursively, its producers) so that ``p``'s output ``t`` becomes ``t * f``.
+
+    An ``Expand`` that broadcasts an axis (a grouped-query attention repeating each KV head for several
+    query heads) can only be scaled by an ``f`` constant along that axis. With ``ties`` (a list), a plan
+    is made anyway: the slices of ``f`` that would have to be equal are appended to it as pairs, and the
+    first slice is planned (:func:`channel_ties` uses this to learn which channels must share a factor)."""
     if len(p.outputs) != 1 and not (p.op == "LayerNormalization" and all(not o.outputs for o in p.outputs[1:])):
         return None
     rank = f.ndim
@@ -325,11 +334,11 @@ def _plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray) -> list[_Edit] | None:
         if p.op == "Mul":
             for side in (b, a):
                 if _same_shape(side, t):
-                    edits = _plan(side, f)
+                    edits = _plan(side, f, ties)
                     if edits is not None:
                         return edits
         elif _same_shape(a, t):
-            return _plan(a, f)
+            return _plan(a, f, ties)
         return None
     if p.op in ("Add", "Sub"):
         edits: list[_Edit] = []
@@ -339,7 +348,7 @@ def _plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray) -> list[_Edit] | None:
                     return None
                 edits.append(_Edit(p, i, f, where="Add"))
             else:
-                sub = _plan(side, f) if _same_shape(side, t) else None
+                sub = _plan(side, f, ties) if _same_shape(side, t) else None
                 if sub is None:
                     return None
                 edits.extend(sub)
@@ -349,7 +358,7 @@ def _plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray) -> list[_Edit] | None:
         if _const(b) and b.values.ndim == 2 and last_only:
             return [_Edit(p, 1, f.reshape(1, -1), where="MatMul")]
         if not _const(b) and rank >= 2 and f.shape[-2] == 1 and _same_rank(b, t) and _static_where(b, t, f):
-            return _plan(b, f)  # (A @ B) * f == A @ (B * f) when f is constant along the rows
+            return _plan(b, f, ties)  # (A @ B) * f == A @ (B * f) when f is constant along the rows
         return None
     if p.op == "Gemm":
         b = p.inputs[1]
@@ -366,13 +375,99 @@ def _plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray) -> list[_Edit] | None:
         return edits
     if p.op == "Transpose":
         perm = p.attrs.get("perm") or list(range(rank))[::-1]
-        return _plan(p.inputs[0], np.transpose(f, np.argsort(perm)))
+        return _plan(p.inputs[0], np.transpose(f, np.argsort(perm)), ties)
     if p.op == "Reshape":
         fin = _reshape_factor(f, p.inputs[0], t)
-        return None if fin is None else _plan(p.inputs[0], fin)
+        return None if fin is None else _plan(p.inputs[0], fin, ties)
     if p.op in ("Identity", "Relu"):  # Relu(x) * f == Relu(x * f) for f > 0
-        return _plan(p.inputs[0], f) if _same_shape(p.inputs[0], t) else None
+        return _plan(p.inputs[0], f, ties) if _same_shape(p.inputs[0], t) else None
+    if p.op in ("Unsqueeze", "Squeeze"):
+        fin = _squeeze_factor(p, f)
+        return None if fin is None else _plan(p.inputs[0], fin, ties)
+    if p.op == "Expand":
+        fin = _expand_factor(p.inputs[0], t, f, ties)
+        return None if fin is None else _plan(p.inputs[0], fin, ties)
     return None
+
+
+def _squeeze_factor(p: gs.Node, f: np.ndarray) -> np.ndarray | None:
+    """The factor on an Unsqueeze's (Squeeze's) input equivalent to ``f`` on its output: the inserted
+    (removed) axes, of size 1, are dropped from (added to) ``f``."""
+    if len(p.inputs) > 1 and p.inputs[1] is not None and not _empty(p.inputs[1]):
+        if not isinstance(p.inputs[1], gs.Constant):
+            return None
+        axes = [int(a) for a in np.asarray(p.inputs[1].values).reshape(-1)]
+    else:
+        axes = [int(a) for a in p.attrs.get("axes", [])]
+    src = p.inputs[0]
+    if p.op == "Unsqueeze":
+        axes = sorted(a % f.ndim for a in axes)
+        if not axes or any(f.shape[a] != 1 for a in axes):
+            return None
+        return f.reshape([d for i, d in enumerate(f.shape) if i not in axes])
+    if src.shape is None or not axes:
+        return None
+    rank = len(src.shape)
+    axes = sorted(a % rank for a in axes)
+    return np.expand_dims(f, axes)
+
+
+def _expand_factor(src: gs.Tensor, out: gs.Variable, f: np.ndarray, ties: Ties | None) -> np.ndarray | None:
+    """The factor on an Expand's input equivalent to ``f`` on its output.
+
+    ``f`` must be constant along every axis the Expand broadcasts (input size 1, output larger), and the
+    input's size must be static wherever ``f`` varies; with ``ties`` the slices that would have to be equal
+    are recorded instead of failing (see :func:`_plan_node`)."""
+    if src.shape is None or out.shape is None or len(src.shape) > f.ndim:
+        return None
+    lead = f.ndim - len(src.shape)
+    g = f
+    for ax in range(f.ndim):
+        if g.shape[ax] == 1:
+            continue
+        d = src.shape[ax - lead] if ax >= lead else 1
+        if isinstance(d, int) and d == g.shape[ax]:
+            continue  # not broadcast along this axis
+        if d != 1:
+            return None  # unknown or mismatched size where f varies
+        first = g.take([0], axis=ax)
+        for j in range(1, g.shape[ax]):
+            other = g.take([j], axis=ax)
+            if not np.array_equal(other, first):
+                if ties is None:
+                    return None
+                ties.append((np.broadcast_to(first, other.shape).copy(), other))
+        g = first
+    return np.ascontiguousarray(g.reshape(g.shape[lead:]))
+
+
+def channel_ties(x: gs.Variable) -> np.ndarray | None:
+    """Which channels (last axis) of ``x`` must share one factor for ``x * f`` to fold into its producer.
+
+    Returns a group label per channel (channels with the same label are tied: e.g. the channels of the
+    query heads that read one KV head of a grouped-query attention's V), or None when no factor on ``x``
+    can be folded (:func:`_plan_producer` finds no producer to absorb it)."""
+    if x.shape is None or not x.shape or not isinstance(x.shape[-1], int):
+        return None
+    k = int(x.shape[-1])
+    labels = np.arange(k, dtype=np.float64).reshape((1,) * (len(x.shape) - 1) + (k,))
+    ties: Ties = []
+    if _plan_producer(x, labels, ties) is None:
+        return None
+    parent = np.arange(k)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return int(i)
+
+    for a, b in ties:
+        for i, j in zip(a.reshape(-1).astype(np.int64), b.reshape(-1).astype(np.int64)):
+            ri, rj = root(int(i)), root(int(j))
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    return np.array([root(i) for i in range(k)])
 
 
 def _value_readers(t: gs.Tensor) -> list[gs.Node]:

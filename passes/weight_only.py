@@ -9,8 +9,13 @@ constant 2-D float weight ``[K, N]`` is quantized on a :class:`~onnxq.weightonly
 * ``gptq``: GPTQ (:mod:`onnxq.weightonly.gptq`) from each layer's input Hessian ``H = X^T X``;
 * ``awq``: AWQ (:mod:`onnxq.weightonly.awq`): a per-input-channel scale ``s`` searched on a grid, ``W``'s
   rows multiplied by ``s`` and ``1/s`` folded into what produces ``X`` (an RMSNorm/LayerNorm weight, the
-  previous projection's output columns; never a new op: a group whose input cannot absorb it is left
-  unscaled), then a per-block clipping search.
+  previous projection's output columns, also through a grouped-query attention's repeat of the KV heads,
+  with the scales of the query heads sharing a KV head tied; never a new op: a group whose input cannot
+  absorb it is left unscaled and not searched), then a per-block clipping search. As in the paper, the scales of a group
+  that opens a module (q/k/v: attention up to o_proj; gate/up: the MLP up to down_proj) are scored on
+  that module's output, computed by a :class:`~onnxq.weightonly.segments.Probe` on the stored
+  activations (on as many calibration samples as :data:`AWQ_MODULE_MACS` allows); each candidate is
+  scored with its clips applied. ``gptq`` with ``awq_scales`` uses the same scale search, without clips.
 
 GPTQ and AWQ are sequential: :class:`~onnxq.weightonly.segments.SegmentRunner` runs the graph segment by
 segment so that every layer's statistics come from the already-quantized earlier layers, in one pass
@@ -40,18 +45,32 @@ from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
 from onnxq.progress import progress_bar
 from onnxq.recipe import WeightOnlySpec
 from onnxq.target import PROFILES, TargetProfile
-from onnxq.weightonly.awq import awq_clip_search, awq_scale_search
+from onnxq.weightonly.awq import ScaleSearch, awq_clip_search, awq_scale_search, output_error
 from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, rtn
 from onnxq.weightonly.gptq import gptq, output_energy, proxy_loss
 from onnxq.weightonly.pack import ensure_opset, to_dequantize_matmul, to_matmulnbits
 from onnxq.weightonly.segments import SegmentRunner, Wave
 
 from .int8_embeddings import quantize_embedding_tables
-from .smoothquant import _Edit, _plan_producer, _value_readers
+from .shape_inference import refine_static_dims
+from .smoothquant import _Edit, _plan_producer, _value_readers, channel_ties
 
 __all__ = ["WeightOnlyPass", "quantize_weight_only", "output_projections"]
 
 logger = logging.getLogger(__name__)
+
+AWQ_CLIP_GRID = 20
+"""Clip candidates of AWQ's clip search: ``absmax * (1 - i / 20)``, ``i < 10`` (the reference's)."""
+
+AWQ_SEARCH_CLIP_GRID = 10
+"""The clip grid used while scoring scale candidates (``i / 10``, ``i < 5``): half the cost of the final
+clip search for each of the ``awq_grid`` candidates. On stories260K (mean over four calibration sets)
+the chosen scales are as good as with the full grid (KL 0.0753 vs 0.0755), 3 candidates are not (0.0771)."""
+
+AWQ_MODULE_MACS = 1e11
+"""Multiply-adds (counted on the module's weight MatMuls) one module-output scale search may spend over all
+its candidates: its probe runs on the first calibration samples that fit (at least one). stories260K
+uses every sample; SmolLM2-135M about 10 windows of 512 tokens for attention and 3 for the MLP."""
 
 
 @dataclass
@@ -64,6 +83,7 @@ class _Layer:
     method: str = ""
     error: float | None = None  # relative output error proxy tr(dW^T H dW) / tr(W^T H W), where known
     packed: bool = False
+    awq: dict[str, object] | None = None  # AWQ's scale search for this layer's input: ratio, what it scored
 
 
 def _weight_matmul(node: gs.Node) -> bool:
@@ -127,6 +147,8 @@ class WeightOnlyPass(Pass):
                   "awq_groups_scaled": 0, "awq_groups_unscaled": 0, "segments_run": 0}  # fmt: skip
         notes: list[str] = []
         self._fresh = FreshNames(graph)
+        self._awq_unscaled: dict[str, str] = {}  # first MatMul of an AWQ group kept at s = 1 -> why
+        self._refined = False  # whether refine_static_dims ran (once, when a fold first needs it)
         candidates = [n for n in graph.nodes if _weight_matmul(n)]
         gemms = [n for n in graph.nodes if n.op == "Gemm" and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
         if gemms:
@@ -180,10 +202,16 @@ class WeightOnlyPass(Pass):
             notes.append(f"{method.upper()}: relative output error per layer median {np.median(errs):.2e}, "
                          f"worst {max(errs):.2e} ({max(layers, key=lambda la: la.error or 0).node.name})")  # fmt: skip
         if counts["awq_groups_unscaled"]:
-            notes.append(f"AWQ: {counts['awq_groups_unscaled']} layer inputs kept s = 1 (nothing before them can absorb "
-                         "1/s exactly, or no scale beat s = 1); their weights were still clip-searched")  # fmt: skip
+            unfoldable = [name for name, why in self._awq_unscaled.items() if why == "unfoldable"]
+            notes.append(f"AWQ: {counts['awq_groups_scaled']} layer inputs scaled, {counts['awq_groups_unscaled']} kept s = 1 "
+                         f"({counts['awq_groups_unscaled'] - len(unfoldable)} because no scale beat s = 1"
+                         + (f"; {len(unfoldable)} because nothing before them can absorb 1/s exactly: "
+                            f"{', '.join(unfoldable[:4])}{', ...' if len(unfoldable) > 4 else ''}" if unfoldable else "")
+                         + "); their weights were still clip-searched")  # fmt: skip
         ctx.scratch["weight_only"] = {
-            layer.node.name: {"method": layer.method, "grid": str(layer.grid), "rel_error": layer.error} for layer in layers
+            layer.node.name: {"method": layer.method, "grid": str(layer.grid), "rel_error": layer.error}
+            | ({"awq_ratio": layer.awq["ratio"], "awq_scored_on": layer.awq["scored_on"]} if layer.awq else {})
+            for layer in layers
         }
         graph.cleanup().toposort()
         return PassResult(graph, True, counts, notes)
@@ -240,7 +268,7 @@ class WeightOnlyPass(Pass):
                                        mse_range=spec.mse_range, compare_rtn=False)  # fmt: skip
                             layer.qw, layer.method = res.weight, "gptq"
                         else:
-                            clip = awq_clip_search(w.values, h, layer.grid, n_grid=20) if spec.awq_clip else None
+                            clip = awq_clip_search(w.values, h, layer.grid, n_grid=AWQ_CLIP_GRID) if spec.awq_clip else None
                             layer.qw, layer.method = rtn(w.values, layer.grid, clip=clip), "awq"
                         deq = layer.qw.dequantize()
                         layer.error = _relative_error(w.values, deq, h)
@@ -251,24 +279,54 @@ class WeightOnlyPass(Pass):
 
     def _awq_scale(self, runner: SegmentRunner, group: list[_Layer], h: np.ndarray, absmean: np.ndarray,
                    spec: WeightOnlySpec, counts: dict[str, int], by_node: dict[int, _Layer]) -> np.ndarray:  # fmt: skip
-        """Search AWQ's scale for the layers reading one activation, fold it, and return the scaled input's H."""
+        """Search AWQ's scale for the layers reading one activation, fold it, and return the scaled input's H.
+
+        A group whose input cannot absorb ``1/s`` is not searched. Channels that must share a scale for
+        the fold to stay exact (:func:`~passes.smoothquant.channel_ties`: o_proj's inputs from query heads
+        reading one KV head of a grouped-query attention, whose ``1/s`` goes into that head's V columns)
+        get one scale, from their mean ``|x|``. When the group opens a module
+        (:meth:`SegmentRunner.module_outputs`), candidates are scored on the module's output (the
+        paper's loss), run on the stored activations by a probe; otherwise on the linears' own output.
+        For method ``awq`` with clipping, each candidate is scored with its clips applied."""
         x = group[0].node.inputs[0]
-        ws = [layer.node.inputs[1].values for layer in group]
-        result = awq_scale_search(ws, h, absmean, group[0].grid, n_grid=spec.awq_grid)
+        nodes = [layer.node for layer in group]
+        ties = self._fold_ties(runner, group, x)
+        if ties is None:
+            logger.debug("AWQ %s (%s): 1/s cannot be folded into its producer; not searched", x.name, nodes[0].name)
+            self._awq_unscaled[nodes[0].name] = "unfoldable"
+            counts["awq_groups_unscaled"] += 1
+            return h
+        tied = None if len(np.unique(ties)) == ties.size else ties
+        constants = list({id(n.inputs[1]): n.inputs[1] for n in nodes}.values())  # a weight read twice counts once
+        ws = [c.values for c in constants]
+        score, scored_on = None, "linear output"
+        module = runner.module_outputs(nodes)
+        if module is not None:
+            runs = 1 + spec.awq_grid + (spec.awq_grid + 1 if spec.awq_duo else 0)  # the reference, the candidates
+            probe = runner.probe(nodes, module, max_macs=AWQ_MODULE_MACS / runs)
+            score = output_error(probe.run, ws)
+            scored_on = f"output of {', '.join(t.name for t in module)} on {probe.samples} samples"
+        clip = spec.method == "awq" and spec.awq_clip
+
+        def search(duo: bool) -> ScaleSearch:
+            return awq_scale_search(ws, h, absmean, group[0].grid, n_grid=spec.awq_grid, duo=duo, clip=clip,
+                                    clip_grid=AWQ_SEARCH_CLIP_GRID, score=score, ties=tied)  # fmt: skip
+
+        result = search(False)
         if spec.awq_duo:
-            duo = awq_scale_search(ws, h, absmean, group[0].grid, n_grid=spec.awq_grid, duo=True)
+            duo = search(True)
             result = duo if duo.loss < result.loss else result
         s = np.asarray(result.scales, np.float32)
-        if np.all(s == 1.0):
-            logger.debug("AWQ %s: ratio 0 (no scaling) is best", x.name)
-            counts["awq_groups_unscaled"] += 1
-            return h
-        edits = self._fold_plan(runner, group, x, s)
+        edits = None if np.all(s == 1.0) else self._fold_plan(runner, group, x, s)
+        for layer in group:
+            layer.awq = {"ratio": result.ratio if edits else 0.0, "scored_on": "linear" if score is None else "module"}
         if edits is None:
-            logger.debug("AWQ %s: ratio %g, but 1/s cannot be folded into its producer", x.name, result.ratio)
+            logger.debug("AWQ %s (%s): ratio %g (%s): not scaled", x.name, nodes[0].name, result.ratio, scored_on)
+            self._awq_unscaled[nodes[0].name] = "s = 1 best"
             counts["awq_groups_unscaled"] += 1
             return h
-        logger.debug("AWQ %s: ratio %g, loss %.4g -> %.4g", x.name, result.ratio, result.rtn_loss, result.loss)
+        logger.debug("AWQ %s (%s): ratio %g, loss %.4g -> %.4g (%s%s)", x.name, nodes[0].name, result.ratio, result.rtn_loss,
+                     result.loss, scored_on, f"; {len(np.unique(ties))} tied scales" if tied is not None else "")  # fmt: skip
         for e in edits:
             self._apply_edit(e, by_node)
         scaled: set[int] = set()
@@ -281,6 +339,23 @@ class WeightOnlyPass(Pass):
         counts["awq_groups_scaled"] += 1
         inv = (1.0 / s).astype(np.float64)
         return h * inv[:, None] * inv[None, :]
+
+    def _fold_ties(self, runner: SegmentRunner, group: list[_Layer], x: gs.Tensor) -> np.ndarray | None:
+        """A label per channel of ``x`` (channels with one label must share their scale, see
+        :func:`~passes.smoothquant.channel_ties`), or None when ``1/s`` cannot be folded into what
+        produces ``x`` (see :meth:`_fold_plan`)."""
+        if not isinstance(x, gs.Variable):
+            return None
+        ties = channel_ties(x)
+        if ties is None and not self._refined:
+            # the fold may pass reshapes whose sizes ONNX inference left symbolic (a grouped-query attention's
+            # KV-head repeat); ORT's symbolic inference (a few seconds on a whole graph) is run once, when needed
+            self._refined = True
+            logger.debug("AWQ: %d tensor shapes made static by symbolic shape inference", refine_static_dims(runner.graph))
+            ties = channel_ties(x)
+        if ties is None or self._fold_plan(runner, group, x, np.ones(ties.shape, np.float32)) is None:
+            return None
+        return ties
 
     def _fold_plan(self, runner: SegmentRunner, group: list[_Layer], x: gs.Tensor, s: np.ndarray) -> list[_Edit] | None:
         """Edits that divide ``x`` by ``s`` exactly, or None when that is impossible or would also change
@@ -367,21 +442,41 @@ def _excluded(ctx: PassContext, node: gs.Node) -> bool:
     return ctx.recipe.exclude.excludes(node.name, node.op)
 
 
-def _statistics(wave: Wave, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``H = X^T X`` (float64) and mean |x| per channel of the wave's activation ``name``."""
+def _statistics(wave: Wave, name: str, rows_per_product: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """``H = X^T X`` (float64) and mean |x| per channel of the wave's activation ``name``.
+
+    Samples are stacked up to ``rows_per_product`` rows per ``X^T X`` product: one product per sample
+    (512 rows of 64 channels on stories260K) spends more in the call than in the arithmetic."""
+    k: int | None = None
     h: np.ndarray | None = None
     total: np.ndarray | None = None
     rows = 0
-    for x in wave.rows(name):
-        xf = np.asarray(x, np.float32)
+    pending: list[np.ndarray] = []
+    pending_rows = 0
+
+    def flush() -> None:
+        nonlocal h, total, pending_rows
+        xf = pending[0] if len(pending) == 1 else np.concatenate(pending)
         if not np.isfinite(xf).all():
             raise PassError("weight_only", f"activation '{name}' holds NaN/Inf on a calibration sample; GPTQ/AWQ need finite inputs")
         g = (xf.T @ xf).astype(np.float64)
         a = np.abs(xf).sum(axis=0, dtype=np.float64)
         h = g if h is None else h + g
         total = a if total is None else total + a
+        pending.clear()
+        pending_rows = 0
+
+    for x in wave.rows(name):
+        xf = np.asarray(x, np.float32)
+        k = xf.shape[1]
+        if pending and pending_rows + xf.shape[0] > rows_per_product:
+            flush()
+        pending.append(xf)
+        pending_rows += xf.shape[0]
         rows += xf.shape[0]
-    assert h is not None and total is not None
+    if pending:
+        flush()
+    assert h is not None and total is not None and k is not None
     return h, total / max(rows, 1)
 
 

@@ -2,7 +2,9 @@
 
 The fast code scores candidates through ``H = X^T X``; the brute force here recomputes every candidate's
 output error with ``X`` explicitly, one (block, column, candidate) at a time for the clip search, with
-the per-column quantizer (``qparams`` + ``quantize_rows``) instead of the vectorised ``rtn``.
+the per-column quantizer (``qparams`` + ``quantize_rows``) instead of the vectorised ``rtn``. The
+module-output score (``output_error``) is checked against a SwiGLU MLP written out in numpy, and the
+clip-aware scale search against candidates clipped by the brute-force clip search.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq.weightonly.awq import awq, awq_candidate_scales, awq_clip_search, awq_scale_search
+from onnxq.weightonly.awq import (
+    awq, awq_candidate_scales, awq_clip_search, awq_scale_search, output_error, tie_channels,
+)
 from onnxq.weightonly.grid import WeightGrid, qparams, quantize_rows, rtn
 
 GRIDS = [
@@ -29,13 +33,18 @@ def outlier_x(rng: np.random.Generator, rows: int, k: int, n_outliers: int = 4, 
     return x
 
 
+def candidate(absmean: np.ndarray, ratio: float) -> np.ndarray:
+    """The reference's candidate (auto_scale.py): x_mean ** ratio, clamped at 1e-4, over sqrt(max * min)."""
+    s = np.maximum(absmean**ratio, 1e-4)
+    return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+
+
 def brute_scale_losses(ws: list[np.ndarray], x: np.ndarray, grid: WeightGrid, n_grid: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """For every ratio: sum_i ||(X / s) @ dequant(rtn(diag(s) W_i)) - X @ W_i||^2, with s from the formula."""
     absmean = np.abs(x).mean(0)
     losses, scales = [], []
     for i in range(n_grid):
-        s = np.maximum(absmean ** (i / n_grid), 1e-4)
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        s = candidate(absmean, i / n_grid)
         loss = 0.0
         for w in ws:
             q = rtn(w.astype(np.float32) * s[:, None], grid).dequantize().astype(np.float64)
@@ -63,6 +72,29 @@ def test_scale_search_matches_brute_force(grid: WeightGrid) -> None:
     rtn_loss = sum(np.linalg.norm(x @ (rtn(w, grid).dequantize() - w)) ** 2 for w in ws)
     np.testing.assert_allclose(res.rtn_loss, rtn_loss, rtol=1e-6)
     assert res.loss <= res.rtn_loss
+
+
+def test_tied_channels_share_their_scale() -> None:
+    """With ``ties`` every candidate (and the result) holds one value per label: the scale of the label's
+    mean |x|, which is the search on the tied statistic; labels need not be contiguous."""
+    rng = np.random.default_rng(5)
+    k, grid = 32, WeightGrid(4, False, 128)
+    x = outlier_x(rng, 128, k)
+    ws = [rng.standard_normal((k, 16)).astype(np.float32) * 0.1]
+    ties = np.tile(np.arange(8), 4) * 4 % 13  # 8 labels, each on 4 scattered channels
+    xm = np.abs(x).mean(0)
+    tied = tie_channels(xm, ties)
+    for label in np.unique(ties):
+        np.testing.assert_allclose(tied[ties == label], xm[ties == label].mean())
+    res = awq_scale_search(ws, x.T @ x, xm, grid, n_grid=10, ties=ties)
+    assert res.ratio > 0
+    for label in np.unique(ties):
+        assert len(np.unique(res.scales[ties == label])) == 1
+    ref = awq_scale_search(ws, x.T @ x, tied, grid, n_grid=10)
+    np.testing.assert_array_equal(res.scales, ref.scales)
+    np.testing.assert_allclose(res.losses, ref.losses)
+    with pytest.raises(ValueError, match="one label per channel"):
+        tie_channels(xm, ties[:-1])
 
 
 def test_candidate_scales_formula() -> None:
@@ -184,3 +216,88 @@ def test_dead_channels_and_bad_arguments() -> None:
         awq_scale_search([w], x.T @ x, np.ones(5), WeightGrid(4, False, 32))
     with pytest.raises(ValueError, match=r"\[64, 64\]"):
         awq_clip_search(w, np.eye(3), WeightGrid(4, False, 32))
+
+
+# ------------------------------------------------------------------ scale search: clips, module output
+
+
+def brute_clipped(w: np.ndarray, x: np.ndarray, grid: WeightGrid) -> np.ndarray:
+    """``w`` quantized with the clips that minimise each block's partial output error (``brute_clip``)."""
+    errs = brute_clip(w, x, grid, 20, 0.5)
+    k = w.shape[0]
+    absmax = np.stack([np.abs(w[b * grid.block(k) : (b + 1) * grid.block(k)]).max(0) for b in range(grid.n_blocks(k))])
+    clip = (absmax * (1 - errs.argmin(0) / 20)).astype(np.float32)
+    return rtn(w, grid, clip=clip).dequantize().astype(np.float64)
+
+
+@pytest.mark.parametrize("grid", [WeightGrid(4, False, 128), WeightGrid(4, True, 32)], ids=str)
+def test_clip_aware_scale_search_matches_brute_force(grid: WeightGrid) -> None:
+    """clip=True: each ratio is scored with the scaled weights quantized with their own clip search (on the
+    scaled activation X / s), as the pass quantizes them afterwards; brute force with X explicitly."""
+    rng = np.random.default_rng(30 + grid.block_size)
+    k = 64
+    x = outlier_x(rng, 300, k)
+    ws = [rng.standard_normal((k, n)).astype(np.float32) for n in (12, 8)]
+    ws[0][rng.integers(0, k, 5), rng.integers(0, 12, 5)] *= 6.0  # weight outliers: clipping matters
+    n_grid = 10
+    res = awq_scale_search(ws, x.T @ x, np.abs(x).mean(0), grid, n_grid=n_grid, clip=True)
+    absmean = np.abs(x).mean(0)
+    brute = []
+    for i in range(n_grid):
+        s = candidate(absmean, i / n_grid)
+        xs = x / s.astype(np.float64)
+        brute.append(sum(np.linalg.norm(xs @ brute_clipped(w * s[:, None], xs, grid) - x @ w) ** 2 for w in ws))
+    np.testing.assert_allclose(res.losses, brute, rtol=1e-6)
+    assert res.ratio == int(np.argmin(brute)) / n_grid
+    plain = awq_scale_search(ws, x.T @ x, absmean, grid, n_grid=n_grid)
+    assert np.all(res.losses < plain.losses), "clipping lowers every candidate's loss here"
+    # awq() searches with its clips (on its own grid), so the search's best loss is the final loss
+    full = awq(ws, x.T @ x, absmean, grid, n_grid=n_grid)
+    np.testing.assert_allclose(full.loss, full.search.loss, rtol=1e-6)  # float32 vs float64 division by s
+    np.testing.assert_allclose(full.search.losses, awq_scale_search(ws, x.T @ x, absmean, grid, n_grid=n_grid, clip=True,
+                                                                    clip_grid=n_grid).losses, rtol=1e-12)
+    np.testing.assert_allclose(full.rtn_loss, plain.rtn_loss, rtol=1e-9)
+
+
+def swiglu(x: np.ndarray, wg: np.ndarray, wu: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    g = x @ wg
+    return (g / (1 + np.exp(-g)) * (x @ wu)) @ wd
+
+
+def test_module_output_score_matches_brute_force() -> None:
+    """score=output_error(run, ws) with run = a SwiGLU MLP on three samples: every candidate's loss is the
+    squared change of the MLP output when gate/up are replaced by Q(diag(s) W) / s, computed directly."""
+    rng = np.random.default_rng(40)
+    k, f = 48, 96
+    samples = [outlier_x(rng, 100, k) for _ in range(3)]
+    wg, wu = (rng.standard_normal((k, f)).astype(np.float32) / np.sqrt(k) for _ in range(2))
+    wd = rng.standard_normal((f, k)) / np.sqrt(f)
+    calls = []
+
+    def run(ws: list[np.ndarray]) -> list[list[np.ndarray]]:
+        calls.append(1)
+        return [[swiglu(x, ws[0].astype(np.float64), ws[1].astype(np.float64), wd)] for x in samples]
+
+    x = np.concatenate(samples)
+    absmean = np.abs(x).mean(0)
+    grid = WeightGrid(4, False, 32)
+    score = output_error(run, [wg, wu])
+    assert len(calls) == 1 and score([wg, wu]) == 0.0
+    res = awq_scale_search([wg, wu], None, absmean, grid, n_grid=20, score=score)
+    assert len(calls) == 2 + 20  # the reference once, then one run per candidate
+    reference = [swiglu(xi, wg, wu, wd) for xi in samples]
+    brute = []
+    for i in range(20):
+        s = candidate(absmean, i / 20)
+        qg, qu = (rtn(w * s[:, None], grid).dequantize().astype(np.float64) / s[:, None] for w in (wg, wu))
+        brute.append(sum(np.linalg.norm(swiglu(xi, qg, qu, wd) - r) ** 2 for xi, r in zip(samples, reference)))
+    np.testing.assert_allclose(res.losses, brute, rtol=1e-6)
+    np.testing.assert_array_equal(res.scales, candidate(absmean, res.ratio))
+    assert res.ratio == int(np.argmin(brute)) / 20 and res.loss <= res.rtn_loss
+    # the linear-output search minimises something else: its own losses are not the MLP's
+    linear = awq_scale_search([wg, wu], x.T @ x, absmean, grid, n_grid=20)
+    assert not np.allclose(linear.losses, res.losses, rtol=0.1)
+    with pytest.raises(ValueError, match="needs H"):
+        awq_scale_search([wg, wu], None, absmean, grid, score=score, clip=True)
+    with pytest.raises(ValueError, match="needs H"):
+        awq_scale_search([wg, wu], None, absmean, grid)

@@ -1,7 +1,8 @@
 """weightonly.segments.SegmentRunner: waves of weight MatMuls and their inputs, checked against a full-model
 run (tiny llama-like decoder built here, and stories260K); one execution of every node; only the tensors
 live at the cut are held; sequential semantics (a weight changed after its wave changes what later waves
-see); missing calibration inputs are named.
+see); missing calibration inputs are named. The module a wave opens (q/k/v -> o_proj, gate/up ->
+down_proj) and the probe that computes its output with other weights, against the full model.
 
 ``tiny_llama`` and ``ListSource`` are also used by ``tests/test_weight_only.py``."""
 
@@ -22,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxq.calibration.sources import CalibrationSource
 from onnxq.errors import CalibrationError
 from onnxq.passes.weight_only import _weight_matmul
-from onnxq.weightonly.segments import SegmentRunner
+from onnxq.weightonly.segments import SegmentRunner, _specialise
 
 PROVIDERS = ["CPUExecutionProvider"]
 VOCAB = 64
@@ -165,9 +166,9 @@ def _walk(runner: SegmentRunner, monkeypatch: pytest.MonkeyPatch) -> tuple[list,
     segments: list[list[int]] = []
     build = SegmentRunner._segment_model
 
-    def spy(self: SegmentRunner, nodes: list[gs.Node], feeds: list[str], outputs: list[str]) -> onnx.ModelProto:
+    def spy(self: SegmentRunner, nodes: list[gs.Node], feeds: list[str], outputs: list[str], *rest: object) -> onnx.ModelProto:
         segments.append([id(n) for n in nodes])
-        return build(self, nodes, feeds, outputs)
+        return build(self, nodes, feeds, outputs, *rest)
 
     monkeypatch.setattr(SegmentRunner, "_segment_model", spy)
     waves = []
@@ -305,6 +306,76 @@ def test_samples_with_unknown_inputs_or_no_samples_are_refused() -> None:
         _runner(model, [])
 
 
+# ------------------------------------------------------------------------------- modules and probes
+
+
+def _with(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(weights[t.name], np.float32), t.name))
+    return out
+
+
+@pytest.mark.parametrize("attn_bias", [False, True])
+def test_module_outputs_of_each_wave(attn_bias: bool) -> None:
+    """q/k/v open attention, closed by o_proj; gate/up open the MLP, closed by down_proj; o_proj, down_proj
+    and lm_head feed the residual stream (or the logits) and close nothing but themselves. An input every
+    layer's attention reads (attn_bias, as a mask) is not taken for the residual stream of layer 1."""
+    feeds = token_feeds([6])
+    if attn_bias:
+        feeds[0]["attn_bias"] = np.zeros((1, 6, 6), np.float32)
+    runner = _runner(tiny_llama(attn_bias=attn_bias), feeds)
+    found = {}
+    for wave in runner.waves():
+        module = runner.module_outputs(wave.nodes)
+        found[wave.nodes[0].name] = None if module is None else [t.name for t in module]
+    assert found == {
+        **{f"layers.{i}/q_proj": [f"layers.{i}/o"] for i in range(2)},
+        **{f"layers.{i}/gate_proj": [f"layers.{i}/down"] for i in range(2)},
+        **{f"layers.{i}/{p}": None for i in range(2) for p in ("o_proj", "down_proj")},
+        "lm_head": None,
+    }
+
+
+def test_probe_computes_the_module_with_fed_weights() -> None:
+    """At layer 1's q/k/v wave (layer 0 already changed in place, as a quantizer does), the probe's output
+    equals the full model's o_proj output, with the current weights and with other q/k/v weights fed in;
+    max_macs keeps the first samples that fit."""
+    model = tiny_llama()
+    feeds = token_feeds([8, 11, 5])
+    runner = _runner(model, feeds)
+    rng = np.random.default_rng(3)
+    changed: dict[str, np.ndarray] = {}
+    for wave in runner.waves():
+        if wave.nodes[0].name == "layers.1/q_proj":
+            break
+        for n in wave.nodes:  # perturb every earlier weight: the probe must start from the stored activations
+            n.inputs[1].values = (n.inputs[1].values * (1 + 0.1 * rng.standard_normal(n.inputs[1].shape))).astype(np.float32)
+            changed[n.inputs[1].name] = n.inputs[1].values
+    nodes = wave.nodes
+    module = runner.module_outputs(nodes)
+    probe = runner.probe(nodes, module)
+    assert probe.samples == 3 and [w for w, _ in probe.weights] == ["layers.1.wq", "layers.1.wk", "layers.1.wv"]
+    current = [n.inputs[1].values for n in nodes]
+    expected = _full(_with(model, changed), ["layers.1/o"], feeds)["layers.1/o"]
+    for got, want in zip(probe.run(current), expected, strict=True):
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+    other = [rng.standard_normal(w.shape).astype(np.float32) for w in current]
+    expected = _full(_with(model, changed | dict(zip(["layers.1.wq", "layers.1.wk", "layers.1.wv"], other))), ["layers.1/o"], feeds)
+    for got, want in zip(probe.run(other), expected["layers.1/o"], strict=True):
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(nodes[0].inputs[1].values, current[0]), "the probe must not change the graph's weights"
+    # 32 * (3 * 32 + 32) multiply-adds per row (q, k, v and o_proj): rows 8 and 8 + 11 = 19
+    per_row = 32 * 4 * 32
+    assert runner.probe(nodes, module, max_macs=19 * per_row).samples == 2
+    assert runner.probe(nodes, module, max_macs=19 * per_row - 1).samples == 1
+    assert runner.probe(nodes, module, max_macs=1).samples == 1
+    with pytest.raises(ValueError, match="takes 3 weights"):
+        next(probe.run(other[:2]))
+
+
 # --------------------------------------------------------------------------------------- stories260K
 
 
@@ -332,3 +403,44 @@ def test_stories260k_waves_match_the_full_model(assets: Path, monkeypatch: pytes
     for names, _, held, live in waves:
         assert held == live, f"at wave {names}: extra {sorted(held - live)}, missing {sorted(live - held)}"
     assert len(runner.store) == len(_live_at(runner, runner.cut)) <= 3
+
+
+@pytest.mark.assets
+def test_stories260k_modules(assets: Path) -> None:
+    """The real export: q/k/v (through RoPE, the causal mask, the GQA repeat of k/v) close at wo; w1/w3
+    (SiLU gate) at w2; wo, w2 and the output projection close nothing."""
+    model = onnx.load(str(asset(assets, "llm/stories260K/stories260K.onnx")))
+    runner = _runner(model, [{"input_ids": np.arange(32, dtype=np.int64)[None]}])
+    found = {}
+    for wave in runner.waves():
+        module = runner.module_outputs(wave.nodes)
+        found[min(n.name for n in wave.nodes)] = None if module is None else [t.name for t in module]
+    for i in range(5):
+        assert found[f"/layers.{i}/attention/wk/MatMul"] == [f"/layers.{i}/attention/wo/MatMul_output_0"]
+        assert found[f"/layers.{i}/feed_forward/w1/MatMul"] == [f"/layers.{i}/feed_forward/w2/MatMul_output_0"]
+        assert found[f"/layers.{i}/attention/wo/MatMul"] is None and found[f"/layers.{i}/feed_forward/w2/MatMul"] is None
+    assert found["/output/MatMul"] is None and len(found) == 21
+
+
+def test_probe_specialisation_bakes_equal_shape_inputs_and_keeps_the_outputs() -> None:
+    """A probe's integer input equal on every sample (a stored Shape output) becomes an initializer, an
+    input with one shape everywhere gets it statically, and the model computes the same."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y0"]), helper.make_node("Mul", ["y0", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None]),
+                                           helper.make_tensor_value_info("shape", TensorProto.INT64, [None]),
+                                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [1])],
+                              [helper.make_empty_tensor_value_info("y")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    inputs = [{"x": rng.normal(size=(2, 6)).astype(np.float32), "shape": np.array([3, 4], np.int64)} for _ in range(3)]
+    expected = [run_ort(model, {**feed, "w": np.array([2.0], np.float32)})[0] for feed in inputs]
+    _specialise(model, inputs)
+    assert [vi.name for vi in model.graph.input] == ["x", "w"] and [t.name for t in model.graph.initializer] == ["shape"]
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 6]
+    assert all(set(feed) == {"x"} for feed in inputs)
+    for feed, ref in zip(inputs, expected):
+        np.testing.assert_array_equal(run_ort(model, {**feed, "w": np.array([2.0], np.float32)})[0], ref)
+    varied = [{"shape": np.array([3, 4], np.int64)}, {"shape": np.array([4, 3], np.int64)}]
+    model2 = helper.make_model(helper.make_graph([], "g", [helper.make_tensor_value_info("shape", TensorProto.INT64, [None])], []))
+    _specialise(model2, varied)
+    assert [vi.name for vi in model2.graph.input] == ["shape"] and not model2.graph.initializer

@@ -15,7 +15,9 @@ from onnxq.cli import main
 from onnxq.quantize import CalibrationOptions, quantize_model
 from onnxq.recipe import SmoothQuantSpec, preset, recipe_from_dict
 from onnxq.errors import RecipeError
-from onnxq.passes.smoothquant import smooth_factors
+import onnx_graphsurgeon as gs
+
+from onnxq.passes.smoothquant import _plan_producer, channel_ties, smooth_factors
 
 from conftest import asset
 from helpers import full_check, run_ort, sqnr_db
@@ -165,6 +167,62 @@ def test_attention_output_projection_folds_into_v_through_reshape_transpose() ->
     if "SmoothQuant" in docs["o_proj"]:
         assert "MatMul 'v_proj'" in docs["o_proj"] and "Add 'v_bias'" in docs["o_proj"]
     assert step.counts["muls_inserted"] == 0
+
+
+def _gqa_attention(kv: int = 2, rep: int = 2, d: int = 4, t: int = 5) -> onnx.ModelProto:
+    """V of a grouped-query attention as HF's ``repeat_kv`` exports it: v_proj -> Reshape [1, t, kv, d] ->
+    Unsqueeze(3) -> Expand [1, t, kv, rep, d] -> Reshape [1, t, kv * rep, d] -> heads -> probs @ V ->
+    Reshape [1, t, kv * rep * d] -> o_proj (query head h reads KV head h // rep)."""
+    heads, dim = kv * rep, kv * rep * d
+    nodes = [
+        helper.make_node("MatMul", ["x", "wv"], ["v0"], name="v_proj"),
+        helper.make_node("Reshape", ["v0", "kv_shape"], ["v1"], name="v_split"),
+        helper.make_node("Unsqueeze", ["v1", "axis3"], ["v2"], name="v_unsqueeze"),
+        helper.make_node("Expand", ["v2", "rep_shape"], ["v3"], name="v_repeat"),
+        helper.make_node("Reshape", ["v3", "head_shape"], ["v4"], name="v_merge"),
+        helper.make_node("Transpose", ["v4"], ["v5"], name="v_heads", perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["p", "v5"], ["c0"], name="attn_v"),
+        helper.make_node("Transpose", ["c0"], ["c1"], name="ctx_t", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["c1", "ctx_shape"], ["c2"], name="ctx_merge"),
+        helper.make_node("MatMul", ["c2", "wo"], ["y"], name="o_proj"),
+    ]
+    inits = {"wv": _w(dim, kv * d), "wo": _w(dim, dim), "axis3": np.array([3], np.int64),
+             "kv_shape": np.array([1, t, kv, d], np.int64), "rep_shape": np.array([1, t, kv, rep, d], np.int64),
+             "head_shape": np.array([1, t, heads, d], np.int64), "ctx_shape": np.array([1, t, dim], np.int64)}  # fmt: skip
+    return _model(nodes, inits, [_vi("x", [1, t, dim]), _vi("p", [1, heads, t, t])], [_vi("y", [1, t, dim])])
+
+
+def test_gqa_output_projection_ties_query_heads_and_folds_into_v() -> None:
+    """o_proj's input channel h * d + j reads channel j of KV head h // rep: those channels are tied, a
+    tied 1/s folds into v_proj's columns through the Expand that repeats the KV heads (the float model is
+    unchanged once o_proj's rows are multiplied by s), and an untied one cannot be folded."""
+    kv, rep, d = 2, 2, 4
+    model = _gqa_attention(kv, rep, d)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    x = graph.tensors()["c2"]
+    ties = channel_ties(x)
+    heads = np.arange(kv * rep).repeat(d)
+    expected = (heads // rep) * rep * d + np.tile(np.arange(d), kv * rep)  # the first channel of each tie
+    np.testing.assert_array_equal(ties, expected)
+
+    rng = np.random.default_rng(3)
+    s = np.exp(rng.normal(size=kv * rep * d)).astype(np.float32)
+    assert _plan_producer(x, (1.0 / s).reshape(1, 1, -1)) is None  # untied: not foldable
+    s = s[ties]  # every channel takes its tie's first value
+    edits = _plan_producer(x, (1.0 / s).reshape(1, 1, -1))
+    assert edits is not None and [e.node.name for e in edits] == ["v_proj"]
+    for e in edits:
+        c = e.node.inputs[e.index]
+        c.values = np.asarray(c.values / e.factor if e.divide else c.values * e.factor, np.float32)
+    wo = graph.tensors()["wo"]
+    wo.values = (wo.values * s[:, None]).astype(np.float32)
+    folded = gs.export_onnx(graph)
+    feed = {"x": RNG.normal(size=(1, 5, kv * rep * d)).astype(np.float32),
+            "p": RNG.random((1, kv * rep, 5, 5)).astype(np.float32)}  # fmt: skip
+    np.testing.assert_allclose(run_ort(folded, feed)[0], run_ort(model, feed)[0], rtol=1e-4, atol=1e-5)
+    wv0 = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "wv"))
+    assert not np.allclose(graph.tensors()["wv"].values, wv0)  # the fold changed V, not an inserted op
+    assert len(graph.nodes) == len(model.graph.node)
 
 
 def test_graph_input_gets_an_explicit_mul() -> None:

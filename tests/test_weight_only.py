@@ -26,9 +26,11 @@ from onnxq.cli import main
 from onnxq.errors import CalibrationError, PassError, RecipeError
 from onnxq.model import to_model
 from onnxq.passes import WeightOnlyPass
+from onnxq.passes.weight_only import AWQ_SEARCH_CLIP_GRID
 from onnxq.quantize import CalibrationOptions, QuantizeResult, quantize_model
 from onnxq.recipe import Recipe, load_recipe, preset, recipe_from_dict
 from onnxq.report import StepRecord
+from onnxq.weightonly.awq import awq_candidate_scales, awq_clip_search
 from onnxq.weightonly.grid import WeightGrid, rtn
 from onnxq.weightonly.pack import MS_DOMAIN, MatMulNBitsArrays, unpack_matmulnbits
 
@@ -96,6 +98,16 @@ def _tokens_file(tmp_path: Path, n: int = 16 * 16, seed: int = 0) -> Path:
     p = tmp_path / "tokens.json"
     p.write_text(json.dumps(_markov_tokens(n, seed)))
     return p
+
+
+def _full_outputs(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """Intermediate tensors ``names`` of ``model`` (made graph outputs), one array per feed."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    outs = [o.name for o in m.graph.output]
+    runs = [dict(zip(outs, run_ort(m, f))) for f in feeds]
+    return {n: [r[n] for r in runs] for n in names}
 
 
 def _unpacked(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -315,6 +327,49 @@ def test_awq_from_npz_runs_and_beats_rtn(tmp_path: Path) -> None:
     assert step.counts["awq_groups_scaled"] + step.counts["awq_groups_unscaled"] == 9  # one group per wave input
     feeds = _held_out()
     assert _rel_mse(_tiny(), res.model, feeds) < _rel_mse(_tiny(), _rtn_models()["matmulnbits"][0], feeds)
+
+
+def test_awq_scores_qkv_and_gate_up_on_their_module_output(tmp_path: Path) -> None:
+    """The pass run directly: the scales of q/k/v and gate/up are searched on the output of the module they
+    open (o_proj's, down_proj's), those of o_proj, down_proj and lm_head on their own output. Brute force
+    for layer 0's q/k/v, whose input no quantized layer has touched: for every ratio, the float model with
+    q/k/v replaced by their scaled weights quantized with the clips the search tries (divided by s)
+    changes layers.0/o by some amount; the pass chose the ratio with the smallest change."""
+    model = onnx.shape_inference.infer_shapes(_tiny())
+    recipe = _recipe("w4-awq", embeddings="float")
+    source = TokenFileSource(_tokens_file(tmp_path), input_specs(model), seq_len=16, limit=8)
+    ctx = make_ctx(recipe, calibration=CalibrationSession(source, recipe.calibration, progress=False))
+    WeightOnlyPass()(gs.import_onnx(model), ctx)
+    info = ctx.scratch["weight_only"]
+    modules = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    assert {k: v["awq_scored_on"] for k, v in info.items()} == {
+        k: "module" if k.split("/")[-1] in modules else "linear" for k in WEIGHT
+    }
+
+    feeds = list(source)
+    x = _full_outputs(model, ["layers.0/attn_norm/out"], feeds)["layers.0/attn_norm/out"]
+    rows = [np.asarray(a, np.float32).reshape(-1, DIM) for a in x]
+    h = sum((r.T @ r).astype(np.float64) for r in rows)
+    absmean = np.abs(np.concatenate(rows)).mean(0)
+    grid = WeightGrid(4, False, 16)
+    inits = _inits(model)
+    names = ["layers.0.wq", "layers.0.wk", "layers.0.wv"]
+    reference = _full_outputs(model, ["layers.0/o"], feeds)["layers.0/o"]
+    losses = []
+    for i in range(20):
+        s = awq_candidate_scales(absmean, i / 20).astype(np.float64)
+        weights = {}
+        for name in names:
+            scaled = (inits[name] * s[:, None]).astype(np.float32)
+            clip = awq_clip_search(scaled, h / np.outer(s, s), grid, n_grid=AWQ_SEARCH_CLIP_GRID)
+            weights[name] = rtn(scaled, grid, clip=clip).dequantize() / s[:, None]
+        out = _full_outputs(_with_weights(model, weights), ["layers.0/o"], feeds)["layers.0/o"]
+        losses.append(sum(float(((a.astype(np.float64) - b) ** 2).sum()) for a, b in zip(out, reference)))
+    best = int(np.argmin(losses))
+    print("layer 0 q/k/v: module loss per ratio / unscaled", np.round(np.asarray(losses) / losses[0], 3))
+    assert best > 0 and losses[best] < 0.95 * losses[0], "the test should exercise a scale that matters"
+    assert sorted(losses)[1] > losses[best] * (1 + 1e-4), "a near tie would make the comparison fragile"
+    assert info["layers.0/q_proj"]["awq_ratio"] == best / 20
 
 
 def test_gptq_awq_scales_then_gptq(tmp_path: Path) -> None:
@@ -594,3 +649,43 @@ def test_cli_text_calibration_is_cut_into_windows_for_llms(tiny_path: Path, tmp_
     assert code == 0, err
     source = json.loads(stdout)["info"]["calibration"]["source"]
     assert "windows of 512 tokens" in source and "2 of " in source, source
+
+
+@pytest.mark.assets
+def test_stories260k_gqa_o_proj_fold_is_exact(assets: Path) -> None:
+    """stories260K repeats its 4 KV heads for 8 query heads (Unsqueeze -> Expand -> Reshape, the Expand's
+    shape computed through Where, which ONNX inference leaves symbolic). After refine_static_dims every
+    o_proj input has 32 tied channel pairs (query heads 2g and 2g + 1 read KV head g), and a tied 1/s
+    folded into v_proj's columns, with o_proj's rows multiplied by s, leaves the logits unchanged."""
+    from onnxq.passes import PASSES
+    from onnxq.passes.shape_inference import refine_static_dims
+    from onnxq.passes.smoothquant import _plan_producer, channel_ties
+    from onnxq.pipeline import PassContext
+    from onnxq.report import Report
+
+    model = onnx.load(str(asset(assets, STORIES)))
+    graph = gs.import_onnx(model)
+    ctx = PassContext(recipe=preset("w4-awq"), report=Report(), progress=False)
+    for name in ("shape_inference", "constant_folding", "remove_dead_nodes"):
+        graph = PASSES[name]()(graph, ctx).graph
+    o_inputs = [n.inputs[0] for n in graph.nodes if n.op == "MatMul" and n.name.endswith("attention/wo/MatMul")]
+    assert len(o_inputs) == 5 and channel_ties(o_inputs[0]) is None  # the repeat's size is unknown to ONNX
+    assert refine_static_dims(graph) > 0
+    rng = np.random.default_rng(0)
+    pairs = np.arange(64).reshape(8, 8)[[0, 2, 4, 6]].reshape(-1)  # the first channel of each tie
+    for x in o_inputs:
+        ties = channel_ties(x)
+        assert ties is not None and len(np.unique(ties)) == 32
+        np.testing.assert_array_equal(np.unique(ties), pairs)
+        s = np.exp(rng.normal(size=64) * 0.5).astype(np.float32)[ties]
+        edits = _plan_producer(x, (1.0 / s).reshape(1, 1, -1))
+        assert edits is not None and [e.node.name for e in edits] == [x.name.replace("Reshape_15_output_0", "wv/MatMul")]
+        for e in edits:
+            c = e.node.inputs[e.index]
+            c.values = np.asarray(c.values * e.factor, np.float32)
+        wo = next(n for n in x.outputs if n.op == "MatMul").inputs[1]
+        wo.values = (wo.values * s[:, None]).astype(np.float32)
+    folded = gs.export_onnx(graph)
+    ids = {"input_ids": np.array([json.loads(asset(assets, TOKENS).read_text())[:64]], np.int64)}
+    ref, out = run_ort(model, ids)[0], run_ort(folded, ids)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))

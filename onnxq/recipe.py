@@ -248,7 +248,11 @@ class WeightOnlySpec:
     then quantizes the scaled weights with GPTQ (both methods' gains combine).
     ``awq_grid``: number of scale exponents AWQ tries (0, 1/n, ..., (n-1)/n). ``awq_duo``: also try
     AutoAWQ's duo scaling (activation mean over weight mean) and keep the better. ``awq_clip``: run AWQ's
-    clipping search after the scale search.
+    clipping search after the scale search. ``awq_loss``: what scores a scale candidate: ``"module"`` (the
+    paper's: the output of the module the weights open, attention up to o_proj or the MLP up to down_proj,
+    run on the calibration activations; several times slower) or ``"linear"`` (each linear's own output
+    error, from ``H``). ``w4-awq`` uses ``"module"``; ``w4-gptq-awq`` uses ``"linear"``, measured better and
+    faster there (GPTQ's own compensation follows the scales; benchmarks/RESULTS.md).
     """
 
     method: Literal["rtn", "gptq", "awq"] = "rtn"
@@ -265,8 +269,11 @@ class WeightOnlySpec:
     awq_grid: int = 20
     awq_duo: bool = False
     awq_clip: bool = True
+    awq_loss: Literal["module", "linear"] = "module"
 
     def __post_init__(self) -> None:
+        if self.awq_loss not in ("module", "linear"):
+            raise RecipeError(f"[weight_only] awq_loss must be 'module' or 'linear', got '{self.awq_loss}'")
         if self.method not in ("rtn", "gptq", "awq"):
             raise RecipeError(f"[weight_only] method must be 'rtn', 'gptq' or 'awq', got '{self.method}'")
         if self.bits not in (4, 8):
@@ -506,7 +513,7 @@ PRESETS: dict[str, Recipe] = {
                    "compensated layer by layer from each layer's input statistics; MatMulNBits, block 128", "gptq"),
     "w4-gptq-awq": _w4("w4-gptq-awq", "int4 weight-only, AWQ's scale search and fold on each layer input, then GPTQ "
                        "on the scaled weights (needs --calib): the most accurate of the w4 presets on SmolLM2; "
-                       "MatMulNBits, block 128", "gptq", awq_scales=True),
+                       "MatMulNBits, block 128", "gptq", awq_scales=True, awq_loss="linear"),
     "w4-awq": _w4("w4-awq", "int4 weight-only with AWQ (needs --calib): per-channel scales that protect salient "
                   "weights, folded into the preceding op, then clipping search; MatMulNBits, block 128", "awq"),
     "fp16": Recipe(

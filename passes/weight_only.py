@@ -286,7 +286,8 @@ class WeightOnlyPass(Pass):
         reading one KV head of a grouped-query attention, whose ``1/s`` goes into that head's V columns)
         get one scale, from their mean ``|x|``. When the group opens a module
         (:meth:`SegmentRunner.module_outputs`), candidates are scored on the module's output (the
-        paper's loss), run on the stored activations by a probe; otherwise on the linears' own output.
+        paper's loss; ``awq_loss = "module"``), run on the stored activations by a probe; otherwise on the
+        linears' own output.
         For method ``awq`` with clipping, each candidate is scored with its clips applied."""
         x = group[0].node.inputs[0]
         nodes = [layer.node for layer in group]
@@ -300,7 +301,7 @@ class WeightOnlyPass(Pass):
         constants = list({id(n.inputs[1]): n.inputs[1] for n in nodes}.values())  # a weight read twice counts once
         ws = [c.values for c in constants]
         score, scored_on = None, "linear output"
-        module = runner.module_outputs(nodes)
+        module = runner.module_outputs(nodes) if spec.awq_loss == "module" else None
         if module is not None:
             runs = 1 + spec.awq_grid + (spec.awq_grid + 1 if spec.awq_duo else 0)  # the reference, the candidates
             probe = runner.probe(nodes, module, max_macs=AWQ_MODULE_MACS / runs)

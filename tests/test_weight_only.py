@@ -329,6 +329,21 @@ def test_awq_from_npz_runs_and_beats_rtn(tmp_path: Path) -> None:
     assert _rel_mse(_tiny(), res.model, feeds) < _rel_mse(_tiny(), _rtn_models()["matmulnbits"][0], feeds)
 
 
+@pytest.mark.parametrize("name, loss", [("w4-gptq-awq", "linear"), ("w4-awq", "linear")])
+def test_awq_loss_linear_scores_every_layer_on_its_own_output(tmp_path: Path, name: str, loss: str) -> None:
+    """awq_loss = "linear" (w4-gptq-awq's default, or set in a recipe): no module probe, every scale
+    candidate scored on each linear's own output from H."""
+    model = onnx.shape_inference.infer_shapes(_tiny())
+    recipe = _recipe(name, embeddings="float")
+    recipe = recipe.with_(weight_only=dataclasses.replace(recipe.weight_only, awq_loss=loss))
+    assert preset("w4-gptq-awq").weight_only.awq_loss == "linear" and preset("w4-awq").weight_only.awq_loss == "module"
+    source = TokenFileSource(_tokens_file(tmp_path), input_specs(model), seq_len=16, limit=8)
+    ctx = make_ctx(recipe, calibration=CalibrationSession(source, recipe.calibration, progress=False))
+    WeightOnlyPass()(gs.import_onnx(model), ctx)
+    scored = {v["awq_scored_on"] for v in ctx.scratch["weight_only"].values() if "awq_scored_on" in v}
+    assert scored == {"linear"}
+
+
 def test_awq_scores_qkv_and_gate_up_on_their_module_output(tmp_path: Path) -> None:
     """The pass run directly: the scales of q/k/v and gate/up are searched on the output of the module they
     open (o_proj's, down_proj's), those of o_proj, down_proj and lm_head on their own output. Brute force

@@ -177,11 +177,17 @@ def test_view_model_echoes_the_address(tiny_model: Path, netron) -> None:
 
 def test_view_model_blocks_until_ctrl_c_then_stops(tiny_model: Path, netron) -> None:
     lines: list[str] = []
-    # Ctrl-C arrives as KeyboardInterrupt in the main thread; view_model absorbs it and stops the server
+    # Ctrl-C arrives as KeyboardInterrupt in the main thread; view_model absorbs it and stops the server.
+    # The timer starts when the address is echoed (the server is up): started before serve(), a slow start
+    # under load let the interrupt land inside netron's start-up, which swallowed it, and wait() never ended.
     timer = threading.Timer(0.5, _thread.interrupt_main)
-    timer.start()
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        timer.start()
+
     try:
-        address = view_model(tiny_model, port=0, echo=lines.append)
+        address = view_model(tiny_model, port=0, echo=echo)
     finally:
         timer.cancel()
     assert lines and address in lines[0]

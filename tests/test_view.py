@@ -9,6 +9,7 @@ from __future__ import annotations
 import _thread
 import re
 import socket
+import signal
 import sys
 import threading
 import urllib.request
@@ -178,18 +179,33 @@ def test_view_model_echoes_the_address(tiny_model: Path, netron) -> None:
 def test_view_model_blocks_until_ctrl_c_then_stops(tiny_model: Path, netron) -> None:
     lines: list[str] = []
     # Ctrl-C arrives as KeyboardInterrupt in the main thread; view_model absorbs it and stops the server.
-    # The timer starts when the address is echoed (the server is up): started before serve(), a slow start
-    # under load let the interrupt land inside netron's start-up, which swallowed it, and wait() never ended.
+    # interrupt_main() is ignored when SIGINT is not handled by Python (an earlier test or library may have set
+    # SIG_DFL / SIG_IGN: in a full CI run this test hung), so Python's handler is installed for the test.
+    # The timer starts once the address is echoed (the server is up); a failsafe stops the server after 20 s so
+    # that a lost interrupt fails the test instead of hanging the run.
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, _thread.interrupt_main)
+    failsafe: list[threading.Timer] = []
+    fired: list[bool] = []
+
+    def give_up(address: str) -> None:
+        fired.append(True)
+        stop(address)
 
     def echo(line: str) -> None:
         lines.append(line)
+        failsafe.append(threading.Timer(20.0, give_up, args=(line.split(" at ")[1].split(" ")[0],)))
+        failsafe[0].start()
         timer.start()
 
     try:
         address = view_model(tiny_model, port=0, echo=echo)
     finally:
         timer.cancel()
+        for t in failsafe:
+            t.cancel()
+        signal.signal(signal.SIGINT, old_handler)
+    assert failsafe and not fired, "the Ctrl-C never reached view_model; the failsafe stopped the server"
     assert lines and address in lines[0]
     assert not netron.status(("localhost", int(ADDRESS.match(address).group(1))))
 

@@ -123,7 +123,11 @@ def refine_static_dims(graph: gs.Graph) -> int:
     """
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+    except ImportError as exc:  # it needs sympy (an onnxq dependency) and onnxruntime
+        logger.warning("symbolic shape inference unavailable (%s): install sympy and onnxruntime; dims that ONNX "
+                       "inference leaves symbolic stay unknown", exc)  # fmt: skip
+        return 0
+    try:
         inferred = SymbolicShapeInference.infer_shapes(_model_for_inference(graph), auto_merge=True, guess_output_rank=False)
     except Exception as exc:  # noqa: BLE001 - best effort, as infer_into_graph
         logger.debug("symbolic shape inference failed on graph '%s': %s", graph.name, exc)

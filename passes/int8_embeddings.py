@@ -68,16 +68,19 @@ def quantize_embedding_tables(graph: gs.Graph, fresh: Callable[[str], str], docs
     ``fresh`` makes collision-free names, ``docs`` receives each new node's doc string, ``excluded`` says
     which nodes the recipe keeps as they are. Shared by this pass and the weight-only pass."""
     graph_inputs = {id(t) for t in graph.inputs}
+    stored: dict[int, tuple[gs.Constant, gs.Constant]] = {}  # a table read by several Gathers is stored once
     done = 0
     for node in list(graph.nodes):
         if not _is_token_table(node, graph_inputs) or excluded(node):
             continue
         table, ids = node.inputs
-        q, scale = int8_rows(table.values)
+        if id(table) not in stored:
+            q, scale = int8_rows(table.values)
+            stored[id(table)] = (gs.Constant(fresh(f"{table.name}_int8"), q),
+                                 gs.Constant(fresh(f"{table.name}_row_scales"), scale[:, None]))  # fmt: skip
+        q_c, s_c = stored[id(table)]
         out = node.outputs[0]
         base = node.name or table.name
-        q_c = gs.Constant(fresh(f"{table.name}_int8"), q)
-        s_c = gs.Constant(fresh(f"{table.name}_row_scales"), scale[:, None])
         rows = gs.Variable(fresh(f"{out.name}_int8"), dtype=np.int8)
         rows_f = gs.Variable(fresh(f"{out.name}_float"), dtype=np.float32)
         row_scale = gs.Variable(fresh(f"{out.name}_scale"), dtype=np.float32)

@@ -84,6 +84,18 @@ def test_token_table_becomes_int8_rows_bit_exact() -> None:
     assert len(docs) == 4 and all(k.startswith("tok_gather/") and "int8" in d for k, d in docs.items())
 
 
+def test_a_table_read_by_two_gathers_is_stored_once() -> None:
+    model = _model()
+    model.graph.node.insert(1, helper.make_node("Gather", ["tok_table", "input_ids"], ["tok2"], name="tok_gather2"))
+    model.graph.output.append(helper.make_tensor_value_info("tok2", TensorProto.FLOAT, [1, 8, DIM]))
+    result = Int8EmbeddingsPass()(gs.import_onnx(full_check(model)), make_ctx())
+    assert result.counts == {"embeddings_quantized": 2}
+    out = full_check(result.graph)
+    assert sum(t.data_type == TensorProto.INT8 for t in out.graph.initializer) == 1
+    a, b = run_ort(out, {"input_ids": IDS})[1:3]
+    np.testing.assert_array_equal(a, b)
+
+
 def test_float16_tables_and_excluded_nodes_stay() -> None:
     result = Int8EmbeddingsPass()(gs.import_onnx(_model(np.float16)), make_ctx())
     assert result.counts == {"embeddings_quantized": 0} and not result.modified

@@ -19,6 +19,10 @@ A GELU is rewritten only when its inner tensors have no other reader and are not
 constants are scalars within 1e-4 (float16: two units of its precision) of the
 expected values, and it is float32 or float16; anything else is
 left alone. The output keeps its tensor name. The tanh approximation (FastGelu) is not touched.
+
+SmoothQuant may later fold a per-channel factor into the trailing ``0.5`` (when it smooths a GELU output,
+which it rarely does: MiniLM's FFN2 inputs stay unsmoothed); the constant is then a vector, ORT no longer
+fuses that GELU and runs the five nodes as before. Correct, only slower.
 """
 
 from __future__ import annotations

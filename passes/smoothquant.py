@@ -38,6 +38,7 @@ from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
 from onnxq.target import PROFILES, TargetProfile
 
 from .insert_qdq import _weight_scheme
+from .scale_folding import ScaleEdit, float_constant, plan_node, plan_producer, value_readers
 
 __all__ = ["SmoothQuantPass", "smooth_factors", "smoothquant"]
 
@@ -53,17 +54,6 @@ def smooth_factors(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> 
     s = x**alpha / w ** (1.0 - alpha)
     dead = (np.asarray(x_absmax) <= 0) | (np.asarray(w_absmax) <= 0) | ~np.isfinite(s)
     return np.where(dead, 1.0, s).astype(np.float32)
-
-
-@dataclass
-class _Edit:
-    """Multiply (or divide) input ``index`` of ``node``, a constant, by ``factor`` (broadcast)."""
-
-    node: gs.Node
-    index: int
-    factor: np.ndarray
-    divide: bool = False
-    where: str = ""
 
 
 @dataclass
@@ -158,7 +148,7 @@ class SmoothQuantPass(Pass):
             by_x.setdefault(x.name, _Group(x, [])).consumers.append(node)
         groups = list(by_x.values())
         for g in groups:
-            g.others = [n for n in _value_readers(g.x) if not any(n is c for c in g.consumers)]
+            g.others = [n for n in value_readers(g.x) if not any(n is c for c in g.consumers)]
         return groups
 
     # -- alpha search ------------------------------------------------------------------------------
@@ -213,7 +203,7 @@ class SmoothQuantPass(Pass):
         f = (1.0 / s).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
         is_output = any(x is o for o in graph.outputs)
         if not g.others and not is_output:
-            edits = _plan_producer(x, f)
+            edits = plan_producer(x, f)
             if edits is not None:
                 return self._apply(edits, counts)
             return self._insert_mul(graph, g, s, counts)
@@ -224,7 +214,7 @@ class SmoothQuantPass(Pass):
             clone_out = gs.Variable(self._fresh(f"{x.name}_smoothed"), dtype=x.dtype, shape=x.shape)
             clone = gs.Node(p.op, self._fresh(f"{p.name or x.name}/smoothed"), attrs=dict(p.attrs),
                             inputs=list(p.inputs), outputs=[clone_out])  # fmt: skip
-            edits = _plan_node(clone, clone_out, f)
+            edits = plan_node(clone, clone_out, f)
             if edits is not None:
                 graph.nodes.append(clone)
                 for c in g.consumers:
@@ -243,7 +233,7 @@ class SmoothQuantPass(Pass):
         counts["muls_inserted"] += 1
         return "an inserted Mul"
 
-    def _apply(self, edits: list[_Edit], counts: dict[str, int]) -> str:
+    def _apply(self, edits: list[ScaleEdit], counts: dict[str, int]) -> str:
         kinds = []
         for e in edits:
             c = e.node.inputs[e.index]
@@ -280,265 +270,10 @@ class SmoothQuantPass(Pass):
                 c.inputs[1] = gs.Constant(self._fresh(f"{w.name}_smoothed"), values)
 
 
-# -- folding 1/s into producers ----------------------------------------------------------------------------
-# A factor is an array with the tensor's rank, each dim 1 or the tensor's size there: "multiply this tensor
-# by factor (broadcast)". The planners return the constant edits that achieve it, or None when impossible.
-# They never mutate the graph, so a failed plan leaves nothing half-done.
-
-
-Ties = list[tuple[np.ndarray, np.ndarray]]
-"""Pairs of equally shaped factor slices that must be equal for a plan to exist (see :func:`_plan_node`)."""
-
-
-def _plan(t: gs.Tensor, f: np.ndarray, ties: Ties | None = None) -> list[_Edit] | None:
-    """Edits that scale tensor ``t`` by ``f``; ``t`` must have exactly one reader (the caller)."""
-    if not isinstance(t, gs.Variable) or len(_value_readers(t)) != 1 or not t.inputs:
-        return None
-    return _plan_producer(t, f, ties)
-
-
-def _plan_producer(t: gs.Variable, f: np.ndarray, ties: Ties | None = None) -> list[_Edit] | None:
-    if not t.inputs:
-        return None
-    return _plan_node(t.inputs[0], t, f, ties)
-
-
-def _plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None = None) -> list[_Edit] | None:  # noqa: C901
-    """Edits to ``p``'s constants (or, recursively, its producers) so that ``p``'s output ``t`` becomes ``t * f``.
-
-    An ``Expand`` that broadcasts an axis (a grouped-query attention repeating each KV head for several
-    query heads) can only be scaled by an ``f`` constant along that axis. With ``ties`` (a list), a plan
-    is made anyway: the slices of ``f`` that would have to be equal are appended to it as pairs, and the
-    first slice is planned (:func:`channel_ties` uses this to learn which channels must share a factor)."""
-    if len(p.outputs) != 1 and not (p.op == "LayerNormalization" and all(not o.outputs for o in p.outputs[1:])):
-        return None
-    rank = f.ndim
-    last_only = all(d == 1 for d in f.shape[:-1])
-    if p.op == "LayerNormalization":
-        axis = int(p.attrs.get("axis", -1))
-        if not last_only or axis not in (-1, rank - 1) or len(p.inputs) < 2 or not _const(p.inputs[1]):
-            return None
-        vec = f.reshape(-1)
-        edits = [_Edit(p, 1, _fit(vec, p.inputs[1]), where="LayerNormalization")]
-        if len(p.inputs) > 2 and p.inputs[2] is not None and not _empty(p.inputs[2]):
-            if not _const(p.inputs[2]):
-                return None
-            edits.append(_Edit(p, 2, _fit(vec, p.inputs[2]), where="LayerNormalization"))
-        return edits
-    if p.op in ("Mul", "Div"):
-        a, b = p.inputs[0], p.inputs[1]
-        if _const(b) and _broadcasts(b, f, t):
-            return [_Edit(p, 1, f, divide=p.op == "Div", where=p.op)]
-        if p.op == "Mul" and _const(a) and _broadcasts(a, f, t):
-            return [_Edit(p, 0, f, where="Mul")]
-        if p.op == "Mul":
-            for side in (b, a):
-                if _same_shape(side, t):
-                    edits = _plan(side, f, ties)
-                    if edits is not None:
-                        return edits
-        elif _same_shape(a, t):
-            return _plan(a, f, ties)
-        return None
-    if p.op in ("Add", "Sub"):
-        edits: list[_Edit] = []
-        for i, side in enumerate(p.inputs[:2]):
-            if _const(side):
-                if not _broadcasts(side, f, t):
-                    return None
-                edits.append(_Edit(p, i, f, where="Add"))
-            else:
-                sub = _plan(side, f, ties) if _same_shape(side, t) else None
-                if sub is None:
-                    return None
-                edits.extend(sub)
-        return edits
-    if p.op == "MatMul":
-        a, b = p.inputs[0], p.inputs[1]
-        if _const(b) and b.values.ndim == 2 and last_only:
-            return [_Edit(p, 1, f.reshape(1, -1), where="MatMul")]
-        if not _const(b) and rank >= 2 and f.shape[-2] == 1 and _same_rank(b, t) and _static_where(b, t, f):
-            return _plan(b, f, ties)  # (A @ B) * f == A @ (B * f) when f is constant along the rows
-        return None
-    if p.op == "Gemm":
-        b = p.inputs[1]
-        if not _const(b) or not last_only:
-            return None
-        vec = f.reshape(-1)
-        trans = int(p.attrs.get("transB", 0))
-        edits = [_Edit(p, 1, vec[:, None] if trans else vec[None, :], where="Gemm")]
-        if len(p.inputs) > 2 and not _empty(p.inputs[2]):
-            c = p.inputs[2]
-            if not _const(c) or c.values.shape not in ((), (1,), (vec.size,), (1, vec.size)):
-                return None
-            edits.append(_Edit(p, 2, vec if c.values.ndim <= 1 else vec.reshape(1, -1), where="Gemm"))
-        return edits
-    if p.op == "Transpose":
-        perm = p.attrs.get("perm") or list(range(rank))[::-1]
-        return _plan(p.inputs[0], np.transpose(f, np.argsort(perm)), ties)
-    if p.op == "Reshape":
-        fin = _reshape_factor(f, p.inputs[0], t)
-        return None if fin is None else _plan(p.inputs[0], fin, ties)
-    if p.op in ("Identity", "Relu"):  # Relu(x) * f == Relu(x * f) for f > 0
-        return _plan(p.inputs[0], f, ties) if _same_shape(p.inputs[0], t) else None
-    if p.op in ("Unsqueeze", "Squeeze"):
-        fin = _squeeze_factor(p, f)
-        return None if fin is None else _plan(p.inputs[0], fin, ties)
-    if p.op == "Expand":
-        fin = _expand_factor(p.inputs[0], t, f, ties)
-        return None if fin is None else _plan(p.inputs[0], fin, ties)
-    return None
-
-
-def _squeeze_factor(p: gs.Node, f: np.ndarray) -> np.ndarray | None:
-    """The factor on an Unsqueeze's (Squeeze's) input equivalent to ``f`` on its output: the inserted
-    (removed) axes, of size 1, are dropped from (added to) ``f``."""
-    if len(p.inputs) > 1 and p.inputs[1] is not None and not _empty(p.inputs[1]):
-        if not isinstance(p.inputs[1], gs.Constant):
-            return None
-        axes = [int(a) for a in np.asarray(p.inputs[1].values).reshape(-1)]
-    else:
-        axes = [int(a) for a in p.attrs.get("axes", [])]
-    src = p.inputs[0]
-    if p.op == "Unsqueeze":
-        axes = sorted(a % f.ndim for a in axes)
-        if not axes or any(f.shape[a] != 1 for a in axes):
-            return None
-        return f.reshape([d for i, d in enumerate(f.shape) if i not in axes])
-    if src.shape is None or not axes:
-        return None
-    rank = len(src.shape)
-    axes = sorted(a % rank for a in axes)
-    return np.expand_dims(f, axes)
-
-
-def _expand_factor(src: gs.Tensor, out: gs.Variable, f: np.ndarray, ties: Ties | None) -> np.ndarray | None:
-    """The factor on an Expand's input equivalent to ``f`` on its output.
-
-    ``f`` must be constant along every axis the Expand broadcasts (input size 1, output larger), and the
-    input's size must be static wherever ``f`` varies; with ``ties`` the slices that would have to be equal
-    are recorded instead of failing (see :func:`_plan_node`)."""
-    if src.shape is None or out.shape is None or len(src.shape) > f.ndim:
-        return None
-    lead = f.ndim - len(src.shape)
-    g = f
-    for ax in range(f.ndim):
-        if g.shape[ax] == 1:
-            continue
-        d = src.shape[ax - lead] if ax >= lead else 1
-        if isinstance(d, int) and d == g.shape[ax]:
-            continue  # not broadcast along this axis
-        if d != 1:
-            return None  # unknown or mismatched size where f varies
-        first = g.take([0], axis=ax)
-        for j in range(1, g.shape[ax]):
-            other = g.take([j], axis=ax)
-            if not np.array_equal(other, first):
-                if ties is None:
-                    return None
-                ties.append((np.broadcast_to(first, other.shape).copy(), other))
-        g = first
-    return np.ascontiguousarray(g.reshape(g.shape[lead:]))
-
-
-def channel_ties(x: gs.Variable) -> np.ndarray | None:
-    """Which channels (last axis) of ``x`` must share one factor for ``x * f`` to fold into its producer.
-
-    Returns a group label per channel (channels with the same label are tied: e.g. the channels of the
-    query heads that read one KV head of a grouped-query attention's V), or None when no factor on ``x``
-    can be folded (:func:`_plan_producer` finds no producer to absorb it)."""
-    if x.shape is None or not x.shape or not isinstance(x.shape[-1], int):
-        return None
-    k = int(x.shape[-1])
-    labels = np.arange(k, dtype=np.float64).reshape((1,) * (len(x.shape) - 1) + (k,))
-    ties: Ties = []
-    if _plan_producer(x, labels, ties) is None:
-        return None
-    parent = np.arange(k)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return int(i)
-
-    for a, b in ties:
-        for i, j in zip(a.reshape(-1).astype(np.int64), b.reshape(-1).astype(np.int64)):
-            ri, rj = root(int(i)), root(int(j))
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
-    return np.array([root(i) for i in range(k)])
-
-
-def _value_readers(t: gs.Tensor) -> list[gs.Node]:
-    """The nodes that read ``t``'s values (Shape and Size read only its shape, which scaling keeps)."""
-    return [n for n in t.outputs if n.op not in ("Shape", "Size")]
-
-
-def _const(t: gs.Tensor | None) -> bool:
-    return isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
-
-
-def _empty(t: gs.Tensor | None) -> bool:
-    return t is None or (isinstance(t, gs.Variable) and t.name == "")
-
-
-def _fit(vec: np.ndarray, c: gs.Constant) -> np.ndarray:
-    return vec.reshape(c.values.shape) if c.values.size == vec.size else vec
-
-
-def _broadcasts(c: gs.Constant, f: np.ndarray, t: gs.Variable) -> bool:
-    """Whether ``c * f`` keeps the op's output shape (no rank or size growth beyond ``t``)."""
-    try:
-        shape = np.broadcast_shapes(c.values.shape, f.shape)
-    except ValueError:
-        return False
-    if t.shape is None or len(shape) > len(t.shape):
-        return False
-    tail = list(t.shape)[len(t.shape) - len(shape):]
-    return all(d == 1 or d == td for d, td in zip(shape, tail))
-
-
-def _same_shape(a: gs.Tensor, t: gs.Variable) -> bool:
-    return a.shape is not None and t.shape is not None and list(a.shape) == list(t.shape)
-
-
-def _same_rank(a: gs.Tensor, t: gs.Variable) -> bool:
-    return a.shape is not None and t.shape is not None and len(a.shape) == len(t.shape)
-
-
-def _static_where(a: gs.Tensor, t: gs.Variable, f: np.ndarray) -> bool:
-    """Every axis where ``f`` varies has the same static size in ``a`` and ``t`` (no broadcasting there)."""
-    return all(d == 1 or (isinstance(ad, int) and ad == td) for d, ad, td in zip(f.shape, a.shape, t.shape))
-
-
-def _reshape_factor(f: np.ndarray, src: gs.Tensor, out: gs.Variable) -> np.ndarray | None:
-    """The factor on a Reshape's input equivalent to ``f`` on its output, when only trailing axes change."""
-    if src.shape is None or out.shape is None:
-        return None
-    first = next(i for i, d in enumerate(f.shape) if d > 1) if any(d > 1 for d in f.shape) else len(f.shape) - 1
-    block_out = list(out.shape)[first:]
-    if not all(isinstance(d, int) and d > 0 for d in block_out):
-        return None
-    want = int(np.prod(block_out))
-    src_shape = list(src.shape)
-    prod, k = 1, 0
-    while prod < want and k < len(src_shape):
-        d = src_shape[-1 - k]
-        if not isinstance(d, int) or d <= 0:
-            return None
-        prod *= d
-        k += 1
-    if prod != want:
-        return None
-    block = np.broadcast_to(f.reshape(f.shape[first:]), block_out).reshape(src_shape[len(src_shape) - k:])
-    return np.ascontiguousarray(block.reshape((1,) * (len(src_shape) - k) + block.shape))
-
-
 def _cheap_to_clone(p: gs.Node) -> bool:
     if p.op == "LayerNormalization":
         return all(not o.outputs for o in p.outputs[1:])
-    return p.op == "Mul" and len(p.outputs) == 1 and any(_const(t) for t in p.inputs[:2])
+    return p.op == "Mul" and len(p.outputs) == 1 and any(float_constant(t) for t in p.inputs[:2])
 
 
 def _weight_rows(node: gs.Node) -> np.ndarray:

@@ -52,8 +52,8 @@ from onnxq.weightonly.pack import ensure_opset, to_dequantize_matmul, to_matmuln
 from onnxq.weightonly.segments import SegmentRunner, Wave
 
 from .int8_embeddings import quantize_embedding_tables
+from .scale_folding import ScaleEdit, channel_ties, plan_producer, value_readers
 from .shape_inference import refine_static_dims
-from .smoothquant import _Edit, _plan_producer, _value_readers, channel_ties
 
 __all__ = ["WeightOnlyPass", "quantize_weight_only", "output_projections"]
 
@@ -282,7 +282,7 @@ class WeightOnlyPass(Pass):
         """Search AWQ's scale for the layers reading one activation, fold it, and return the scaled input's H.
 
         A group whose input cannot absorb ``1/s`` is not searched. Channels that must share a scale for
-        the fold to stay exact (:func:`~passes.smoothquant.channel_ties`: o_proj's inputs from query heads
+        the fold to stay exact (:func:`~onnxq.passes.scale_folding.channel_ties`: o_proj's inputs from query heads
         reading one KV head of a grouped-query attention, whose ``1/s`` goes into that head's V columns)
         get one scale, from their mean ``|x|``. When the group opens a module
         (:meth:`SegmentRunner.module_outputs`), candidates are scored on the module's output (the
@@ -343,7 +343,7 @@ class WeightOnlyPass(Pass):
 
     def _fold_ties(self, runner: SegmentRunner, group: list[_Layer], x: gs.Tensor) -> np.ndarray | None:
         """A label per channel of ``x`` (channels with one label must share their scale, see
-        :func:`~passes.smoothquant.channel_ties`), or None when ``1/s`` cannot be folded into what
+        :func:`~onnxq.passes.scale_folding.channel_ties`), or None when ``1/s`` cannot be folded into what
         produces ``x`` (see :meth:`_fold_plan`)."""
         if not isinstance(x, gs.Variable):
             return None
@@ -358,16 +358,16 @@ class WeightOnlyPass(Pass):
             return None
         return ties
 
-    def _fold_plan(self, runner: SegmentRunner, group: list[_Layer], x: gs.Tensor, s: np.ndarray) -> list[_Edit] | None:
+    def _fold_plan(self, runner: SegmentRunner, group: list[_Layer], x: gs.Tensor, s: np.ndarray) -> list[ScaleEdit] | None:
         """Edits that divide ``x`` by ``s`` exactly, or None when that is impossible or would also change
         another activation the runner holds (the fold must change nothing but ``x``)."""
-        readers = _value_readers(x)
+        readers = value_readers(x)
         members = {id(layer.node) for layer in group}
         if not isinstance(x, gs.Variable) or any(id(r) not in members for r in readers) or x.shape is None:
             return None
         rank = len(x.shape)
         f = (1.0 / s).astype(np.float32).reshape((1,) * (rank - 1) + (-1,))
-        edits = _plan_producer(x, f)
+        edits = plan_producer(x, f)
         if edits is None:
             return None
         # every edited node must be upstream of the cut, and nothing downstream of it may be held by the runner
@@ -377,7 +377,7 @@ class WeightOnlyPass(Pass):
             return None
         return edits
 
-    def _apply_edit(self, e: _Edit, by_node: dict[int, _Layer]) -> None:
+    def _apply_edit(self, e: ScaleEdit, by_node: dict[int, _Layer]) -> None:
         c = e.node.inputs[e.index]
         assert isinstance(c, gs.Constant)
         layer = by_node.get(id(e.node))

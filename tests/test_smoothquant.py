@@ -17,7 +17,8 @@ from onnxq.recipe import SmoothQuantSpec, preset, recipe_from_dict
 from onnxq.errors import RecipeError
 import onnx_graphsurgeon as gs
 
-from onnxq.passes.smoothquant import _plan_producer, channel_ties, smooth_factors
+from onnxq.passes.scale_folding import channel_ties, plan_producer
+from onnxq.passes.smoothquant import smooth_factors
 
 from conftest import asset
 from helpers import full_check, run_ort, sqnr_db
@@ -207,9 +208,9 @@ def test_gqa_output_projection_ties_query_heads_and_folds_into_v() -> None:
 
     rng = np.random.default_rng(3)
     s = np.exp(rng.normal(size=kv * rep * d)).astype(np.float32)
-    assert _plan_producer(x, (1.0 / s).reshape(1, 1, -1)) is None  # untied: not foldable
+    assert plan_producer(x, (1.0 / s).reshape(1, 1, -1)) is None  # untied: not foldable
     s = s[ties]  # every channel takes its tie's first value
-    edits = _plan_producer(x, (1.0 / s).reshape(1, 1, -1))
+    edits = plan_producer(x, (1.0 / s).reshape(1, 1, -1))
     assert edits is not None and [e.node.name for e in edits] == ["v_proj"]
     for e in edits:
         c = e.node.inputs[e.index]

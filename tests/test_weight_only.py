@@ -23,7 +23,7 @@ from test_segments import VOCAB, tiny_llama
 from onnxq.calibration.runner import CalibrationSession
 from onnxq.calibration.sources import TokenFileSource, input_specs
 from onnxq.cli import main
-from onnxq.errors import CalibrationError, PassError, RecipeError
+from onnxq.errors import PassError, RecipeError
 from onnxq.model import to_model
 from onnxq.passes import WeightOnlyPass
 from onnxq.passes.weight_only import AWQ_SEARCH_CLIP_GRID
@@ -673,8 +673,8 @@ def test_stories260k_gqa_o_proj_fold_is_exact(assets: Path) -> None:
     o_proj input has 32 tied channel pairs (query heads 2g and 2g + 1 read KV head g), and a tied 1/s
     folded into v_proj's columns, with o_proj's rows multiplied by s, leaves the logits unchanged."""
     from onnxq.passes import PASSES
+    from onnxq.passes.scale_folding import channel_ties, plan_producer
     from onnxq.passes.shape_inference import refine_static_dims
-    from onnxq.passes.smoothquant import _plan_producer, channel_ties
     from onnxq.pipeline import PassContext
     from onnxq.report import Report
 
@@ -693,7 +693,7 @@ def test_stories260k_gqa_o_proj_fold_is_exact(assets: Path) -> None:
         assert ties is not None and len(np.unique(ties)) == 32
         np.testing.assert_array_equal(np.unique(ties), pairs)
         s = np.exp(rng.normal(size=64) * 0.5).astype(np.float32)[ties]
-        edits = _plan_producer(x, (1.0 / s).reshape(1, 1, -1))
+        edits = plan_producer(x, (1.0 / s).reshape(1, 1, -1))
         assert edits is not None and [e.node.name for e in edits] == [x.name.replace("Reshape_15_output_0", "wv/MatMul")]
         for e in edits:
             c = e.node.inputs[e.index]

@@ -55,31 +55,34 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
 from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
 from onnxq.target import PROFILES, TargetProfile
 
+from .qdq_units import (
+    ABSORBABLE, MOVES, S8, U8, QTensor, UnitOutput, absorbable, const_value, dequantized, is_dequantized, present_input,
+    producer, qparams, tensor_rank, unit_output,
+)  # fmt: skip
+
 __all__ = ["QOperatorPass", "lower_to_qoperator", "LOWERED_OPS"]
 
 logger = logging.getLogger(__name__)
 
 _MS = "com.microsoft"
-_U8, _S8 = np.dtype(np.uint8), np.dtype(np.int8)
-_ALL8 = {(_U8, _U8), (_U8, _S8), (_S8, _U8), (_S8, _S8)}
-_GEMM8 = {(_U8, _U8), (_U8, _S8), (_S8, _S8)}
+_ALL8 = {(U8, U8), (U8, S8), (S8, U8), (S8, S8)}
+_GEMM8 = {(U8, U8), (U8, S8), (S8, S8)}
 # (activation dtype, weight dtype) pairs ONNX Runtime's CPU provider has kernels for (checked with 1.32:
 # QLinearConv / QLinearMatMul / QGemm have no int8 x uint8 kernel; ConvInteger's int8 kernels only
 # arrived in late 2025, so it is kept to uint8 x uint8 for the onnxruntime versions onnxq supports).
 _KERNELS: dict[str, set[tuple[np.dtype, np.dtype]]] = {
     "QLinearConv": _GEMM8, "QLinearMatMul": _GEMM8, "QGemm": _GEMM8,
-    "MatMulInteger": _ALL8, "ConvInteger": {(_U8, _U8)},
+    "MatMulInteger": _ALL8, "ConvInteger": {(U8, U8)},
 }  # fmt: skip
 _SHARED_PARAM_OPS = frozenset({
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Gather", "Slice",
@@ -88,195 +91,11 @@ _SHARED_PARAM_OPS = frozenset({
 """Ops that ORT runs on int8/uint8 tensors unchanged when input and output share scale and zero point."""
 _SIMPLE_QLINEAR = {"GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLinearAveragePool",
                    "Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu", "Softmax": "QLinearSoftmax"}  # fmt: skip
-_ABSORBABLE = frozenset({"Relu", "Clip"})
-_MOVES = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"})
-"""Data-movement ops allowed between a unit's op and its QuantizeLinear (Q commutes with them)."""
 
 LOWERED_OPS: tuple[str, ...] = (
     "Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", *_SIMPLE_QLINEAR, *sorted(_SHARED_PARAM_OPS), "Relu", "Clip",
 )  # fmt: skip
 """Op types this pass knows how to lower (each only where the checks in its lowering pass)."""
-
-
-# --------------------------------------------------------------------------- matching
-
-
-@dataclass(frozen=True)
-class _QT:
-    """A quantized tensor as an integer op reads it: the codes and their scale and zero point."""
-
-    codes: gs.Tensor
-    scale: gs.Tensor
-    zero_point: gs.Tensor | None
-    scale_v: np.ndarray
-    zp_v: np.ndarray
-    dtype: np.dtype
-    axis: int | None  # None: per tensor
-
-    @property
-    def is_const(self) -> bool:
-        return isinstance(self.codes, gs.Constant)
-
-    def same_params(self, other: _QT) -> bool:
-        return (
-            self.axis is None and other.axis is None and self.dtype == other.dtype
-            and np.array_equal(self.scale_v.reshape(-1), other.scale_v.reshape(-1))
-            and np.array_equal(self.zp_v.reshape(-1).astype(np.int64), other.zp_v.reshape(-1).astype(np.int64))
-        )  # fmt: skip
-
-
-def _const(t: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant tensor (an initializer or a ``Constant`` node's output), else None."""
-    if t is None:
-        return None
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Identity":  # exporters alias shared initializers this way
-        return _const(t.inputs[0].inputs[0])
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        attrs = t.inputs[0].attrs
-        if isinstance(attrs.get("value"), gs.Constant):
-            return np.asarray(attrs["value"].values)
-        for key in ("value_float", "value_int"):
-            if key in attrs:
-                return np.asarray(attrs[key])
-    return None
-
-
-def _producer(t: gs.Tensor) -> gs.Node | None:
-    return t.inputs[0] if len(t.inputs) == 1 else None
-
-
-def _present(node: gs.Node, i: int) -> gs.Tensor | None:
-    if i < len(node.inputs) and not node.inputs[i].is_empty():
-        return node.inputs[i]
-    return None
-
-
-def _rank(t: gs.Tensor) -> int | None:
-    if isinstance(t, gs.Constant):
-        return t.values.ndim
-    return len(t.shape) if t.shape is not None else None
-
-
-def _qparams(node: gs.Node, codes: gs.Tensor) -> _QT | str:
-    """Scale, zero point, dtype and axis of a Q or DQ node whose integer side is ``codes``."""
-    scale_v, zp_t = _const(node.inputs[1]), _present(node, 2)
-    if scale_v is None:
-        return f"the scale of '{node.name}' is not a constant"
-    zp_v = _const(zp_t) if zp_t is not None else None
-    if zp_t is not None and zp_v is None:
-        return f"the zero point of '{node.name}' is not a constant"
-    if node.attrs.get("block_size", 0):
-        return f"'{node.name}' is block-quantized (no QOperator form)"
-    if zp_v is not None:
-        dtype = np.dtype(zp_v.dtype)
-    elif node.op == "QuantizeLinear" and node.attrs.get("output_dtype"):
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["output_dtype"])))
-    elif isinstance(codes, gs.Constant):
-        dtype = np.dtype(codes.values.dtype)
-    elif node.op == "DequantizeLinear" and codes.dtype is not None:
-        dtype = np.dtype(codes.dtype)
-    else:
-        dtype = _U8
-    if zp_v is None:
-        zp_v = np.zeros(scale_v.shape, dtype)
-    axis = None
-    if scale_v.size > 1:
-        rank = _rank(codes)
-        axis = int(node.attrs.get("axis", 1))
-        if axis < 0:
-            if rank is None:
-                return f"'{node.name}' has a negative axis on a tensor of unknown rank"
-            axis += rank
-    return _QT(codes, node.inputs[1], zp_t, scale_v.astype(np.float32), zp_v, dtype, axis)
-
-
-def _dequantized(t: gs.Tensor) -> _QT | str:
-    """The quantized tensor behind a ``DequantizeLinear`` output, or why ``t`` is not one."""
-    dq = _producer(t)
-    if dq is None or dq.op != "DequantizeLinear":
-        return f"input '{t.name}' does not come from a DequantizeLinear"
-    return _qparams(dq, dq.inputs[0])
-
-
-def _is_dequantized(t: gs.Tensor) -> bool:
-    p = _producer(t)
-    return p is not None and p.op == "DequantizeLinear"
-
-
-def _absorbable(act: gs.Node, q: _QT) -> bool:
-    """Whether quantizing with ``q`` already does what the Relu / Clip ``act`` does (exactly)."""
-    info = np.iinfo(q.dtype)
-    if q.axis is not None or int(q.zp_v.reshape(-1)[0]) != info.min:
-        return False
-    if act.op == "Relu":
-        return True
-    if "min" in act.attrs or "max" in act.attrs:  # opset < 11
-        lo, hi = act.attrs.get("min", -np.inf), act.attrs.get("max", np.inf)
-    else:
-        bounds = [_const(_present(act, i)) if _present(act, i) is not None else None for i in (1, 2)]
-        if any(_present(act, i) is not None and b is None for i, b in zip((1, 2), bounds)):
-            return False
-        lo = float(bounds[0]) if bounds[0] is not None else -np.inf
-        hi = float(bounds[1]) if bounds[1] is not None else np.inf
-    if lo != 0.0:
-        return False
-    scale = np.float32(q.scale_v.reshape(-1)[0])
-    return bool(hi == np.inf or np.rint(np.float32(hi) / scale) + info.min >= info.max)
-
-
-@dataclass
-class _Out:
-    """Where a unit's output goes: a QuantizeLinear (maybe through an absorbed Relu/Clip and then one
-    data-movement op such as Flatten, which then runs on the integer tensor), or float (``q`` None)."""
-
-    q: _QT | None
-    dead: list[gs.Node] = field(default_factory=list)  # nodes the lowering disconnects
-    absorbed: int = 0
-    move: gs.Node | None = None
-    target: gs.Tensor | None = None  # what the lowered op writes (set by _Lowering.out_tensor)
-
-
-def _output(node: gs.Node, graph_outputs: set[str], *, allow_float: bool) -> _Out | str:
-    """Match the single output of ``node`` to a QuantizeLinear (or accept a float output)."""
-    if len(node.outputs) != 1:
-        return f"has {len(node.outputs)} outputs"
-    y = node.outputs[0]
-    float_out = _Out(None)
-    if y.name in graph_outputs:
-        return float_out if allow_float else "its output is a float graph output"
-    dead: list[gs.Node] = []
-    absorbed = 0
-    cur = y
-    consumers = list(y.outputs)
-    if len(consumers) == 1 and consumers[0].op in _ABSORBABLE and consumers[0].inputs[0] is y:
-        act = consumers[0]
-        r = act.outputs[0]
-        if r.name not in graph_outputs and len(r.outputs) == 1 and r.outputs[0].op in ("QuantizeLinear", *_MOVES):
-            dead.append(act)
-            absorbed = 1
-            cur, consumers = r, list(r.outputs)
-    move = None
-    if len(consumers) == 1 and consumers[0].op in _MOVES and len(consumers[0].outputs) == 1:
-        m, mid = consumers[0], consumers[0].outputs[0]
-        only_q = len(mid.outputs) == 1 and mid.outputs[0].op == "QuantizeLinear"
-        if m.inputs[0] is cur and mid.name not in graph_outputs and only_q:
-            move, consumers = m, list(mid.outputs)
-    if len(consumers) != 1 or consumers[0].op != "QuantizeLinear":
-        if allow_float and not absorbed and all(c.op != "QuantizeLinear" for c in consumers):
-            return float_out
-        return "its output is not (only) quantized by one QuantizeLinear"
-    q_node = consumers[0]
-    q = _qparams(q_node, q_node.outputs[0])
-    if isinstance(q, str):
-        return q
-    if q.axis is not None or q.dtype not in (_U8, _S8):
-        return f"its output QuantizeLinear '{q_node.name}' is not 8-bit per-tensor"
-    if absorbed and not _absorbable(dead[0], q):
-        return (f"a {dead[0].op} sits before its QuantizeLinear and the output zero point is not the lowest code, "
-                "so it cannot be absorbed")  # fmt: skip
-    return _Out(q, [*dead, q_node], absorbed, move)
 
 
 # --------------------------------------------------------------------------- rewriting
@@ -299,13 +118,13 @@ class _Lowering:
         self.counts: Counter[str] = Counter()
         self.saturation_fixed: list[str] = []
         self._zeros: dict[tuple[str, tuple[int, ...]], gs.Constant] = {}
-        self._converted: dict[tuple[str, str], _QT] = {}
+        self._converted: dict[tuple[str, str], QTensor] = {}
         self._scalars: dict[str, gs.Constant] = {}
 
     def const(self, name: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.fresh(name), np.asarray(values))
 
-    def zero_point(self, q: _QT) -> gs.Tensor:
+    def zero_point(self, q: QTensor) -> gs.Tensor:
         """``q``'s zero-point tensor, made explicit (QLinear ops require it; DQ/Q may omit it)."""
         if q.zero_point is not None:
             return self._scalar(q.zero_point, q.zp_v) if q.axis is None else q.zero_point
@@ -322,15 +141,15 @@ class _Lowering:
             self._scalars[t.name] = self.const(f"{t.name}_scalar", value.reshape(()))
         return self._scalars[t.name]
 
-    def params(self, q: _QT) -> list[gs.Tensor]:
+    def params(self, q: QTensor) -> list[gs.Tensor]:
         """Scale and zero point of ``q`` as QLinear op inputs."""
         scale = self._scalar(q.scale, q.scale_v) if q.axis is None else q.scale
         return [scale, self.zero_point(q)]
 
-    def qinputs(self, q: _QT) -> list[gs.Tensor]:
+    def qinputs(self, q: QTensor) -> list[gs.Tensor]:
         return [q.codes, *self.params(q)]
 
-    def weight_for(self, node: gs.Node, w: _QT, act_dtype: np.dtype, kernel: str) -> _QT | str:
+    def weight_for(self, node: gs.Node, w: QTensor, act_dtype: np.dtype, kernel: str) -> QTensor | str:
         """``w`` re-stored for a kernel ORT has: int8 <-> uint8 by shifting codes and zero point by 128.
 
         Shifting is exact ((w + 128) - (z + 128) == w - z). int8 weights become uint8 (a) where ORT has
@@ -342,10 +161,10 @@ class _Lowering:
         """
         want = w.dtype
         if (act_dtype, w.dtype) not in _KERNELS[kernel]:
-            want = _S8 if w.dtype == _U8 else _U8
-        elif act_dtype == _U8 and w.dtype == _S8 and (_U8, _U8) in _KERNELS[kernel] and w.is_const:
+            want = S8 if w.dtype == U8 else U8
+        elif act_dtype == U8 and w.dtype == S8 and (U8, U8) in _KERNELS[kernel] and w.is_const:
             if self.target.uint8_weight_storage or (self.target.weight_reduce_range and _may_saturate(node, w)):
-                want = _U8
+                want = U8
         if want == w.dtype:
             return w
         if (act_dtype, want) not in _KERNELS[kernel]:
@@ -354,7 +173,7 @@ class _Lowering:
             return f"ORT CPU has no {kernel} kernel for {act_dtype.name} x {w.dtype.name} and the second input is not a constant"
         key = (w.codes.name, want.name)
         if key not in self._converted:
-            shift = 128 if want == _U8 else -128
+            shift = 128 if want == U8 else -128
             codes = (np.asarray(w.codes.values, np.int16) + shift).astype(want)
             zp = (w.zp_v.astype(np.int16) + shift).astype(want)
             name = w.codes.name
@@ -362,13 +181,13 @@ class _Lowering:
                 w, codes=self.const(f"{name}_{want.name}", codes),
                 zero_point=self.const(f"{name}_zero_point_{want.name}", zp), zp_v=zp, dtype=want,
             )
-            if want == _U8 and act_dtype == _U8:
+            if want == U8 and act_dtype == U8:
                 self.counts["weights_to_uint8"] += 1
                 if not self.target.uint8_weight_storage:
                     self.saturation_fixed.append(node.name)
         return self._converted[key]
 
-    def out_tensor(self, out: _Out) -> gs.Tensor:
+    def out_tensor(self, out: UnitOutput) -> gs.Tensor:
         """The integer tensor a lowered op writes: the Q's output, or a new one that the moved
         data-movement op (Flatten, ...) reads before it writes the Q's output."""
         assert out.q is not None
@@ -379,7 +198,7 @@ class _Lowering:
                 out.target = gs.Variable(name, dtype=out.q.dtype, shape=out.move.inputs[0].shape)
         return out.target
 
-    def replace(self, node: gs.Node, new: list[gs.Node], out: _Out, doc: str) -> None:
+    def replace(self, node: gs.Node, new: list[gs.Node], out: UnitOutput, doc: str) -> None:
         """Disconnect ``node`` (and the Q / absorbed nodes after it) and add ``new`` in its place."""
         for n in [node, *out.dead]:
             n.inputs.clear()
@@ -394,12 +213,12 @@ class _Lowering:
         self.graph.nodes.extend(new)
         self.counts["activations_absorbed"] += out.absorbed
 
-    def result_tensor(self, node: gs.Node, out: _Out) -> gs.Tensor:
+    def result_tensor(self, node: gs.Node, out: UnitOutput) -> gs.Tensor:
         """The tensor the lowered op writes: integer (see ``out_tensor``), or the op's float output."""
         return self.out_tensor(out) if out.q is not None else node.outputs[0]
 
 
-def _may_saturate(node: gs.Node, w: _QT) -> bool:
+def _may_saturate(node: gs.Node, w: QTensor) -> bool:
     """uint8 x int8 weights wider than 7 bits in a GEMM-backed kernel (not a depthwise convolution)."""
     values = np.asarray(w.codes.values)
     if node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and values.ndim > 1 and values.shape[1] == 1:
@@ -408,7 +227,7 @@ def _may_saturate(node: gs.Node, w: _QT) -> bool:
     return bool(span > 64)
 
 
-def _bshape(q: _QT) -> tuple[int, ...]:
+def _bshape(q: QTensor) -> tuple[int, ...]:
     """Shape that broadcasts ``q``'s per-axis parameters against its codes."""
     if q.axis is None or not q.is_const:
         return ()
@@ -423,12 +242,12 @@ def _int32_bias(lw: _Lowering, node: gs.Node, index: int, acc_scale: np.ndarray,
     A DequantizeLinear of int32 that already has that scale is used as it is; any other constant bias
     (float, or dequantized with another scale) is quantized to it (error at most half an accumulator step).
     """
-    b = _present(node, index)
+    b = present_input(node, index)
     if b is None:
         return None
     acc_scale = np.broadcast_to(acc_scale.reshape(-1), (n_out,)).astype(np.float32)
-    bq = _dequantized(b) if _is_dequantized(b) else None
-    if isinstance(bq, _QT) and bq.is_const and bq.dtype == np.int32 and not bq.zp_v.any() and bq.codes.values.size == n_out:
+    bq = dequantized(b) if is_dequantized(b) else None
+    if isinstance(bq, QTensor) and bq.is_const and bq.dtype == np.int32 and not bq.zp_v.any() and bq.codes.values.size == n_out:
         if np.allclose(np.broadcast_to(bq.scale_v.reshape(-1), (n_out,)), acc_scale, rtol=1e-6, atol=0):
             codes = np.asarray(bq.codes.values)
             return bq.codes if codes.ndim == 1 else lw.const(f"{bq.codes.name}_1d", codes.reshape(-1))
@@ -441,18 +260,18 @@ def _int32_bias(lw: _Lowering, node: gs.Node, index: int, acc_scale: np.ndarray,
 
 def _float_bias(node: gs.Node, index: int, n_out: int) -> np.ndarray | None | str:
     """A constant bias as the float values the QDQ graph adds (dequantized when it is quantized)."""
-    b = _present(node, index)
+    b = present_input(node, index)
     if b is None:
         return None
-    if _is_dequantized(b):
-        bq = _dequantized(b)
+    if is_dequantized(b):
+        bq = dequantized(b)
         if isinstance(bq, str) or not bq.is_const:
             return "its bias is not a constant"
         shape = _bshape(bq)
         values = ((np.asarray(bq.codes.values, np.int64) - bq.zp_v.astype(np.int64).reshape(shape)).astype(np.float32)
                   * bq.scale_v.reshape(shape))  # fmt: skip
     else:
-        v = _const(b)
+        v = const_value(b)
         if v is None:
             return "its bias is not a constant"
         values = np.asarray(v, np.float32)
@@ -461,25 +280,25 @@ def _float_bias(node: gs.Node, index: int, n_out: int) -> np.ndarray | None | st
     return values.reshape(-1).astype(np.float32)
 
 
-def _per_channel_ok(w: _QT, axis: int, what: str) -> str | None:
+def _per_channel_ok(w: QTensor, axis: int, what: str) -> str | None:
     if w.axis is not None and w.axis != axis:
         return f"its {what} is quantized along axis {w.axis}, not the output-channel axis {axis}"
     return None
 
 
 def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
-    x, w = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    x, w = dequantized(node.inputs[0]), dequantized(node.inputs[1])
     for q in (x, w):
         if isinstance(q, str):
             return q
-    assert isinstance(x, _QT) and isinstance(w, _QT)
+    assert isinstance(x, QTensor) and isinstance(w, QTensor)
     if not w.is_const:
         return "its weight is not a constant"
-    if x.axis is not None or x.dtype not in (_U8, _S8) or w.dtype not in (_U8, _S8):
+    if x.axis is not None or x.dtype not in (U8, S8) or w.dtype not in (U8, S8):
         return f"needs 8-bit per-tensor input and 8-bit weights (got {x.dtype.name} / {w.dtype.name})"
     if (why := _per_channel_ok(w, 0, "weight")) is not None:
         return why
-    out = _output(node, lw.graph_outputs, allow_float=True)
+    out = unit_output(node, lw.graph_outputs, allow_float=True)
     if isinstance(out, str):
         return out
     n_out = int(w.codes.values.shape[0])
@@ -525,16 +344,16 @@ def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
 
 
 def _lower_matmul(lw: _Lowering, node: gs.Node) -> str:
-    a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    a, b = dequantized(node.inputs[0]), dequantized(node.inputs[1])
     for q in (a, b):
         if isinstance(q, str):
             return q
-    assert isinstance(a, _QT) and isinstance(b, _QT)
-    if a.axis is not None or a.dtype not in (_U8, _S8) or b.dtype not in (_U8, _S8):
+    assert isinstance(a, QTensor) and isinstance(b, QTensor)
+    if a.axis is not None or a.dtype not in (U8, S8) or b.dtype not in (U8, S8):
         return f"needs an 8-bit per-tensor A and an 8-bit B (got {a.dtype.name} / {b.dtype.name})"
-    if b.axis is not None and not (_rank(b.codes) == 2 and b.axis == 1):
+    if b.axis is not None and not (tensor_rank(b.codes) == 2 and b.axis == 1):
         return "its B is quantized per axis other than the columns of a 2-D matrix"
-    out = _output(node, lw.graph_outputs, allow_float=True)
+    out = unit_output(node, lw.graph_outputs, allow_float=True)
     if isinstance(out, str):
         return out
     if out.q is not None and out.q.dtype != a.dtype:
@@ -561,23 +380,23 @@ def _lower_matmul(lw: _Lowering, node: gs.Node) -> str:
 
 
 def _lower_gemm(lw: _Lowering, node: gs.Node) -> str:
-    a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    a, b = dequantized(node.inputs[0]), dequantized(node.inputs[1])
     for q in (a, b):
         if isinstance(q, str):
             return q
-    assert isinstance(a, _QT) and isinstance(b, _QT)
+    assert isinstance(a, QTensor) and isinstance(b, QTensor)
     if not b.is_const or b.codes.values.ndim != 2:
         return "its B is not a constant 2-D matrix"
-    if a.axis is not None or a.dtype not in (_U8, _S8) or b.dtype not in (_U8, _S8):
+    if a.axis is not None or a.dtype not in (U8, S8) or b.dtype not in (U8, S8):
         return f"needs an 8-bit per-tensor A and 8-bit B (got {a.dtype.name} / {b.dtype.name})"
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-    if alpha != 1.0 or (beta != 1.0 and _present(node, 2) is not None):
+    if alpha != 1.0 or (beta != 1.0 and present_input(node, 2) is not None):
         return "alpha or beta is not 1"
     trans_b = int(node.attrs.get("transB", 0))
     n_axis = 0 if trans_b else 1
     if (why := _per_channel_ok(b, n_axis, "B")) is not None:
         return why
-    out = _output(node, lw.graph_outputs, allow_float=True)
+    out = unit_output(node, lw.graph_outputs, allow_float=True)
     if isinstance(out, str):
         return out
     if out.q is not None and out.q.dtype != a.dtype:
@@ -608,11 +427,11 @@ def _lower_gemm(lw: _Lowering, node: gs.Node) -> str:
 def _per_tensor_unit(lw: _Lowering, node: gs.Node) -> tuple[list, Any] | str:
     """(dequantized inputs, quantized output) of a unit whose inputs and output are all per-tensor of one
     8-bit dtype (what QLinearAdd/Mul/Concat take), or why the unit is not one."""
-    qs = [_dequantized(t) for t in node.inputs]
+    qs = [dequantized(t) for t in node.inputs]
     for q in qs:
         if isinstance(q, str):
             return q
-    out = _output(node, lw.graph_outputs, allow_float=False)
+    out = unit_output(node, lw.graph_outputs, allow_float=False)
     if isinstance(out, str):
         return out
     assert out.q is not None
@@ -654,10 +473,10 @@ def _lower_concat(lw: _Lowering, node: gs.Node) -> str:
 
 def _lower_simple(lw: _Lowering, node: gs.Node) -> str:
     """One-input ops with a com.microsoft QLinear kernel (pooling, Sigmoid, LeakyRelu, Softmax)."""
-    x = _dequantized(node.inputs[0])
+    x = dequantized(node.inputs[0])
     if isinstance(x, str):
         return x
-    out = _output(node, lw.graph_outputs, allow_float=False)
+    out = unit_output(node, lw.graph_outputs, allow_float=False)
     if isinstance(out, str):
         return out
     assert out.q is not None
@@ -686,20 +505,20 @@ def _lower_simple(lw: _Lowering, node: gs.Node) -> str:
 
 def _lower_shared(lw: _Lowering, node: gs.Node) -> str:
     """Ops that move or select values (Reshape, MaxPool, ...): run them on the integer tensor."""
-    x = _dequantized(node.inputs[0])
+    x = dequantized(node.inputs[0])
     if isinstance(x, str):
         return x
-    if x.axis is not None or x.dtype not in (_U8, _S8):
+    if x.axis is not None or x.dtype not in (U8, S8):
         return "its input is not 8-bit per tensor"
-    if any(_is_dequantized(t) for t in node.inputs[1:]):
+    if any(is_dequantized(t) for t in node.inputs[1:]):
         return "more than its first input is dequantized"
     if node.op == "MaxPool" and (len(node.outputs) > 1 or int(lw.graph.opset) < 12):
         return "MaxPool with indices, or opset < 12, has no integer kernel"
     if node.op == "Pad" and "pads" in node.attrs:
         return "Pad before opset 11 (pad value as an attribute) is not lowered"
-    outs: list[_Out] = []
+    outs: list[UnitOutput] = []
     for y in node.outputs:
-        o = _output(_OutputView(node, y), lw.graph_outputs, allow_float=False)  # type: ignore[arg-type]
+        o = unit_output(_OutputView(node, y), lw.graph_outputs, allow_float=False)  # type: ignore[arg-type]
         if isinstance(o, str):
             return o
         assert o.q is not None
@@ -708,7 +527,7 @@ def _lower_shared(lw: _Lowering, node: gs.Node) -> str:
         outs.append(o)
     extra: list[gs.Tensor] = []
     if node.op == "Pad" and node.attrs.get("mode", "constant") == "constant":
-        v = _const(_present(node, 2)) if _present(node, 2) is not None else np.zeros(())
+        v = const_value(present_input(node, 2)) if present_input(node, 2) is not None else np.zeros(())
         if v is None:
             return "its pad value is not a constant"
         info = np.iinfo(x.dtype)
@@ -739,14 +558,14 @@ class _OutputView:
 
 def _lower_activation(lw: _Lowering, node: gs.Node) -> str:
     """A Relu / Clip standing alone between a DQ and a Q of the same parameters: drop it when exact."""
-    x = _dequantized(node.inputs[0])
+    x = dequantized(node.inputs[0])
     if isinstance(x, str):
         return x
-    out = _output(node, lw.graph_outputs, allow_float=False)
+    out = unit_output(node, lw.graph_outputs, allow_float=False)
     if isinstance(out, str):
         return out
     assert out.q is not None
-    if out.absorbed or out.move is not None or not x.same_params(out.q) or not _absorbable(node, out.q):
+    if out.absorbed or out.move is not None or not x.same_params(out.q) or not absorbable(node, out.q):
         return "its input and output parameters differ or the zero point is not the lowest code"
     y = out.q.codes
     for n in [node, *out.dead]:
@@ -769,7 +588,7 @@ _LOWERINGS: dict[str, Callable[[_Lowering, gs.Node], str]] = {
 }  # fmt: skip
 
 
-def _doc(node: gs.Node, x: _QT, w: _QT | None) -> str:
+def _doc(node: gs.Node, x: QTensor, w: QTensor | None) -> str:
     text = f"onnxq: lowered from QDQ {node.op}; {x.dtype.name} activations"
     if w is not None:
         text += f", {w.dtype.name} weights {'per tensor' if w.axis is None else f'per channel (axis {w.axis})'}"
@@ -782,12 +601,12 @@ def _doc(node: gs.Node, x: _QT, w: _QT | None) -> str:
 def _fold_constant_quantize(lw: _Lowering) -> None:
     """QuantizeLinear of a constant (QAT fake-quant weights) -> an integer initializer."""
     for q in [n for n in lw.graph.nodes if n.op == "QuantizeLinear"]:
-        values = _const(q.inputs[0])
+        values = const_value(q.inputs[0])
         y = q.outputs[0]
         if values is None or y.name in lw.graph_outputs or not np.issubdtype(values.dtype, np.floating):
             continue
-        p = _qparams(q, q.inputs[0])
-        if isinstance(p, str) or p.dtype not in (_U8, _S8, np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32)):
+        p = qparams(q, q.inputs[0])
+        if isinstance(p, str) or p.dtype not in (U8, S8, np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32)):
             continue
         shape = [1] * values.ndim
         if p.axis is not None:
@@ -810,11 +629,11 @@ def _fold_constant_quantize(lw: _Lowering) -> None:
 def _remove_identity_pairs(lw: _Lowering) -> None:
     """DequantizeLinear -> QuantizeLinear with identical parameters: consumers read the codes directly."""
     for q in [n for n in lw.graph.nodes if n.op == "QuantizeLinear" and n.inputs]:
-        dq = _producer(q.inputs[0])
+        dq = producer(q.inputs[0])
         y = q.outputs[0]
         if dq is None or dq.op != "DequantizeLinear" or y.name in lw.graph_outputs:
             continue
-        a, b = _qparams(dq, dq.inputs[0]), _qparams(q, y)
+        a, b = qparams(dq, dq.inputs[0]), qparams(q, y)
         if isinstance(a, str) or isinstance(b, str) or not a.same_params(b):
             continue
         for consumer in list(y.outputs):
@@ -829,13 +648,13 @@ def _remove_identity_pairs(lw: _Lowering) -> None:
 def _is_unit(node: gs.Node) -> bool:
     """A QDQ node unit: reads a dequantized tensor and is quantized at its output (directly, or through a
     Relu/Clip and/or a data-movement op), or is a Conv/MatMul/Gemm, which can also have a float output."""
-    if node.op in ("QuantizeLinear", "DequantizeLinear") or not any(_is_dequantized(t) for t in node.inputs):
+    if node.op in ("QuantizeLinear", "DequantizeLinear") or not any(is_dequantized(t) for t in node.inputs):
         return False
     if node.op in ("Conv", "MatMul", "Gemm"):
         return True
     after = [c for y in node.outputs for c in y.outputs]
-    after += [c for a in after if a.op in _ABSORBABLE for y in a.outputs for c in y.outputs]
-    after += [c for a in after if a.op in _MOVES for y in a.outputs for c in y.outputs]
+    after += [c for a in after if a.op in ABSORBABLE for y in a.outputs for c in y.outputs]
+    after += [c for a in after if a.op in MOVES for y in a.outputs for c in y.outputs]
     return any(c.op == "QuantizeLinear" for c in after)
 
 

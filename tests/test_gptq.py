@@ -301,3 +301,28 @@ def test_stories260k_real_activations(assets: Path) -> None:
         err_rtn = np.linalg.norm(x_eval @ (rtn(w, grid).dequantize() - w)) ** 2
         print(f"  held-out output error GPTQ / RTN = {err_gptq / err_rtn:.3f}")
         assert err_gptq < 0.9 * err_rtn
+
+
+def test_quantize_rows_matches_onnx_quantizelinear_and_maps_non_finite_values() -> None:
+    """The row quantizer GPTQ and AWQ share: finite values give ONNX QuantizeLinear's uint8 codes (half to even,
+    saturation) before the clamp to ``qmax``; a zero scale's 0/0 gives code 0 and +-inf saturate to ``qmax`` / 0."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(3)
+    w = (rng.normal(size=(6, 8)) * 3).astype(np.float32)
+    w[0, :4] = [0.5, 1.5, 2.5, -0.5]  # exact halves: half to even
+    w[1, 0], w[1, 1] = 1e6, -1e6  # saturation
+    scale = rng.uniform(0.1, 1.0, 8).astype(np.float32)
+    zp = rng.integers(0, 16, 8).astype(np.uint8)
+    codes = quantize_rows(w, scale, zp, 15)
+    node = onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], axis=1)
+    graph = onnx.helper.make_graph(
+        [node], "q", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(w.shape))],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, list(w.shape))],
+        [onnx.numpy_helper.from_array(scale, "s"), onnx.numpy_helper.from_array(zp, "z")],
+    )  # fmt: skip
+    (ref,) = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)])).run(None, {"x": w})
+    np.testing.assert_array_equal(codes, np.minimum(ref, 15))
+    odd = np.array([[0.0, 1.0, -1.0, np.inf, -np.inf, np.nan]], np.float32)
+    got = quantize_rows(odd, np.array([0, 0, 0, 1, 1, 1], np.float32), np.full(6, 8, np.uint8), 15)
+    np.testing.assert_array_equal(got, [[0, 15, 0, 15, 0, 0]])

@@ -254,6 +254,7 @@ def awq_scale_search(
         xm = tie_channels(xm, ties)
         wm = None if wm is None else tie_channels(wm, ties)
     hc = h64 if clip else None
+    h32 = None if h64 is None or score is not None else h64.astype(np.float32)
 
     def loss(s: np.ndarray) -> float:
         if score is None and not clip:
@@ -261,8 +262,7 @@ def awq_scale_search(
         qs = awq_fake_quantize(ws, s, grid, h=hc, n_grid=clip_grid, max_shrink=max_shrink)
         if score is not None:
             return float(score(qs))
-        d = [q.astype(np.float64) - np.asarray(w, np.float64) for q, w in zip(qs, ws)]
-        return float(sum(np.einsum("kn,kn->", di, h64 @ di) for di in d))
+        return sum(_quadratic(q - np.asarray(w, np.float32), h32) for q, w in zip(qs, ws))
 
     ratios = np.arange(n_grid) / n_grid
     losses = np.array([loss(awq_candidate_scales(xm, float(r), wm)) for r in ratios])
@@ -299,7 +299,9 @@ def awq_clip_search(
         raise ValueError(f"max_shrink * n_grid must be >= 1 (got {max_shrink} * {n_grid})")
     block = grid.block(k)
     spans = [(r, min(r + block, k)) for r in range(0, k, block)]
-    hbs = [h64[a:b, a:b] for a, b in spans]
+    # float32 products (half the time of float64; they dominate w4-awq on SmolLM2): a block's error sums at
+    # most ``block`` terms per column, and candidates whose codes agree get identical errors (ties kept)
+    hbs = [h64[a:b, a:b].astype(np.float32) for a, b in spans]
     out = np.empty((grid.n_blocks(k), n), np.float32)
     step = max(1, COLUMNS // n_cand)  # columns are independent: bounded temporaries on a wide lm_head
     for c0 in range(0, n, step):
@@ -307,12 +309,11 @@ def awq_clip_search(
         nc = wc.shape[1]
         lo, hi = reduce_for_granularity(wc, grid.scheme(k).granularity)
         absmax = np.maximum(-lo, hi).reshape(-1, nc).astype(np.float64)
-        w64 = wc.astype(np.float64)
         cands = np.stack([(absmax * (1 - i / n_grid)).astype(np.float32) for i in range(n_cand)])
         # every candidate at once (columns are quantized independently): the weight repeated n_cand times
         # side by side, candidate i clipping copy i; d is [K, n_cand * N], one product with each H_bb
         tiled = rtn(np.tile(wc, (1, n_cand)), grid, clip=cands.transpose(1, 0, 2).reshape(cands.shape[1], -1))
-        d = tiled.dequantize().astype(np.float64) - np.tile(w64, (1, n_cand))
+        d = tiled.dequantize() - np.tile(wc, (1, n_cand))
         errs = np.stack([np.einsum("kn,kn->n", d[a:b], hb @ d[a:b]).reshape(n_cand, nc) for (a, b), hb in zip(spans, hbs)], axis=1)
         best = np.argmin(errs, axis=0)  # [n_blocks, N]; argmin keeps the first (smallest shrink) of equal errors
         out[:, c0 : c0 + step] = np.take_along_axis(cands, best[None], axis=0)[0]
@@ -387,6 +388,11 @@ def _check_absmean(x_absmean: np.ndarray, k: int) -> np.ndarray:
 
 COLUMNS = 4096
 """Output columns scored at a time (both searches are independent per column)."""
+
+
+def _quadratic(d: np.ndarray, h: np.ndarray) -> float:
+    """``tr(D^T H D)`` for float32 ``D`` and ``H``: the product in float32, its sum in float64."""
+    return float(np.einsum("kn,kn->", d, h @ d, dtype=np.float64))
 
 
 def _scaled_loss(w: np.ndarray, h: np.ndarray, s: np.ndarray, grid: WeightGrid) -> float:

@@ -133,7 +133,10 @@ def quantize_rows(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmax
     :func:`onnxq.scheme.quantize`; used where GPTQ quantizes one row at a time."""
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.rint(np.asarray(w, np.float32) / np.asarray(scale, np.float32)) + np.asarray(zero_point, np.float32)
-    return np.clip(np.nan_to_num(y, nan=0.0), 0, qmax).astype(np.uint8)
+    # fmax/fmin ignore NaN (a zero scale's 0/0 becomes code 0) and saturate +-inf: clip(nan_to_num(y)) in place
+    np.fmax(y, 0, out=y)
+    np.fmin(y, qmax, out=y)
+    return y.astype(np.uint8)
 
 
 ROWS = 256

@@ -65,6 +65,11 @@ scoring (3.810, KL 0.0768, held out 3.895); a 40-ratio grid (3.805); calibration
 float model for every layer, as the reference computes them, instead of from the quantized earlier
 layers (3.784, held out 3.900). GPTQ on the same windows: 3.729 (46%), KL 0.0607, held out 3.824 (39%).
 
+Where the rest of the gap to GPTQ lies (stories260K, benchmark protocol, ``benchmarks/RESULTS.md`` 14:40): quantizing
+one projection type with GPTQ on the AWQ-scaled weights instead of clipped RTN gains 0.018 (q/k/v), 0.022
+(gate/up), 0.026 (down), nothing for o_proj or the int8 lm_head, 0.063 for all of them (3.793 -> 3.731): the
+shortfall is spread evenly, i.e. it is GPTQ's error compensation, which scales and clips cannot replace.
+
 The searches evaluate candidates with array operations or one probe run per candidate; the Python
 loops are over the ``n_grid`` candidates (one ``K x K x N`` product per scale candidate on ``H``; the
 clip search scores all its candidates with one product per block, unpadded: a K = 64 weight at block

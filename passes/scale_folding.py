@@ -14,12 +14,15 @@ They never mutate the graph, so a failed plan leaves nothing half-done; the call
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["ScaleEdit", "Ties", "channel_ties", "float_constant", "plan_node", "plan_producer", "value_readers"]
+__all__ = [
+    "ScaleEdit", "Ties", "apply_edit", "channel_ties", "float_constant", "plan_node", "plan_producer", "value_readers",
+]  # fmt: skip
 
 
 @dataclass
@@ -31,6 +34,22 @@ class ScaleEdit:
     factor: np.ndarray
     divide: bool = False
     where: str = ""
+
+
+def apply_edit(e: ScaleEdit, fresh: Callable[[str], str], suffix: str) -> None:
+    """Scale the constant ``e`` names: in place, or, when other nodes also read it, as a new constant
+    (named by ``fresh`` from the old name + ``suffix``) that only ``e.node`` reads, so they keep the original.
+    A factor with as many values as the constant keeps the constant's shape (a ``[D]`` norm weight stays
+    ``[D]``, not the factor's ``[1, 1, D]``)."""
+    c = e.node.inputs[e.index]
+    assert isinstance(c, gs.Constant)
+    values = np.asarray(c.values / e.factor if e.divide else c.values * e.factor, dtype=c.values.dtype)
+    if values.size == c.values.size:
+        values = values.reshape(c.values.shape)
+    if len(c.outputs) > 1:
+        e.node.inputs[e.index] = gs.Constant(fresh(f"{c.name}{suffix}"), values)
+    else:
+        c.values = values
 
 
 Ties = list[tuple[np.ndarray, np.ndarray]]

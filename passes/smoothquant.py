@@ -38,7 +38,7 @@ from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
 from onnxq.target import PROFILES, TargetProfile
 
 from .insert_qdq import _weight_scheme
-from .scale_folding import ScaleEdit, float_constant, plan_node, plan_producer, value_readers
+from .scale_folding import ScaleEdit, apply_edit, float_constant, plan_node, plan_producer, value_readers
 
 __all__ = ["SmoothQuantPass", "smooth_factors", "smoothquant"]
 
@@ -234,18 +234,8 @@ class SmoothQuantPass(Pass):
         return "an inserted Mul"
 
     def _apply(self, edits: list[ScaleEdit], counts: dict[str, int]) -> str:
-        kinds = []
         for e in edits:
-            c = e.node.inputs[e.index]
-            assert isinstance(c, gs.Constant)
-            values = c.values / e.factor if e.divide else c.values * e.factor
-            values = np.asarray(values, dtype=c.values.dtype)
-            if len(c.outputs) > 1:  # shared with another node: that one keeps the original
-                new = gs.Constant(self._fresh(f"{c.name}_smoothed"), values)
-                e.node.inputs[e.index] = new
-            else:
-                c.values = values
-            kinds.append(e.where)
+            apply_edit(e, self._fresh, "_smoothed")
             key = {"LayerNormalization": "folded_layernorm", "MatMul": "folded_linear", "Gemm": "folded_linear"}.get(e.where, "folded_mul")
             counts[key] += 1
         return ", ".join(dict.fromkeys(f"{e.where} '{e.node.name}'" for e in edits))

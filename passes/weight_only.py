@@ -52,7 +52,7 @@ from onnxq.weightonly.pack import ensure_opset, to_dequantize_matmul, to_matmuln
 from onnxq.weightonly.segments import SegmentRunner, Wave
 
 from .int8_embeddings import quantize_embedding_tables
-from .scale_folding import ScaleEdit, channel_ties, plan_producer, value_readers
+from .scale_folding import ScaleEdit, apply_edit, channel_ties, plan_producer, value_readers
 from .shape_inference import refine_static_dims
 
 __all__ = ["WeightOnlyPass", "quantize_weight_only", "output_projections"]
@@ -384,21 +384,13 @@ class WeightOnlyPass(Pass):
         return edits
 
     def _apply_edit(self, e: ScaleEdit, by_node: dict[int, _Layer]) -> None:
-        c = e.node.inputs[e.index]
-        assert isinstance(c, gs.Constant)
         layer = by_node.get(id(e.node))
         if layer is not None and layer.qw is not None and e.index == 1 and not e.divide:
             # the previous projection is already quantized: scaling its output columns is exact on the grid
             layer.qw.scale_columns(np.asarray(e.factor).reshape(-1))
             self._set_weight(e.node, layer.qw.dequantize())
             return
-        values = np.asarray(c.values / e.factor if e.divide else c.values * e.factor, dtype=c.values.dtype)
-        if values.size == c.values.size:
-            values = values.reshape(c.values.shape)  # a [D] norm weight stays [D], not the factor's [1, 1, D]
-        if len(c.outputs) > 1:
-            e.node.inputs[e.index] = gs.Constant(self._fresh(f"{c.name}_awq"), values)
-        else:
-            c.values = values
+        apply_edit(e, self._fresh, "_awq")
 
     def _set_weight(self, node: gs.Node, values: np.ndarray, group: list[_Layer] | None = None) -> None:
         """Give ``node`` weight ``values`` (in place when no other node reads the constant)."""

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import onnx
 
@@ -20,6 +20,7 @@ from onnxq import __version__
 from onnxq.calibration.cache import CachedCalibration, save_cache
 from onnxq.calibration.runner import CalibrationSession
 from onnxq.calibration.sources import CalibrationSource, open_source
+from onnxq.destinations import Dest, Read, check_destinations
 from onnxq.errors import OnnxqError, PassError
 from onnxq.model import (
     default_opset,
@@ -353,6 +354,7 @@ def quantize_file(
     evaluation: CalibrationOptions | None = None,
     eval_size: int = 128,
     compare_samples: int = 32,
+    reads: Iterable[Read] = (),
 ) -> QuantizeResult:
     """Quantize the model file ``input_path`` into ``output_path`` (written atomically, input untouched).
 
@@ -365,12 +367,24 @@ def quantize_file(
     of the evaluation (else calibration) source: per-tensor SQNR goes into the report and into the doc
     string of each tensor's QuantizeLinear/DequantizeLinear, and ``report.html`` is written beside
     ``report.json``.
+
+    Before any work (after validating the input), every destination is checked (see
+    :func:`onnxq.destinations.check_destinations`): ``output_path``, its ``.data`` sibling and the report
+    files must be regular files or absent, in writable folders, and none of the files this run reads
+    (the model and its external data, the calibration and evaluation sources, the tokenizer, the cache
+    and ``reads``: what the caller read, such as a recipe or a manifest).
     """
     src, dst = Path(input_path), Path(output_path)
     report = Report()
     if on_stage:
         on_stage("loading")
-    in_bytes = _size_on_disk(src)  # also validates the file and its external data before any work
+    files = _model_files(src)  # validates the file and its external data before any work
+    in_bytes = sum(f.stat().st_size for f in files)
+    dests = [Dest(output_path, "output (-o)"), Dest(os.fspath(output_path) + ".data", "external data file of the output (-o)")]
+    if report_dir is not None:
+        dests += [Dest(report_dir, "report folder (--report)", example="report.json and report.html", folder=True),
+                  *(Dest(Path(report_dir) / n, "report file (--report)", example=n) for n in ("report.json", "report.html"))]
+    check_destinations(dests, [*_reads(files, calibration, evaluation, calib_cache), *reads])
     sha = model_hash(src)
     report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
                         "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
@@ -474,16 +488,20 @@ def calibrate_file(
     *,
     calibration: CalibrationOptions,
     progress: bool = False,
+    reads: Iterable[Read] = (),
 ) -> dict[str, Any]:
     """Calibrate ``input_path`` for ``recipe`` and save the ranges to ``cache_path`` (no model written).
 
     The cache holds exactly the tensors the recipe's quantization asks for, so a later
     ``quantize_file(..., calib_cache=cache_path)`` with the same recipe needs no calibration run.
+    ``cache_path`` is checked before calibrating, as :func:`quantize_file` checks its destinations.
     """
     src = Path(input_path)
-    model = load_model(src)
+    files = _model_files(src)
+    check_destinations([Dest(cache_path, "statistics file (-o)", example="stats.json")],
+                       [*_reads(files, calibration, None, None), *reads])  # fmt: skip
     sha = model_hash(src)
-    result = quantize_model(model, recipe, calibration=calibration, progress=progress)
+    result = quantize_model(src, recipe, calibration=calibration, progress=progress)
     info = result.report.info.get("calibration")
     if not info:
         raise OnnxqError(f"recipe '{recipe.name}' needs no calibration, so there is nothing to save")
@@ -493,11 +511,21 @@ def calibrate_file(
     return {"cache": str(cache_path), "tensors": len(ranges), **info}
 
 
-def _size_on_disk(path: Path) -> int:
-    """Bytes of the model file plus its external-data files (validated, not loaded)."""
+def _model_files(path: Path) -> list[Path]:
+    """The model file and its external-data files (validated, not loaded)."""
     files: list[Path] = []
     load_model(path, load_external_data=False, external_files=files)
-    return path.stat().st_size + sum(f.stat().st_size for f in files)
+    return [path, *files]
+
+
+def _reads(model_files: list[Path], calibration: CalibrationOptions | None, evaluation: CalibrationOptions | None,
+           calib_cache: str | os.PathLike | None) -> list[Read]:  # fmt: skip
+    """Everything a quantize or calibrate run reads, named for the messages of check_destinations."""
+    reads = [Read(model_files[0], "input model"), *(Read(f, "external data file of the input model") for f in model_files[1:])]
+    for opts, role in ((calibration, "calibration data (--calib)"), (evaluation, "evaluation data (--eval)")):
+        if opts is not None:
+            reads += [Read(opts.source, role), Read(opts.tokenizer, "tokenizer (--tokenizer)")]
+    return [*reads, Read(calib_cache, "calibration cache (--calib-cache)")]
 
 
 def report_summary(report: Report) -> dict[str, Any]:

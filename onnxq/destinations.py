@@ -51,10 +51,17 @@ class Dest(NamedTuple):
 
 
 class Read(NamedTuple):
-    """A file or folder a run reads (and so must never write over); ``role`` names it in messages."""
+    """A file or folder a run reads (and so must never write over); ``role`` names it in messages.
+
+    For a folder, ``suffixes`` are the file types read from it (a calibration folder: images, arrays):
+    a destination of such a type inside it is refused, existing or not (it would change the data), while
+    other files there (an earlier output beside a model's test_data_set) may be replaced. None: every
+    existing file inside it is refused.
+    """
 
     path: str | os.PathLike[str] | None
     role: str
+    suffixes: frozenset[str] | None = None
 
 
 def _kind(mode: int) -> str:
@@ -118,14 +125,15 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _inside_folder(p: Path, folder: Path) -> bool:
-    """``p`` exists and is (by path, or by inode for a hard link) a file inside ``folder``."""
+def _inside_folder(p: Path, r: Read, folder: Path) -> bool:
+    """``p`` is a file of the kind read from ``folder`` inside it, or (by inode) a hard link of one there."""
     st = _stat(p)
-    if st is None:
-        return False
     if Path(os.path.realpath(p)).is_relative_to(os.path.realpath(folder)):
-        return True
-    if st.st_nlink < 2:
+        if r.suffixes is not None and p.suffix.lower() in r.suffixes:
+            return True
+        if st is not None and r.suffixes is None:
+            return True
+    if st is None or st.st_nlink < 2:
         return False
     for root, _dirs, names in os.walk(folder):
         for name in names:
@@ -145,9 +153,9 @@ def _check_reads(p: Path, d: Dest, reads: Iterable[Read]) -> None:
         if st is None:
             continue
         if stat.S_ISDIR(st.st_mode):
-            if not d.folder and _inside_folder(p, q):
-                raise DestinationError(f"refusing to overwrite {p}: it is a file inside the {r.role} folder {q}, "
-                                       f"which this run reads; write the {d.role} elsewhere")  # fmt: skip
+            if not d.folder and _inside_folder(p, r, q):
+                raise DestinationError(f"refusing to write {p}: it is (or would be) one of the files read from the "
+                                       f"{r.role} folder {q}; write the {d.role} elsewhere")  # fmt: skip
         elif _same_file(p, q):
             raise DestinationError(f"refusing to overwrite the {r.role} {q}: the {d.role} {p} is the same file; "
                                    "choose a different path")  # fmt: skip

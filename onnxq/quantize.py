@@ -19,7 +19,7 @@ import onnx
 from onnxq import __version__
 from onnxq.calibration.cache import CachedCalibration, save_cache
 from onnxq.calibration.runner import CalibrationSession
-from onnxq.calibration.sources import CalibrationSource, open_source
+from onnxq.calibration.sources import IMAGE_SUFFIXES, CalibrationSource, open_source
 from onnxq.destinations import Dest, Read, check_destinations
 from onnxq.errors import OnnxqError, PassError
 from onnxq.model import (
@@ -380,11 +380,8 @@ def quantize_file(
         on_stage("loading")
     files = _model_files(src)  # validates the file and its external data before any work
     in_bytes = sum(f.stat().st_size for f in files)
-    dests = [Dest(output_path, "output (-o)"), Dest(os.fspath(output_path) + ".data", "external data file of the output (-o)")]
-    if report_dir is not None:
-        dests += [Dest(report_dir, "report folder (--report)", example="report.json and report.html", folder=True),
-                  *(Dest(Path(report_dir) / n, "report file (--report)", example=n) for n in ("report.json", "report.html"))]
-    check_destinations(dests, [*_reads(files, calibration, evaluation, calib_cache), *reads])
+    check_destinations(output_destinations(output_path, report_dir),
+                       [*_reads(files, calibration, evaluation, calib_cache), *reads])  # fmt: skip
     sha = model_hash(src)
     report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
                         "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
@@ -511,6 +508,19 @@ def calibrate_file(
     return {"cache": str(cache_path), "tensors": len(ranges), **info}
 
 
+def output_destinations(output_path: str | os.PathLike, report_dir: str | os.PathLike | None) -> list[Dest]:
+    """What :func:`quantize_file` may write: the model, its ``.data`` sibling, and the report folder and files."""
+    dests = [Dest(output_path, "output (-o)"), Dest(os.fspath(output_path) + ".data", "external data file of the output (-o)")]
+    if report_dir is not None:
+        dests += [Dest(report_dir, "report folder (--report)", example="report.json and report.html", folder=True),
+                  *(Dest(Path(report_dir) / n, "report file (--report)", example=n) for n in ("report.json", "report.html"))]
+    return dests
+
+
+#: The files a calibration folder's readers take samples from (an output of another type may sit beside them).
+_SAMPLE_SUFFIXES = frozenset({*IMAGE_SUFFIXES, ".npz", ".npy", ".pb"})
+
+
 def _model_files(path: Path) -> list[Path]:
     """The model file and its external-data files (validated, not loaded)."""
     files: list[Path] = []
@@ -524,7 +534,7 @@ def _reads(model_files: list[Path], calibration: CalibrationOptions | None, eval
     reads = [Read(model_files[0], "input model"), *(Read(f, "external data file of the input model") for f in model_files[1:])]
     for opts, role in ((calibration, "calibration data (--calib)"), (evaluation, "evaluation data (--eval)")):
         if opts is not None:
-            reads += [Read(opts.source, role), Read(opts.tokenizer, "tokenizer (--tokenizer)")]
+            reads += [Read(opts.source, role, _SAMPLE_SUFFIXES), Read(opts.tokenizer, "tokenizer (--tokenizer)")]
     return [*reads, Read(calib_cache, "calibration cache (--calib-cache)")]
 
 

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,6 +30,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
@@ -235,6 +238,8 @@ def _read_cases(tmp_path: Path, model: Path, npz: Path) -> dict[str, tuple[list[
                                                 "external data file of the input model"),
         "file in the calibration folder": (["quantize", model, "--calib", folder, "-o", folder / "a.npz"],
                                            "calibration data (--calib) folder"),
+        "new sample in the calibration folder": (["quantize", model, "--calib", folder, "-o", folder / "b.npy"],
+                                                 "calibration data (--calib) folder"),
         "evaluation data": ([*q, "--eval", npz, "--accuracy-budget", "sqnr=10", "-o", npz], "evaluation data (--eval)"),
         "calibration cache": (["quantize", model, "--calib-cache", cache, "-o", cache], "calibration cache (--calib-cache)"),
         "recipe": (["quantize", model, "--recipe", recipe, "--calib", "random:2", "-o", recipe], "recipe (--recipe)"),
@@ -247,14 +252,25 @@ def _read_cases(tmp_path: Path, model: Path, npz: Path) -> dict[str, tuple[list[
 
 @pytest.mark.parametrize("case", ["model (hard link)", "model (symbolic link)", "external data",
                                   "external data as the output's .data", "file in the calibration folder",
+                                  "new sample in the calibration folder",
                                   "evaluation data", "calibration cache", "recipe", "calibrate's recipe", "tokenizer",
                                   "report file linked to the calibration data"])  # fmt: skip
 def test_no_command_writes_over_a_file_it_reads(tmp_path: Path, model: Path, npz: Path, case: str, no_work: None) -> None:
     args, role = _read_cases(tmp_path, model, npz)[case]
     before = _snapshot(tmp_path)
     code, _, err = _run(*args)
-    _refused(code, err, "refusing to overwrite", role)
+    _refused(code, err, "refusing to", role)
     assert _snapshot(tmp_path) == before
+
+
+def test_an_earlier_output_beside_the_calibration_samples_may_be_replaced(tmp_path: Path, model: Path) -> None:
+    """A model folder holding its test_data_set: rerunning into the same output there is not overwriting data."""
+    tds = tmp_path / "test_data_set_0"
+    tds.mkdir()
+    onnx.save_tensor(numpy_helper.from_array(np.zeros((1, 3, 8, 8), np.float32), "x"), str(tds / "input_0.pb"))
+    for _ in range(2):
+        code, _, err = _run("quantize", model, "--calib", tmp_path, "-o", tmp_path / "m.int8.onnx", "--no-progress")
+        assert code == 0, err
 
 
 def test_the_library_refuses_the_callers_reads(tmp_path: Path, model: Path) -> None:
@@ -422,3 +438,93 @@ def test_written_json_files_get_the_usual_mode_not_0600(tmp_path: Path, model: P
     Report().write_json(tmp_path / "r.json")
     save_model(onnx.load(model), tmp_path / "q.onnx")
     assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("r.json", "q.onnx")] == [0o640, 0o640]
+
+
+# ---------------------------------------------------------------- fuzzing: whatever is accepted is written safely
+
+#: What an output or report path can be; each builder makes it under ``root`` and returns the path as typed.
+_PATH_KINDS: dict[str, Callable[[Path], str]] = {
+    "new": lambda r: str(r / "q.onnx"),
+    "new folder": lambda r: str(r / "a" / "b" / "q.onnx"),
+    "existing file": lambda r: _touch(r / "old.onnx"),
+    "existing folder": lambda r: _mkdir(r / "d"),
+    "fifo": lambda r: _fifo(r / "p"),
+    "link to fifo": lambda r: _link(r / "lp", _fifo(r / "p")),
+    "link to input": lambda r: _link(r / "li", str(r / "in.onnx")),
+    "hard link to input": lambda r: _hard(r / "hi", r / "in.onnx"),
+    "hard link to calibration data": lambda r: _hard(r / "hc", r / "calib.npz"),
+    "input": lambda r: str(r / "in.onnx"),
+    "calibration data": lambda r: str(r / "calib.npz"),
+    "under a file": lambda r: str(Path(_touch(r / "f")) / "q.onnx"),
+    "trailing slash": lambda r: str(r / "t") + "/",
+    "empty": lambda r: "",
+    "folder with special report files": lambda r: _special_report(r / "sr"),
+    "shared": lambda r: str(r / "shared"),  # the same path for both: a collision
+}
+
+
+def _touch(p: Path) -> str:
+    p.write_bytes(b"previous")
+    return str(p)
+
+
+def _mkdir(p: Path) -> str:
+    p.mkdir(exist_ok=True)
+    return str(p)
+
+
+def _fifo(p: Path) -> str:
+    if not p.exists():
+        os.mkfifo(p)
+    return str(p)
+
+
+def _link(p: Path, target: str) -> str:
+    if not p.is_symlink():
+        p.symlink_to(target)
+    return str(p)
+
+
+def _hard(p: Path, target: Path) -> str:
+    if not p.exists():
+        os.link(target, p)
+    return str(p)
+
+
+def _special_report(p: Path) -> str:
+    p.mkdir(exist_ok=True)
+    _fifo(p / "report.json")
+    return str(p)
+
+
+@given(out_kind=st.sampled_from(sorted(_PATH_KINDS)), report_kind=st.sampled_from(["none", *sorted(_PATH_KINDS)]))
+@settings(max_examples=120, deadline=None, derandomize=True, database=None)
+def test_whatever_the_destination_check_accepts_is_written_without_damage(out_kind: str, report_kind: str) -> None:
+    """Any output x report path kind: refused with nothing changed, or written with every read file,
+    special file and link intact, the output a regular file."""
+    from onnxq.destinations import Read, check_destinations
+    from onnxq.quantize import output_destinations
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _conv_model(root / "in.onnx")
+        np.savez(root / "calib.npz", x=np.zeros((1, 3, 8, 8), np.float32))
+        out = _PATH_KINDS[out_kind](root)
+        rep = None if report_kind == "none" else _PATH_KINDS[report_kind](root)
+        before = _snapshot(root)
+        reads = [Read(root / "in.onnx", "input model"), Read(root / "calib.npz", "calibration data (--calib)")]
+        try:
+            check_destinations(output_destinations(out, rep), reads)
+        except ModelSaveError as exc:
+            assert "\n" not in str(exc) and _snapshot(root) == before
+            return
+        save_model(onnx.load(root / "in.onnx"), out)
+        if rep is not None:
+            Report().write_json(Path(rep) / "report.json")
+            write_html(Report().to_dict(), Path(rep) / "report.html", charts=False)
+        after = _snapshot(root)
+        changed = {k for k in before if after.get(k) != before[k]}
+        written = {str(Path(p).resolve().relative_to(root.resolve())) for p in
+                   [out, *([Path(rep) / "report.json", Path(rep) / "report.html"] if rep else [])]}  # fmt: skip
+        assert changed <= written and {"in.onnx", "calib.npz"}.isdisjoint(changed)
+        assert Path(out).is_file() and not Path(out).is_symlink()

@@ -32,7 +32,7 @@ import zlib
 from pathlib import Path
 from typing import IO, Any, Iterable, NamedTuple
 
-from onnxq.errors import DestinationError
+from onnxq.errors import DestinationError, ModelSaveError
 
 __all__ = ["Dest", "Read", "check_destinations", "temp_beside", "write_text_atomic", "write_json_atomic",
            "remove_stale_temps", "new_file_mode"]
@@ -268,7 +268,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, role: str = "o
     """Write ``text`` (UTF-8) to ``path`` atomically: checked destination, temp file, fsync, rename.
 
     The parent folder is created. Raises DestinationError for a destination :func:`check_destinations`
-    refuses; a failed write leaves any previous file intact and no temporary file.
+    refuses, ModelSaveError when the write fails (disk full...); a failed write leaves any previous file
+    intact and no temporary file.
     """
     (dest,) = check_destinations([Dest(path, role, example=Path(path).name or "out.json")])
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -279,9 +280,11 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, role: str = "o
             f.flush()
             os.fsync(f.fileno())
         os.replace(temps[0], dest)
-    except BaseException:
+    except BaseException as exc:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ModelSaveError(f"cannot write the {role} {dest}: {exc.strerror or exc}") from None
         raise
     return dest
 

@@ -415,17 +415,27 @@ def quantize_file(
     if on_stage:
         on_stage("saving")
     result.files = save_model(result.model, dst, input_path=src)
-    out_bytes = sum(p.stat().st_size for p in result.files)
-    report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
-    if comparison is not None:
-        report.info["comparison"]["models"]["quant"]["bytes"] = out_bytes
-    if report_dir is not None:
-        from onnxq.report_html import write_html
-
-        Path(report_dir).mkdir(parents=True, exist_ok=True)
-        report.write_json(Path(report_dir) / "report.json")
-        write_html(_report_view(report), Path(report_dir) / "report.html")
+    try:
+        out_bytes = sum(p.stat().st_size for p in result.files)
+        report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
+        if comparison is not None:
+            report.info["comparison"]["models"]["quant"]["bytes"] = out_bytes
+        if report_dir is not None:
+            _write_report(report, Path(report_dir))
+    except BaseException:  # a failed or interrupted run leaves no output: never a model without its report
+        for f in result.files:
+            f.unlink(missing_ok=True)
+        raise
     return result
+
+
+def _write_report(report: Report, folder: Path) -> None:
+    """report.json and report.html into ``folder`` (created)."""
+    from onnxq.report_html import write_html
+
+    folder.mkdir(parents=True, exist_ok=True)
+    report.write_json(folder / "report.json")
+    write_html(_report_view(report), folder / "report.html")
 
 
 def _report_view(report: Report) -> dict[str, Any]:

@@ -528,3 +528,21 @@ def test_whatever_the_destination_check_accepts_is_written_without_damage(out_ki
                    [out, *([Path(rep) / "report.json", Path(rep) / "report.html"] if rep else [])]}  # fmt: skip
         assert changed <= written and {"in.onnx", "calib.npz"}.isdisjoint(changed)
         assert Path(out).is_file() and not Path(out).is_symlink()
+
+
+def test_a_report_that_fails_to_write_leaves_no_model(tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit code 1 means nothing was written: not the model without its report (disk full, say)."""
+    import onnxq.destinations
+
+    real = onnxq.destinations.temp_beside
+
+    def full_for_html(dest: Path, temps: list[Path], mode: str = "wb") -> object:
+        if dest.name == "report.html":
+            raise OSError(28, "No space left on device")
+        return real(dest, temps, mode)
+
+    monkeypatch.setattr(onnxq.destinations, "temp_beside", full_for_html)
+    code, _, err = _run("quantize", model, "-o", tmp_path / "q.onnx", "--calib", "random:2", "--report", tmp_path / "rep",
+                        "--no-progress")  # fmt: skip
+    _refused(code, err, "cannot write the report file (--report)", "report.html", "No space left on device")
+    assert not (tmp_path / "q.onnx").exists()

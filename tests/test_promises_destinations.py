@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -120,12 +121,29 @@ def umask_022() -> Iterator[None]:
 # ---------------------------------------------------------------- 1. special files are never replaced
 
 
-def test_quantize_refuses_a_fifo_output_before_calibrating(tmp_path: Path, model: Path, no_work: None) -> None:
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    code, _, err = _run("quantize", model, "-o", fifo, "--calib", "random:2")
-    _refused(code, err, str(fifo), "named pipe (FIFO)", "not a regular file", "choose another path")
-    assert fifo.is_fifo()
+def _special(tmp_path: Path, kind: str) -> Path:
+    """A FIFO, a Unix socket, or a symbolic link to a folder, at ``tmp_path / kind``."""
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    else:
+        (tmp_path / "folder").mkdir()
+        path.symlink_to(tmp_path / "folder")
+    return path
+
+
+@pytest.mark.parametrize("kind, what", [("fifo", "named pipe (FIFO)"), ("socket", "socket"), ("dirlink", "is a directory")])
+def test_quantize_refuses_a_special_output_before_calibrating(tmp_path: Path, model: Path, no_work: None, kind: str,
+                                                              what: str) -> None:  # fmt: skip
+    path = _special(tmp_path, kind)
+    before = _snapshot(tmp_path)
+    code, _, err = _run("quantize", model, "-o", path, "--calib", "random:2")
+    _refused(code, err, str(path), what)
+    assert _snapshot(tmp_path) == before
 
 
 def test_quantize_refuses_a_symlink_to_a_device_and_leaves_both(tmp_path: Path, model: Path, no_work: None) -> None:

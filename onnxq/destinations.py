@@ -5,7 +5,7 @@ work; one that writes over a FIFO, a device node or a file it reads damages data
 points (``quantize_file``, ``calibrate_file``) call :func:`check_destinations` before loading weights
 or calibrating. It refuses, with one line naming the path and the fix:
 
-- an empty path, or one ending in ``/`` (a folder, not a file name);
+- an empty path, or one spelled as a folder (ending in ``/``, ``.`` or ``..``);
 - an existing destination that is a directory or not a regular file (FIFO, socket, device node, or a
   symbolic link to one); a link to a regular file is replaced as a link, its target is untouched;
 - a destination whose folder cannot be created (a parent is a file) or is not writable;
@@ -99,8 +99,8 @@ def _check_one(d: Dest) -> Path:
     if not raw.strip():
         raise DestinationError(f"the {d.role} path is empty; give a file name such as {d.example}")
     p = Path(os.path.abspath(raw))
-    if not d.folder and raw.endswith(("/", os.sep)):
-        raise DestinationError(f"the {d.role} {raw} ends in '/', a folder; give a file name such as {p / d.example}")
+    if not d.folder and os.path.basename(raw) in ("", ".", ".."):  # "out/", "out/.": a folder by its spelling
+        raise DestinationError(f"the {d.role} {raw} names a folder, not a file; give a file name such as {p / d.example}")
     st = _stat(p)
     if st is not None and d.folder and not stat.S_ISDIR(st.st_mode):
         raise DestinationError(f"the {d.role} {p} exists and is not a folder; give a new or existing folder "

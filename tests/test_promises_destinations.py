@@ -316,8 +316,10 @@ def test_report_pointing_at_a_file_is_refused_before_the_model_is_written(tmp_pa
 
 @pytest.mark.parametrize("output, needle", [
     ("", "path is empty"),
-    ("new/", "ends in '/'"),
-    (".", "is a directory"),
+    ("new/", "names a folder, not a file"),
+    ("new/.", "names a folder, not a file"),
+    (".", "names a folder, not a file"),
+    ("sub", "is a directory"),
     ("notes.txt/q.onnx", "is a file, not a folder"),
     ("rep", "are the same path"),
     ("rep/report.json", "are the same path"),
@@ -326,6 +328,7 @@ def test_bad_output_paths_are_one_line_before_any_work(tmp_path: Path, model: Pa
                                                         no_work: None, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "sub").mkdir()
     before = _snapshot(tmp_path)
     code, _, err = _run("quantize", model, "-o", output, "--calib", "random:2", "--report", "rep")
     _refused(code, err, needle)

@@ -32,7 +32,7 @@ _out = Console()
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so that the same clean-up runs
-    (temporary files are removed, batch workers stopped) and the command exits 143 (128 + 15)."""
+    (every ``except KeyboardInterrupt``; save_model removes its temporary files) and the command exits 143."""
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

@@ -1,6 +1,7 @@
 """The ``onnxq`` command line: thin click commands that build a Recipe and call the library.
 
-Exit codes: 0 success, 1 failure (one line on stderr, no traceback; ``--debug`` shows it), 2 usage error.
+Exit codes: 0 success, 1 failure (one line on stderr, no traceback; ``--debug`` shows it), 2 usage error,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). With ``--json`` an error is also a JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ import dataclasses
 import functools
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 import rich.markup
@@ -28,14 +30,44 @@ _err = Console(stderr=True)
 _out = Console()
 
 
-def _fail(message: str) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so that the same clean-up runs
+    (every ``except KeyboardInterrupt``; save_model removes its temporary files) and the command exits 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _install_sigterm(ctx: click.Context) -> None:
+    """Handle SIGTERM like SIGINT for this command; the previous handler is restored when it ends."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (the CLI embedded in an application): leave its signals alone
+        return
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous))
+
+
+def _json_error(message: str, code: int) -> None:
+    """With ``--json``, errors are also a JSON object on stdout, so a script reading stdout always gets JSON."""
+    click.echo(json.dumps({"error": message, "exit_code": code}))
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("as_json"):
+        _json_error(message, code)
     # the message is plain text: "[weight_only] block_size ..." must not be read as rich markup
     _err.print(f"[bold red]error:[/] {rich.markup.escape(message)}", markup=True, highlight=False, soft_wrap=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn onnxq errors into one line and exit code 1; ``--debug`` keeps the traceback."""
+    """Turn onnxq errors into one line and exit code 1; ``--debug`` keeps the traceback.
+
+    Ctrl-C exits 130 and SIGTERM 143 (128 + the signal), after the clean-up their exception triggers.
+    With ``--json`` the error is also printed as ``{"error": ..., "exit_code": ...}`` on stdout.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -48,8 +80,10 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(exc))
         except click.ClickException:
             raise  # usage errors: click prints them with the command's usage line and exits with 2
+        except Terminated:
+            _fail("terminated (SIGTERM); no output was written", 143)
         except KeyboardInterrupt:
-            _fail("interrupted; no output was written")
+            _fail("interrupted; no output was written", 130)
         except Exception as exc:  # noqa: BLE001 - last line of defence, still one line
             if debug:
                 raise
@@ -58,10 +92,27 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The command group; a usage error (exit 2) of a command run with ``--json`` is also JSON on stdout."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["onnxq.json_errors"] = "--json" in args
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if ctx.meta.get("onnxq.json_errors"):
+                _json_error(exc.format_message(), exc.exit_code)
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="onnxq")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
-def main(debug: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """onnxq: turn a float ONNX model into a smaller, faster quantized ONNX model.
 
     \b
@@ -71,11 +122,12 @@ def main(debug: bool) -> None:
       onnxq presets
     """
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _install_sigterm(ctx)
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the quantized model (never the input).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized model (never the input).")
 @click.option("--preset", default=None, help="A preset name (see `onnxq presets`); default w8a8.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
 @click.option("--calib", help="Calibration data: an image folder, .npz/.npy file or folder, a test_data_set folder, a text file (.txt/.jsonl/.tsv, with --tokenizer), a token-id .json list, or 'random[:N]'.")
@@ -107,7 +159,7 @@ def main(debug: bool) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--checked", is_flag=True, help="Validate the graph (onnx.checker + ORT load) after every pass (slower).")
 @_handle_errors
-def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | None, calib: str | None,
+def quantize(model: Path, output: str, preset: str | None, recipe_file: Path | None, calib: str | None,
              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
              exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], calib_cache: Path | None,
@@ -171,11 +223,18 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     evaluation = dataclasses.replace(opts, source=eval_source) if eval_source else None
     result = quantize_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
                            checked=checked, report_dir=report_dir, calib_cache=calib_cache, budget=budget,
-                           evaluation=evaluation, eval_size=eval_size)  # fmt: skip
+                           evaluation=evaluation, eval_size=eval_size, reads=_recipe_read(recipe_file))  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.report.to_dict(), indent=2, default=str))
         return
     _print_quantize_summary(result.report, output)
+
+
+def _recipe_read(recipe_file: Path | None) -> list[Any]:
+    """The recipe file as a file the run reads (never to be written over)."""
+    from onnxq.destinations import Read
+
+    return [Read(recipe_file, "recipe (--recipe)")]
 
 
 def _human(n: int) -> str:
@@ -247,7 +306,7 @@ def _apply_weight_only(recipe: Any, *, block_size: int | None, symmetric: bool, 
     return recipe.with_(weight_only=dataclasses.replace(recipe.weight_only, **changes))
 
 
-def _print_quantize_summary(report: Any, output: Path) -> None:
+def _print_quantize_summary(report: Any, output: str) -> None:
     info = report.info
     counts: dict[str, int] = {}
     for step in report.steps:
@@ -279,7 +338,7 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the statistics (JSON).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the statistics (JSON).")
 @click.option("--preset", default=None, help="The preset the statistics are for (default w8a8).")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
 @click.option("--calib", required=True, help="Calibration data (as for `onnxq quantize --calib`).")
@@ -295,7 +354,7 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print what was saved as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_handle_errors
-def calibrate(model: Path, output: Path, preset: str | None, recipe_file: Path | None, calib: str,
+def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | None, calib: str,
               calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
               tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None,
               device: str | None, as_json: bool, no_progress: bool) -> None:  # fmt: skip
@@ -318,7 +377,8 @@ def calibrate(model: Path, output: Path, preset: str | None, recipe_file: Path |
                           exclude_op=(), exclude_node=(), exclude_regex=())  # fmt: skip
     opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
                               tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
-    info = calibrate_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json)
+    info = calibrate_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
+                          reads=_recipe_read(recipe_file))  # fmt: skip
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
@@ -506,6 +566,7 @@ def view(model: Path, port: int | None, host: str, browse: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the presets as JSON.")
+@_handle_errors
 def presets(as_json: bool) -> None:
     """List the presets, one line each."""
     from onnxq.recipe import PRESETS, recipe_to_dict

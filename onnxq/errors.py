@@ -11,6 +11,7 @@ __all__ = [
     "OnnxqError",
     "ModelLoadError",
     "ModelSaveError",
+    "DestinationError",
     "UnsafeModelError",
     "RecipeError",
     "CalibrationError",
@@ -29,6 +30,10 @@ class ModelLoadError(OnnxqError):
 
 class ModelSaveError(OnnxqError):
     """A model could not be written (bad output path, would overwrite the input, disk full...)."""
+
+
+class DestinationError(ModelSaveError):
+    """An output path cannot be written safely (a special file, a file the run reads, an unwritable folder)."""
 
 
 class UnsafeModelError(ModelLoadError):

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO, Iterator
 
@@ -22,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxq.destinations import Dest, check_destinations, temp_beside
 from onnxq.errors import ModelLoadError, ModelSaveError, UnsafeModelError
 
 __all__ = ["load_model", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
@@ -420,14 +420,6 @@ def _write_all(f: BinaryIO, data: bytes) -> None:
         f.write(view[i:i + (1 << 26)])
 
 
-def _temp_for(dest: Path, temps: list[Path]) -> BinaryIO:
-    """A new temporary file beside ``dest`` (recorded in ``temps``), with dest's mode or 0644."""
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    temps.append(Path(name))
-    os.chmod(name, (dest.stat().st_mode & 0o777) if dest.is_file() else 0o644)
-    return os.fdopen(fd, "wb")
-
-
 def _copy_fields(msg: Any, keep: Any) -> Any:
     """A new message with only the fields of ``msg`` whose descriptor passes ``keep`` (the rest is not copied)."""
     out = type(msg)()
@@ -500,13 +492,14 @@ def save_model(
     ``input_path``: writing over that model or its external data is refused. ``external_data``: True or
     False to force; None uses it when tensor data exceeds ~1.8 GB. With external data, every initializer
     of 1 KiB or more goes to one ``<name>.data`` beside the model (relative location), renamed in first.
+    Temporary files of earlier killed runs for the same destination are removed (:mod:`onnxq.destinations`).
 
     Raises:
-        ModelSaveError: A bad output path, the output would overwrite the input, or the write failed.
+        ModelSaveError: A bad output path (a directory, FIFO, device or other non-regular file, a folder
+            that cannot be written: DestinationError), the output would overwrite the input, or the write failed.
     """
     out = Path(os.path.abspath(path))
-    if out.is_dir():
-        raise ModelSaveError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    check_destinations([Dest(path, "output (-o)")])
     ext = [t.name for t in _iter_tensors(model) if _is_external(t)]
     if ext:
         raise ModelSaveError(f"tensor {ext[0]!r} still refers to external data; load the model with its data first")
@@ -514,19 +507,21 @@ def save_model(
         size = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in _iter_tensors(model))
         external_data = size > EXTERNAL_DATA_THRESHOLD
     written = [out.with_name(out.name + ".data"), out] if external_data else [out]
+    if external_data:
+        check_destinations([Dest(written[0], "external data file of the output")])
     if input_path is not None:
         _refuse_input_overwrite(written, Path(os.path.abspath(input_path)))
     temps: list[Path] = []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if external_data:
-            with _temp_for(written[0], temps) as f:
+            with temp_beside(written[0], temps) as f:
                 blob = _serialize_external(model, f, written[0].name)
                 f.flush()
                 os.fsync(f.fileno())
         else:
             blob = model.SerializeToString()
-        with _temp_for(out, temps) as f:
+        with temp_beside(out, temps) as f:
             _write_all(f, blob)
             f.flush()
             os.fsync(f.fileno())

@@ -12,14 +12,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import onnx
 
 from onnxq import __version__
 from onnxq.calibration.cache import CachedCalibration, save_cache
 from onnxq.calibration.runner import CalibrationSession
-from onnxq.calibration.sources import CalibrationSource, open_source
+from onnxq.calibration.sources import IMAGE_SUFFIXES, CalibrationSource, open_source
+from onnxq.destinations import Dest, Read, check_destinations
 from onnxq.errors import OnnxqError, PassError
 from onnxq.model import (
     default_opset,
@@ -353,6 +354,7 @@ def quantize_file(
     evaluation: CalibrationOptions | None = None,
     eval_size: int = 128,
     compare_samples: int = 32,
+    reads: Iterable[Read] = (),
 ) -> QuantizeResult:
     """Quantize the model file ``input_path`` into ``output_path`` (written atomically, input untouched).
 
@@ -365,12 +367,21 @@ def quantize_file(
     of the evaluation (else calibration) source: per-tensor SQNR goes into the report and into the doc
     string of each tensor's QuantizeLinear/DequantizeLinear, and ``report.html`` is written beside
     ``report.json``.
+
+    Before any work (after validating the input), every destination is checked (see
+    :func:`onnxq.destinations.check_destinations`): ``output_path``, its ``.data`` sibling and the report
+    files must be regular files or absent, in writable folders, and none of the files this run reads
+    (the model and its external data, the calibration and evaluation sources, the tokenizer, the cache
+    and ``reads``: what the caller read, such as a recipe or a manifest).
     """
     src, dst = Path(input_path), Path(output_path)
     report = Report()
     if on_stage:
         on_stage("loading")
-    in_bytes = _size_on_disk(src)  # also validates the file and its external data before any work
+    files = _model_files(src)  # validates the file and its external data before any work
+    in_bytes = sum(f.stat().st_size for f in files)
+    check_destinations(output_destinations(output_path, report_dir),
+                       [*_reads(files, calibration, evaluation, calib_cache), *reads])  # fmt: skip
     sha = model_hash(src)
     report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
                         "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
@@ -404,17 +415,27 @@ def quantize_file(
     if on_stage:
         on_stage("saving")
     result.files = save_model(result.model, dst, input_path=src)
-    out_bytes = sum(p.stat().st_size for p in result.files)
-    report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
-    if comparison is not None:
-        report.info["comparison"]["models"]["quant"]["bytes"] = out_bytes
-    if report_dir is not None:
-        from onnxq.report_html import write_html
-
-        Path(report_dir).mkdir(parents=True, exist_ok=True)
-        report.write_json(Path(report_dir) / "report.json")
-        write_html(_report_view(report), Path(report_dir) / "report.html")
+    try:
+        out_bytes = sum(p.stat().st_size for p in result.files)
+        report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
+        if comparison is not None:
+            report.info["comparison"]["models"]["quant"]["bytes"] = out_bytes
+        if report_dir is not None:
+            _write_report(report, Path(report_dir))
+    except BaseException:  # a failed or interrupted run leaves no output: never a model without its report
+        for f in result.files:
+            f.unlink(missing_ok=True)
+        raise
     return result
+
+
+def _write_report(report: Report, folder: Path) -> None:
+    """report.json and report.html into ``folder`` (created)."""
+    from onnxq.report_html import write_html
+
+    folder.mkdir(parents=True, exist_ok=True)
+    report.write_json(folder / "report.json")
+    write_html(_report_view(report), folder / "report.html")
 
 
 def _report_view(report: Report) -> dict[str, Any]:
@@ -474,16 +495,20 @@ def calibrate_file(
     *,
     calibration: CalibrationOptions,
     progress: bool = False,
+    reads: Iterable[Read] = (),
 ) -> dict[str, Any]:
     """Calibrate ``input_path`` for ``recipe`` and save the ranges to ``cache_path`` (no model written).
 
     The cache holds exactly the tensors the recipe's quantization asks for, so a later
     ``quantize_file(..., calib_cache=cache_path)`` with the same recipe needs no calibration run.
+    ``cache_path`` is checked before calibrating, as :func:`quantize_file` checks its destinations.
     """
     src = Path(input_path)
-    model = load_model(src)
+    files = _model_files(src)
+    check_destinations([Dest(cache_path, "statistics file (-o)", example="stats.json")],
+                       [*_reads(files, calibration, None, None), *reads])  # fmt: skip
     sha = model_hash(src)
-    result = quantize_model(model, recipe, calibration=calibration, progress=progress)
+    result = quantize_model(src, recipe, calibration=calibration, progress=progress)
     info = result.report.info.get("calibration")
     if not info:
         raise OnnxqError(f"recipe '{recipe.name}' needs no calibration, so there is nothing to save")
@@ -493,11 +518,34 @@ def calibrate_file(
     return {"cache": str(cache_path), "tensors": len(ranges), **info}
 
 
-def _size_on_disk(path: Path) -> int:
-    """Bytes of the model file plus its external-data files (validated, not loaded)."""
+def output_destinations(output_path: str | os.PathLike, report_dir: str | os.PathLike | None) -> list[Dest]:
+    """What :func:`quantize_file` may write: the model, its ``.data`` sibling, and the report folder and files."""
+    dests = [Dest(output_path, "output (-o)"), Dest(os.fspath(output_path) + ".data", "external data file of the output (-o)")]
+    if report_dir is not None:
+        dests += [Dest(report_dir, "report folder (--report)", example="report.json and report.html", folder=True),
+                  *(Dest(Path(report_dir) / n, "report file (--report)", example=n) for n in ("report.json", "report.html"))]
+    return dests
+
+
+#: The files a calibration folder's readers take samples from (an output of another type may sit beside them).
+_SAMPLE_SUFFIXES = frozenset({*IMAGE_SUFFIXES, ".npz", ".npy", ".pb"})
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The model file and its external-data files (validated, not loaded)."""
     files: list[Path] = []
     load_model(path, load_external_data=False, external_files=files)
-    return path.stat().st_size + sum(f.stat().st_size for f in files)
+    return [path, *files]
+
+
+def _reads(model_files: list[Path], calibration: CalibrationOptions | None, evaluation: CalibrationOptions | None,
+           calib_cache: str | os.PathLike | None) -> list[Read]:  # fmt: skip
+    """Everything a quantize or calibrate run reads, named for the messages of check_destinations."""
+    reads = [Read(model_files[0], "input model"), *(Read(f, "external data file of the input model") for f in model_files[1:])]
+    for opts, role in ((calibration, "calibration data (--calib)"), (evaluation, "evaluation data (--eval)")):
+        if opts is not None:
+            reads += [Read(opts.source, role, _SAMPLE_SUFFIXES), Read(opts.tokenizer, "tokenizer (--tokenizer)")]
+    return [*reads, Read(calib_cache, "calibration cache (--calib-cache)")]
 
 
 def report_summary(report: Report) -> dict[str, Any]:

@@ -6,7 +6,6 @@ JSON written as ``report.json``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,4 +58,7 @@ class Report:
         return {"info": self.info, "notes": self.notes, "steps": [asdict(s) for s in self.steps]}
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        """Write :meth:`to_dict` as JSON, atomically; a destination that is not a regular file is refused."""
+        from onnxq.destinations import write_json_atomic
+
+        write_json_atomic(path, self.to_dict(), role="report file (--report)")

@@ -19,10 +19,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from onnxq.destinations import write_text_atomic
 
 __all__ = ["CHARTS_NOTICE", "render_html", "write_html"]
 
@@ -379,19 +380,6 @@ def render_html(report: Mapping[str, Any], *, charts: bool | None = None) -> str
 
 
 def write_html(report: Mapping[str, Any], path: str | os.PathLike[str], *, charts: bool | None = None) -> Path:
-    """Render ``report`` and write it to ``path`` atomically (temp file in the same folder, then rename)."""
-    out = Path(os.path.abspath(path))
-    text = render_html(report, charts=charts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    """Render ``report`` and write it to ``path`` atomically (temp file in the same folder, then rename;
+    mode 0644 under the usual umask, a report is meant to be shared; special files are refused)."""
+    return write_text_atomic(path, render_html(report, charts=charts), role="report file (--report)")

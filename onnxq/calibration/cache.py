@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxq.destinations import write_json_atomic
 from onnxq.errors import CalibrationError
 
 __all__ = ["CACHE_FORMAT", "settings_key", "save_cache", "CachedCalibration"]
@@ -45,7 +45,8 @@ def save_cache(
     provider: str | None,
     samples: int,
 ) -> None:
-    """Write a cache atomically (temporary file + rename)."""
+    """Write a cache atomically (temporary file + rename, mode 0644 under the usual umask); a destination
+    that is not a regular file is refused (:func:`onnxq.destinations.write_text_atomic`)."""
     doc = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
@@ -56,17 +57,7 @@ def save_cache(
         "provider": provider,
         "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(ranges.items())},
     }
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, doc, role="statistics file (-o)", indent=1)
 
 
 class CachedCalibration:

@@ -361,10 +361,14 @@ class Override:
         check_instance(self, "[[override]] ")
 
     @property
+    def selector_key(self) -> str:
+        """Which selector is set: ``op_type``, ``name`` or ``name_regex``."""
+        return "op_type" if self.op_type is not None else "name" if self.name is not None else "name_regex"
+
+    @property
     def selector(self) -> str:
         """How messages name this override: ``op_type 'Gemm'``, ``name 'fc'`` or ``name_regex '^head/'``."""
-        key = "op_type" if self.op_type is not None else "name" if self.name is not None else "name_regex"
-        return f"{key} {show(getattr(self, key))}"
+        return f"{self.selector_key} {show(getattr(self, self.selector_key))}"
 
     @property
     def priority(self) -> int:
@@ -609,6 +613,35 @@ def load_recipe(path: str | Path) -> Recipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"recipe file {p} is not valid TOML: {exc}") from exc
     return recipe_from_dict(data, where=f"recipe {p}")
+
+
+def unmatched_selectors(recipe: Recipe, nodes: Iterable[tuple[str, str]]) -> list[str]:
+    """Warnings for the exclusions and overrides of ``recipe`` that match no node of a model.
+
+    ``nodes``: the model's (name, op_type) pairs. Each warning names the selector and, for a near miss, the
+    node name or op type meant (no square brackets: the CLI prints notes through rich markup). An exclusion that matches nothing means the user's intent was not applied,
+    but it is a warning (a report note the CLI prints), not an error: one recipe or batch ``[defaults]``
+    serves many models, and excluding an op type a model lacks is normal there. (A name that is no ONNX
+    op type at all is refused at load instead: it can only be a typo.)
+    """
+    pairs = list(nodes)
+    names, ops = {n for n, _ in pairs}, {o for _, o in pairs}
+
+    def miss(subject: str, value: str, pool: set[str]) -> str:
+        return f"{subject} {show(value)} matches no node of this model, so it has no effect{suggest(value, pool)}"
+
+    ex = recipe.exclude
+    out = [miss("exclusion --exclude-op (recipe exclude.op_types)", o, ops) for o in ex.op_types if o not in ops]
+    out += [miss("exclusion --exclude-node (recipe exclude.names)", n, names) for n in ex.names if n not in names]
+    out += [miss("exclusion --exclude-regex (recipe exclude.name_regex)", rx, set())
+            for rx in ex.name_regex if not any(re.search(rx, n) for n in names)]  # fmt: skip
+    if "float16" in recipe.passes:
+        out += [miss("float16.node_block_list entry", n, names) for n in recipe.float16.node_block_list if n not in names]
+    for ov in recipe.overrides:
+        if not any(ov.matches(n, o) for n, o in pairs):
+            pool = {"op_type": ops, "name": names}.get(ov.selector_key, set())
+            out.append(miss(f"recipe override with {ov.selector_key}", getattr(ov, ov.selector_key), pool))
+    return out
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

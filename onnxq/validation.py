@@ -84,12 +84,17 @@ def show(value: Any, limit: int = 80) -> str:
     elif isinstance(value, (list, tuple)):
         text = "[" + ", ".join(show(v, limit) for v in value) + "]"
     elif isinstance(value, Mapping):
-        text = "{ " + ", ".join(f"{k} = {show(v, limit)}" for k, v in value.items()) + " }"
+        text = "{ " + ", ".join(f"{_key(k)} = {show(v, limit)}" for k, v in value.items()) + " }"
     elif value is None:
         text = "(none)"
     else:
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(key: Any) -> str:
+    """A table key as TOML writes it: bare when it can be, else quoted (escapes and all)."""
+    return key if isinstance(key, str) and key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key) else show(key)
 
 
 @functools.cache

@@ -221,6 +221,29 @@ def test_recipe_from_dict_names_its_source_like_batch_manifests_do() -> None:
     assert str(exc.value) == "the recipe of m.onnx: [calibration] ema_constant = -1 must be in (0, 1]"
 
 
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ('exclude_op = "Conv"', "manifest model 'a.onnx': exclude_op = 'Conv' must be a list of strings"),
+        ('exclude_op = ["Convv"]',
+         "manifest model 'a.onnx': [exclude] op_types entry 'Convv' is not an ONNX operator type (did you mean 'Conv'?)"),
+        ("exclude_regex = [\"(\"]", "manifest model 'a.onnx': [exclude] name_regex entry '(' is not a valid regular"),
+        ('calib_size = "abc"', "manifest model 'a.onnx': calib_size = 'abc' must be an integer >= 1"),
+        ("calib_size = 0", "manifest model 'a.onnx': calib_size = 0 must be an integer >= 1"),
+        ('recipe = "r.toml"', "[weights] granularity = 'per-chanel' is not one of"),
+    ],
+)  # fmt: skip
+def test_batch_manifest_recipe_values_are_checked(tmp_path: Path, entry: str, needle: str) -> None:
+    from onnxq.batch import jobs_from_manifest
+
+    (tmp_path / "r.toml").write_text('[weights]\ngranularity = "per-chanel"\n')
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(f'[[model]]\npath = "a.onnx"\n{entry}\n')
+    with pytest.raises(RecipeError) as exc:
+        jobs_from_manifest(manifest, tmp_path / "out", None, {})
+    assert needle in str(exc.value)
+
+
 def test_pass_names_are_the_pass_registry() -> None:
     from onnxq.passes import PASSES
     from onnxq.recipe import PASS_NAMES

@@ -147,6 +147,12 @@ def _power_of_two_or_zero(lo: int, hi: int | None, zero: str) -> Any:
     return check
 
 
+def _printable(text: str) -> str | None:
+    """Names and descriptions reach terminals and reports: no control characters (escape sequences)."""
+    bad = next((c for c in text if not c.isprintable() and c not in "\n\t"), None)
+    return None if bad is None else f"must not contain control characters (found {bad!r})"
+
+
 def _version(v: int) -> str | None:
     return None if v == 1 else "is not supported: this onnxq reads recipe version 1"
 
@@ -394,8 +400,8 @@ class NodeConfig:
 class Recipe(_Table):
     """A complete, serialisable description of one quantization run."""
 
-    name: str = "custom"
-    description: str = ""
+    name: str = field(default="custom", metadata=rule(check=_printable))
+    description: str = field(default="", metadata=rule(check=_printable))
     version: int = field(default=1, metadata=rule(check=_version))
     passes: tuple[str, ...] = field(default=(
         "upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "canonical_gelu",

@@ -160,6 +160,7 @@ def test_unknown_pass_name_suggests_the_real_one(tmp_path: Path) -> None:
         ('target = "x86"', "target = 'x86' is not one of 'auto', 'x86-avx2'"),
         ('format = "QDQ"', "format = 'QDQ' is not one of 'qdq', 'qoperator', 'matmulnbits' (did you mean 'qdq'?)"),
         ('name = 5', "name = 5 must be a string"),
+        ('name = "a\\u001b[31mred"', "name = 'a\\x1b[31mred' must not contain control characters (found '\\x1b')"),
         ("quantize_outputs = \"no\"", "quantize_outputs = 'no' must be true or false"),
         ('op_types = ["LSTM"]', "op_types entry 'LSTM' is not one of 'Conv'"),
         ("preset = 1", "preset = 1 must be a string"),

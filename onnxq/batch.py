@@ -46,6 +46,7 @@ from typing import Any
 
 from onnxq.errors import OnnxqError, RecipeError
 from onnxq.recipe import Recipe, load_recipe, preset, recipe_from_dict, recipe_to_dict
+from onnxq.validation import show
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,16 +98,26 @@ class JobOutcome:
 
 
 def _apply(recipe: Recipe, entry: dict[str, Any]) -> Recipe:
+    """The entry's exclude_* lists and calib_size on top of its recipe, checked like recipe values."""
+    where = f"manifest model {show(entry.get('path'))}"
+    for key in ("exclude_op", "exclude_node", "exclude_regex"):
+        value = entry.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{where}: {key} = {show(value)} must be a list of strings")
+    size = entry.get("calib_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise RecipeError(f"{where}: calib_size = {show(size)} must be an integer >= 1")
     ex = recipe.exclude
-    ex = dataclasses.replace(
-        ex,
-        op_types=ex.op_types + tuple(entry.get("exclude_op", ())),
-        names=ex.names + tuple(entry.get("exclude_node", ())),
-        name_regex=ex.name_regex + tuple(entry.get("exclude_regex", ())),
-    )
-    calib = recipe.calibration
-    if entry.get("calib_size"):
-        calib = dataclasses.replace(calib, samples=int(entry["calib_size"]))
+    try:
+        ex = dataclasses.replace(
+            ex,
+            op_types=ex.op_types + tuple(entry.get("exclude_op", ())),
+            names=ex.names + tuple(entry.get("exclude_node", ())),
+            name_regex=ex.name_regex + tuple(entry.get("exclude_regex", ())),
+        )
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
+    calib = recipe.calibration if size is None else dataclasses.replace(recipe.calibration, samples=size)
     return recipe.with_(exclude=ex, calibration=calib)
 
 

@@ -36,7 +36,7 @@ from onnxq.model import (
 from onnxq.passes import PASSES
 from onnxq.pipeline import PassContext, Pipeline
 from onnxq.mixed_precision import AccuracyBudget, EvalSet, search_mixed_precision
-from onnxq.recipe import Override, Recipe, recipe_to_dict
+from onnxq.recipe import Override, Recipe, recipe_to_dict, unmatched_selectors
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import resolve_target
@@ -185,6 +185,8 @@ def quantize_model(
     # (the template to_model restores) and drop the rest, so that a 2.5 GB model is not held twice for the
     # whole run (protobuf's arena frees its memory only with the whole message, not initializer by initializer)
     ops = {n.op_type for n in work.graph.node}
+    for warning in unmatched_selectors(recipe, ((n.name, n.op_type) for n in work.graph.node)):
+        report.note(warning)
     template = model_template(work)
     if copy_input:
         del work

@@ -6,8 +6,12 @@ order of priority, lowest first::
 
     global settings  <  op type  <  node-name regex  <  exact node name
 
-A TOML recipe file mirrors the dataclasses; an unknown key anywhere is an error that names the key and
-lists the valid ones (a typo must never be silently ignored)::
+A TOML recipe file mirrors the dataclasses. It is checked whole when it is loaded, before any work: an
+unknown key anywhere is an error that names the key and lists the valid ones, and every value is checked
+against its field -- type (booleans are TOML booleans, integers are not booleans, numbers are finite),
+allowed values (exact match, with a suggestion for a near miss), range, element types of lists, regular
+expressions -- by :mod:`onnxq.validation` from the dataclass fields' annotations and ``rule(...)`` metadata.
+A typo or a wrong value must never be silently ignored or silently change the result::
 
     preset = "w8a8"                 # start from a preset, then change what follows
     [calibration]
@@ -29,15 +33,19 @@ lists the valid ones (a typo must never be silently ignored)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Literal, Mapping
 
 from onnxq.errors import RecipeError
 from onnxq.scheme import PerChannel, PerTensor, QuantDtype, QuantScheme, Symmetry
+from onnxq.target import PROFILES
+from onnxq.validation import check_fields, check_instance, rule, show, suggest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,6 +70,7 @@ __all__ = [
     "load_recipe",
     "recipe_from_dict",
     "recipe_to_dict",
+    "unmatched_selectors",
 ]
 
 QUANTIZABLE_OPS: tuple[str, ...] = (
@@ -79,13 +88,91 @@ FLOAT16_BLOCK_LIST: tuple[str, ...] = (
 sums overflow or lose precision in float16), box ops (pixel coordinates), and ops with no float16 in the
 ONNX spec. See passes/float16.py."""
 
+PASS_NAMES: tuple[str, ...] = (
+    "upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "canonical_gelu", "remove_dead_nodes",
+    "int8_embeddings", "smoothquant", "insert_qdq", "qoperator", "dynamic", "weight_only", "float16",
+)  # fmt: skip
+"""The names of ``onnxq.passes.PASSES`` (which imports this module, so it cannot be read here; a test keeps
+the two equal): a recipe's ``passes`` must name these."""
+
+_MATMUL_GEMM = ("MatMul", "Gemm")
+
+
+def _dtypes() -> list[str]:
+    return [d.value for d in QuantDtype]
+
+
+def _observers() -> list[str]:
+    from onnxq.calibration.observers import OBSERVERS
+
+    return list(OBSERVERS)
+
+
+def _targets() -> list[str]:
+    return ["auto", *PROFILES]
+
+
+@functools.cache
+def _onnx_op_types() -> frozenset[str]:
+    import onnx.defs
+
+    return frozenset(s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx"))
+
+
+def _onnx_op(value: str) -> str | None:
+    """An excluded / overridden op type must be an ONNX operator: onnxq quantizes no other, so any other name
+    (``Convv``) can only be a typo that would exclude nothing."""
+    if value in _onnx_op_types():
+        return None
+    return f"is not an ONNX operator type{suggest(value, _onnx_op_types())}"
+
+
+def _regex(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"is not a valid regular expression ({exc})"
+    return None
+
+
+def _power_of_two_or_zero(lo: int, hi: int | None, zero: str) -> Any:
+    """A check: 0 (meaning ``zero``) or a power of two in [lo, hi]."""
+
+    def check(b: int) -> str | None:
+        if b == 0 or (b >= lo and (hi is None or b <= hi) and not b & (b - 1)):
+            return None
+        which = f"from {lo} to {hi}" if hi else f">= {lo} ({', '.join(str(lo << i) for i in range(4))}, ...)"
+        return f"must be 0 ({zero}) or a power of two {which}"
+
+    return check
+
+
+def _printable(text: str) -> str | None:
+    """Names and descriptions reach terminals and reports: no control characters (escape sequences)."""
+    bad = next((c for c in text if not c.isprintable() and c not in "\n\t"), None)
+    return None if bad is None else f"must not contain control characters (found {bad!r})"
+
+
+def _version(v: int) -> str | None:
+    return None if v == 1 else "is not supported: this onnxq reads recipe version 1"
+
+
+class _Table:
+    """Mixin of the recipe tables: every field is validated when the table is built (presets, recipe
+    files, command-line flags alike), from its annotation and ``rule`` (see :mod:`onnxq.validation`)."""
+
+    TABLE: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_instance(self, f"[{self.TABLE}] " if self.TABLE else "")
 
 
 @dataclass(frozen=True)
-class ActivationSpec:
+class ActivationSpec(_Table):
     """How activations are quantized (per tensor, from calibrated ranges)."""
 
-    dtype: str = "uint8"
+    TABLE: ClassVar[str] = "activations"
+    dtype: str = field(default="uint8", metadata=rule(choices=_dtypes))
     symmetric: bool = False
     reduce_range: bool = False
 
@@ -99,7 +186,7 @@ class ActivationSpec:
 
 
 @dataclass(frozen=True)
-class WeightSpec:
+class WeightSpec(_Table):
     """How constant weights are quantized.
 
     ``granularity``: ``"per-channel"`` (one scale per output channel) or ``"per-tensor"``.
@@ -110,7 +197,8 @@ class WeightSpec:
     7-bit x86-avx2 profile MSE lifts MobileNetV2 from 94.6% to 95.8% top-1 agreement with fp32.
     """
 
-    dtype: str = "int8"
+    TABLE: ClassVar[str] = "weights"
+    dtype: str = field(default="int8", metadata=rule(choices=_dtypes))
     symmetric: bool = True
     granularity: Literal["per-channel", "per-tensor"] = "per-channel"
     reduce_range: bool | Literal["auto"] = "auto"
@@ -123,24 +211,27 @@ class WeightSpec:
 
 
 @dataclass(frozen=True)
-class CalibrationSpec:
-    """Calibration method and how many samples to use (``--calib-size``)."""
+class CalibrationSpec(_Table):
+    """Calibration method and how many samples to use (``--calib-size``); ``ema_constant``: the weight of
+    each new batch in the moving-average observers, in (0, 1]."""
 
-    method: str = "mse-percentile"
-    samples: int = 128
-    ema_constant: float = 0.01
+    TABLE: ClassVar[str] = "calibration"
+    method: str = field(default="mse-percentile", metadata=rule(choices=_observers))
+    samples: int = field(default=128, metadata=rule(lo=1))
+    ema_constant: float = field(default=0.01, metadata=rule(lo=0, lo_open=True, hi=1))
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 1
+    batch_size: int = field(default=1, metadata=rule(lo=1))
 
 
 @dataclass(frozen=True)
-class ExcludeSpec:
+class ExcludeSpec(_Table):
     """Nodes left in float: by op type, by exact name, or by name regex (``re.search``); and, with
     ``activation_matmuls``, every MatMul whose inputs are both activations (attention scores and context)."""
 
-    op_types: tuple[str, ...] = ()
+    TABLE: ClassVar[str] = "exclude"
+    op_types: tuple[str, ...] = field(default=(), metadata=rule(check=_onnx_op))
     names: tuple[str, ...] = ()
-    name_regex: tuple[str, ...] = ()
+    name_regex: tuple[str, ...] = field(default=(), metadata=rule(check=_regex))
     activation_matmuls: bool = False  # MatMuls of two activations (attention Q @ K^T, probs @ V) stay float
 
     def excludes(self, name: str, op_type: str) -> bool:
@@ -149,7 +240,7 @@ class ExcludeSpec:
 
 
 @dataclass(frozen=True)
-class Float16Spec:
+class Float16Spec(_Table):
     """Settings of the ``float16`` pass (the ``[float16]`` table of a recipe).
 
     ``dtype``: ``"float16"`` or ``"bfloat16"``. ``keep_io_types``: graph inputs and outputs stay float32
@@ -157,18 +248,15 @@ class Float16Spec:
     stay float32, with Casts around them.
     """
 
+    TABLE: ClassVar[str] = "float16"
     dtype: Literal["float16", "bfloat16"] = "float16"
     keep_io_types: bool = True
     op_block_list: tuple[str, ...] = FLOAT16_BLOCK_LIST
     node_block_list: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "bfloat16"):
-            raise RecipeError(f"[float16] dtype must be 'float16' or 'bfloat16', got '{self.dtype}'")
-
 
 @dataclass(frozen=True)
-class SmoothQuantSpec:
+class SmoothQuantSpec(_Table):
     """Settings of the ``smoothquant`` pass (the ``[smoothquant]`` table of a recipe).
 
     ``alpha``: migration strength in ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``; a number in [0, 1]
@@ -177,25 +265,16 @@ class SmoothQuantSpec:
     activation rows per tensor the ``auto`` search keeps (a streamed reservoir sample, bounded memory).
     """
 
-    alpha: float | Literal["auto"] = 0.5
-    alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
-    op_types: tuple[str, ...] = ("MatMul", "Gemm")
-    max_rows: int = 512
-
-    def __post_init__(self) -> None:
-        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= float(self.alpha) <= 1.0):
-            raise RecipeError(f"[smoothquant] alpha must be a number in [0, 1] or \"auto\", got {self.alpha!r}")
-        if not self.alpha_grid or any(not 0.0 <= float(a) <= 1.0 for a in self.alpha_grid):
-            raise RecipeError(f"[smoothquant] alpha_grid must be a non-empty list of numbers in [0, 1], got {list(self.alpha_grid)}")
-        bad = [op for op in self.op_types if op not in ("MatMul", "Gemm")]
-        if bad:
-            raise RecipeError(f"[smoothquant] op_types {bad} cannot be smoothed; valid: MatMul, Gemm")
-        if self.max_rows < 16:
-            raise RecipeError(f"[smoothquant] max_rows must be >= 16, got {self.max_rows}")
+    TABLE: ClassVar[str] = "smoothquant"
+    alpha: float | Literal["auto"] = field(default=0.5, metadata=rule(lo=0, hi=1))
+    alpha_grid: tuple[float, ...] = field(default=tuple(round(0.05 * i, 2) for i in range(21)),
+                                          metadata=rule(lo=0, hi=1, nonempty=True))
+    op_types: tuple[str, ...] = field(default=_MATMUL_GEMM, metadata=rule(choices=_MATMUL_GEMM))
+    max_rows: int = field(default=512, metadata=rule(lo=16))
 
 
 @dataclass(frozen=True)
-class DynamicSpec:
+class DynamicSpec(_Table):
     """Settings of the ``dynamic`` pass (the ``[dynamic]`` table of a recipe): weight MatMuls/Gemms run as
     integer matrix products whose activation scale is computed at run time, so no calibration is needed.
 
@@ -210,23 +289,14 @@ class DynamicSpec:
     default, bits set by the target). See passes/dynamic.py and benchmarks/RESULTS.md for the measurements.
     """
 
+    TABLE: ClassVar[str] = "dynamic"
     activation_granularity: Literal["per-tensor", "per-row"] = "per-row"
-    op_types: tuple[str, ...] = ("MatMul", "Gemm")
-    hadamard_block: int = 64
-
-    def __post_init__(self) -> None:
-        if self.activation_granularity not in ("per-tensor", "per-row"):
-            raise RecipeError(f"[dynamic] activation_granularity must be 'per-tensor' or 'per-row', got '{self.activation_granularity}'")
-        bad = [op for op in self.op_types if op not in ("MatMul", "Gemm")]
-        if bad:
-            raise RecipeError(f"[dynamic] op_types {bad} cannot be rewritten; valid: MatMul, Gemm")
-        b = self.hadamard_block
-        if not isinstance(b, int) or isinstance(b, bool) or (b != 0 and (b < 8 or b > 256 or b & (b - 1))):
-            raise RecipeError(f"[dynamic] hadamard_block must be 0 (off) or a power of two from 8 to 256, got {b!r}")
+    op_types: tuple[str, ...] = field(default=_MATMUL_GEMM, metadata=rule(choices=_MATMUL_GEMM))
+    hadamard_block: int = field(default=64, metadata=rule(check=_power_of_two_or_zero(8, 256, "off")))
 
 
 @dataclass(frozen=True)
-class WeightOnlySpec:
+class WeightOnlySpec(_Table):
     """Settings of the ``weight_only`` pass (the ``[weight_only]`` table of a recipe): MatMul weights
     stored in 4 (or 8) bits and dequantized at run time; activations stay float, so no activation ranges.
 
@@ -255,42 +325,22 @@ class WeightOnlySpec:
     faster there (GPTQ's own compensation follows the scales; benchmarks/RESULTS.md).
     """
 
+    TABLE: ClassVar[str] = "weight_only"
     method: Literal["rtn", "gptq", "awq"] = "rtn"
-    bits: int = 4
+    bits: int = field(default=4, metadata=rule(choices=(4, 8)))
     symmetric: bool = False
-    block_size: int = 128
-    accuracy_level: int | Literal["auto"] = "auto"
+    block_size: int = field(default=128, metadata=rule(check=_power_of_two_or_zero(16, None, "per-channel")))
+    accuracy_level: int | Literal["auto"] = field(default="auto", metadata=rule(lo=0, hi=4))
     lm_head: Literal["same", "int8", "float"] = "int8"
     embeddings: Literal["float", "int8"] = "int8"
-    damp: float = 0.01
+    damp: float = field(default=0.01, metadata=rule(lo=0, lo_open=True, hi=1, hi_open=True))
     act_order: bool = True
     mse_range: bool = True
     awq_scales: bool = False
-    awq_grid: int = 20
+    awq_grid: int = field(default=20, metadata=rule(lo=2))
     awq_duo: bool = False
     awq_clip: bool = True
     awq_loss: Literal["module", "linear"] = "module"
-
-    def __post_init__(self) -> None:
-        if self.awq_loss not in ("module", "linear"):
-            raise RecipeError(f"[weight_only] awq_loss must be 'module' or 'linear', got '{self.awq_loss}'")
-        if self.method not in ("rtn", "gptq", "awq"):
-            raise RecipeError(f"[weight_only] method must be 'rtn', 'gptq' or 'awq', got '{self.method}'")
-        if self.bits not in (4, 8):
-            raise RecipeError(f"[weight_only] bits must be 4 or 8, got {self.bits!r}")
-        b = self.block_size
-        if not isinstance(b, int) or isinstance(b, bool) or (b != 0 and (b < 16 or b & (b - 1))):
-            raise RecipeError(f"[weight_only] block_size must be 0 (per-channel) or a power of two >= 16 (32, 64, 128, ...), got {b!r}")
-        if self.accuracy_level != "auto" and self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise RecipeError(f"[weight_only] accuracy_level must be 0-4 or \"auto\", got {self.accuracy_level!r}")
-        if self.lm_head not in ("same", "int8", "float"):
-            raise RecipeError(f"[weight_only] lm_head must be 'same', 'int8' or 'float', got '{self.lm_head}'")
-        if self.embeddings not in ("float", "int8"):
-            raise RecipeError(f"[weight_only] embeddings must be 'float' or 'int8', got '{self.embeddings}'")
-        if not 0.0 < float(self.damp) < 1.0:
-            raise RecipeError(f"[weight_only] damp must be in (0, 1), got {self.damp!r}")
-        if not isinstance(self.awq_grid, int) or self.awq_grid < 2:
-            raise RecipeError(f"[weight_only] awq_grid must be an integer >= 2, got {self.awq_grid!r}")
 
 
 @dataclass(frozen=True)
@@ -301,12 +351,12 @@ class Override:
     the global specs for them.
     """
 
-    op_type: str | None = None
+    op_type: str | None = field(default=None, metadata=rule(check=_onnx_op))
     name: str | None = None
-    name_regex: str | None = None
+    name_regex: str | None = field(default=None, metadata=rule(check=_regex))
     skip: bool = False
-    activations: Mapping[str, Any] = field(default_factory=dict)
-    weights: Mapping[str, Any] = field(default_factory=dict)
+    activations: Mapping[str, Any] = field(default_factory=dict, metadata=rule(table=ActivationSpec))
+    weights: Mapping[str, Any] = field(default_factory=dict, metadata=rule(table=WeightSpec))
 
     def __post_init__(self) -> None:
         chosen = [k for k in ("op_type", "name", "name_regex") if getattr(self, k) is not None]
@@ -314,10 +364,17 @@ class Override:
             raise RecipeError(
                 f"an [[override]] needs exactly one of op_type, name or name_regex; got {chosen or 'none'}"
             )
-        if self.name_regex is not None:
-            _compile(self.name_regex, "override name_regex")
-        _check_keys(dict(self.activations), ActivationSpec, "override.activations")
-        _check_keys(dict(self.weights), WeightSpec, "override.weights")
+        check_instance(self, "[[override]] ")
+
+    @property
+    def selector_key(self) -> str:
+        """Which selector is set: ``op_type``, ``name`` or ``name_regex``."""
+        return "op_type" if self.op_type is not None else "name" if self.name is not None else "name_regex"
+
+    @property
+    def selector(self) -> str:
+        """How messages name this override: ``op_type 'Gemm'``, ``name 'fc'`` or ``name_regex '^head/'``."""
+        return f"{self.selector_key} {show(getattr(self, self.selector_key))}"
 
     @property
     def priority(self) -> int:
@@ -340,18 +397,18 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(_Table):
     """A complete, serialisable description of one quantization run."""
 
-    name: str = "custom"
-    description: str = ""
-    version: int = 1
-    passes: tuple[str, ...] = (
+    name: str = field(default="custom", metadata=rule(check=_printable))
+    description: str = field(default="", metadata=rule(check=_printable))
+    version: int = field(default=1, metadata=rule(check=_version))
+    passes: tuple[str, ...] = field(default=(
         "upcast_float16", "shape_inference", "constant_folding", "fold_batchnorm", "canonical_gelu",
         "remove_dead_nodes", "int8_embeddings", "insert_qdq",
-    )  # fmt: skip
-    target: str = "auto"
-    op_types: tuple[str, ...] = QUANTIZABLE_OPS
+    ), metadata=rule(choices=PASS_NAMES))  # fmt: skip
+    target: str = field(default="auto", metadata=rule(choices=_targets))
+    op_types: tuple[str, ...] = field(default=QUANTIZABLE_OPS, metadata=rule(choices=QUANTIZABLE_OPS))
     quantize_outputs: bool = False
     activations: ActivationSpec = field(default_factory=ActivationSpec)
     weights: WeightSpec = field(default_factory=WeightSpec)
@@ -365,8 +422,7 @@ class Recipe:
     format: Literal["qdq", "qoperator", "matmulnbits"] = "qdq"
 
     def __post_init__(self) -> None:
-        if self.format not in ("qdq", "qoperator", "matmulnbits"):
-            raise RecipeError(f"unknown format '{self.format}'; valid: qdq, qoperator, matmulnbits")
+        super().__post_init__()
         if self.format == "matmulnbits" and "weight_only" not in self.passes:
             raise RecipeError(
                 "format 'matmulnbits' packs weight-only quantized MatMuls: use it with a weight-only preset "
@@ -377,21 +433,10 @@ class Recipe:
                 "weight-only presets have no QOperator form (activations stay float): use --format matmulnbits "
                 "(com.microsoft.MatMulNBits) or --format qdq (int4 DequantizeLinear + MatMul)"
             )
-        unknown = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
-        if unknown:
-            raise RecipeError(f"op_types {unknown} cannot be quantized; valid: {', '.join(QUANTIZABLE_OPS)}")
-        from onnxq.calibration.observers import OBSERVERS
-
-        if self.calibration.method not in OBSERVERS:
-            raise RecipeError(
-                f"unknown calibration method '{self.calibration.method}'; valid: {', '.join(OBSERVERS)}"
-            )
-        for spec in (self.activations.dtype, self.weights.dtype):
-            _check_dtype(spec)
-        if self.calibration.samples < 1:
-            raise RecipeError(f"calibration.samples must be >= 1, got {self.calibration.samples}")
-        for rx in self.exclude.name_regex:
-            _compile(rx, "exclude.name_regex")
+        for ov in self.overrides:
+            if ov.op_type is not None and ov.op_type not in self.op_types:
+                raise RecipeError(f"[[override]] {ov.selector} never applies: this recipe quantizes only the op types "
+                                  f"{', '.join(self.op_types)} (op_types)")  # fmt: skip
 
     def needs_calibration(self) -> bool:
         """Whether the passes need calibration samples (activation ranges or weight-only statistics)."""
@@ -423,35 +468,30 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-def _check_dtype(value: str) -> None:
-    valid = [d.value for d in QuantDtype]
-    if value not in valid:
-        raise RecipeError(f"unknown dtype '{value}'; valid: {', '.join(valid)}")
-
-
-def _compile(rx: str, where: str) -> re.Pattern[str]:
-    try:
-        return re.compile(rx)
-    except re.error as exc:
-        raise RecipeError(f"{where} '{rx}' is not a valid regular expression: {exc}") from exc
-
-
-def _check_keys(data: Mapping[str, Any], cls: type, where: str) -> None:
-    valid = [f.name for f in dataclasses.fields(cls)]
+def _check_keys(data: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
+    valid = list(valid)
     for key in data:
         if key not in valid:
-            raise RecipeError(f"unknown key '{key}' in {where}; valid keys: {', '.join(valid)}")
+            raise RecipeError(f"unknown key {show(key)} in {where}; valid keys: {', '.join(valid)}{suggest(key, valid)}")
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"{where} must be a table, got {type(data).__name__}")
-    _check_keys(data, cls, where)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+@contextlib.contextmanager
+def _blame(where: str) -> Iterator[None]:
+    """Prefix the RecipeErrors raised inside with ``where`` (the recipe file)."""
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise RecipeError(f"invalid {where}: {exc}") from exc
+        yield
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
+
+
+def _build(cls: type, data: Any, table: str, where: str, base: Mapping[str, Any] | None = None) -> Any:
+    """``cls`` from the table ``data`` (over the fields of ``base``), every key and value checked."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: {table} must be a table, got {show(data)}")
+    _check_keys(data, [f.name for f in dataclasses.fields(cls)], f"{table} of {where}")
+    with _blame(where):
+        check_fields(cls, data, f"{table} ")  # the user's own values first: their errors name them
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in {**(base or {}), **data}.items()})
 
 
 _WEIGHT_ONLY_PASSES = ("upcast_float16", "shape_inference", "constant_folding", "canonical_gelu", "remove_dead_nodes",
@@ -538,35 +578,35 @@ _TOP_LEVEL = ("preset", "name", "description", "version", "passes", "target", "o
               "weight_only", "format")  # fmt: skip
 
 
+_TABLES: dict[str, type] = {
+    "activations": ActivationSpec, "weights": WeightSpec, "calibration": CalibrationSpec, "exclude": ExcludeSpec,
+    "float16": Float16Spec, "smoothquant": SmoothQuantSpec, "dynamic": DynamicSpec, "weight_only": WeightOnlySpec,
+}  # fmt: skip
+
+
 def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
-    """Build a Recipe from plain data (a parsed TOML file), strictly."""
-    for key in data:
-        if key not in _TOP_LEVEL:
-            raise RecipeError(f"unknown key '{key}' in {where}; valid keys: {', '.join(_TOP_LEVEL)}")
-    base = preset(str(data["preset"])) if "preset" in data else Recipe()
-    changes: dict[str, Any] = {}
-    for key in ("name", "description", "version", "target", "quantize_outputs", "format"):
+    """Build a Recipe from plain data (a parsed TOML file, a batch manifest's or a model's metadata
+    round trip), strictly: every key and every value is checked, and errors start with ``where``."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where} must be a table of settings, got {show(data)}")
+    _check_keys(data, _TOP_LEVEL, where)
+    with _blame(where):
+        if "preset" in data and not isinstance(data["preset"], str):
+            raise RecipeError(f"preset = {show(data['preset'])} must be a string (see `onnxq presets`)")
+        base = preset(data["preset"]) if "preset" in data else Recipe()
+        top = {k: data[k] for k in _TOP_LEVEL if k in data and k not in _TABLES and k not in ("preset", "override")}
+        check_fields(Recipe, top, "")
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
+    for key, cls in _TABLES.items():
         if key in data:
-            changes[key] = data[key]
-    for key in ("passes", "op_types"):
-        if key in data:
-            changes[key] = tuple(data[key])
-    for key, cls in (("activations", ActivationSpec), ("weights", WeightSpec),
-                     ("calibration", CalibrationSpec), ("exclude", ExcludeSpec), ("float16", Float16Spec),
-                     ("smoothquant", SmoothQuantSpec), ("dynamic", DynamicSpec), ("weight_only", WeightOnlySpec)):  # fmt: skip
-        if key in data:
-            current = dataclasses.asdict(getattr(base, key))
-            _check_keys(data[key], cls, f"[{key}] of {where}")
-            current.update(data[key])
-            changes[key] = _build(cls, current, f"[{key}] of {where}")
+            changes[key] = _build(cls, data[key], f"[{key}]", where, dataclasses.asdict(getattr(base, key)))
     if "override" in data:
         if not isinstance(data["override"], list):
             raise RecipeError(f"'override' in {where} must be an array of tables: use [[override]]")
-        changes["overrides"] = tuple(_build(Override, o, f"[[override]] of {where}") for o in data["override"])
-    try:
+        changes["overrides"] = tuple(_build(Override, o, f"[[override]] #{i + 1}", where)
+                                     for i, o in enumerate(data["override"]))  # fmt: skip
+    with _blame(where):
         return dataclasses.replace(base, **changes)
-    except TypeError as exc:
-        raise RecipeError(f"invalid {where}: {exc}") from exc
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -578,7 +618,36 @@ def load_recipe(path: str | Path) -> Recipe:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"recipe file {p} is not valid TOML: {exc}") from exc
-    return recipe_from_dict(data, where=str(p))
+    return recipe_from_dict(data, where=f"recipe {p}")
+
+
+def unmatched_selectors(recipe: Recipe, nodes: Iterable[tuple[str, str]]) -> list[str]:
+    """Warnings for the exclusions and overrides of ``recipe`` that match no node of a model.
+
+    ``nodes``: the model's (name, op_type) pairs. Each warning names the selector and, for a near miss, the
+    node name or op type meant (no square brackets: the CLI prints notes through rich markup). An exclusion that matches nothing means the user's intent was not applied,
+    but it is a warning (a report note the CLI prints), not an error: one recipe or batch ``[defaults]``
+    serves many models, and excluding an op type a model lacks is normal there. (A name that is no ONNX
+    op type at all is refused at load instead: it can only be a typo.)
+    """
+    pairs = list(nodes)
+    names, ops = {n for n, _ in pairs}, {o for _, o in pairs}
+
+    def miss(subject: str, value: str, pool: set[str]) -> str:
+        return f"{subject} {show(value)} matches no node of this model, so it has no effect{suggest(value, pool)}"
+
+    ex = recipe.exclude
+    out = [miss("exclusion --exclude-op (recipe exclude.op_types)", o, ops) for o in ex.op_types if o not in ops]
+    out += [miss("exclusion --exclude-node (recipe exclude.names)", n, names) for n in ex.names if n not in names]
+    out += [miss("exclusion --exclude-regex (recipe exclude.name_regex)", rx, set())
+            for rx in ex.name_regex if not any(re.search(rx, n) for n in names)]  # fmt: skip
+    if "float16" in recipe.passes:
+        out += [miss("float16.node_block_list entry", n, names) for n in recipe.float16.node_block_list if n not in names]
+    for ov in recipe.overrides:
+        if not any(ov.matches(n, o) for n, o in pairs):
+            pool = {"op_type": ops, "name": names}.get(ov.selector_key, set())
+            out.append(miss(f"recipe override with {ov.selector_key}", getattr(ov, ov.selector_key), pool))
+    return out
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

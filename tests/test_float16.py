@@ -407,7 +407,7 @@ def test_float16_table_in_recipe_is_strict() -> None:
     assert r.float16 == Float16Spec("bfloat16", False, ("Softmax",), ("fc",))
     with pytest.raises(RecipeError, match="unknown key 'keep_io' in \\[float16\\]"):
         recipe_from_dict({"preset": "fp16", "float16": {"keep_io": False}})
-    with pytest.raises(RecipeError, match="dtype must be 'float16' or 'bfloat16'"):
+    with pytest.raises(RecipeError, match=r"\[float16\] dtype = 'fp8' is not one of 'float16', 'bfloat16'"):
         recipe_from_dict({"float16": {"dtype": "fp8"}})
 
 

@@ -22,14 +22,14 @@ def test_presets_exist_and_describe_themselves() -> None:
     [
         ({"wieghts": {}}, "unknown key 'wieghts' in recipe; valid keys: preset, name"),
         ({"weights": {"granularty": "x"}}, "unknown key 'granularty' in [weights]"),
-        ({"calibration": {"method": "magic"}}, "unknown calibration method 'magic'"),
-        ({"activations": {"dtype": "int3"}}, "unknown dtype 'int3'"),
-        ({"op_types": ["LSTM"]}, "cannot be quantized"),
+        ({"calibration": {"method": "magic"}}, "[calibration] method = 'magic' is not one of 'minmax'"),
+        ({"activations": {"dtype": "int3"}}, "[activations] dtype = 'int3' is not one of 'int8', 'uint8'"),
+        ({"op_types": ["LSTM"]}, "op_types entry 'LSTM' is not one of 'Conv', 'Gemm'"),
         ({"override": {"op_type": "Conv"}}, "use [[override]]"),
         ({"override": [{"op_type": "Conv", "name": "x"}]}, "exactly one of op_type, name or name_regex"),
         ({"override": [{"name_regex": "("}]}, "not a valid regular expression"),
-        ({"override": [{"op_type": "Conv", "weights": {"bits": 4}}]}, "unknown key 'bits' in override.weights"),
-        ({"calibration": {"samples": 0}}, "samples must be >= 1"),
+        ({"override": [{"op_type": "Conv", "weights": {"bits": 4}}]}, "unknown key 'bits' in [[override]] #1 weights"),
+        ({"calibration": {"samples": 0}}, "[calibration] samples = 0 must be >= 1"),
     ],
 )
 def test_strict_errors(data: dict, message: str) -> None:

@@ -5,12 +5,19 @@ quantizes, keyed by the model's sha256 and the calibration settings (method, opt
 source). ``onnxq quantize --calib-cache FILE`` answers the quantizer's range questions from it instead
 of running the model again, and refuses a cache made for a different model or different settings,
 saying which.
+
+A cache is plain JSON that people can edit, so it is validated whole when it is read (and before it is
+written), like a recipe: the structure and version, and every range a pair ``[low, high]`` of finite
+numbers with ``low <= high`` and ``|low|, |high| <= RANGE_LIMIT``. A range of NaN, an inverted one or
+one of 1e38 would otherwise give scales that quantize every activation to one code, with exit code 0.
+Errors name the file, the tensor and the fix (re-run ``onnxq calibrate``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,11 +27,30 @@ import onnx_graphsurgeon as gs
 
 from onnxq.destinations import write_json_atomic
 from onnxq.errors import CalibrationError
+from onnxq.validation import show
 
-__all__ = ["CACHE_FORMAT", "settings_key", "save_cache", "CachedCalibration"]
+__all__ = ["CACHE_FORMAT", "RANGE_LIMIT", "settings_key", "save_cache", "range_problem", "CachedCalibration"]
 
 CACHE_FORMAT = "onnxq-calibration-cache"
 CACHE_VERSION = 1
+RANGE_LIMIT = 1e30
+"""The largest magnitude a cached range end may have. Calibrated ranges are observed float32 activations;
+no working network has activations near 1e30 (its next MatMul or Conv would overflow float32's 3.4e38),
+and a scale from such a range maps every real activation to the zero point. A hand-typed 1e38 is caught;
+every range a real calibration writes passes."""
+
+_REBUILD = "re-run `onnxq calibrate` to rebuild it"
+
+# the fields of a cache document and what each must be: (types, description for messages)
+_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "version": ((int,), "an integer"),
+    "model_sha256": ((str,), "a string"),
+    "settings": ((dict,), "an object"),
+    "source": ((str,), "a string"),
+    "samples": ((int,), "an integer"),
+    "provider": ((str, type(None)), "a string or null"),
+    "ranges": ((dict,), "an object mapping tensor names to [low, high]"),
+}
 
 
 def settings_key(spec: Any) -> dict[str, Any]:
@@ -33,6 +59,43 @@ def settings_key(spec: Any) -> dict[str, Any]:
     data.pop("device", None)  # the same statistics whichever provider computed them
     data.pop("batch_size", None)
     return data
+
+
+def range_problem(name: str, value: Any) -> str | None:
+    """What is wrong with the cached range ``value`` of tensor ``name`` (a phrase for a message), or None."""
+    what = f"the range of tensor {show(name)} is {show(value)}"
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return f"{what}, not a pair [low, high]"
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        return f"{what}, not a pair of numbers"
+    lo, hi = value
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{what}: not finite"
+    if lo > hi:
+        return f"{what}: its low end is above its high end"
+    if max(abs(lo), abs(hi)) > RANGE_LIMIT:
+        return f"{what}: beyond +-{RANGE_LIMIT:g}, no real activation range (every value would quantize to one code)"
+    return None
+
+
+def _check_document(p: Path, doc: Any) -> None:
+    """Raise a CalibrationError naming the file and the field or tensor if ``doc`` is not a valid cache."""
+    if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT:
+        raise CalibrationError(f"{p} is not an onnxq calibration cache (made by `onnxq calibrate`)")
+    for key, (types, text) in _FIELDS.items():
+        value = doc.get(key)
+        if key not in doc or isinstance(value, bool) or not isinstance(value, types):
+            got = "missing" if key not in doc else f"{show(value)}"
+            raise CalibrationError(f"calibration cache {p}: {key!r} must be {text}, got {got}; {_REBUILD}")
+    if doc["version"] != CACHE_VERSION:
+        raise CalibrationError(f"calibration cache {p} has version {doc['version']}; this onnxq reads version "
+                               f"{CACHE_VERSION}: {_REBUILD}")  # fmt: skip
+    if doc["samples"] < 0:
+        raise CalibrationError(f"calibration cache {p}: 'samples' must be >= 0, got {doc['samples']}; {_REBUILD}")
+    for name, value in doc["ranges"].items():
+        problem = "a tensor name is empty" if not name else range_problem(name, value)
+        if problem:
+            raise CalibrationError(f"calibration cache {p}: {problem}; the file was edited or damaged: {_REBUILD}")
 
 
 def save_cache(
@@ -45,8 +108,9 @@ def save_cache(
     provider: str | None,
     samples: int,
 ) -> None:
-    """Write a cache atomically (temporary file + rename, mode 0644 under the usual umask); a destination
-    that is not a regular file is refused (:func:`onnxq.destinations.write_text_atomic`)."""
+    """Write a cache atomically (temporary file + rename, mode 0644 under the usual umask), after checking it
+    as a reader will; a destination that is not a regular file is refused
+    (:func:`onnxq.destinations.write_text_atomic`)."""
     doc = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
@@ -57,6 +121,12 @@ def save_cache(
         "provider": provider,
         "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(ranges.items())},
     }
+    dest = Path(path)
+    for name, value in doc["ranges"].items():
+        problem = range_problem(name, value)
+        if problem:
+            raise CalibrationError(f"calibration gave no usable range for {dest}: {problem}; check the calibration "
+                                   "data and the model's outputs on it (onnxq compare)")  # fmt: skip
     write_json_atomic(path, doc, role="statistics file (-o)", indent=1)
 
 
@@ -69,17 +139,16 @@ class CachedCalibration:
             doc = json.loads(p.read_text())
         except FileNotFoundError:
             raise CalibrationError(f"calibration cache not found: {p}") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise CalibrationError(f"calibration cache {p} is not a readable JSON file: {exc}") from exc
-        if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT:
-            raise CalibrationError(f"{p} is not an onnxq calibration cache (made by `onnxq calibrate`)")
-        if doc.get("model_sha256") != model_sha256:
+        _check_document(p, doc)
+        if doc["model_sha256"] != model_sha256:
             raise CalibrationError(
                 f"calibration cache {p} was made for a different model (sha256 {str(doc.get('model_sha256'))[:12]}..., "
                 f"this model is {model_sha256[:12]}...); run `onnxq calibrate` on this model"
             )
         want = settings_key(spec)
-        have = doc.get("settings", {})
+        have = doc["settings"]
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             detail = ", ".join(f"{k}: cache {have.get(k)!r} vs now {want.get(k)!r}" for k in diff)
@@ -88,11 +157,11 @@ class CachedCalibration:
                 "re-run `onnxq calibrate` with these settings or drop --calib-cache"
             )
         self.path = p
-        self.provider_used: str | None = doc.get("provider")
-        self.samples_seen = int(doc.get("samples", 0))
+        self.provider_used: str | None = doc["provider"]
+        self.samples_seen = doc["samples"]
         self.seconds = 0.0
-        self.source_description = f"cache {p} ({doc.get('source')})"
-        self._ranges = {k: (float(v[0]), float(v[1])) for k, v in doc.get("ranges", {}).items()}
+        self.source_description = f"cache {p} ({doc['source']})"
+        self._ranges = {k: (float(v[0]), float(v[1])) for k, v in doc["ranges"].items()}
 
     def ranges(self, graph: gs.Graph | onnx.ModelProto, names: list[str]) -> dict[str, tuple[float, float]]:
         missing = [n for n in names if n not in self._ranges]

@@ -292,9 +292,11 @@ def _manifest_tables(manifest: Path) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 def jobs_from_manifest(
-    manifest: Path, outdir: Path, recipe: Recipe | None, calibration: dict[str, Any]
+    manifest: Path, outdir: Path, recipe: Recipe | None, calibration: dict[str, Any], *, calib_size: int | None = None
 ) -> list[BatchJob]:
     """Jobs from a TOML manifest; per-model keys override ``[defaults]``, which override the CLI's.
+
+    ``calib_size``: the samples per model where the manifest sets no ``calib_size`` (the CLI's --calib-size).
 
     Paths may point anywhere (the manifest's author chose them) but must be regular files; names must
     be plain, unique file stems (see :func:`check_output_name`).
@@ -305,7 +307,7 @@ def jobs_from_manifest(
     seen: dict[str, int] = {}
     for i, raw in enumerate(entries):
         where = f"[[model]] #{i + 1} of {manifest}"
-        entry = {**defaults, **raw}
+        entry = {**({"calib_size": calib_size} if calib_size else {}), **defaults, **raw}
         _check_entry(entry, where)
         if "path" not in raw:
             raise RecipeError(f"{where} has no path")
@@ -384,6 +386,7 @@ def _atomic_write(path: Path, text: str) -> None:
     """Write ``path`` through a ``.NAME.XXXX.tmp`` beside it and a rename, so readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the summary unreadable to the rest of a CI pipeline
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -357,13 +357,15 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
     if preset and recipe_file:
         raise click.UsageError("give either --preset or --recipe, not both")
     recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset) if preset else None
+    if source.is_dir():
+        recipe = recipe or get_preset("w8a8")
     if recipe is not None and calib_size:
         recipe = recipe.with_(calibration=dataclasses.replace(recipe.calibration, samples=calib_size))
     calibration = {k: v for k, v in {"calib": calib, "calib_preprocess": calib_preprocess, "tokenizer": tokenizer}.items() if v}
     if source.is_dir():
-        jobs = jobs_from_folder(source, outdir, recipe or get_preset("w8a8"), calibration)
-    else:
-        jobs = jobs_from_manifest(source, outdir, recipe, calibration)
+        jobs = jobs_from_folder(source, outdir, recipe, calibration)
+    else:  # --calib-size is every model's default; a manifest's calib_size overrides it
+        jobs = jobs_from_manifest(source, outdir, recipe, calibration, calib_size=calib_size)
     try:
         outcomes = run_batch(jobs, outdir, workers=workers, live=not as_json and sys.stderr.isatty())
     except BatchInterrupted as stop:

@@ -59,17 +59,18 @@ def _toml_str(text: str) -> str:
 # ------------------------------------------------------------------------------------------- names (item 5)
 @pytest.mark.parametrize(
     "name",
-    ["../escaped", "/tmp/onnxq-escaped-abs", "a/b", "x/", "a\\b", ".", "..", "", " ", ".onnxq-batch", "a\x00b",
+    ["../escaped", "ABSOLUTE", "a/b", "x/", "a\\b", ".", "..", "", " ", ".onnxq-batch", "a\x00b",
      "\x1b[31mred", "n" * 201],  # fmt: skip
 )
 def test_manifest_name_cannot_leave_the_output_folder(tmp_path: Path, name: str) -> None:
+    name = str(tmp_path / "abs") if name == "ABSOLUTE" else name
     manifest = _manifest(tmp_path, f'[[model]]\npath = "digits.onnx"\nname = {_toml_str(name)}\ncalib = "random:2"\n')
     out = tmp_path / "out"
     code, _, err = _batch(str(manifest), "-o", str(out))
     assert code == 1
     assert "[[model]] #1" in err and "output name" in err and "plain file name" in err, err
     assert not out.exists(), "a bad name is refused at load, before anything is written"
-    assert not (tmp_path / "escaped.onnx").exists() and not Path("/tmp/onnxq-escaped-abs.onnx").exists()
+    assert not (tmp_path / "escaped.onnx").exists() and not (tmp_path / "abs.onnx").exists()
 
 
 @pytest.mark.parametrize("names", [("twin", "twin"), ("Twin", "twin")])
@@ -315,3 +316,29 @@ def test_worker_stops_when_the_batch_is_killed_and_next_run_cleans_up(
     assert code == 0 and json.loads(stdout)[0]["status"] == "converted"
     assert [p for p in stale if p.exists()] == []
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_second_batch_into_the_same_folder_waits_for_the_first(tmp_path: Path) -> None:
+    import fcntl
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "broken.onnx").symlink_to(tmp_path / "missing.onnx")  # refused at once: no worker needed
+    state = tmp_path / "out" / ".onnxq-batch"
+    state.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CODE_ROOT), os.environ.get("PYTHONPATH", "")])}
+    err = tmp_path / "stderr.txt"
+    with open(state / "lock", "a+") as held, open(err, "w") as err_file:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "another batch" holds OUTDIR
+        proc = subprocess.Popen([sys.executable, "-m", "onnxq.cli", "batch", str(folder), "-o", str(tmp_path / "out"), "--json"],
+                                stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)  # fmt: skip
+        try:
+            _wait_for(lambda: "waiting for it to finish" in err.read_text() or proc.poll() is not None, 120,
+                      "the second batch to say it waits")  # fmt: skip
+            time.sleep(0.5)
+            assert proc.poll() is None and not (tmp_path / "out" / "batch-summary.json").exists(), "it waits"
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+        stdout, _ = proc.communicate(timeout=60)
+    assert "is writing into" in err.read_text()
+    assert proc.returncode == 1 and json.loads(stdout)[0]["status"] == "failed"

@@ -261,6 +261,10 @@ def _check_entry(entry: dict[str, Any], where: str) -> None:
             raise RecipeError(f"{where}: {key} must be a positive integer, got {value!r}")
         if key in _LIST_KEYS and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise RecipeError(f"{where}: {key} must be a list of strings such as [\"MatMul\"], got {value!r}")
+    from onnxq.calibration.sources import PREPROCESS
+
+    if entry.get("calib_preprocess", PREPROCESS[0]) not in PREPROCESS:
+        raise RecipeError(f"{where}: calib_preprocess {entry['calib_preprocess']!r} is not one of {', '.join(PREPROCESS)}")
     if "path" in entry and not entry["path"].strip():
         raise RecipeError(f"{where}: path is empty; give the model file, relative to the manifest")
     if "preset" in entry and "recipe" in entry:
@@ -631,6 +635,7 @@ def _write_summary(jobs: list[BatchJob], outcomes: dict[str, JobOutcome], outdir
 def _run(jobs: list[BatchJob], state: Path, workers: int, live: bool, guard: _SignalGuard,
          outcomes: dict[str, JobOutcome], running: dict[str, _Running]) -> None:  # fmt: skip
     """The batch proper: skip what is up to date, run the rest with up to ``workers`` workers."""
+    import rich.markup
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -660,7 +665,7 @@ def _run(jobs: list[BatchJob], state: Path, workers: int, live: bool, guard: _Si
         t.add_column("stage")
         for j in jobs:
             extra = f" ({time.monotonic() - running[j.name].started:.0f} s)" if j.name in running else ""
-            t.add_row(j.name, stages[j.name] + extra)
+            t.add_row(rich.markup.escape(j.name), rich.markup.escape(stages[j.name] + extra))
         return t
 
     console = Console(stderr=True)

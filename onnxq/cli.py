@@ -382,7 +382,8 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
         for o in outcomes:
             size = f"{_human(o.input_bytes)} -> {_human(o.output_bytes)}" if o.status == "converted" else ""
             style = {"converted": "green", "skipped": "cyan", "failed": "red"}.get(o.status, "yellow")
-            table.add_row(o.name, f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", size, o.reason)
+            table.add_row(rich.markup.escape(o.name), f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", size,
+                          rich.markup.escape(o.reason))  # fmt: skip
         _out.print(table)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:

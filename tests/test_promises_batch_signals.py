@@ -93,16 +93,22 @@ def test_defaults_may_not_set_a_name_or_path(tmp_path: Path) -> None:
      ('path = "digits.onnx"\ncalib_size = true', "calib_size must be a positive integer"),
      ("path = 5", "path must be a string"),
      ('path = ""', "path is empty"),
-     ('path = "digits.onnx"\nname = 7', "name must be a string")],  # fmt: skip
+     ('path = "digits.onnx"\nname = 7', "name must be a string"),
+     ('path = "digits.onnx"\ncalib_preprocess = "Torch"', "calib_preprocess 'Torch' is not one of torch")],  # fmt: skip
 )
 def test_manifest_values_are_type_checked(tmp_path: Path, entry: str, message: str) -> None:
     code, _, err = _batch(str(_manifest(tmp_path, f"[[model]]\n{entry}\n")), "-o", str(tmp_path / "out"))
     assert code == 1 and message in err and "[[model]] #1" in err, err
 
 
-def test_manifest_models_must_be_tables(tmp_path: Path) -> None:
-    code, _, err = _batch(str(_manifest(tmp_path, "model = [1, 2]\n")), "-o", str(tmp_path / "out"))
-    assert code == 1 and "is not a table" in err, err
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [("model = [1, 2]\n", "is not a table"), ("model = []\n", "lists no models"),
+     ('[defaults]\npreset = "w8a8"\n', "lists no models"), ("defaults = 3\n[[model]]\npath = 'digits.onnx'\n", "must be a table")],  # fmt: skip
+)
+def test_manifest_must_list_model_tables(tmp_path: Path, body: str, message: str) -> None:
+    code, _, err = _batch(str(_manifest(tmp_path, body)), "-o", str(tmp_path / "out"))
+    assert code == 1 and message in err, err
 
 
 # ------------------------------------------------------------------------------ input and output paths (item 5)
@@ -137,10 +143,30 @@ def test_folder_symlink_inside_the_folder_is_converted(tmp_path: Path) -> None:
     assert code == 0 and json.loads(stdout)[0]["status"] == "converted", stdout
 
 
-def test_output_folder_may_not_be_the_input_folder(tmp_path: Path) -> None:
-    shutil.copy(DIGITS, tmp_path / "a.onnx")
-    code, _, err = _batch(str(tmp_path), "-o", str(tmp_path), "--calib", "random:2")
+@pytest.mark.parametrize("via_link", [False, True])
+def test_output_folder_may_not_be_the_input_folder(tmp_path: Path, via_link: bool) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(DIGITS, folder / "a.onnx")
+    out = folder
+    if via_link:
+        out = tmp_path / "out"
+        out.symlink_to(folder)
+    code, _, err = _batch(str(folder), "-o", str(out), "--calib", "random:2")
     assert code == 1 and "is the input folder" in err and "choose another -o" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.onnx"]
+
+
+def test_folder_model_whose_name_is_not_a_plain_stem_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(DIGITS, folder / "evil\x1b[2J.onnx")  # a terminal escape in the file name
+    shutil.copy(DIGITS, folder / "._junk.onnx")  # a hidden file (macOS AppleDouble)
+    code, stdout, _ = _batch(str(folder), "-o", str(tmp_path / "out"), "--calib", "random:2", "--json")
+    got = {o["name"]: o for o in json.loads(stdout)}
+    assert code == 1 and {o["status"] for o in got.values()} == {"failed"}
+    assert "control character" in got["evil\x1b[2J"]["reason"] and "rename the file" in got["evil\x1b[2J"]["reason"]
+    assert "starts with '.'" in got["._junk"]["reason"]
 
 
 def test_no_output_may_replace_another_models_input(tmp_path: Path) -> None:

@@ -29,9 +29,13 @@ from typing import Iterator
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import onnxq
+from onnxq.batch import check_output_name
 from onnxq.cli import main
+from onnxq.errors import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "models" / "digits-cnn.onnx"
@@ -71,6 +75,20 @@ def test_manifest_name_cannot_leave_the_output_folder(tmp_path: Path, name: str)
     assert "[[model]] #1" in err and "output name" in err and "plain file name" in err, err
     assert not out.exists(), "a bad name is refused at load, before anything is written"
     assert not (tmp_path / "escaped.onnx").exists() and not (tmp_path / "abs.onnx").exists()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled_from(["..", "../x", "a/../..", "~", "x\\..\\y"]))
+def test_any_accepted_name_stays_directly_in_the_output_folder(name: str) -> None:
+    out = Path("/srv/out")
+    try:
+        check_output_name(name, "[[model]] #1 of m.toml")
+    except RecipeError as exc:
+        assert "\n" not in str(exc) and "[[model]] #1 of m.toml" in str(exc)
+        return
+    target = Path(os.path.normpath(out / f"{name}.onnx"))
+    assert target.parent == out and not target.name.startswith(".")
+    assert all(ord(c) >= 32 and ord(c) != 127 for c in name)
 
 
 @pytest.mark.parametrize("names", [("twin", "twin"), ("Twin", "twin")])

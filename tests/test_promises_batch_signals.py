@@ -322,6 +322,8 @@ def slow_batch(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, Pat
 def test_stopping_the_batch_stops_its_worker(slow_batch: tuple[subprocess.Popen[str], int, Path], signum: int,
                                              code: int) -> None:  # fmt: skip
     proc, worker, out = slow_batch
+    writing = out / ".slow.onnx.4242.k3j2h1g0.tmp"  # as if the worker were mid-write when the signal came
+    writing.write_bytes(b"half a model")
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr

@@ -408,22 +408,31 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
     already converted with the same input, recipe and calibration. Exit code 1 if any model failed.
       onnxq batch models/ -o out/ --preset w8a8 --calib images/ -j 2
       onnxq batch manifest.toml -o out/ -j 2 --json
+    SIGINT/SIGTERM stop every worker and exit 130/143, saying which models were written.
     """
-    from onnxq.batch import jobs_from_folder, jobs_from_manifest, run_batch
+    from onnxq.batch import BatchInterrupted, jobs_from_folder, jobs_from_manifest, run_batch
     from onnxq.recipe import load_recipe
     from onnxq.recipe import preset as get_preset
 
     if preset and recipe_file:
         raise click.UsageError("give either --preset or --recipe, not both")
     recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset) if preset else None
+    if source.is_dir():
+        recipe = recipe or get_preset("w8a8")
     if recipe is not None and calib_size:
         recipe = recipe.with_(calibration=dataclasses.replace(recipe.calibration, samples=calib_size))
     calibration = {k: v for k, v in {"calib": calib, "calib_preprocess": calib_preprocess, "tokenizer": tokenizer}.items() if v}
     if source.is_dir():
-        jobs = jobs_from_folder(source, outdir, recipe or get_preset("w8a8"), calibration)
-    else:
-        jobs = jobs_from_manifest(source, outdir, recipe, calibration)
-    outcomes = run_batch(jobs, outdir, workers=workers, live=not as_json and sys.stderr.isatty())
+        jobs = jobs_from_folder(source, outdir, recipe, calibration)
+    else:  # --calib-size is every model's default; a manifest's calib_size overrides it
+        jobs = jobs_from_manifest(source, outdir, recipe, calibration, calib_size=calib_size)
+    try:
+        outcomes = run_batch(jobs, outdir, workers=workers, live=not as_json and sys.stderr.isatty())
+    except BatchInterrupted as stop:
+        if as_json:
+            click.echo(json.dumps([dataclasses.asdict(o) for o in stop.outcomes], indent=2))
+        _err.print(f"[bold red]error:[/] {rich.markup.escape(str(stop))}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(128 + stop.signum)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(o) for o in outcomes], indent=2))
     else:
@@ -432,8 +441,9 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
             table.add_column(col)
         for o in outcomes:
             size = f"{_human(o.input_bytes)} -> {_human(o.output_bytes)}" if o.status == "converted" else ""
-            style = {"converted": "green", "skipped": "cyan", "failed": "red"}[o.status]
-            table.add_row(o.name, f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", size, o.reason)
+            style = {"converted": "green", "skipped": "cyan", "failed": "red"}.get(o.status, "yellow")
+            table.add_row(rich.markup.escape(o.name), f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", size,
+                          rich.markup.escape(o.reason))  # fmt: skip
         _out.print(table)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:

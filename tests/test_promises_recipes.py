@@ -225,12 +225,12 @@ def test_recipe_from_dict_names_its_source_like_batch_manifests_do() -> None:
 @pytest.mark.parametrize(
     ("entry", "needle"),
     [
-        ('exclude_op = "Conv"', "manifest model 'a.onnx': exclude_op = 'Conv' must be a list of strings"),
+        ('exclude_op = "Conv"', "m.toml: exclude_op must be a list of strings such as [\"MatMul\"], got 'Conv'"),
         ('exclude_op = ["Convv"]',
-         "manifest model 'a.onnx': [exclude] op_types entry 'Convv' is not an ONNX operator type (did you mean 'Conv'?)"),
-        ("exclude_regex = [\"(\"]", "manifest model 'a.onnx': [exclude] name_regex entry '(' is not a valid regular"),
-        ('calib_size = "abc"', "manifest model 'a.onnx': calib_size = 'abc' must be an integer >= 1"),
-        ("calib_size = 0", "manifest model 'a.onnx': calib_size = 0 must be an integer >= 1"),
+         "m.toml: [exclude] op_types entry 'Convv' is not an ONNX operator type (did you mean 'Conv'?)"),
+        ("exclude_regex = [\"(\"]", "m.toml: [exclude] name_regex entry '(' is not a valid regular"),
+        ('calib_size = "abc"', "m.toml: calib_size must be a positive integer, got 'abc'"),
+        ("calib_size = 0", "m.toml: calib_size must be a positive integer, got 0"),
         ('recipe = "r.toml"', "[weights] granularity = 'per-chanel' is not one of"),
     ],
 )  # fmt: skip

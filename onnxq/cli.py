@@ -429,8 +429,9 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
     try:
         outcomes = run_batch(jobs, outdir, workers=workers, live=not as_json and sys.stderr.isatty())
     except BatchInterrupted as stop:
-        if as_json:
-            click.echo(json.dumps([dataclasses.asdict(o) for o in stop.outcomes], indent=2))
+        if as_json:  # the error object every --json failure prints, with what each model got to
+            click.echo(json.dumps({"error": str(stop), "exit_code": 128 + stop.signum,
+                                   "outcomes": [dataclasses.asdict(o) for o in stop.outcomes]}, indent=2))  # fmt: skip
         _err.print(f"[bold red]error:[/] {rich.markup.escape(str(stop))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(128 + stop.signum)
     if as_json:

@@ -263,8 +263,11 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
     if cal and any(st.name == "weight_only" for st in report.steps):
         _out.print(f"calibration: {cal.get('samples')} samples from {cal.get('source')}", highlight=False)
     elif cal:
-        _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples on "
-                   f"{cal.get('provider')} in {cal.get('seconds')} s; source: {cal.get('source')}")  # fmt: skip
+        where = f" on {cal['provider']}" if cal.get("provider") else ""  # None: no session ran (a cache, nothing to calibrate)
+        _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples{where} in "
+                   f"{cal.get('seconds')} s; source: {cal.get('source')}", highlight=False)  # fmt: skip
+    for line in (cal or {}).get("warnings", []):
+        _out.print(f"[bold yellow]warning:[/] {rich.markup.escape(line)}", highlight=False, soft_wrap=True)
     keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
             "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
             "casts_inserted", "values_clamped", "batchnorms_folded", "gelus_rewritten", "nodes_folded", "layers_quantized",

@@ -262,8 +262,10 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
     cal = info.get("calibration")
     if cal and any(st.name == "weight_only" for st in report.steps):
         _out.print(f"calibration: {cal.get('samples')} samples from {cal.get('source')}", highlight=False)
+    elif cal and not cal.get("provider") and not cal.get("samples_seen"):  # no session ran: nothing needed a range
+        _out.print(f"calibration: nothing needed an activation range; source: {cal.get('source')}", highlight=False)
     elif cal:
-        where = f" on {cal['provider']}" if cal.get("provider") else ""  # None: no session ran (a cache, nothing to calibrate)
+        where = f" on {cal['provider']}" if cal.get("provider") else ""  # a cache may not say where it ran
         _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples{where} in "
                    f"{cal.get('seconds')} s; source: {cal.get('source')}", highlight=False)  # fmt: skip
     for line in (cal or {}).get("warnings", []):

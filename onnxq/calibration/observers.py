@@ -15,9 +15,8 @@ Observers are registered by short name:
 
 Extreme values (:func:`extreme_threshold`): in each batch of a histogram observer, values whose magnitude
 exceeds :data:`EXTREME_FACTOR` times the batch's ``k``-th largest magnitude (``k`` = 0.05% of its
-values, at least 8) are counted (``extreme``) and clipped to the largest other value on their side
-before binning, so that a handful of corrupt values cannot spend the histogram's resolution or steer
-the range search. The min-max observers keep their literal meaning; they record which batch set each
+values, at least 8) are counted (``extreme``) and left out like NaN, so that a handful of corrupt
+values cannot spend the histogram's resolution or steer the range search. The min-max observers keep their literal meaning; they record which batch set each
 end and the runner warns when one batch alone stretched the range (:meth:`Observer.dominated`).
 """
 
@@ -147,7 +146,7 @@ class Observer(abc.ABC):
     """Accumulates the statistics of one tensor across calibration batches.
 
     Also counts what it left out: ``nonfinite`` (NaN, +-Inf) and, for histogram observers, ``extreme``
-    values (clipped, see :func:`extreme_threshold`); ``peak`` is the largest magnitude among them.
+    values (see :func:`extreme_threshold`); ``peak`` is the largest magnitude among those.
     """
 
     name: ClassVar[str] = "observer"
@@ -328,9 +327,8 @@ class HistogramObserver(Observer):
     always what ``np.histogram`` of every value seen so far would give on the final grid. Values are
     binned block by block in the CPU cache (:meth:`_accumulate`). Exact zeros (ReLU outputs) are
     counted too. State: ``bins`` counts and a few scalars, whatever the number of
-    samples. NaN and +-Inf are counted and left out; extreme values are counted and clipped to the edge
-    of their batch's other values (:meth:`_clip_extremes`); the exact min and max of what was binned are
-    kept, and every computed range lies inside them.
+    samples. NaN and +-Inf are counted and left out, and so are extreme values (:meth:`_drop_extremes`);
+    the exact min and max of what was binned are kept, and every computed range lies inside them.
 
     Subclasses pick the range from the histogram (:meth:`_select`). They need whole tensors:
     :meth:`observe_minmax` is an error (the runner exposes the tensors whole for them).
@@ -338,7 +336,7 @@ class HistogramObserver(Observer):
 
     needs_tensors: ClassVar[bool] = True
     screen: ClassVar[bool] = True
-    """Count and clip extreme values (:func:`extreme_threshold`); False for histograms that only describe data."""
+    """Count and leave out extreme values (:func:`extreme_threshold`); False for histograms that only describe data."""
 
     def __init__(self, bins: int = 2048) -> None:
         super().__init__()
@@ -385,7 +383,7 @@ class HistogramObserver(Observer):
             cut = extreme_threshold(a, max(-mn, mx))
             if cut is not None:
                 self._flag()
-                a, mn, mx = self._clip_extremes(a, cut)
+                a, mn, mx = self._drop_extremes(a, cut)
         self.batches += 1
         self.lo, self.hi = min(self.lo, mn), max(self.hi, mx)
         self.count += a.size
@@ -404,15 +402,15 @@ class HistogramObserver(Observer):
             a = a.astype(np.float64)
         self._accumulate(a, inv)
 
-    def _clip_extremes(self, a: np.ndarray, cut: float) -> tuple[np.ndarray, float, float]:
-        """Count the values beyond ``+-cut`` and clip them to the largest other value on their side (at
-        the edge of the batch's range: the tail keeps its count, not its reach); the new min and max."""
+    def _drop_extremes(self, a: np.ndarray, cut: float) -> tuple[np.ndarray, float, float]:
+        """Count the values beyond ``+-cut`` and leave them out, as NaN is: neither the grid nor the range
+        search sees them (counted at the edge instead, they would still pull a percentile or the MSE
+        search towards the top of a heavy tail). Returns the rest and its min and max."""
         wild = (a > cut) | (a < -cut)
         self.extreme += int(np.count_nonzero(wild))
         self.peak = max(self.peak, float(np.max(np.abs(a[wild]))))
         rest = a[~wild]
-        mn, mx = float(rest.min()), float(rest.max())
-        return np.clip(a, mn, mx), mn, mx
+        return rest, float(rest.min()), float(rest.max())
 
     def _accumulate(self, a: np.ndarray, inv: float) -> None:
         """Count the values of ``a`` (finite, inside the grid) into the histogram, block by block.

@@ -474,7 +474,7 @@ def data_warnings(issues: dict[str, Any], method: str) -> list[str]:
             lines.append(f"tensor '{t['tensor']}': {t['nonfinite']} NaN/Inf values{where}, left out of its range")
         if t.get("extreme"):
             lines.append(f"tensor '{t['tensor']}': {t['extreme']} extreme values (|x| up to {t['peak']:.3g}){where}, "
-                         "clipped to the edge of the other values")
+                         "left out of its range")
         for d in t.get("set_by_one_sample", []):
             lines.append(f"tensor '{t['tensor']}': the {method} range {d['end']} {d['value']:.4g} comes from sample "
                          f"{d['sample']} alone (the other samples reach {d['others_reach']:.4g})")

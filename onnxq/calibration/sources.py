@@ -973,6 +973,21 @@ class TextWindowSource(TokenFileSource):
 
 
 # ---------------------------------------------------------------------------------------------- chooser
+def _refuse_random_dynamic(specs: list[InputSpec]) -> None:
+    """``random`` calibration of a float input with a dynamic dim after the batch dim (an image's height and
+    width) would run at size 1 (a 1x1 image): refuse it, naming the input and the fix."""
+    for s in specs:
+        if s.dtype.kind != "f":
+            continue
+        dyn = [(i, d) for i, d in enumerate(s.shape) if i > 0 and not (isinstance(d, int) and d > 0)]
+        if dyn:
+            i, d = dyn[0]
+            what = f"dim {i} ('{d}')" if d else f"dim {i}"
+            raise CalibrationError(f"random calibration cannot size {what} of model input '{s.name}' {_fmt(s.shape)}: "
+                                   "it would run at 1 (a 1x1 image); calibrate with real data (--calib images/ or "
+                                   "an .npz file), or export the model with fixed input dims")
+
+
 def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = None, resize: int | None = None,
                 crop: int | None = None, limit: int | None = None, seed: int = 0, tokenizer: str | Path | None = None,
                 max_length: int | None = None, seq_len: int | None = None) -> CalibrationSource:
@@ -987,6 +1002,7 @@ def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = N
     if m:
         n = int(m.group(1)) if m.group(1) else (limit or 8)
         count = min(n, limit) if limit else n
+        _refuse_random_dynamic(specs)
         source: CalibrationSource = RandomSource(specs, count=count, seed=seed)
         source.validate(specs)
         return source

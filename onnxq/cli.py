@@ -247,6 +247,12 @@ def _apply_weight_only(recipe: Any, *, block_size: int | None, symmetric: bool, 
     return recipe.with_(weight_only=dataclasses.replace(recipe.weight_only, **changes))
 
 
+def _print_calibration_warnings(cal: dict[str, Any] | None) -> None:
+    """The calibration data's warnings (bad samples and tensors, a sample count the source cannot give)."""
+    for line in (cal or {}).get("warnings", []):
+        _out.print(f"[bold yellow]warning:[/] {rich.markup.escape(line)}", highlight=False, soft_wrap=True)
+
+
 def _print_quantize_summary(report: Any, output: Path) -> None:
     info = report.info
     counts: dict[str, int] = {}
@@ -268,8 +274,7 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
         where = f" on {cal['provider']}" if cal.get("provider") else ""  # a cache may not say where it ran
         _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples{where} in "
                    f"{cal.get('seconds')} s; source: {cal.get('source')}", highlight=False)  # fmt: skip
-    for line in (cal or {}).get("warnings", []):
-        _out.print(f"[bold yellow]warning:[/] {rich.markup.escape(line)}", highlight=False, soft_wrap=True)
+    _print_calibration_warnings(cal)
     keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
             "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
             "casts_inserted", "values_clamped", "batchnorms_folded", "gelus_rewritten", "nodes_folded", "layers_quantized",
@@ -327,8 +332,10 @@ def calibrate(model: Path, output: Path, preset: str | None, recipe_file: Path |
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
+        where = f" on {info['provider']}" if info.get("provider") else ""
         _out.print(f"[bold green]wrote[/] {output}: ranges of {info['tensors']} tensors, {info.get('method')} over "
-                   f"{info.get('samples_seen')} samples on {info.get('provider')} in {info.get('seconds')} s")  # fmt: skip
+                   f"{info.get('samples_seen')} samples{where} in {info.get('seconds')} s")  # fmt: skip
+        _print_calibration_warnings(info)
 
 
 @main.command()

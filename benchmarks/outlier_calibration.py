@@ -61,7 +61,7 @@ def main() -> None:
     print(f"# {info['model']}, {info['cores']} cores; avx2 {info['avx2']}, avx512f {info['avx512f']}, "
           f"avx512_vnni {info['avx512_vnni']}, avx_vnni {info['avx_vnni']}; loader {origin}")
     print(f"# calibration: {len(calib)} images; evaluation: the other {len(rest)}")
-    print("| model | calibration data | agreement % | top-1 change vs clean (points) | quantize s | warnings |")
+    print("| model | calibration data | agreement % | agreement change vs clean (points) | quantize s | warnings |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -16,8 +16,9 @@ Observers are registered by short name:
 Extreme values (:func:`extreme_threshold`): in each batch of a histogram observer, values whose magnitude
 exceeds :data:`EXTREME_FACTOR` times the batch's ``k``-th largest magnitude (``k`` = 0.05% of its
 values, at least 8) are counted (``extreme``) and left out like NaN, so that a handful of corrupt
-values cannot spend the histogram's resolution or steer the range search. The min-max observers keep their literal meaning; they record which batch set each
-end and the runner warns when one batch alone stretched the range (:meth:`Observer.dominated`).
+values cannot spend the histogram's resolution or steer the range search. The min-max observers keep
+their literal meaning; they record which batch set each end, and the runner warns when one batch
+alone stretched the range (:meth:`Observer.dominated`).
 """
 
 from __future__ import annotations

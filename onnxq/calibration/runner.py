@@ -26,8 +26,9 @@ input values (the rule of :func:`~onnxq.calibration.observers.extreme_threshold`
 downstream of them (one 1e6 pixel moves most of SqueezeNet's deep activations by 1e4x), which no
 per-tensor rule can undo, so the histogram calibrators leave such samples out; the min-max calibrators
 keep them (their literal meaning) and :meth:`CalibrationSession.warnings` says so. NaN/Inf inputs
-propagate as NaN/Inf, which every observer counts and leaves out, so those samples stay. The observers' own counts of non-finite and extreme values, and the min-max ends that one sample
-alone set, are reported per tensor with the samples' names (:meth:`CalibrationSource.sample_name`).
+propagate as NaN/Inf, which every observer counts and leaves out, so those samples stay. The
+observers' own counts of non-finite and extreme values, and the min-max ends that one sample alone
+set, are reported per tensor with the samples' names (:meth:`CalibrationSource.sample_name`).
 
 The graph-optimisation level is ``all``: ORT's fusions never remove a tensor that is consumed by the
 added reductions, so every observed tensor keeps its float meaning, and the session runs the model's
@@ -461,7 +462,8 @@ def data_warnings(issues: dict[str, Any], method: str) -> list[str]:
         if issue.get("left_out"):
             fate = f"left out of the {method} ranges"
         elif issue.get("extreme"):
-            fate = f"{method} keeps it, so every range downstream of it is stretched (mse-percentile, the default, leaves such samples out)"
+            fate = (f"{method} keeps it, so every range downstream of it is stretched (mse-percentile, the default, "
+                    "leaves such samples out)")
         else:
             fate = "those values are left out of every range"
         lines.append(f"calibration sample {issue['sample']}: {_describe_issue(issue)}; {fate}")

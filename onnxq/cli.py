@@ -160,7 +160,7 @@ def quantize(model: Path, output: Path, preset: str | None, recipe_file: Path | 
     if "weight_only" in recipe.passes and calib and seq_len is None and max_length is None and Path(calib).suffix.lower() in TEXT_SUFFIXES:
         seq_len = 512  # an LLM is calibrated on windows of running text, not one short line per sample
     opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
-                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, size=calib_size)  # fmt: skip
     budget = None
     if accuracy_budget:
         from onnxq.mixed_precision import AccuracyBudget
@@ -327,7 +327,7 @@ def calibrate(model: Path, output: Path, preset: str | None, recipe_file: Path |
     recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=None, device=device,
                           exclude_op=(), exclude_node=(), exclude_regex=())  # fmt: skip
     opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
-                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, size=calib_size)  # fmt: skip
     info = calibrate_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))

@@ -19,7 +19,7 @@ import onnx
 from onnxq import __version__
 from onnxq.calibration.cache import CachedCalibration, save_cache
 from onnxq.calibration.runner import CalibrationSession
-from onnxq.calibration.sources import CalibrationSource, RandomSource, open_source
+from onnxq.calibration.sources import CalibrationSource, open_source
 from onnxq.errors import OnnxqError, PassError
 from onnxq.model import (
     default_opset,
@@ -57,6 +57,7 @@ class CalibrationOptions:
     max_length: int | None = None
     seq_len: int | None = None
     seed: int = 0
+    size: int | None = None  # the sample count asked for (--calib-size): a warning when the source holds fewer
 
 
 @dataclass
@@ -219,22 +220,21 @@ def quantize_model(
         report.info["calibration"].update(
             {"provider": calib_session.provider_used, "seconds": round(calib_session.seconds, 2),
              "samples_seen": calib_session.samples_seen, "data": calib_session.data_issues(),
-             "warnings": _calibration_warnings(calib_session, recipe)}  # fmt: skip
+             "warnings": _calibration_warnings(calib_session, calibration)}  # fmt: skip
         )
     report.info["seconds"] = round(time.perf_counter() - t_start, 2)
     report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return QuantizeResult(out, report, calibration=calib_session, recipe=ctx.recipe)
 
 
-def _calibration_warnings(session: CalibrationSession, recipe: Recipe) -> list[str]:
+def _calibration_warnings(session: CalibrationSession, options: CalibrationOptions | None) -> list[str]:
     """What the summary warns about the calibration: bad samples and tensors (:meth:`CalibrationSession.warnings`)
-    and a sample count asked for that the source cannot give (the whole source is used then, which may be
-    all the user has, but a count like --calib-size 1000000 over 4 samples is worth a line)."""
+    and a sample count asked for (``options.size``, ``--calib-size``) that the source cannot give (a
+    recipe's default count over a small set is not worth a line; --calib-size 1000000 over 4 samples is)."""
     lines = session.warnings()
-    asked, have = recipe.calibration.samples, len(session.source)
-    if asked > have and not isinstance(session.source, RandomSource):  # random:N says how many itself
-        lines.insert(0, f"{asked} calibration samples were asked for (--calib-size or the recipe) but the source holds "
-                        f"only {have}")  # fmt: skip
+    have = len(session.source)
+    if options is not None and options.size and options.size > have:
+        lines.insert(0, f"--calib-size asked for {options.size} calibration samples but the source holds only {have}")
     return lines
 
 

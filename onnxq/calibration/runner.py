@@ -231,7 +231,7 @@ class CalibrationSession:
         """What the calibration data held that it should not (for the report): samples whose inputs hold
         non-finite or extreme values (and whether they were left out), tensors with such values, min-max
         ends set by one sample; each list capped at :data:`MAX_LISTED` entries, the counts whole."""
-        tensors = sorted(self._tensor_issues.values(), key=lambda e: -(e.get("nonfinite", 0) + e.get("extreme", 0)))
+        tensors = sorted(self._tensor_issues.values(), key=_severity, reverse=True)
         return {
             "samples_flagged": self._flagged_samples,
             "samples_left_out": self._left_out,
@@ -482,8 +482,16 @@ def data_warnings(issues: dict[str, Any], method: str) -> list[str]:
                          f"{d['sample']} alone (the other samples reach {d['others_reach']:.4g})")
     more = issues.get("tensors_flagged", 0) - len(issues.get("tensors", []))
     if more > 0:
-        lines.append(f"... and {more} more tensors with non-finite or extreme calibration values")
+        lines.append(f"... and {more} more tensors like these (counts in the report's calibration.data)")
     return lines
+
+
+def _severity(entry: dict[str, Any]) -> tuple[int, float]:
+    """Order of the tensors in the data report: most values left out first, then the min-max end most
+    stretched by one sample (value over the other samples' reach)."""
+    stretch = max((abs(d["value"]) / max(abs(d["others_reach"]), 1e-30) for d in entry.get("set_by_one_sample", [])),
+                  default=0.0)
+    return entry.get("nonfinite", 0) + entry.get("extreme", 0), stretch
 
 
 def _span(names: list[str]) -> str:

@@ -56,6 +56,8 @@ _Q_TO_FLOAT = {"QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearGlobalAveragePo
                "QLinearLeakyRelu": "LeakyRelu", "QLinearSoftmax": "Softmax"}  # fmt: skip
 _ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish"}
 _HIST_BINS = 256
+CONSTANT_OK_SQNR_DB = 30.0
+"""An output that ignores its input is still fine when it matches the float output to this SQNR (dB)."""
 
 
 @dataclass(frozen=True)
@@ -186,12 +188,15 @@ class OutputStats:
     def degenerate(self) -> str | None:
         """Why the quantized output is broken whatever its metrics say, or None: NaN/Inf where the float
         output is finite, all zeros where it is not, the same output for every sample where the float one
-        varies (the model ignores its input), or every row flat where the float rows are not."""
+        varies (the model ignores its input), or every row flat where the float rows are not. The last two
+        only below :data:`CONSTANT_OK_SQNR_DB`: a constant that close to the float output is no damage."""
         t = self.tensor
         if t.broken:
             return f"{t.broken} NaN/Inf values where the float output is finite"
         if t.quant_sq == 0.0 and t.signal > 0.0:
             return "all zeros where the float output is not"
+        if t.sqnr_db >= CONSTANT_OK_SQNR_DB:  # a float output that barely varies (a saturated probability)
+            return None
         if self.samples > 1 and self.ref_varies and not self.got_varies:
             return "the same output for every sample where the float output varies"
         if self.samples and self.got_flat == self.samples and self.ref_flat < self.samples:

@@ -130,7 +130,7 @@ class EvalSet:
         configuration that misses the budget then costs a fraction of the evaluation set.
         """
         self.stopped_early = False
-        self.degenerate: str | None = None
+        self.degenerate = None
         from onnxq._ort import make_session
 
         if metric == "agreement" and self.classifier is None:

@@ -212,7 +212,7 @@ def quantize(model: Path, output: str, preset: str | None, recipe_file: Path | N
     if "weight_only" in recipe.passes and calib and seq_len is None and max_length is None and Path(calib).suffix.lower() in TEXT_SUFFIXES:
         seq_len = 512  # an LLM is calibrated on windows of running text, not one short line per sample
     opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
-                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, size=calib_size)  # fmt: skip
     budget = None
     if accuracy_budget:
         from onnxq.mixed_precision import AccuracyBudget
@@ -306,6 +306,12 @@ def _apply_weight_only(recipe: Any, *, block_size: int | None, symmetric: bool, 
     return recipe.with_(weight_only=dataclasses.replace(recipe.weight_only, **changes))
 
 
+def _print_calibration_warnings(cal: dict[str, Any] | None) -> None:
+    """The calibration data's warnings (bad samples and tensors, a sample count the source cannot give)."""
+    for line in (cal or {}).get("warnings", []):
+        _out.print(f"[bold yellow]warning:[/] {rich.markup.escape(line)}", highlight=False, soft_wrap=True)
+
+
 def _print_quantize_summary(report: Any, output: str) -> None:
     info = report.info
     counts: dict[str, int] = {}
@@ -321,9 +327,13 @@ def _print_quantize_summary(report: Any, output: str) -> None:
     cal = info.get("calibration")
     if cal and any(st.name == "weight_only" for st in report.steps):
         _out.print(f"calibration: {cal.get('samples')} samples from {cal.get('source')}", highlight=False)
+    elif cal and not cal.get("provider") and not cal.get("samples_seen"):  # no session ran: nothing needed a range
+        _out.print(f"calibration: nothing needed an activation range; source: {cal.get('source')}", highlight=False)
     elif cal:
-        _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples on "
-                   f"{cal.get('provider')} in {cal.get('seconds')} s; source: {cal.get('source')}")  # fmt: skip
+        where = f" on {cal['provider']}" if cal.get("provider") else ""  # a cache may not say where it ran
+        _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples{where} in "
+                   f"{cal.get('seconds')} s; source: {cal.get('source')}", highlight=False)  # fmt: skip
+    _print_calibration_warnings(cal)
     keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
             "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
             "casts_inserted", "values_clamped", "batchnorms_folded", "gelus_rewritten", "nodes_folded", "layers_quantized",
@@ -376,14 +386,16 @@ def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | 
     recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=None, device=device,
                           exclude_op=(), exclude_node=(), exclude_regex=())  # fmt: skip
     opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
-                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, size=calib_size)  # fmt: skip
     info = calibrate_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
                           reads=_recipe_read(recipe_file))  # fmt: skip
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
+        where = f" on {info['provider']}" if info.get("provider") else ""
         _out.print(f"[bold green]wrote[/] {output}: ranges of {info['tensors']} tensors, {info.get('method')} over "
-                   f"{info.get('samples_seen')} samples on {info.get('provider')} in {info.get('seconds')} s")  # fmt: skip
+                   f"{info.get('samples_seen')} samples{where} in {info.get('seconds')} s")  # fmt: skip
+        _print_calibration_warnings(info)
 
 
 @main.command()

@@ -24,6 +24,7 @@ listed in :attr:`Comparison.unmatched` rather than guessed.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import statistics
@@ -55,6 +56,8 @@ _Q_TO_FLOAT = {"QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearGlobalAveragePo
                "QLinearLeakyRelu": "LeakyRelu", "QLinearSoftmax": "Softmax"}  # fmt: skip
 _ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish"}
 _HIST_BINS = 256
+CONSTANT_OK_SQNR_DB = 30.0
+"""An output that ignores its input is still fine when it matches the float output to this SQNR (dB)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ class TensorMatch:
 
 
 class _Histogram(HistogramObserver):
-    """A streaming histogram kept for the report (no range selection)."""
+    """A streaming histogram kept for the report (no range selection; every value counted where it lies)."""
+
+    screen = False
 
     def _select(self) -> tuple[float, float]:
         return self.lo, self.hi
@@ -91,14 +96,17 @@ class TensorStats:
     max_abs_err: float = 0.0
     count: int = 0
     hist: Any = None  # onnxq.calibration.observers.HistogramObserver
+    broken: int = 0  # elements that are NaN/Inf in the quantized tensor but finite in the float one
 
     def update(self, ref: np.ndarray, got: np.ndarray, *, histogram: bool = False) -> None:
         r = np.ascontiguousarray(ref, np.float32).reshape(-1)
         g = np.ascontiguousarray(got, np.float32).reshape(-1)
         d = r - g
         sums = (float(np.dot(r, r)), float(np.dot(d, d)), float(np.dot(r, g)), float(np.dot(g, g)))
-        if not all(math.isfinite(v) for v in sums):  # NaN/Inf somewhere: drop those elements
-            ok = np.isfinite(r) & np.isfinite(g)
+        if not all(math.isfinite(v) for v in sums):  # NaN/Inf somewhere: drop those elements, count the broken ones
+            fr, fg = np.isfinite(r), np.isfinite(g)
+            self.broken += int(np.count_nonzero(fr & ~fg))
+            ok = fr & fg
             r, g = r[ok], g[ok]
             d = r - g
             sums = (float(np.dot(r, r)), float(np.dot(d, d)), float(np.dot(r, g)), float(np.dot(g, g)))
@@ -116,7 +124,10 @@ class TensorStats:
 
     @property
     def sqnr_db(self) -> float:
-        """10 log10(signal / noise); +inf when the tensors are equal, -inf for a zero signal with noise."""
+        """10 log10(signal / noise); +inf when the tensors are equal, -inf for a zero signal with noise and
+        for NaN/Inf where the float tensor is finite (no error is worse)."""
+        if self.broken:
+            return -math.inf
         if self.noise == 0.0:
             return math.inf
         if self.signal == 0.0:
@@ -125,32 +136,72 @@ class TensorStats:
 
     @property
     def cosine(self) -> float:
+        """Cosine of the whole tensors: 1 for equal ones (both zero included), 0 where one is zero and the
+        other not, or where the quantized one holds NaN/Inf where the float one is finite."""
+        if self.broken:
+            return 0.0
         den = math.sqrt(self.signal * self.quant_sq)
         return self.dot / den if den > 0 else (1.0 if self.noise == 0.0 else 0.0)
 
 
 @dataclass
 class OutputStats:
-    """One graph output: tensor sums plus the mean per-sample cosine and top-1 agreement."""
+    """One graph output: tensor sums plus the mean per-sample cosine and top-1 agreement, and what it takes
+    to tell a degenerate quantized output (:attr:`degenerate`): the first sample's rows, whether later
+    samples differ from them, and how many rows are flat (every element equal)."""
 
     tensor: TensorStats = field(default_factory=TensorStats)
     cosine_sum: float = 0.0
     samples: int = 0
     top1_same: int = 0
     top1_total: int = 0
+    first: tuple[bytes, bytes] | None = None  # digests of the first sample's (float, quantized) rows
+    ref_varies: bool = False  # the float output differs between samples
+    got_varies: bool = False
+    ref_flat: int = 0  # rows whose elements are all equal
+    got_flat: int = 0
 
     def update(self, ref: np.ndarray, got: np.ndarray) -> None:
         ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
         self.tensor.update(ref, got)
         n = ref.shape[0] if ref.ndim >= 1 else 1
         r, g = ref.reshape(n, -1), got.reshape(n, -1)
-        num = np.einsum("ij,ij->i", r, g)
-        den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
-        self.cosine_sum += float(np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0).sum())
+        self._track_variation(r, g)
+        self.cosine_sum += float(row_cosines(r, g).sum())
         self.samples += n
         if is_classifier_output(ref):
             self.top1_same += int((r.argmax(1) == g.argmax(1)).sum())
             self.top1_total += n
+
+    def _track_variation(self, r: np.ndarray, g: np.ndarray) -> None:
+        """Whether the outputs change from sample to sample, and how many rows are flat."""
+        if self.first is None:
+            self.first = (_digest(r[0]), _digest(g[0]))
+        fr, fg = self.first
+        self.ref_varies = self.ref_varies or any(_digest(row) != fr for row in r)
+        self.got_varies = self.got_varies or any(_digest(row) != fg for row in g)
+        if r.shape[1] > 1:
+            self.ref_flat += int(np.count_nonzero(np.ptp(r, axis=1) == 0))
+            self.got_flat += int(np.count_nonzero(np.ptp(g, axis=1) == 0))
+
+    @property
+    def degenerate(self) -> str | None:
+        """Why the quantized output is broken whatever its metrics say, or None: NaN/Inf where the float
+        output is finite, all zeros where it is not, the same output for every sample where the float one
+        varies (the model ignores its input), or every row flat where the float rows are not. The last two
+        only below :data:`CONSTANT_OK_SQNR_DB`: a constant that close to the float output is no damage."""
+        t = self.tensor
+        if t.broken:
+            return f"{t.broken} NaN/Inf values where the float output is finite"
+        if t.quant_sq == 0.0 and t.signal > 0.0:
+            return "all zeros where the float output is not"
+        if t.sqnr_db >= CONSTANT_OK_SQNR_DB:  # a float output that barely varies (a saturated probability)
+            return None
+        if self.samples > 1 and self.ref_varies and not self.got_varies:
+            return "the same output for every sample where the float output varies"
+        if self.samples and self.got_flat == self.samples and self.ref_flat < self.samples:
+            return "every element of each sample equal where the float output varies"
+        return None
 
     @property
     def cosine(self) -> float:
@@ -159,6 +210,24 @@ class OutputStats:
     @property
     def top1_agreement(self) -> float | None:
         return self.top1_same / self.top1_total if self.top1_total else None
+
+
+def _digest(row: np.ndarray) -> bytes:
+    """A fingerprint of one output row (its exact bytes): equal rows, equal digests; no copy kept (an LLM's
+    logits row is hundreds of MB)."""
+    return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
+
+
+def row_cosines(r: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Cosine of each row pair: 1 where both rows are zero (identical), 0 where only one is, or where the
+    quantized row holds NaN/Inf while the float one is finite (never the 1.0 that hides a dead output)."""
+    num = np.einsum("ij,ij->i", r, g)
+    nr, ng = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
+    den = nr * ng
+    with np.errstate(invalid="ignore"):
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where((nr == 0) & (ng == 0), 1.0, 0.0))
+    broken = ~np.isfinite(cos) & np.isfinite(nr)
+    return np.where(broken, 0.0, cos)
 
 
 def is_classifier_output(x: np.ndarray) -> bool:
@@ -530,7 +599,7 @@ def compare_models(
             hists.append({"tensor": r["float_name"], "edges": h.edges.tolist(), "counts": h.hist.tolist(),
                           "sqnr_db": r["sqnr_db"], "data_range": [h.lo, h.hi]})  # fmt: skip
     outputs = {f: {"sqnr_db": s.tensor.sqnr_db, "cosine": s.cosine, "max_abs_err": s.tensor.max_abs_err,
-                   "top1_agreement": s.top1_agreement} for f, s in out_stats.items()}  # fmt: skip
+                   "top1_agreement": s.top1_agreement, "degenerate": s.degenerate} for f, s in out_stats.items()}  # fmt: skip
     top1 = next((s.top1_agreement for s in out_stats.values() if s.top1_agreement is not None), None)
     models: dict[str, dict[str, Any]] = {"float": {"bytes": model_bytes(float_model, float_path)},
                                          "quant": {"bytes": model_bytes(quant_model, quant_path)}}  # fmt: skip

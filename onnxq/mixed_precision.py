@@ -113,6 +113,7 @@ class EvalSet:
         self.classifier = next((i for i, o in enumerate(self.reference[0]) if is_classifier_output(o)), None)
         self.forward_passes = self.samples
         self.stopped_early = False
+        self.degenerate: str | None = None
 
     def _feeds(self) -> Iterable[dict[str, np.ndarray]]:
         return self.batches if self.batches is not None else iter_batches(self.source, self.float_model)
@@ -120,11 +121,16 @@ class EvalSet:
     def measure(self, model: onnx.ModelProto, metric: str, *, limit: int | None = None, floor: float | None = None) -> float:
         """``metric`` of ``model`` against the float outputs on the first ``limit`` samples (all: None).
 
+        A model whose outputs are degenerate (:attr:`onnxq.evaluate.OutputStats.degenerate`: NaN, all zeros,
+        the same for every input) scores the worst value (0, or -inf dB) whatever its metric says, so that
+        no budget is met by it; :attr:`degenerate` says why.
+
         ``floor`` (agreement only): stop as soon as the agreement can no longer reach it, and return the
         highest agreement still possible then (below ``floor``); :attr:`stopped_early` says so. A
         configuration that misses the budget then costs a fraction of the evaluation set.
         """
         self.stopped_early = False
+        self.degenerate = None
         from onnxq._ort import make_session
 
         if metric == "agreement" and self.classifier is None:
@@ -150,6 +156,9 @@ class EvalSet:
                     self.stopped_early = True
                     return best_possible
         self.forward_passes += seen
+        if any(st.degenerate for st in stats):  # NaN, all-zero or input-blind outputs: no budget is met
+            self.degenerate = next(f"output '{o}': {st.degenerate}" for (o, _), st in zip(pairs, stats) if st.degenerate)
+            return -math.inf if metric == "sqnr" else 0.0
         if metric == "agreement":
             return stats[self.classifier].top1_agreement or 0.0
         if metric == "cosine":
@@ -226,6 +235,8 @@ def search_mixed_precision(
     cache[()] = (baseline, True)
     result = MixedPrecisionResult(budget.describe(), budget.metric, baseline, baseline, budget.met(baseline), {})
     result.eval_samples, result.rank_samples = evalset.samples, min(rank_samples, evalset.samples)
+    if evalset.degenerate:
+        result.notes.append(f"the int8 model's outputs are degenerate ({evalset.degenerate}): it counts as missing the budget")
     if result.met:
         result.notes.append(f"the int8 model already meets {budget.describe()} ({baseline:.4g}): no fallback")
         return _finish(result, evalset, passes_before, builds, t0)

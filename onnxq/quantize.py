@@ -58,6 +58,7 @@ class CalibrationOptions:
     max_length: int | None = None
     seq_len: int | None = None
     seed: int = 0
+    size: int | None = None  # the sample count asked for (--calib-size): a warning when the source holds fewer
 
 
 @dataclass
@@ -221,11 +222,23 @@ def quantize_model(
     if isinstance(calib_session, CalibrationSession):
         report.info["calibration"].update(
             {"provider": calib_session.provider_used, "seconds": round(calib_session.seconds, 2),
-             "samples_seen": calib_session.samples_seen}  # fmt: skip
+             "samples_seen": calib_session.samples_seen, "data": calib_session.data_issues(),
+             "warnings": _calibration_warnings(calib_session, calibration)}  # fmt: skip
         )
     report.info["seconds"] = round(time.perf_counter() - t_start, 2)
     report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return QuantizeResult(out, report, calibration=calib_session, recipe=ctx.recipe)
+
+
+def _calibration_warnings(session: CalibrationSession, options: CalibrationOptions | None) -> list[str]:
+    """What the summary warns about the calibration: bad samples and tensors (:meth:`CalibrationSession.warnings`)
+    and a sample count asked for (``options.size``, ``--calib-size``) that the source cannot give (a
+    recipe's default count over a small set is not worth a line; --calib-size 1000000 over 4 samples is)."""
+    lines = session.warnings()
+    have = len(session.source)
+    if options is not None and options.size and options.size > have:
+        lines.insert(0, f"--calib-size asked for {options.size} calibration samples but the source holds only {have}")
+    return lines
 
 
 def _run_with_budget(graph_in: Any, passes: list[Any], ctx: PassContext, budget: AccuracyBudget, float_ref: onnx.ModelProto,

@@ -4,14 +4,21 @@ Protocol (two methods): :meth:`Observer.observe` takes a batch (or :meth:`Observ
 takes a batch's already-reduced min and max, which is what the runner sends when the reduction ran
 inside the ONNX graph); :meth:`Observer.compute_range` returns ``(rmin, rmax)``. State is a few floats
 per tensor (a fixed-size histogram for the histogram observers), so memory never grows with the number
-of calibration samples. Non-finite values (NaN, +-Inf) are ignored. Observers are registered by short
-name:
+of calibration samples. Non-finite values (NaN, +-Inf) are left out and counted (``nonfinite``).
+Observers are registered by short name:
 
 * ``minmax``: the extremes; ``ema-minmax``: a moving average of each batch's extremes;
 * ``percentile``, ``mse``, ``entropy`` and ``mse-percentile`` (MSE for non-negative tensors,
   percentiles for signed ones; the w8a8 default): range selection on a 2048-bin histogram whose range
   grows by merging bins (:class:`HistogramObserver`); these need whole tensors (``needs_tensors``).
   The searches over candidate ranges are vectorised (all candidates at once from prefix sums).
+
+Extreme values (:func:`extreme_threshold`): in each batch of a histogram observer, values whose magnitude
+exceeds :data:`EXTREME_FACTOR` times the batch's ``k``-th largest magnitude (``k`` = 0.05% of its
+values, at least 8) are counted (``extreme``) and left out like NaN, so that a handful of corrupt
+values cannot spend the histogram's resolution or steer the range search. The min-max observers keep
+their literal meaning; they record which batch set each end, and the runner warns when one batch
+alone stretched the range (:meth:`Observer.dominated`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import abc
 import functools
 import math
 import threading
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -39,6 +46,9 @@ __all__ = [
     "register_observer",
     "make_observer",
     "needs_tensors",
+    "extreme_threshold",
+    "EXTREME_FACTOR",
+    "DOMINANCE_FACTOR",
 ]
 
 OBSERVERS: dict[str, type[Observer]] = {}
@@ -84,8 +94,61 @@ def finite_minmax(x: np.ndarray) -> tuple[float, float] | None:
     return float(finite.min()), float(finite.max())
 
 
+EXTREME_FACTOR = 64.0
+"""A value is extreme when its magnitude exceeds this many times its batch's reference magnitude (see
+:func:`extreme_threshold`). Clean CNN activations stay within 6.4x of it (MobileNetV2; SqueezeNet 2.3x,
+over 10 ImageNet images, every tensor); a 1e4 pixel in a normalised image is about 4000x."""
+
+EXTREME_RANK = 5e-4
+"""The reference magnitude is the ``k``-th largest, ``k = ceil(EXTREME_RANK * n)`` (at least
+:data:`EXTREME_MIN_RANK`): a handful of values cannot move it, while a transformer's genuine outlier
+channels (0.1% of the elements and more) hold it, so they are never extreme."""
+
+EXTREME_MIN_RANK = 8
+EXTREME_MIN_VALUES = 1024
+"""Batches of fewer finite values are never screened (too few to call any of them extreme)."""
+
+MAX_TAGS = 3
+"""Batches an observer names as holding non-finite or extreme values (the first ones; the counts are whole)."""
+
+DOMINANCE_FACTOR = 16.0
+"""Min-max observers: an end of the range is "set by one batch" when it exceeds every other batch's by this
+factor (in magnitude), over at least 3 batches."""
+
+
+def extreme_threshold(a: np.ndarray, peak: float | None = None) -> float | None:
+    """The magnitude above which values of ``a`` (finite, flat) are extreme; None when none is.
+
+    Rule: ``EXTREME_FACTOR`` times the ``k``-th largest magnitude, ``k = max(EXTREME_MIN_RANK,
+    ceil(EXTREME_RANK * a.size))``; None for batches under ``EXTREME_MIN_VALUES`` values and where fewer
+    than ``k`` values are non-zero (a sparse ReLU output: too few values to tell). ``peak``: the largest
+    magnitude, when known. Cheap in the common case: a strided subsample or one counting pass usually
+    proves that ``k`` values lie within a factor of the peak (nothing is extreme) without a partition.
+    """
+    n = a.size
+    if n < EXTREME_MIN_VALUES:
+        return None
+    k = max(EXTREME_MIN_RANK, math.ceil(EXTREME_RANK * n))
+    peak = float(np.max(np.abs(a))) if peak is None else peak
+    if peak == 0.0:
+        return None
+    floor = peak / EXTREME_FACTOR  # k values at or above this: the peak is not extreme
+    sub = a[:: max(1, n // 16384)]
+    if np.count_nonzero((sub >= floor) | (sub <= -floor)) >= k:
+        return None
+    mags = np.abs(a)
+    if np.count_nonzero(mags >= floor) >= k:
+        return None
+    ref = float(np.partition(mags, n - k)[n - k])
+    return EXTREME_FACTOR * ref if ref > 0.0 else None
+
+
 class Observer(abc.ABC):
-    """Accumulates the statistics of one tensor across calibration batches."""
+    """Accumulates the statistics of one tensor across calibration batches.
+
+    Also counts what it left out: ``nonfinite`` (NaN, +-Inf) and, for histogram observers, ``extreme``
+    values (see :func:`extreme_threshold`); ``peak`` is the largest magnitude among those.
+    """
 
     name: ClassVar[str] = "observer"
     needs_tensors: ClassVar[bool] = False
@@ -93,12 +156,58 @@ class Observer(abc.ABC):
 
     def __init__(self) -> None:
         self.batches = 0
+        self.nonfinite = 0
+        self.extreme = 0
+        self.peak = 0.0
+        self.tag = ""
+        """What the batch being observed is called (the runner sets its sample's name); see ``flagged_in``."""
+        self.flagged_in: list[str] = []
+        """Tags of the first few batches with non-finite or extreme values (at most :data:`MAX_TAGS`)."""
+        # min-max observers: per end, its value, the most extreme end of the other batches, and the tag of
+        # the batch that set it
+        self._ends: dict[str, list[Any]] = {"lo": [math.inf, math.inf, ""], "hi": [-math.inf, -math.inf, ""]}
+
+    def _flag(self) -> None:
+        """Name the current batch among those with non-finite or extreme values (the first few)."""
+        if (not self.flagged_in or self.flagged_in[-1] != self.tag) and len(self.flagged_in) < MAX_TAGS:
+            self.flagged_in.append(self.tag)
 
     def observe(self, x: np.ndarray) -> None:
-        """Add one batch of the tensor's values."""
-        mm = finite_minmax(x)
-        if mm is not None:
-            self.observe_minmax(*mm)
+        """Add one batch of the tensor's values (its non-finite values are counted and left out)."""
+        a = np.asarray(x)
+        if a.size == 0:
+            return
+        lo, hi = float(np.min(a)), float(np.max(a))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            finite = a[np.isfinite(a)]
+            self._flag()
+            self.nonfinite += a.size - finite.size
+            if finite.size == 0:
+                return
+            lo, hi = float(finite.min()), float(finite.max())
+        self.observe_minmax(lo, hi)
+
+    def _track_ends(self, lo: float, hi: float) -> None:
+        """Remember which batch set each end of the range and the next most extreme batch end."""
+        for key, v, sign in (("lo", lo, -1.0), ("hi", hi, 1.0)):
+            best, second, _ = self._ends[key]
+            if sign * v > sign * best:
+                self._ends[key] = [v, best, self.tag]
+            elif sign * v > sign * second:
+                self._ends[key][1] = v
+
+    def dominated(self) -> list[tuple[str, float, float, str]]:
+        """The ends of the range that one batch alone stretched: ``(end, value, others' most extreme end,
+        tag of that batch)``, where the value's magnitude exceeds :data:`DOMINANCE_FACTOR` times that of
+        every other batch's end (3 batches at least). Only the min-max observers track ends."""
+        out: list[tuple[str, float, float, str]] = []
+        if self.batches < 3:
+            return out
+        for key in ("lo", "hi"):
+            v, other, tag = self._ends[key]
+            if (v < 0 if key == "lo" else v > 0) and abs(v) > DOMINANCE_FACTOR * max(abs(other), 1e-30):
+                out.append((key, float(v), float(other), str(tag)))
+        return out
 
     @abc.abstractmethod
     def observe_minmax(self, lo: float, hi: float) -> None:
@@ -127,6 +236,7 @@ class MinMaxObserver(Observer):
         self.hi = -math.inf
 
     def observe_minmax(self, lo: float, hi: float) -> None:
+        self._track_ends(lo, hi)
         self.lo = min(self.lo, lo)
         self.hi = max(self.hi, hi)
         self.batches += 1
@@ -156,6 +266,7 @@ class EMAMinMaxObserver(Observer):
         self.hi = 0.0
 
     def observe_minmax(self, lo: float, hi: float) -> None:
+        self._track_ends(lo, hi)
         self.batches += 1
         c = max(self.c, 1.0 / self.batches)
         self.lo += c * (lo - self.lo)
@@ -217,14 +328,16 @@ class HistogramObserver(Observer):
     always what ``np.histogram`` of every value seen so far would give on the final grid. Values are
     binned block by block in the CPU cache (:meth:`_accumulate`). Exact zeros (ReLU outputs) are
     counted too. State: ``bins`` counts and a few scalars, whatever the number of
-    samples. NaN and +-Inf are ignored; the exact finite min and max are kept, and every computed
-    range lies inside them.
+    samples. NaN and +-Inf are counted and left out, and so are extreme values (:meth:`_drop_extremes`);
+    the exact min and max of what was binned are kept, and every computed range lies inside them.
 
     Subclasses pick the range from the histogram (:meth:`_select`). They need whole tensors:
     :meth:`observe_minmax` is an error (the runner exposes the tensors whole for them).
     """
 
     needs_tensors: ClassVar[bool] = True
+    screen: ClassVar[bool] = True
+    """Count and leave out extreme values (:func:`extreme_threshold`); False for histograms that only describe data."""
 
     def __init__(self, bins: int = 2048) -> None:
         super().__init__()
@@ -260,10 +373,18 @@ class HistogramObserver(Observer):
             return
         mn, mx = extremes if extremes is not None else (float(a.min()), float(a.max()))
         if not (math.isfinite(mn) and math.isfinite(mx)):
+            n = a.size
             a = a[np.isfinite(a)]
+            self._flag()
+            self.nonfinite += n - a.size
             if a.size == 0:
                 return
             mn, mx = float(a.min()), float(a.max())
+        if self.screen:
+            cut = extreme_threshold(a, max(-mn, mx))
+            if cut is not None:
+                self._flag()
+                a, mn, mx = self._drop_extremes(a, cut)
         self.batches += 1
         self.lo, self.hi = min(self.lo, mn), max(self.hi, mx)
         self.count += a.size
@@ -281,6 +402,16 @@ class HistogramObserver(Observer):
         if a.dtype == np.float32 and inv > 1e30:
             a = a.astype(np.float64)
         self._accumulate(a, inv)
+
+    def _drop_extremes(self, a: np.ndarray, cut: float) -> tuple[np.ndarray, float, float]:
+        """Count the values beyond ``+-cut`` and leave them out, as NaN is: neither the grid nor the range
+        search sees them (counted at the edge instead, they would still pull a percentile or the MSE
+        search towards the top of a heavy tail). Returns the rest and its min and max."""
+        wild = (a > cut) | (a < -cut)
+        self.extreme += int(np.count_nonzero(wild))
+        self.peak = max(self.peak, float(np.max(np.abs(a[wild]))))
+        rest = a[~wild]
+        return rest, float(rest.min()), float(rest.max())
 
     def _accumulate(self, a: np.ndarray, inv: float) -> None:
         """Count the values of ``a`` (finite, inside the grid) into the histogram, block by block.

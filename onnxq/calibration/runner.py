@@ -21,6 +21,15 @@ then match those of one sample per run within a bin for ``percentile``, ``mse`` 
 ``entropy`` can move further where the grids were re-binned differently (its KL minimum is sensitive
 to the bin edges).
 
+Bad samples: every sample's float inputs are screened before they run (:func:`screen_inputs`). Extreme
+input values (the rule of :func:`~onnxq.calibration.observers.extreme_threshold`) corrupt every tensor
+downstream of them (one 1e6 pixel moves most of SqueezeNet's deep activations by 1e4x), which no
+per-tensor rule can undo, so the histogram calibrators leave such samples out; the min-max calibrators
+keep them (their literal meaning) and :meth:`CalibrationSession.warnings` says so. NaN/Inf inputs
+propagate as NaN/Inf, which every observer counts and leaves out, so those samples stay. The
+observers' own counts of non-finite and extreme values, and the min-max ends that one sample alone
+set, are reported per tensor with the samples' names (:meth:`CalibrationSource.sample_name`).
+
 The graph-optimisation level is ``all``: ORT's fusions never remove a tensor that is consumed by the
 added reductions, so every observed tensor keeps its float meaning, and the session runs the model's
 heavy ops with the fast (NCHWc) kernels.
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -46,7 +56,14 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxq._ort import available_providers, make_session
-from onnxq.calibration.observers import HistogramObserver, Observer, finite_minmax, make_observer, needs_tensors
+from onnxq.calibration.observers import (
+    EXTREME_FACTOR,
+    HistogramObserver,
+    Observer,
+    extreme_threshold,
+    make_observer,
+    needs_tensors,
+)
 from onnxq.errors import CalibrationError
 from onnxq.progress import progress_bar
 
@@ -131,6 +148,12 @@ class CalibrationSession:
         self.samples_seen = 0
         self.seconds = 0.0
         self._cache: dict[str, tuple[float, float]] = {}
+        self._screened = False  # one full pass over the source has screened every sample
+        self._input_issues: list[dict[str, Any]] = []  # the first MAX_LISTED flagged samples' inputs
+        self._flagged_samples = 0
+        self._left_out = 0
+        self._left_out_now = False
+        self._tensor_issues: dict[str, dict[str, Any]] = {}
 
     @property
     def computed(self) -> dict[str, tuple[float, float]]:
@@ -147,27 +170,80 @@ class CalibrationSession:
 
     def _batches(
         self, size: int | None = None, *, first_alone: bool = False
-    ) -> Iterator[tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]]:
-        """Feed dicts of up to ``size`` samples concatenated on axis 0, with the samples they hold.
+    ) -> Iterator[tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], str]]:
+        """Feed dicts of up to ``size`` samples concatenated on axis 0, with the samples they hold and
+        their name (:meth:`CalibrationSource.sample_name`, a range for several).
 
         Samples whose shapes differ (text of different lengths) are never concatenated: a batch ends
         early instead. ``first_alone``: the first sample runs alone (histogram grids then start from
-        the same sample as with batches of one).
+        the same sample as with batches of one). Samples whose inputs hold non-finite or extreme values
+        are noted (on the first pass) and, for the histogram calibrators, left out.
         """
         size = max(1, self.spec.batch_size if size is None else size)
         pending: list[dict[str, np.ndarray]] = []
+        names: list[str] = []
         first = first_alone and size > 1
-        for feed in self.source:
+        drop = needs_tensors(self.spec.method)  # histogram calibrators leave samples with extreme inputs out
+        for i, feed in enumerate(self.source):
+            issues = screen_inputs(feed)
+            if issues:
+                self._note_sample(self.source.sample_name(i), issues, left_out=drop and any(x["extreme"] for x in issues))
+                if self._left_out_now:
+                    continue
             if pending and not _same_shapes(pending[0], feed):
-                yield _concat(pending), pending
-                pending = []
+                yield _concat(pending), pending, _span(names)
+                pending, names = [], []
             pending.append(feed)
+            names.append(self.source.sample_name(i))
             if first or len(pending) == size:
-                yield _concat(pending), pending
-                pending = []
+                yield _concat(pending), pending, _span(names)
+                pending, names = [], []
                 first = False
         if pending:
-            yield _concat(pending), pending
+            yield _concat(pending), pending, _span(names)
+        self._screened = True
+
+    def _note_sample(self, name: str, issues: list[dict[str, Any]], *, left_out: bool) -> None:
+        """Record a sample whose inputs hold non-finite or extreme values (on the first pass only)."""
+        self._left_out_now = left_out
+        if self._screened:
+            return
+        self._flagged_samples += 1
+        self._left_out += left_out
+        if len(self._input_issues) < MAX_LISTED:
+            self._input_issues.extend({"sample": name, "left_out": left_out, **x} for x in issues[:MAX_LISTED])
+
+    def _note_tensors(self, observers: dict[str, Observer]) -> None:
+        """Record the tensors whose observers left out or clipped values, or whose min-max range one sample set."""
+        for n, obs in observers.items():
+            entry: dict[str, Any] = {}
+            if obs.nonfinite or obs.extreme:
+                entry = {"nonfinite": obs.nonfinite, "extreme": obs.extreme, "samples": list(obs.flagged_in)}
+                if obs.extreme:
+                    entry["peak"] = obs.peak
+            for end, value, other, tag in obs.dominated():
+                entry.setdefault("set_by_one_sample", []).append(
+                    {"end": "min" if end == "lo" else "max", "value": value, "others_reach": other, "sample": tag})
+            if entry:
+                self._tensor_issues[n] = {"tensor": n, **entry}
+
+    def data_issues(self) -> dict[str, Any]:
+        """What the calibration data held that it should not (for the report): samples whose inputs hold
+        non-finite or extreme values (and whether they were left out), tensors with such values, min-max
+        ends set by one sample; each list capped at :data:`MAX_LISTED` entries, the counts whole."""
+        tensors = sorted(self._tensor_issues.values(), key=_severity, reverse=True)
+        return {
+            "samples_flagged": self._flagged_samples,
+            "samples_left_out": self._left_out,
+            "inputs": self._input_issues[:MAX_LISTED],
+            "tensors_flagged": len(tensors),
+            "tensors": tensors[:MAX_LISTED],
+            "extreme_factor": EXTREME_FACTOR,
+        }
+
+    def warnings(self) -> list[str]:
+        """One line per finding of :meth:`data_issues` (capped), for the command-line summary."""
+        return data_warnings(self.data_issues(), self.spec.method)
 
     def _calibrate(self, model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[float, float]]:
         observers: dict[str, Observer] = {}
@@ -179,8 +255,16 @@ class CalibrationSession:
             seen = self._observe_tensors(model, names, observers)
         else:
             seen = self._observe_minmax(model, names, observers)
+        if seen == 0 and self._left_out:
+            first = self._input_issues[0]
+            raise CalibrationError(
+                f"every calibration sample holds extreme input values (e.g. {first['sample']}: "
+                f"{_describe_issue(first)}), so the {self.spec.method} calibrator left them all out; fix the "
+                "data, or use --calibrator minmax to calibrate on them as they are"
+            )
         if seen == 0:
             raise CalibrationError(f"the calibration source yielded no samples ({self.source.describe()})")
+        self._note_tensors(observers)
         self.samples_seen = max(self.samples_seen, seen)
         self.seconds += time.perf_counter() - t0
         logger.info("calibrated %d tensors over %d samples in %.1fs on %s", len(names), seen, self.seconds, self.provider_used)
@@ -233,15 +317,17 @@ class CalibrationSession:
                 sess = self._session(build_observer_model(model, group, reduce=False), spinning=False) if group else None
                 graph_inputs = [n for n in names if n in inputs] if g == 0 else []
                 seen = 0
-                for feed, count, outs, extremes in _prefetch(self._runs(sess, group, size), slots):
+                for feed, count, outs, extremes, tag in _prefetch(self._runs(sess, group, size), slots):
                     for n, value, ext in zip(group, outs, extremes):
                         obs = observers[n]
+                        obs.tag = tag
                         if isinstance(obs, HistogramObserver):
                             obs.observe(value, extremes=ext)
                         else:
                             obs.observe(value)
                     del outs
                     for n in graph_inputs:
+                        observers[n].tag = tag
                         observers[n].observe(feed[n])
                     del feed
                     seen += count
@@ -251,15 +337,15 @@ class CalibrationSession:
 
     def _runs(
         self, sess: "ort.InferenceSession | None", group: list[str], size: int
-    ) -> Iterator[tuple[dict[str, np.ndarray], int, list[np.ndarray], list[tuple[float, float] | None]]]:
-        """``(feed, samples, group's tensors, their (min, max))`` per batch, on the worker thread (which
+    ) -> Iterator[tuple[dict[str, np.ndarray], int, list[np.ndarray], list[tuple[float, float] | None], str]]:
+        """``(feed, samples, group's tensors, their (min, max), name)`` per batch, on the worker thread (which
         also takes the extremes: reductions release the GIL). A batch the model refuses is re-run
         sample by sample, and so are all later ones (a model whose first dimension is not a free batch)."""
         seen = 0
         split = False
-        for feed, parts in self._batches(size, first_alone=True):
+        for feed, parts, tag in self._batches(size, first_alone=True):
             if sess is None:
-                yield feed, len(parts), [], []
+                yield feed, len(parts), [], [], tag
                 seen += len(parts)
                 continue
             if len(parts) > 1 and not split:
@@ -273,12 +359,12 @@ class CalibrationSession:
                     logger.info("the model refused a batch of %d samples (%s); one sample per run", len(parts), exc)
                     split = True
                 else:
-                    yield feed, len(parts), outs, _extremes(outs)
+                    yield feed, len(parts), outs, _extremes(outs), tag
                     seen += len(parts)
                     continue
             for part in parts:
                 outs = _run(sess, group, part, seen)
-                yield part, 1, outs, _extremes(outs)
+                yield part, 1, outs, _extremes(outs), tag
                 seen += 1
 
     def _batch_size(self, model: onnx.ModelProto, first: dict[str, np.ndarray], sample_bytes: int) -> int:
@@ -298,7 +384,7 @@ class CalibrationSession:
         total = len(self.source)
         seen = 0
         with progress_bar(total, "calibrating", enabled=self.progress) as advance:
-            for feed, parts in self._batches():
+            for feed, parts, tag in self._batches():
                 count = len(parts)
                 try:
                     outs = sess.run(None, feed)
@@ -307,6 +393,7 @@ class CalibrationSession:
                 bad: list[str] = []
                 for i, n in enumerate(names):
                     lo, hi = float(outs[2 * i]), float(outs[2 * i + 1])
+                    observers[n].tag = tag
                     if np.isfinite(lo) and np.isfinite(hi):
                         observers[n].observe_minmax(lo, hi)
                     else:
@@ -321,12 +408,95 @@ class CalibrationSession:
                         )
                     values = dict(zip(full_names, full_sess.run(None, feed)))
                     for n in bad:
-                        mm = finite_minmax(values[n])
-                        if mm is not None:
-                            observers[n].observe_minmax(*mm)
+                        observers[n].observe(values[n])  # counts and leaves out the non-finite values
                 seen += count
                 advance(count)
         return seen
+
+
+MAX_LISTED = 5
+"""Samples and tensors listed by name in the data report (the counts are whole)."""
+
+
+def screen_inputs(feed: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The float inputs of one sample that hold non-finite or extreme values: for each, its name, the
+    counts, and (for extreme values) the largest magnitude and the threshold it exceeded."""
+    issues = []
+    for name, arr in feed.items():
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f" or arr.size == 0:
+            continue
+        a = arr.reshape(-1)
+        lo, hi = float(a.min()), float(a.max())
+        nonfinite = 0
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            finite = a[np.isfinite(a)]
+            nonfinite = a.size - finite.size
+            a = finite.astype(np.float32, copy=False)
+            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        cut = extreme_threshold(a.astype(np.float32, copy=False), max(-lo, hi)) if a.size else None
+        extreme = int(np.count_nonzero(np.abs(a) > cut)) if cut is not None else 0
+        if nonfinite or extreme:
+            issue: dict[str, Any] = {"input": name, "nonfinite": int(nonfinite), "extreme": extreme}
+            if extreme:
+                issue.update(peak=max(-lo, hi), threshold=cut)
+            issues.append(issue)
+    return issues
+
+
+def _describe_issue(issue: dict[str, Any]) -> str:
+    """``input 'x' holds 1 extreme value (|x| up to 1e+06, over 64x ...)`` for one screened input."""
+    what = []
+    if issue.get("nonfinite"):
+        what.append(f"{issue['nonfinite']} NaN/Inf value{'s' if issue['nonfinite'] > 1 else ''}")
+    if issue.get("extreme"):
+        ref = issue["threshold"] / EXTREME_FACTOR
+        what.append(f"{issue['extreme']} extreme value{'s' if issue['extreme'] > 1 else ''} (|x| up to "
+                    f"{issue['peak']:.3g}, over {EXTREME_FACTOR:g}x its 99.95th-percentile |x| {ref:.3g})")
+    return f"input '{issue['input']}' holds " + " and ".join(what)
+
+
+def data_warnings(issues: dict[str, Any], method: str) -> list[str]:
+    """Warning lines for a :meth:`CalibrationSession.data_issues` dict (capped at :data:`MAX_LISTED`)."""
+    lines = []
+    for issue in issues.get("inputs", []):
+        if issue.get("left_out"):
+            fate = f"left out of the {method} ranges"
+        elif issue.get("extreme"):
+            fate = (f"{method} keeps it, so every range downstream of it is stretched (mse-percentile, the default, "
+                    "leaves such samples out)")
+        else:
+            fate = "those values are left out of every range"
+        lines.append(f"calibration sample {issue['sample']}: {_describe_issue(issue)}; {fate}")
+    more = issues.get("samples_flagged", 0) - len({i["sample"] for i in issues.get("inputs", [])})
+    if more > 0:
+        lines.append(f"... and {more} more calibration samples with non-finite or extreme input values")
+    for t in issues.get("tensors", []):
+        where = f" in {', '.join(t.get('samples', []))}" if t.get("samples") else ""
+        if t.get("nonfinite"):
+            lines.append(f"tensor '{t['tensor']}': {t['nonfinite']} NaN/Inf values{where}, left out of its range")
+        if t.get("extreme"):
+            lines.append(f"tensor '{t['tensor']}': {t['extreme']} extreme values (|x| up to {t['peak']:.3g}){where}, "
+                         "left out of its range")
+        for d in t.get("set_by_one_sample", []):
+            lines.append(f"tensor '{t['tensor']}': the {method} range {d['end']} {d['value']:.4g} comes from sample "
+                         f"{d['sample']} alone (the other samples reach {d['others_reach']:.4g})")
+    more = issues.get("tensors_flagged", 0) - len(issues.get("tensors", []))
+    if more > 0:
+        lines.append(f"... and {more} more tensors like these (counts in the report's calibration.data)")
+    return lines
+
+
+def _severity(entry: dict[str, Any]) -> tuple[int, float]:
+    """Order of the tensors in the data report: most values left out first, then the min-max end most
+    stretched by one sample (value over the other samples' reach)."""
+    stretch = max((abs(d["value"]) / max(abs(d["others_reach"]), 1e-30) for d in entry.get("set_by_one_sample", [])),
+                  default=0.0)
+    return entry.get("nonfinite", 0) + entry.get("extreme", 0), stretch
+
+
+def _span(names: list[str]) -> str:
+    """One name for the samples of a batch: the name, or ``first .. last``."""
+    return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else ""
 
 
 def _tensor_sizes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, int | None]:

@@ -131,6 +131,10 @@ class CalibrationSource(abc.ABC):
         """How error messages name the array that feeds input ``name``."""
         return f"calibration input '{name}'"
 
+    def sample_name(self, i: int) -> str:
+        """How reports name the ``i``-th sample one iteration yields: its file where it has one."""
+        return f"sample {i}"
+
     def validate(self, specs: list[InputSpec]) -> None:
         """Check names, dtypes, ranks and static dims of the first sample against ``specs`` before any run."""
         with contextlib.closing(iter(self)) as it:  # type: ignore[type-var]
@@ -246,6 +250,9 @@ class ImageFolderSource(CalibrationSource):
 
     def _label(self, name: str) -> str:
         return f"preprocessed image {self.files[self.indices[0]].name}"
+
+    def sample_name(self, i: int) -> str:
+        return self.files[self.indices[i]].relative_to(self.folder).as_posix()
 
     def describe(self) -> str:
         gray = ", grayscale" if self.channels == 1 else ""
@@ -421,6 +428,15 @@ class ArrayFolderSource(CalibrationSource):
     def _label(self, name: str) -> str:
         return self.plan[0][1][name][0].label if name in self.plan[0][1] else super()._label(name)
 
+    def sample_name(self, i: int) -> str:
+        """``file.npz[row]`` (the file name alone when it holds one sample)."""
+        g = self.indices[i]
+        for f, (n, _) in zip(self.files, self.plan):
+            if g < n:
+                return f.name if n == 1 else f"{f.name}[{g}]"
+            g -= n
+        return super().sample_name(i)
+
     def describe(self) -> str:
         total = sum(n for n, _ in self.plan)
         kind = f"array folder {self.path} ({len(self.files)} files, " if self.path.is_dir() else f"array file {self.path} ("
@@ -490,6 +506,10 @@ class TestDataSetSource(CalibrationSource):
 
     def _label(self, name: str) -> str:
         return f"calibration tensor for '{name}' in {self.dirs[self.indices[0]]}"
+
+    def sample_name(self, i: int) -> str:
+        d = self.dirs[self.indices[i]]
+        return d.relative_to(self.folder).as_posix() if d != self.folder else d.name
 
     def describe(self) -> str:
         return f"test_data_set {self.folder} ({_count(len(self), len(self.dirs), 'samples')})"
@@ -953,6 +973,21 @@ class TextWindowSource(TokenFileSource):
 
 
 # ---------------------------------------------------------------------------------------------- chooser
+def _refuse_random_dynamic(specs: list[InputSpec]) -> None:
+    """``random`` calibration of a float input with a dynamic dim after the batch dim (an image's height and
+    width) would run at size 1 (a 1x1 image): refuse it, naming the input and the fix."""
+    for s in specs:
+        if s.dtype.kind != "f":
+            continue
+        dyn = [(i, d) for i, d in enumerate(s.shape) if i > 0 and not (isinstance(d, int) and d > 0)]
+        if dyn:
+            i, d = dyn[0]
+            what = f"dim {i} ('{d}')" if d else f"dim {i}"
+            raise CalibrationError(f"random calibration cannot size {what} of model input '{s.name}' {_fmt(s.shape)}: "
+                                   "it would run at 1 (a 1x1 image); calibrate with real data (--calib images/ or "
+                                   "an .npz file), or export the model with fixed input dims")
+
+
 def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = None, resize: int | None = None,
                 crop: int | None = None, limit: int | None = None, seed: int = 0, tokenizer: str | Path | None = None,
                 max_length: int | None = None, seq_len: int | None = None) -> CalibrationSource:
@@ -967,6 +1002,7 @@ def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = N
     if m:
         n = int(m.group(1)) if m.group(1) else (limit or 8)
         count = min(n, limit) if limit else n
+        _refuse_random_dynamic(specs)
         source: CalibrationSource = RandomSource(specs, count=count, seed=seed)
         source.validate(specs)
         return source

@@ -64,6 +64,7 @@ class JobOutcome:
     seconds: float = 0.0
     input_bytes: int = 0
     output_bytes: int = 0
+    warnings: list[str] = dataclasses.field(default_factory=list)  # calibration-data warnings of a converted model
 
 
 class BatchInterrupted(OnnxqError):
@@ -468,6 +469,7 @@ def _finish(job: BatchJob, code: int, status: dict[str, Any], stderr: str, secon
         out.status = "converted"
         out.input_bytes = int(status.get("input_bytes", 0))
         out.output_bytes = int(status.get("output_bytes", 0))
+        out.warnings = [str(w) for w in status.get("warnings", [])]
     elif status.get("reason"):
         out.reason = status["reason"]
     elif code < 0:
@@ -531,8 +533,9 @@ def _worker(spec_path: str, status_path: str) -> int:
         output = Path(spec["output"])
         marker = output.parent / _STATE_DIR / f"{output.stem}.done.json"
         _atomic_write(marker, json.dumps(_record(output, spec["fingerprint"])))
+        warnings = (result.report.info.get("calibration") or {}).get("warnings", [])
         write({"status": "converted", "stage": "done", "input_bytes": size.get("input_bytes", 0),
-               "output_bytes": size.get("output_bytes", 0)})  # fmt: skip
+               "output_bytes": size.get("output_bytes", 0), "warnings": warnings})  # fmt: skip
         return 0
     except OnnxqError as exc:
         write({"status": "failed", "reason": " ".join(str(exc).split())})

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -216,6 +217,22 @@ def test_calib_size_is_honoured_without_a_preset(tmp_path: Path) -> None:
     assert json.loads(_batch(*args, "--calib-size", "3")[1])[0]["status"] == "converted"
     again = json.loads(_batch(*args, "--calib-size", "5")[1])[0]
     assert again["status"] == "converted", "another --calib-size is another recipe, not 'up to date'"
+
+
+def test_a_converted_model_carries_its_calibration_warnings(tmp_path: Path) -> None:
+    """A corrupt calibration sample is named in the batch outcome, not only in a quantize run's summary."""
+    from test_promises_calibration_data import conv_model, image_batch
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(conv_model(), folder / "m.onnx")
+    x = image_batch()
+    x[1, 0, 10, 10] = 1e6
+    np.savez(tmp_path / "c.npz", x=x)
+    code, stdout, _ = _batch(str(folder), "-o", str(tmp_path / "out"), "--calib", str(tmp_path / "c.npz"), "--json")
+    (o,) = json.loads(stdout)
+    assert code == 0 and o["status"] == "converted", o
+    assert any("c.npz[1]" in w and "input 'x'" in w for w in o["warnings"]), o["warnings"]
 
 
 # ------------------------------------------------------------------------------------------ resume (item 9)

@@ -46,6 +46,7 @@ from typing import Any
 
 from onnxq.errors import OnnxqError, RecipeError
 from onnxq.recipe import Recipe, load_recipe, preset, recipe_from_dict, recipe_to_dict
+from onnxq.text import markup_safe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -235,7 +236,7 @@ def run_batch(jobs: list[BatchJob], outdir: Path, *, workers: int = 1, live: boo
         t.add_column("stage")
         for j in jobs:
             extra = f" ({time.monotonic() - running[j.name][3]:.0f} s)" if j.name in running else ""
-            t.add_row(j.name, stages[j.name] + extra)
+            t.add_row(markup_safe(j.name), markup_safe(stages[j.name] + extra))
         return t
 
     console = Console(stderr=True)

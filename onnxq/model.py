@@ -287,13 +287,19 @@ def highest_opset(domain: str) -> int:
     return min(ours, max(ort_ops.values())) if ort_ops else ours
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of a graph and of its subgraphs (If/Loop/Scan bodies), depth first."""
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A graph and its subgraphs (If/Loop/Scan bodies), depth first."""
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
             for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_nodes(g)
+                yield from _graphs(g)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of a graph and of its subgraphs."""
+    for g in _graphs(graph):
+        yield from g.node
 
 
 def _node_label(node: onnx.NodeProto) -> str:
@@ -360,9 +366,9 @@ _MAX_INPUT_ELEMENTS = 2**31  # one sample of an input larger than this (8 GiB as
 def check_runnable(model: onnx.ModelProto, path: Path | str) -> None:
     """Refuse, up front and in one line, a model that parses and checks but cannot run in ONNX Runtime.
 
-    An opset newer than the installed onnx and onnxruntime support, a graph with no outputs, and a graph
-    input whose fixed shape no sample can have (over 2**31 elements) would otherwise fail late, after
-    calibration, as an internal error.
+    An opset newer than the installed onnx and onnxruntime support, a graph with no outputs, two nodes
+    with the same name, a string initializer and a graph input whose fixed shape no sample can have
+    (over 2**31 elements) would otherwise fail late, after calibration, as an internal error.
     """
     for op in model.opset_import:
         domain = _domain_name(op.domain)
@@ -373,6 +379,7 @@ def check_runnable(model: onnx.ModelProto, path: Path | str) -> None:
     if not model.graph.output:
         raise ModelLoadError(f"{path}: the graph has no outputs, so there is nothing to compute or compare; "
                              "re-export it with its outputs marked as graph outputs")
+    _check_names_and_constants(model, path)
     for vi in model.graph.input:
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
         if math.prod(dims) > _MAX_INPUT_ELEMENTS:
@@ -380,6 +387,25 @@ def check_runnable(model: onnx.ModelProto, path: Path | str) -> None:
                 f"{path}: graph input {vi.name!r} has the fixed shape {_shape_text(vi)} ({math.prod(dims):.3g} "
                 "elements in one sample), more than any sample can hold; re-export it with the real input size "
                 "or a named (dynamic) dimension"))
+
+
+def _check_names_and_constants(model: onnx.ModelProto, path: Path | str) -> None:
+    """Two nodes of one graph with the same name (ONNX Runtime refuses the model), and string initializers
+    (onnx-graphsurgeon, onnxq's graph editor, cannot write them back), refused by name."""
+    for g in _graphs(model.graph):
+        seen: set[str] = set()
+        for node in g.node:
+            if node.name and node.name in seen:
+                raise ModelLoadError(printable(
+                    f"{path}: two nodes of graph {g.name!r} are named {node.name!r}; ONNX Runtime refuses such "
+                    "models, so onnxq cannot calibrate or check it: give the nodes unique names (re-export it)"))
+            seen.add(node.name)
+        strings = [t.name for t in g.initializer if t.data_type == onnx.TensorProto.STRING]
+        if strings:
+            raise ModelLoadError(printable(
+                f"{path}: initializer {strings[0]!r} holds strings, which onnxq's graph editor (onnx-graphsurgeon) "
+                "cannot write back, so it cannot quantize this model: do the string processing (tokenizing, "
+                "label lookup) outside the model, or quantize the numeric part exported on its own"))
 
 
 def _shape_text(vi: onnx.ValueInfoProto) -> str:

@@ -29,7 +29,6 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
 
-import onnxq.model as model_mod
 from onnxq.cli import main
 from onnxq.errors import ModelLoadError, OnnxqError
 from onnxq.evaluate import compare_models
@@ -134,9 +133,11 @@ def test_contrib_ops_onnxruntime_runs_load_without_a_com_microsoft_opset_import(
 
 def test_a_standard_op_newer_than_onnx_but_known_to_onnxruntime_is_not_blocked(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxq.validate as validate_mod
+
     # onnx does not know "FutureOp"; pretend the installed onnxruntime does (as a newer ORT would)
-    real = model_mod._ort_ops()
-    monkeypatch.setattr(model_mod, "_ort_ops", lambda: {**real, "": {**real[""], "FutureOp": 1}})
+    real = validate_mod._ort_ops()
+    monkeypatch.setattr(validate_mod, "_ort_ops", lambda: {**real, "": {**real[""], "FutureOp": 1}})
     path = _save(_model([oh.make_node("FutureOp", ["x"], ["y"], name="future")]), tmp_path / "m.onnx")
     assert [n.op_type for n in load_model(path).graph.node] == ["FutureOp"]
 
@@ -170,10 +171,12 @@ def test_an_op_onnxruntime_lacks_in_com_microsoft_is_refused(tmp_path: Path) -> 
 
 
 def test_an_opset_newer_than_onnx_and_onnxruntime_is_refused_with_the_highest_supported(tmp_path: Path) -> None:
+    from onnxq.validate import highest_opset
+
     path = _save(_model([_matmul()], [_weight()], opset=99), tmp_path / "m.onnx")
     out = tmp_path / "q.onnx"
     code, _, err = _run("quantize", str(path), "-o", str(out), "--calib", "random:2", "--no-progress")
-    top = model_mod.highest_opset("")
+    top = highest_opset("")
     assert top == min(onnx.defs.onnx_opset_version(), 99) and top >= 21
     _one_line_error(code, err, "ai.onnx opset 99", f"up to opset {top}", f"opset {top} or lower")
     assert not out.exists()
@@ -183,6 +186,23 @@ def test_a_graph_with_no_outputs_is_refused_at_load(tmp_path: Path) -> None:
     path = _save(_model([_matmul()], [_weight()], outputs=[]), tmp_path / "m.onnx")
     code, _, err = _run("quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", "random:2", "--no-progress")
     _one_line_error(code, err, "the graph has no outputs")
+
+
+def test_a_non_tensor_graph_output_is_refused_naming_it(tmp_path: Path) -> None:
+    zipmap = oh.make_node("ZipMap", ["y"], ["probs"], name="zipmap", domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2, 3])
+    seq = oh.make_sequence_type_proto(oh.make_map_type_proto(TensorProto.INT64, oh.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    model = _model([_matmul(), zipmap], [_weight()], domains=("ai.onnx.ml",),
+                   outputs=[oh.make_value_info("probs", seq), oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])  # fmt: skip
+    code, _, err = _run("quantize", str(_save(model, tmp_path / "m.onnx")), "-o", str(tmp_path / "q.onnx"), "--calib",
+                        "random:2", "--no-progress")  # fmt: skip
+    _one_line_error(code, err, "graph output 'probs' is a sequence, not a tensor", "zipmap")
+
+
+def test_a_graph_input_without_shape_is_named(tmp_path: Path) -> None:
+    inputs = [oh.make_tensor_value_info("pixels", TensorProto.FLOAT, None)]
+    model = _model([oh.make_node("MatMul", ["pixels", "W"], ["y"], name="mm")], [_weight()], inputs=inputs)
+    msg = _load_error(_save(model, tmp_path / "m.onnx"), runnable=False)
+    assert "graph input 'pixels'" in msg and "without a shape" in msg and "corrupt" not in msg
 
 
 @pytest.mark.parametrize("dim", [-3, -1])

@@ -24,7 +24,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxq.errors import ModelLoadError, ModelSaveError, UnsafeModelError
 from onnxq.text import printable
-from onnxq.validate import check_operators, check_runnable, check_versions_and_shapes, run_checker
+from onnxq.validate import check_operators, check_runnable, check_versions_and_shapes, run_checker, sort_nodes
 
 __all__ = ["load_model", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
            "to_graph", "to_model", "model_template", "ExternalValues"]
@@ -100,11 +100,16 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"{bad} (no opset imports after the graph); re-export or re-download it")
     known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
     known |= {s.values.name for s in model.graph.sparse_initializer}
+    produced = {o for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         missing = [n for n in node.input if n and n not in known]
-        if missing:
+        if missing and missing[0] not in produced:
             raise ModelLoadError(f"{bad}: node {node.name!r} ({node.op_type!r}) reads undefined tensor {missing[0]!r}")
+        if missing:  # produced by a later node: out of order, which ONNX Runtime accepts; put it in order
+            sort_nodes(model.graph, path)
+            break
         known.update(node.output)
+    known |= produced
     for out in model.graph.output:
         if out.name not in known:
             raise ModelLoadError(f"{bad}: graph output {out.name!r} is produced by no node; re-export it")
@@ -150,12 +155,12 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     The file is parsed without external data (a file protobuf cannot decode is "truncated or corrupt")
     and its structure checked (a cut at a field boundary parses silently); every external-data location
     must stay inside the model's folder. Then the operators are checked against onnx and ONNX Runtime
-    (:func:`check_operators`) and ``onnx.checker`` runs; a parsed model it rejects is named as such, with
+    (:func:`onnxq.validate.check_operators`) and ``onnx.checker`` runs; a parsed model it rejects is named as such, with
     the checker's reason and node, not as a corrupt file. Only then does onnx's own loader read the data
     (unless ``load_external_data`` is False). IR < 4 initializer inputs are kept (see
     strip_initializer_inputs). ``external_files``: a list that receives the external-data files the
     model references (checked to be inside its folder). ``runnable``: also refuse what onnxq cannot run
-    in ONNX Runtime (:func:`check_runnable`: unknown op domains, an opset newer than the installed
+    in ONNX Runtime (:func:`onnxq.validate.check_runnable`: unknown op domains, an opset newer than the installed
     runtimes, no graph outputs, impossible input shapes); ``inspect`` and ``view`` show such models.
 
     Raises:

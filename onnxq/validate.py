@@ -11,6 +11,8 @@ parsed, and never an internal error late in the pipeline:
   graph outputs, non-tensor graph inputs/outputs, duplicate node names, string initializers, inputs no
   sample can fill).
 * :func:`run_checker`: ``onnx.checker``, with its reason and node when it rejects the model.
+* :func:`sort_nodes`: a graph whose nodes are out of order (ONNX Runtime accepts it, ``onnx.checker``
+  and onnxq's passes do not) is put in topological order instead of being called corrupt.
 
 ONNX Runtime's operator list comes from its schema registry (``get_all_operator_schema``), read once.
 """
@@ -18,6 +20,7 @@ ONNX Runtime's operator list comes from its schema registry (``get_all_operator_
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import math
 import re
@@ -29,7 +32,7 @@ import onnx
 from onnxq.errors import ModelLoadError
 from onnxq.text import printable
 
-__all__ = ["check_operators", "check_runnable", "check_versions_and_shapes", "run_checker", "highest_opset"]
+__all__ = ["check_operators", "check_runnable", "check_versions_and_shapes", "run_checker", "highest_opset", "sort_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,3 +255,39 @@ def check_versions_and_shapes(model: onnx.ModelProto, path: Path | str) -> None:
             raise ModelLoadError(printable(
                 f"{path}: tensor {vi.name!r} has the shape {_shape_text(vi)}; a dimension cannot be negative "
                 "(an unknown one is a named dimension, dim_param): re-export the model"))
+
+
+def sort_nodes(graph: onnx.GraphProto, path: Path | str) -> None:
+    """Put ``graph.node`` in topological order, in place, keeping the given order wherever it is free.
+
+    ONNX Runtime runs a graph whatever the order of its nodes; ``onnx.checker`` and onnxq's passes need
+    producers before consumers. Kahn's algorithm with a heap on the original position: O(n log n).
+
+    Raises:
+        ModelLoadError: The graph has a cycle (names a node on it).
+    """
+    nodes = list(graph.node)
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    deps = [{producer[x] for x in n.input if x in producer and producer[x] != i} for i, n in enumerate(nodes)]
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+    waiting = [len(ds) for ds in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(nodes):
+        stuck = nodes[next(i for i, w in enumerate(waiting) if w > 0)]
+        raise ModelLoadError(printable(f"{path}: the graph has a cycle through node {stuck.name!r} ({stuck.op_type}); "
+                                       "an ONNX graph must be acyclic: re-export the model"))
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+    logger.info("%s: nodes were out of topological order; sorted", path)

@@ -149,6 +149,25 @@ def test_an_unknown_default_domain_op_names_node_op_and_opset_not_corruption(tmp
     assert "corrupt" not in msg
 
 
+def test_nodes_out_of_topological_order_are_sorted_not_called_corrupt(tmp_path: Path) -> None:
+    nodes = [oh.make_node("Relu", ["t"], ["y"], name="relu"), _matmul("t")]  # the consumer first: ORT runs it
+    model = _model(nodes, [_weight()])
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, size=(1, 4)).astype(np.float32)  # inside the calibrated range
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    path = _save(model, tmp_path / "m.onnx")
+    assert [n.name for n in load_model(path).graph.node] == ["mm", "relu"]
+    code, _, err = _run("quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", "random:8", "--no-progress")
+    assert code == 0, err
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=0.1 * float(np.abs(want).max()))
+
+
+def test_a_cycle_is_refused_naming_a_node_on_it(tmp_path: Path) -> None:
+    nodes = [oh.make_node("Relu", ["b"], ["a"], name="r1"), oh.make_node("Relu", ["a"], ["b"], name="r2"), _matmul()]
+    msg = _load_error(_save(_model(nodes, [_weight()]), tmp_path / "m.onnx"), runnable=False)
+    assert "cycle through node 'r1'" in msg and "corrupt" not in msg
+
+
 # ------------------------------------------------------------- item 12: refused up front, at load
 
 

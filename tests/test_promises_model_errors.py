@@ -377,6 +377,23 @@ def test_quantize_summary_notes_are_printed_escaped(capsys: pytest.CaptureFixtur
     assert "\\x1b]0;pwned\\x07 left in float [bold]" in out
 
 
+def test_the_batch_table_shows_model_names_and_reasons_escaped_and_literal(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxq.batch
+    from onnxq.batch import JobOutcome
+
+    name = "x[bold]" + ESC_NAME  # a file name: "[bold]" must not turn into markup, ESC must not reach the terminal
+    (tmp_path / "in").mkdir()
+    _save(_model([_matmul()], [_weight()]), tmp_path / "in" / f"{name}.onnx")
+    failed = JobOutcome(name, "m.onnx", "o.onnx", "failed", reason=f"node {ESC_NAME} [/] broke")
+    monkeypatch.setattr(onnxq.batch, "run_batch", lambda jobs, outdir, **kw: [failed])
+    code, out, err = _run("batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"))
+    assert code == 1, err
+    _no_raw_controls(out, err)
+    flat = "".join(out.split())
+    assert "x[bold]\\x1b[31mred" in flat and "[/]broke" in flat
+
+
 def test_log_lines_show_escaped_names() -> None:
     from onnxq.text import PrintableFormatter
 
@@ -416,7 +433,7 @@ def test_view_refuses_a_model_that_does_not_pass_the_checks(tmp_path: Path) -> N
 # ------------------------------------------------------------- relatives that already hold (kept as promises)
 
 
-def test_models_with_if_and_loop_subgraphs_quantize_and_still_run(tmp_path: Path) -> None:
+def test_a_model_with_an_if_subgraph_quantizes_and_still_runs(tmp_path: Path) -> None:
     then_g = oh.make_graph([oh.make_node("MatMul", ["x", "W2"], ["a"], name="inner_mm")], "then", [],
                            [oh.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4])])  # fmt: skip
     else_g = oh.make_graph([oh.make_node("Relu", ["x"], ["b"], name="inner_relu")], "else", [],

@@ -263,7 +263,8 @@ def _print_quantize_summary(report: Any, output: Path) -> None:
         _out.print(f"target profile: [bold]{tgt.get('profile')}[/] ({tgt.get('reason')})")
     cal = info.get("calibration")
     if cal and any(st.name == "weight_only" for st in report.steps):
-        _out.print(f"calibration: {cal.get('samples')} samples from {printable(cal.get('source'))}", markup=False, highlight=False)
+        _out.print(f"calibration: {cal.get('samples')} samples from {printable(cal.get('source'))}", markup=False,
+                   highlight=False)
     elif cal:
         _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples on "
                    f"{cal.get('provider')} in {cal.get('seconds')} s; source: {markup_safe(cal.get('source'))}")  # fmt: skip
@@ -324,7 +325,8 @@ def calibrate(model: Path, output: Path, preset: str | None, recipe_file: Path |
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
-        _out.print(f"[bold green]wrote[/] {markup_safe(output)}: ranges of {info['tensors']} tensors, {info.get('method')} over "
+        _out.print(f"[bold green]wrote[/] {markup_safe(output)}: ranges of {info['tensors']} tensors, "
+                   f"{info.get('method')} over "
                    f"{info.get('samples_seen')} samples on {info.get('provider')} in {info.get('seconds')} s")  # fmt: skip
 
 
@@ -450,7 +452,8 @@ def _print_comparison(d: dict[str, Any], float_model: Path, quant_model: Path, t
     _out.print(t)
     if d["unmatched"]:
         more = f" and {len(d['unmatched']) - 5} more" if len(d["unmatched"]) > 5 else ""
-        _out.print(f"not matched (no counterpart found): {printable(', '.join(d['unmatched'][:5]))}{more}", markup=False, highlight=False)
+        _out.print(f"not matched (no counterpart found): {printable(', '.join(d['unmatched'][:5]))}{more}",
+                   markup=False, highlight=False)
     _print_models(d, float_model, quant_model)
 
 

@@ -32,7 +32,8 @@ import onnx
 from onnxq.errors import ModelLoadError
 from onnxq.text import printable
 
-__all__ = ["check_operators", "check_runnable", "check_versions_and_shapes", "run_checker", "highest_opset", "sort_nodes"]
+__all__ = ["check_operators", "check_runnable", "check_versions_and_shapes", "run_checker", "highest_opset",
+           "sort_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ def run_checker(model: onnx.ModelProto, path: Path, files: list[Path], tolerated
         first = (text.strip().splitlines() or [type(exc).__name__])[0]
         node = re.search(r"Name: ?(.*?) OpType: ?(\S+)", text)
         where = f" (node {node.group(1)!r}, op type {node.group(2)!r})" if node else ""
-        raise ModelLoadError(printable(f"{path} is a readable ONNX model, but the onnx checker (onnx {onnx.__version__}) "
-                                       f"rejects it: {first}{where}; fix the exporter's output or re-export it")) from None
+        raise ModelLoadError(printable(f"{path} is a readable ONNX model, but the onnx checker (onnx "
+                                       f"{onnx.__version__}) rejects it: {first}{where}; fix the exporter's output "
+                                       "or re-export it")) from None
 
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -167,7 +169,8 @@ def _unrunnable_op(node: onnx.NodeProto, domain: str, path: Path | str, ort_doma
     if ort_domain:
         why = f"which {_ort_version()} does not implement in that domain"
     else:
-        why = f"a custom domain that neither onnx nor {_ort_version()} implements, and the model defines no function for it"
+        why = (f"a custom domain that neither onnx nor {_ort_version()} implements, and the model defines no "
+               "function for it")
     return (f"{path}: {_node_label(node)} uses {why}; onnxq runs the model in ONNX Runtime to calibrate and check "
             "it, so it cannot quantize it: replace the op with standard ONNX ops (re-export without the custom "
             "op), or quantize the model without it")
@@ -199,8 +202,8 @@ def check_runnable(model: onnx.ModelProto, path: Path | str) -> None:
     for kind, vi in [*(("input", v) for v in model.graph.input), *(("output", v) for v in model.graph.output)]:
         if vi.type.WhichOneof("value") != "tensor_type":
             raise ModelLoadError(printable(
-                f"{path}: graph {kind} {vi.name!r} is {_NON_TENSOR.get(vi.type.WhichOneof('value'), 'of no type')}, not a "
-                "tensor; onnxq works on tensor graphs only: export the model without it (for a scikit-learn "
+                f"{path}: graph {kind} {vi.name!r} is {_NON_TENSOR.get(vi.type.WhichOneof('value'), 'of no type')}, "
+                "not a tensor; onnxq works on tensor graphs only: export the model without it (for a scikit-learn "
                 "classifier, without ZipMap: options={'zipmap': False})"))
     for vi in model.graph.input:
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]

@@ -27,6 +27,8 @@ import onnx.helper as oh
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from onnxq.cli import main
@@ -470,3 +472,47 @@ def test_compare_models_refuses_unrelated_models_in_the_library_too() -> None:
                inputs=[oh.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4])])  # fmt: skip
     with pytest.raises(OnnxqError, match="different inputs"):
         compare_models(a, b, [{"x": np.zeros((1, 4), np.float32)}], latency=False)
+
+
+# ------------------------------------------------------------- fuzzing: odd models never leak an internal error
+
+_DOMAINS = st.sampled_from(["", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.example", "my.fn"])
+_OPS = st.sampled_from(["Relu", "MatMul", "FastGelu", "ZipMap", "Frob", "", "Gelu", "MatMulNBits", "Double"])
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=_OPS, domain=_DOMAINS, opset=st.sampled_from([1, 7, 13, 17, 21, 28, 29, 99]),
+       dims=st.lists(st.sampled_from([-5, -1, 0, 1, 4, 10**6, 10**12]), min_size=0, max_size=3),
+       outputs=st.booleans(), import_domain=st.booleans(), name=st.sampled_from(["n", "", ESC_NAME, "a\nb"]),
+       runnable=st.booleans())  # fmt: skip
+def test_odd_models_load_or_give_one_line_naming_the_culprit(tmp_path: Path, op: str, domain: str, opset: int,
+                                                            dims: list[int], outputs: bool, import_domain: bool,
+                                                            name: str, runnable: bool) -> None:  # fmt: skip
+    node = oh.make_node(op, ["x"], ["y"], name=name, domain=domain)
+    fn = oh.make_function("my.fn", "Double", ["a"], ["b"], [oh.make_node("Add", ["a", "a"], ["b"])], [oh.make_opsetid("", 17)])
+    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
+    outs = [oh.make_tensor_value_info("y", TensorProto.FLOAT, dims)] if outputs else []
+    domains = (domain,) if import_domain and domain not in ("", "ai.onnx") else ()
+    model = _model([node], inputs=inputs, outputs=outs, opset=opset, domains=domains)
+    model.functions.append(fn)
+    path = _save(model, tmp_path / "m.onnx")
+    try:
+        load_model(path, runnable=runnable)
+    except ModelLoadError as exc:
+        msg = str(exc)
+        assert str(path) in msg and "\n" not in msg and "\x1b" not in msg, msg
+        assert "corrupt" not in msg, msg  # the file parsed: whatever is wrong, it is not corruption
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.text())
+def test_printable_never_lets_a_control_character_through(text: str) -> None:
+    import unicodedata
+
+    from onnxq.text import printable
+
+    shown = printable(text)
+    assert not any(unicodedata.category(c) == "Cc" or c in "\u202e\u2066\u2028" for c in shown)
+    if not any(unicodedata.category(c) == "Cc" or unicodedata.category(c) in ("Zl", "Zp") or "\u202a" <= c <= "\u202e"
+               or "\u2066" <= c <= "\u2069" or c in "\u061c\u200e\u200f" for c in text):
+        assert shown == text

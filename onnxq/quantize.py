@@ -39,6 +39,7 @@ from onnxq.recipe import Override, Recipe, recipe_to_dict
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import resolve_target
+from onnxq.validate import check_operators, check_runnable
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
 
@@ -123,7 +124,8 @@ def quantize_model(
     float_ref: onnx.ModelProto | None = None
     if budget is not None:  # the float model's outputs are the reference the budget is measured against
         float_ref = load_model(Path(model)) if isinstance(model, (str, os.PathLike)) else model
-    if isinstance(model, (str, os.PathLike)):
+    from_memory = not isinstance(model, (str, os.PathLike))
+    if not from_memory:
         # weights stay in their external-data file until a pass reads them (see onnxq.model.ExternalValues)
         base_dir = Path(os.path.abspath(model)).parent
         model, copy_input = load_model(Path(model), load_external_data=False), False
@@ -132,6 +134,9 @@ def quantize_model(
         work.CopyFrom(model)
     else:
         work = model  # the caller hands the model over (quantize_file): no second copy of the weights
+    if from_memory:  # load_model's checks did not run: refuse what cannot run now, not after calibration
+        check_operators(work, "the model")
+        check_runnable(work, "the model")
     stripped = strip_initializer_inputs(work)
     if stripped:
         report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")

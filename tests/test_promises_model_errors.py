@@ -184,6 +184,15 @@ def test_an_op_of_an_unknown_domain_is_refused_at_load_naming_node_op_and_domain
     assert code == 0 and "com.example.Frob" in stdout
 
 
+def test_the_library_refuses_an_in_memory_model_it_cannot_run_before_any_work() -> None:
+    from onnxq.quantize import quantize_model
+    from onnxq.recipe import preset
+
+    nodes = [_matmul("t"), oh.make_node("Frob", ["t"], ["y"], name="frob", domain="com.example")]
+    with pytest.raises(ModelLoadError, match="the model: node 'frob'.*'com.example'"):
+        quantize_model(_model(nodes, [_weight()], domains=("com.example",)), preset("w8a8"))
+
+
 def test_an_op_onnxruntime_lacks_in_com_microsoft_is_refused(tmp_path: Path) -> None:
     nodes = [_matmul("t"), oh.make_node("NoSuchContribOp", ["t"], ["y"], name="nope", domain="com.microsoft")]
     msg = _load_error(_save(_model(nodes, [_weight()], domains=("com.microsoft",)), tmp_path / "m.onnx"))

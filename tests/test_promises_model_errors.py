@@ -1,18 +1,22 @@
 """What onnxq promises about the models users bring, and about errors that name the right culprit.
 
 * A file protobuf cannot decode is "truncated or corrupt"; a model that parses but that the onnx checker
-  rejects is named as such, with the checker's reason and node, never as a corrupt file.
+  rejects is named as such, with the checker's reason and node, never as a corrupt file. Nodes out of
+  topological order (ONNX Runtime runs them) are sorted; a cycle is refused naming a node on it.
 * Contrib ops that ONNX Runtime runs (com.microsoft MatMulNBits, SkipSimplifiedLayerNormalization, ...)
   load even where the onnx checker objects (a missing com.microsoft opset import, a standard op newer than
   the installed onnx).
-* What onnxq cannot run is refused at load, in one line naming the node, op type and domain, or the opset
-  and the highest one supported, or the input: an op of an unknown domain, an unknown default-domain op,
-  an opset newer than onnx/onnxruntime, a graph with no outputs, negative or impossibly large input
-  dimensions, an IR version newer than onnx reads, duplicate node names, string initializers.
-  ``inspect`` and ``view`` still show models onnxq cannot quantize.
-* ``compare`` checks first that the two models take the same inputs and have corresponding outputs.
+* What onnxq cannot run is refused at load (and by ``quantize_model`` for an in-memory model), in one
+  line naming the node, op type and domain, or the opset and the highest one supported, or the tensor:
+  an op of an unknown domain, an unknown default-domain op, an opset newer than onnx/onnxruntime, a graph
+  with no outputs, a non-tensor graph output (ZipMap), negative or impossibly large input dimensions, an
+  IR version newer than onnx reads, duplicate node names, string initializers. ``inspect`` and ``view``
+  still show models onnxq cannot quantize.
+* ``compare`` checks first that the two models take the same inputs (names, dtypes, ranks) and have
+  corresponding outputs, and names the mismatch.
 * Names from the model never reach the terminal raw: control characters (escape sequences, newlines,
-  bidi overrides) are shown escaped, as ``\\x1b``, in errors, tables, notes and log lines.
+  bidi overrides) are shown escaped, as ``\\x1b``, in errors, tables, notes, the batch table and log
+  lines; a name like ``[bold]`` stays literal.
 * ``view`` validates the file as an ONNX model before it starts a server.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -26,7 +27,7 @@ from onnxq.errors import ModelLoadError, ModelSaveError, UnsafeModelError
 from onnxq.text import printable
 from onnxq.validate import check_operators, check_runnable, check_versions_and_shapes, run_checker, sort_nodes
 
-__all__ = ["load_model", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
+__all__ = ["load_model", "densify_sparse_initializers", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
            "to_graph", "to_model", "model_template", "ExternalValues"]
 
 logger = logging.getLogger(__name__)
@@ -230,6 +231,38 @@ def strip_initializer_inputs(model: onnx.ModelProto) -> int:
     return removed
 
 
+def densify_sparse_initializers(model: onnx.ModelProto, max_bytes: int = 1 << 31) -> int:
+    """Turn the graph's sparse initializers into dense ones, in place; return how many.
+
+    onnx-graphsurgeon 0.6 reads a sparse initializer as all zeros (checked with a 4x4 MatMul weight), which
+    would quantize the weight to zeros without a word; a dense copy is what every pass expects.
+
+    Raises:
+        ModelLoadError: A sparse initializer is larger than ``max_bytes`` dense, or its indices are invalid.
+    """
+    g = model.graph
+    for sp in g.sparse_initializer:
+        values = onnx.numpy_helper.to_array(sp.values)
+        dims = tuple(int(d) for d in sp.dims)
+        if math.prod(dims) * values.dtype.itemsize > max_bytes:
+            raise ModelLoadError(f"sparse initializer {sp.values.name!r} of shape {list(dims)} is too large to make "
+                                 "dense; store it as a dense initializer (onnxq quantizes dense weights)")
+        idx = onnx.numpy_helper.to_array(sp.indices).astype(np.int64) if sp.HasField("indices") else np.arange(values.size)
+        dense = np.zeros(dims, values.dtype)
+        try:
+            if idx.ndim == 1:
+                dense.reshape(-1)[idx] = values.reshape(-1)
+            else:
+                dense[tuple(idx.T)] = values.reshape(-1)
+        except (IndexError, ValueError):
+            raise ModelLoadError(f"sparse initializer {sp.values.name!r} has indices outside its shape {list(dims)} "
+                                 "or as many as its values; the model is corrupt, re-export it") from None
+        g.initializer.append(onnx.numpy_helper.from_array(dense, sp.values.name))
+    count = len(g.sparse_initializer)
+    del g.sparse_initializer[:]
+    return count
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The opset version of the default ("" / "ai.onnx") domain; ModelLoadError when there is none."""
     for op in model.opset_import:
@@ -334,7 +367,8 @@ def to_graph(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None = Non
         root = Path(base_dir)
         for t in graph.tensors().values():
             v = getattr(t, "_values", None)
-            if isinstance(t, gs.Constant) and isinstance(v, LazyValues) and _is_external(v.tensor):
+            if isinstance(t, gs.Constant) and isinstance(v, LazyValues) and isinstance(v.tensor, onnx.TensorProto) \
+                    and _is_external(v.tensor):  # (a sparse initializer's is a SparseTensorProto)
                 t._values = ExternalValues(v.tensor, root)  # noqa: SLF001 - replacing gs's lazy loader
                 t.data_location = None  # once loaded (and maybe changed) it is exported inline, not "external"
     return graph

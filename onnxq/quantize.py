@@ -23,6 +23,7 @@ from onnxq.calibration.sources import CalibrationSource, open_source
 from onnxq.errors import OnnxqError, PassError
 from onnxq.model import (
     default_opset,
+    densify_sparse_initializers,
     load_model,
     model_hash,
     model_template,
@@ -137,6 +138,8 @@ def quantize_model(
     if from_memory:  # load_model's checks did not run: refuse what cannot run now, not after calibration
         check_operators(work, "the model")
         check_runnable(work, "the model")
+    if densify_sparse_initializers(work):
+        report.note("sparse initializers were made dense (onnxq quantizes dense weights)")
     stripped = strip_initializer_inputs(work)
     if stripped:
         report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
@@ -189,6 +192,7 @@ def quantize_model(
     # (the template to_model restores) and drop the rest, so that a 2.5 GB model is not held twice for the
     # whole run (protobuf's arena frees its memory only with the whole message, not initializer by initializer)
     ops = {n.op_type for n in work.graph.node}
+    doubles = [t.name for t in [*work.graph.input, *work.graph.output] if t.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE]
     template = model_template(work)
     if copy_input:
         del work
@@ -212,6 +216,9 @@ def quantize_model(
         already = sorted(op for op in ops if op.startswith("QLinear") or op in
                          ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"))  # fmt: skip
         why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
+        if doubles and not already:
+            why = (f"the model computes in float64 ({doubles[0]!r} is float64), which QuantizeLinear cannot take; "
+                   "convert the model to float32 first")
         report.note(f"nothing was quantized: {why}")
     if ("insert_qdq" in recipe.passes and "smoothquant" not in recipe.passes and recipe.calibration.method == "mse-percentile"
             and ops & ({"LayerNormalization", "SimplifiedLayerNormalization"} | ({"Softmax"} if "MatMul" in ops else set()))):  # fmt: skip

@@ -466,6 +466,37 @@ def test_a_model_with_an_if_subgraph_quantizes_and_still_runs(tmp_path: Path) ->
     np.testing.assert_allclose(got, ref, atol=0.05 * float(np.abs(ref).max()))
 
 
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_a_sparse_weight_is_quantized_from_its_values_not_as_zeros(tmp_path: Path, coordinates: bool) -> None:
+    dense = np.zeros((4, 4), np.float32)
+    dense[0, 0], dense[1, 1], dense[3, 2] = 0.5, -1.0, 2.0
+    flat = np.flatnonzero(dense)
+    idx = np.stack(np.unravel_index(flat, dense.shape), axis=1) if coordinates else flat
+    sparse = oh.make_sparse_tensor(numpy_helper.from_array(dense.reshape(-1)[flat], "W"),
+                                   numpy_helper.from_array(idx.astype(np.int64), "W_idx"), [4, 4])  # fmt: skip
+    model = _model([_matmul()])
+    model.graph.sparse_initializer.append(sparse)
+    path, out = _save(model, tmp_path / "m.onnx"), tmp_path / "q.onnx"
+    code, stdout, err = _run("quantize", str(path), "-o", str(out), "--calib", "random:8", "--no-progress")
+    assert code == 0 and "sparse initializers were made dense" in stdout, err
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, size=(1, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ dense, atol=0.02)
+
+
+def test_a_float64_model_is_left_as_it_is_with_a_note_saying_why(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 4)), "W")
+    model = _model([_matmul()], [w], inputs=[oh.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 4])],
+                   outputs=[oh.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 4])])  # fmt: skip
+    path, out = _save(model, tmp_path / "m.onnx"), tmp_path / "q.onnx"
+    code, stdout, err = _run("quantize", str(path), "-o", str(out), "--calib", "random:2", "--no-progress")
+    assert code == 0, err
+    assert "nothing was quantized: the model computes in float64" in " ".join(stdout.split())
+    x = np.ones((1, 4))
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ numpy_helper.to_array(w))
+
+
 @pytest.mark.parametrize("kind", ["directory", "empty", "text"])
 def test_compare_and_inspect_name_a_path_that_is_not_a_model(tmp_path: Path, kind: str) -> None:
     good = _save(_model([_matmul()], [_weight()]), tmp_path / "good.onnx")

@@ -42,6 +42,7 @@ from typing import Any, Iterator
 from onnxq.batch_jobs import MANIFEST_KEYS, BatchJob, check_output_name, jobs_from_folder, jobs_from_manifest
 from onnxq.errors import OnnxqError
 from onnxq.recipe import recipe_from_dict, recipe_to_dict
+from onnxq.text import markup_safe
 
 __all__ = ["BatchJob", "JobOutcome", "BatchInterrupted", "jobs_from_folder", "jobs_from_manifest", "run_batch",
            "check_output_name", "MANIFEST_KEYS"]  # fmt: skip
@@ -427,7 +428,7 @@ def _run(jobs: list[BatchJob], state: Path, workers: int, live: bool, guard: _Si
         t.add_column("stage")
         for j in jobs:
             extra = f" ({time.monotonic() - running[j.name].started:.0f} s)" if j.name in running else ""
-            t.add_row(rich.markup.escape(j.name), rich.markup.escape(stages[j.name] + extra))
+            t.add_row(markup_safe(j.name), markup_safe(stages[j.name] + extra))
         return t
 
     console = Console(stderr=True)

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import click
-import rich.markup
 from rich.console import Console
 from rich.table import Table
 
 from onnxq import __version__
 from onnxq.calibration.observers import OBSERVERS
 from onnxq.errors import OnnxqError
+from onnxq.text import PrintableFormatter, markup_safe, printable
 
 __all__ = ["main"]
 
@@ -58,7 +58,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     if ctx is not None and ctx.params.get("as_json"):
         _json_error(message, code)
     # the message is plain text: "[weight_only] block_size ..." must not be read as rich markup
-    _err.print(f"[bold red]error:[/] {rich.markup.escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    _err.print(f"[bold red]error:[/] {markup_safe(message)}", markup=True, highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -121,7 +121,9 @@ def main(ctx: click.Context, debug: bool) -> None:
       onnxq inspect model.int8.onnx
       onnxq presets
     """
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))  # model names are quoted
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     _install_sigterm(ctx)
 
 
@@ -309,7 +311,7 @@ def _apply_weight_only(recipe: Any, *, block_size: int | None, symmetric: bool, 
 def _print_calibration_warnings(cal: dict[str, Any] | None) -> None:
     """The calibration data's warnings (bad samples and tensors, a sample count the source cannot give)."""
     for line in (cal or {}).get("warnings", []):
-        _out.print(f"[bold yellow]warning:[/] {rich.markup.escape(line)}", highlight=False, soft_wrap=True)
+        _out.print(f"[bold yellow]warning:[/] {markup_safe(line)}", highlight=False, soft_wrap=True)
 
 
 def _print_quantize_summary(report: Any, output: str) -> None:
@@ -319,20 +321,22 @@ def _print_quantize_summary(report: Any, output: str) -> None:
         for k, v in step.counts.items():
             counts[k] = counts.get(k, 0) + v
     size = info.get("size", {})
-    _out.print(f"[bold green]wrote[/] {output}  ({size.get('input_bytes', 0) / 1e6:.2f} MB -> "
+    _out.print(f"[bold green]wrote[/] {markup_safe(output)}  ({size.get('input_bytes', 0) / 1e6:.2f} MB -> "
                f"{size.get('output_bytes', 0) / 1e6:.2f} MB, {100 * size.get('ratio', 0):.1f}% of the input)")  # fmt: skip
     tgt = info.get("target", {})
     if any(st.name == "insert_qdq" for st in report.steps):
         _out.print(f"target profile: [bold]{tgt.get('profile')}[/] ({tgt.get('reason')})")
     cal = info.get("calibration")
     if cal and any(st.name == "weight_only" for st in report.steps):
-        _out.print(f"calibration: {cal.get('samples')} samples from {cal.get('source')}", highlight=False)
+        _out.print(f"calibration: {cal.get('samples')} samples from {printable(cal.get('source'))}", markup=False,
+                   highlight=False)
     elif cal and not cal.get("provider") and not cal.get("samples_seen"):  # no session ran: nothing needed a range
-        _out.print(f"calibration: nothing needed an activation range; source: {cal.get('source')}", highlight=False)
+        _out.print(f"calibration: nothing needed an activation range; source: {printable(cal.get('source'))}",
+                   markup=False, highlight=False)  # fmt: skip
     elif cal:
         where = f" on {cal['provider']}" if cal.get("provider") else ""  # a cache may not say where it ran
         _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples{where} in "
-                   f"{cal.get('seconds')} s; source: {cal.get('source')}", highlight=False)  # fmt: skip
+                   f"{cal.get('seconds')} s; source: {printable(cal.get('source'))}", markup=False, highlight=False)  # fmt: skip
     _print_calibration_warnings(cal)
     keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
             "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
@@ -342,7 +346,7 @@ def _print_quantize_summary(report: Any, output: str) -> None:
     step_notes = [n for st in report.steps if st.name in ("float16", "weight_only") for n in st.notes]
     for note in [*report.notes, *step_notes]:
         if not note.startswith("target profile"):
-            _out.print(f"note: {note}", highlight=False)
+            _out.print(f"note: {printable(note)}", markup=False, highlight=False)
     _out.print(f"time {info.get('seconds')} s, peak RSS {info.get('peak_rss_mb')} MB")
 
 
@@ -393,8 +397,8 @@ def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | 
         click.echo(json.dumps(info, indent=2, default=str))
     else:
         where = f" on {info['provider']}" if info.get("provider") else ""
-        _out.print(f"[bold green]wrote[/] {output}: ranges of {info['tensors']} tensors, {info.get('method')} over "
-                   f"{info.get('samples_seen')} samples{where} in {info.get('seconds')} s")  # fmt: skip
+        _out.print(f"[bold green]wrote[/] {markup_safe(output)}: ranges of {info['tensors']} tensors, "
+                   f"{info.get('method')} over {info.get('samples_seen')} samples{where} in {info.get('seconds')} s")  # fmt: skip
         _print_calibration_warnings(info)
 
 
@@ -444,7 +448,7 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
         if as_json:  # the error object every --json failure prints, with what each model got to
             click.echo(json.dumps({"error": str(stop), "exit_code": 128 + stop.signum,
                                    "outcomes": [dataclasses.asdict(o) for o in stop.outcomes]}, indent=2))  # fmt: skip
-        _err.print(f"[bold red]error:[/] {rich.markup.escape(str(stop))}", markup=True, highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]error:[/] {markup_safe(str(stop))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(128 + stop.signum)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(o) for o in outcomes], indent=2))
@@ -455,8 +459,8 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
         for o in outcomes:
             size = f"{_human(o.input_bytes)} -> {_human(o.output_bytes)}" if o.status == "converted" else ""
             style = {"converted": "green", "skipped": "cyan", "failed": "red"}.get(o.status, "yellow")
-            table.add_row(rich.markup.escape(o.name), f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", size,
-                          rich.markup.escape(o.reason))  # fmt: skip
+            reason = o.reason or (f"{len(o.warnings)} calibration warning(s), first: {o.warnings[0]}" if o.warnings else "")
+            table.add_row(markup_safe(o.name), f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", size, markup_safe(reason))
         _out.print(table)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
@@ -517,7 +521,7 @@ def _print_comparison(d: dict[str, Any], float_model: Path, quant_model: Path, t
         t.add_column(col)
     for name, o in d["outputs"].items():
         agree = "" if o.get("top1_agreement") is None else f"{100 * o['top1_agreement']:.1f}%"
-        t.add_row(rich.markup.escape(name), _db(o["sqnr_db"]), f"{o['cosine']:.5f}", f"{o['max_abs_err']:.4g}", agree)
+        t.add_row(markup_safe(name), _db(o["sqnr_db"]), f"{o['cosine']:.5f}", f"{o['max_abs_err']:.4g}", agree)
     _out.print(t)
     if not d["tensors"]:
         _print_models(d, float_model, quant_model)
@@ -526,12 +530,13 @@ def _print_comparison(d: dict[str, Any], float_model: Path, quant_model: Path, t
     for col in ("tensor", "quantized tensor", "op", "SQNR dB", "cosine"):
         t.add_column(col, overflow="fold")
     for r in d["tensors"][:top]:
-        t.add_row(rich.markup.escape(r["float_name"]), rich.markup.escape(r["quant_name"]), r["op_type"],
+        t.add_row(markup_safe(r["float_name"]), markup_safe(r["quant_name"]), markup_safe(r["op_type"]),
                   _db(r["sqnr_db"]), f"{r['cosine']:.4f}")  # fmt: skip
     _out.print(t)
     if d["unmatched"]:
         more = f" and {len(d['unmatched']) - 5} more" if len(d["unmatched"]) > 5 else ""
-        _out.print(f"not matched (no counterpart found): {', '.join(d['unmatched'][:5])}{more}", highlight=False)
+        _out.print(f"not matched (no counterpart found): {printable(', '.join(d['unmatched'][:5]))}{more}",
+                   markup=False, highlight=False)
     _print_models(d, float_model, quant_model)
 
 
@@ -542,7 +547,7 @@ def _print_models(d: dict[str, Any], float_model: Path, quant_model: Path) -> No
     for key, path in (("float", float_model), ("quant", quant_model)):
         m = d["models"][key]
         lat = m.get("latency_ms")
-        t.add_row(str(path), _human(m["bytes"]), "" if lat is None else f"{lat:.2f}")
+        t.add_row(markup_safe(path), _human(m["bytes"]), "" if lat is None else f"{lat:.2f}")
     _out.print(t)
     f, q = d["models"]["float"], d["models"]["quant"]
     if f.get("latency_ms") and q.get("latency_ms"):
@@ -558,7 +563,7 @@ def inspect(model: Path, as_json: bool) -> None:
     from onnxq.model import load_model
     from onnxq.summary import render_summary, summarize
 
-    summary = summarize(load_model(model, load_external_data=False), model)
+    summary = summarize(load_model(model, load_external_data=False, runnable=False), model)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
     else:

@@ -40,8 +40,9 @@ from onnx import helper, numpy_helper
 
 from onnxq.calibration.observers import HistogramObserver
 from onnxq.errors import OnnxqError
+from onnxq.text import printable
 
-__all__ = ["TensorMatch", "TensorStats", "OutputStats", "Comparison", "match_tensors", "compare_models",
+__all__ = ["TensorMatch", "TensorStats", "OutputStats", "Comparison", "match_tensors", "compare_models", "check_comparable",
            "measure_latency", "model_bytes", "iter_batches", "samples_in"]  # fmt: skip
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -403,6 +404,53 @@ def graph_output_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProt
     return [(o, o) for o in fouts] if set(fouts) <= set(qouts) else list(zip(fouts, qouts))
 
 
+def _io_spec(vi: onnx.ValueInfoProto) -> tuple[str, int | None]:
+    """(dtype name, rank or None when the shape is unknown) of a graph input or output."""
+    t = vi.type.tensor_type
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "unknown"
+    except (KeyError, TypeError, ValueError):
+        dtype = f"type {t.elem_type}"
+    if t.elem_type == onnx.TensorProto.STRING:
+        dtype = "string"
+    return dtype, len(t.shape.dim) if t.HasField("shape") else None
+
+
+def _real_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Graph inputs that are not initializers (IR < 4 models list their weights as inputs too)."""
+    inits = {t.name for t in model.graph.initializer}
+    return {i.name: i for i in model.graph.input if i.name not in inits}
+
+
+def check_comparable(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> None:
+    """OnnxqError, naming the first mismatch, unless the quantized model can be compared with the float one.
+
+    Both are fed the same samples, so the quantized model must take the float model's inputs (same names,
+    dtypes and ranks); its outputs must match the float outputs by name, or be as many (paired in order,
+    with equal ranks). Two unrelated models are refused here rather than failing inside ONNX Runtime.
+    """
+    fin, qin = _real_inputs(float_model), _real_inputs(quant_model)
+    fix = "compare needs a quantized model made from this float model"
+    if set(fin) != set(qin):
+        raise OnnxqError(printable(f"the models take different inputs (float: {', '.join(fin) or 'none'}; quantized: "
+                                   f"{', '.join(qin) or 'none'}): {fix}"))
+    for name, vi in fin.items():
+        (fd, fr), (qd, qr) = _io_spec(vi), _io_spec(qin[name])
+        if fd != qd or (fr is not None and qr is not None and fr != qr):
+            raise OnnxqError(printable(f"input {name!r} is {fd} of rank {fr} in the float model but {qd} of rank {qr} "
+                                       f"in the quantized one: {fix}"))
+    fouts = {o.name: o for o in float_model.graph.output}
+    qouts = {o.name: o for o in quant_model.graph.output}
+    if not set(fouts) <= set(qouts) and len(fouts) != len(qouts):
+        raise OnnxqError(printable(f"the models have different outputs (float: {', '.join(fouts) or 'none'}; "
+                                   f"quantized: {', '.join(qouts) or 'none'}): {fix}"))
+    for f, q in graph_output_pairs(float_model, quant_model):
+        fr, qr = _io_spec(fouts[f])[1], _io_spec(qouts[q])[1]
+        if fr is not None and qr is not None and fr != qr:
+            raise OnnxqError(printable(f"output {f!r} of the float model has rank {fr} but its counterpart {q!r} in "
+                                       f"the quantized model has rank {qr}: {fix}"))
+
+
 def _followed(consumers: dict[str, list[onnx.NodeProto]], node: onnx.NodeProto) -> str:
     """The output of ``node`` after a single ReLU/Clip-like consumer (what a fused QOperator node produces)."""
     cons = consumers.get(node.output[0], [])
@@ -541,6 +589,7 @@ def compare_models(
         if m.ByteSize() > 1_900_000_000:
             raise OnnxqError(f"the {what} model is over 2 GB in memory; compare runs models from memory and cannot "
                              "take it yet: compare a smaller export (fewer layers) or measure with benchmarks/perplexity.py")  # fmt: skip
+    check_comparable(float_model, quant_model)
     matches, unmatched = match_tensors(float_model, quant_model) if tensors else ([], [])
     pairs = graph_output_pairs(float_model, quant_model)
     fnames = [f for f, _ in pairs] + [m.float_name for m in matches]
@@ -567,7 +616,11 @@ def compare_models(
                 qvals = qsess.run(qnames, feed)
             except Exception as exc:  # noqa: BLE001 - ORT raises many types
                 raise OnnxqError(f"running the models on sample {samples} failed: {exc}") from exc
-            for (f, _), a, b in zip(pairs, fvals, qvals):
+            for (f, q), a, b in zip(pairs, fvals, qvals):
+                if a.shape != b.shape:
+                    raise OnnxqError(printable(f"output {f!r} has shape {list(a.shape)} in the float model but "
+                                               f"{list(b.shape)} ({q!r}) in the quantized one: compare needs a "
+                                               "quantized model made from this float model"))
                 out_stats[f].update(a, b)
             for m, a, b in zip(matches, fvals[len(pairs):], qvals[len(pairs):]):
                 if not np.issubdtype(a.dtype, np.floating):

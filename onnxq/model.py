@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO, Iterator
@@ -23,8 +24,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxq.destinations import Dest, check_destinations, temp_beside
 from onnxq.errors import ModelLoadError, ModelSaveError, UnsafeModelError
+from onnxq.text import printable
+from onnxq.validate import check_operators, check_runnable, check_versions_and_shapes, run_checker, sort_nodes
 
-__all__ = ["load_model", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
+__all__ = ["load_model", "densify_sparse_initializers", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
            "to_graph", "to_model", "model_template", "ExternalValues"]
 
 logger = logging.getLogger(__name__)
@@ -98,11 +101,16 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"{bad} (no opset imports after the graph); re-export or re-download it")
     known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
     known |= {s.values.name for s in model.graph.sparse_initializer}
+    produced = {o for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         missing = [n for n in node.input if n and n not in known]
-        if missing:
+        if missing and missing[0] not in produced:
             raise ModelLoadError(f"{bad}: node {node.name!r} ({node.op_type!r}) reads undefined tensor {missing[0]!r}")
+        if missing:  # produced by a later node: out of order, which ONNX Runtime accepts; put it in order
+            sort_nodes(model.graph, path)
+            break
         known.update(node.output)
+    known |= produced
     for out in model.graph.output:
         if out.name not in known:
             raise ModelLoadError(f"{bad}: graph output {out.name!r} is produced by no node; re-export it")
@@ -113,6 +121,7 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
             raise ModelLoadError(f"{bad}: the name {name!r} is not valid UTF-8; re-export it") from None
     for t in model.graph.initializer:
         _check_initializer_size(t, path)
+    check_versions_and_shapes(model, path)
 
 
 def _check_initializer_size(t: onnx.TensorProto, path: Path) -> None:
@@ -141,51 +150,68 @@ def _check_initializer_size(t: onnx.TensorProto, path: Path) -> None:
 
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
-               external_files: list[Path] | None = None) -> onnx.ModelProto:
+               external_files: list[Path] | None = None, runnable: bool = True) -> onnx.ModelProto:
     """Load an ONNX model after validating the file and its external-data references.
 
-    The file is parsed without external data and checked for truncation or corruption (structure, then
-    ``onnx.checker``); every external-data location must stay inside the model's folder; only then does
-    onnx's own loader read the data (unless ``load_external_data`` is False). IR < 4 initializer inputs
-    are kept (see strip_initializer_inputs). ``external_files``: a list that receives the external-data
-    files the model references (checked to be inside its folder).
+    The file is parsed without external data (a file protobuf cannot decode is "truncated or corrupt")
+    and its structure checked (a cut at a field boundary parses silently); every external-data location
+    must stay inside the model's folder. Then the operators are checked against onnx and ONNX Runtime
+    (:func:`onnxq.validate.check_operators`) and ``onnx.checker`` runs; a parsed model it rejects is named as such, with
+    the checker's reason and node, not as a corrupt file. Only then does onnx's own loader read the data
+    (unless ``load_external_data`` is False). IR < 4 initializer inputs are kept (see
+    strip_initializer_inputs). ``external_files``: a list that receives the external-data files the
+    model references (checked to be inside its folder). ``runnable``: also refuse what onnxq cannot run
+    in ONNX Runtime (:func:`onnxq.validate.check_runnable`: unknown op domains, an opset newer than the installed
+    runtimes, no graph outputs, impossible input shapes); ``inspect`` and ``view`` show such models.
 
     Raises:
-        ModelLoadError: Missing, directory, empty, not ONNX, truncated or invalid file; one line with the fix.
+        ModelLoadError: Missing, directory, empty, not ONNX, truncated, invalid or unrunnable model; one
+            line with the fix.
         UnsafeModelError: External data outside the model's folder, a symlink, or missing.
     """
     path = Path(os.path.abspath(path))
-    if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}; check the path")
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a directory, not an ONNX file; pass the .onnx file inside it")
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelLoadError(f"{path} is empty (0 bytes); re-export or re-download the model")
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except Exception:
-        with open(path, "rb") as f:  # ONNX files start with the ir_version field (tag 0x08)
-            what = "looks like a truncated or corrupt ONNX model" if f.read(1) == b"\x08" else "is not an ONNX model"
-        hint = "; a single-file ONNX model cannot exceed 2 GB" if size >= 2**31 else ""
-        raise ModelLoadError(f"{path} {what}: protobuf cannot decode it{hint}; re-export or re-download it") from None
+    model = _parse(path)
     try:
         _check_structure(model, path)
         files = _external_files(model, path.parent)
         if external_files is not None:
             external_files.extend(files)
-        # The proto checker resolves external data against the CWD, so check by path when there is some.
-        onnx.checker.check_model(str(path) if files else model)
+        tolerated = check_operators(model, path, runnable=runnable)
+        if runnable:
+            check_runnable(model, path)
+        run_checker(model, path, files, tolerated)
         if files and load_external_data:
             onnx.load_external_data_for_model(model, str(path.parent))
     except ModelLoadError:
         raise
-    except Exception as exc:  # checker/loader errors, and UnicodeDecodeError from corrupt names
+    except Exception as exc:  # the loader's errors, and UnicodeDecodeError from corrupt names
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelLoadError(f"{path} is not a valid ONNX model ({first}); it may be truncated or corrupt, "
+        raise ModelLoadError(f"{path} is not a valid ONNX model ({printable(first)}); it may be truncated or corrupt, "
                              "re-export it") from None
     logger.debug("loaded %s (IR %d, %d external data file(s))", path, model.ir_version, len(files))
     return model
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """The file parsed by protobuf, without external data; ModelLoadError for what is not an ONNX file."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}; check the path")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not an ONNX file; pass the .onnx file inside it")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a regular file; pass an .onnx model file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes); re-export or re-download the model")
+    try:
+        return onnx.load_model(str(path), load_external_data=False)
+    except PermissionError:
+        raise ModelLoadError(f"{path} is not readable; check its permissions") from None
+    except Exception:
+        with open(path, "rb") as f:  # ONNX files start with the ir_version field (tag 0x08)
+            what = "looks like a truncated or corrupt ONNX model" if f.read(1) == b"\x08" else "is not an ONNX model"
+        hint = "; a single-file ONNX model cannot exceed 2 GB" if size >= 2**31 else ""
+        raise ModelLoadError(f"{path} {what}: protobuf cannot decode it{hint}; re-export or re-download it") from None
 
 
 def strip_initializer_inputs(model: onnx.ModelProto) -> int:
@@ -203,6 +229,38 @@ def strip_initializer_inputs(model: onnx.ModelProto) -> int:
         model.ir_version = max(model.ir_version, 4)
         logger.info("removed %d graph inputs that are initializers", removed)
     return removed
+
+
+def densify_sparse_initializers(model: onnx.ModelProto, max_bytes: int = 1 << 31) -> int:
+    """Turn the graph's sparse initializers into dense ones, in place; return how many.
+
+    onnx-graphsurgeon 0.6 reads a sparse initializer as all zeros (checked with a 4x4 MatMul weight), which
+    would quantize the weight to zeros without a word; a dense copy is what every pass expects.
+
+    Raises:
+        ModelLoadError: A sparse initializer is larger than ``max_bytes`` dense, or its indices are invalid.
+    """
+    g = model.graph
+    for sp in g.sparse_initializer:
+        values = onnx.numpy_helper.to_array(sp.values)
+        dims = tuple(int(d) for d in sp.dims)
+        if math.prod(dims) * values.dtype.itemsize > max_bytes:
+            raise ModelLoadError(f"sparse initializer {sp.values.name!r} of shape {list(dims)} is too large to make "
+                                 "dense; store it as a dense initializer (onnxq quantizes dense weights)")
+        idx = onnx.numpy_helper.to_array(sp.indices).astype(np.int64) if sp.HasField("indices") else np.arange(values.size)
+        dense = np.zeros(dims, values.dtype)
+        try:
+            if idx.ndim == 1:
+                dense.reshape(-1)[idx] = values.reshape(-1)
+            else:
+                dense[tuple(idx.T)] = values.reshape(-1)
+        except (IndexError, ValueError):
+            raise ModelLoadError(f"sparse initializer {sp.values.name!r} has indices outside its shape {list(dims)} "
+                                 "or as many as its values; the model is corrupt, re-export it") from None
+        g.initializer.append(onnx.numpy_helper.from_array(dense, sp.values.name))
+    count = len(g.sparse_initializer)
+    del g.sparse_initializer[:]
+    return count
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -309,7 +367,8 @@ def to_graph(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None = Non
         root = Path(base_dir)
         for t in graph.tensors().values():
             v = getattr(t, "_values", None)
-            if isinstance(t, gs.Constant) and isinstance(v, LazyValues) and _is_external(v.tensor):
+            if isinstance(t, gs.Constant) and isinstance(v, LazyValues) and isinstance(v.tensor, onnx.TensorProto) \
+                    and _is_external(v.tensor):  # (a sparse initializer's is a SparseTensorProto)
                 t._values = ExternalValues(v.tensor, root)  # noqa: SLF001 - replacing gs's lazy loader
                 t.data_location = None  # once loaded (and maybe changed) it is exported inline, not "external"
     return graph

@@ -24,6 +24,7 @@ from onnxq.destinations import Dest, Read, check_destinations
 from onnxq.errors import OnnxqError, PassError
 from onnxq.model import (
     default_opset,
+    densify_sparse_initializers,
     load_model,
     model_hash,
     model_template,
@@ -40,6 +41,7 @@ from onnxq.recipe import Override, Recipe, recipe_to_dict, unmatched_selectors
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import resolve_target
+from onnxq.validate import check_operators, check_runnable
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
 
@@ -125,7 +127,8 @@ def quantize_model(
     float_ref: onnx.ModelProto | None = None
     if budget is not None:  # the float model's outputs are the reference the budget is measured against
         float_ref = load_model(Path(model)) if isinstance(model, (str, os.PathLike)) else model
-    if isinstance(model, (str, os.PathLike)):
+    from_memory = not isinstance(model, (str, os.PathLike))
+    if not from_memory:
         # weights stay in their external-data file until a pass reads them (see onnxq.model.ExternalValues)
         base_dir = Path(os.path.abspath(model)).parent
         model, copy_input = load_model(Path(model), load_external_data=False), False
@@ -134,6 +137,11 @@ def quantize_model(
         work.CopyFrom(model)
     else:
         work = model  # the caller hands the model over (quantize_file): no second copy of the weights
+    if from_memory:  # load_model's checks did not run: refuse what cannot run now, not after calibration
+        check_operators(work, "the model")
+        check_runnable(work, "the model")
+    if densify_sparse_initializers(work):
+        report.note("sparse initializers were made dense (onnxq quantizes dense weights)")
     stripped = strip_initializer_inputs(work)
     if stripped:
         report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
@@ -188,6 +196,7 @@ def quantize_model(
     ops = {n.op_type for n in work.graph.node}
     for warning in unmatched_selectors(recipe, ((n.name, n.op_type) for n in work.graph.node)):
         report.note(warning)
+    doubles = [t.name for t in [*work.graph.input, *work.graph.output] if t.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE]
     template = model_template(work)
     if copy_input:
         del work
@@ -211,6 +220,9 @@ def quantize_model(
         already = sorted(op for op in ops if op.startswith("QLinear") or op in
                          ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"))  # fmt: skip
         why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
+        if doubles and not already:
+            why = (f"the model computes in float64 ({doubles[0]!r} is float64), which QuantizeLinear cannot take; "
+                   "convert the model to float32 first")
         report.note(f"nothing was quantized: {why}")
     if ("insert_qdq" in recipe.passes and "smoothquant" not in recipe.passes and recipe.calibration.method == "mse-percentile"
             and ops & ({"LayerNormalization", "SimplifiedLayerNormalization"} | ({"Softmax"} if "MatMul" in ops else set()))):  # fmt: skip

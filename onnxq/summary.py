@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from onnxq.errors import ModelLoadError
+from onnxq.text import markup_safe
 
 __all__ = ["TensorInfo", "ComputeOp", "ModelSummary", "summarize", "render_summary", "share_line"]
 
@@ -375,19 +375,19 @@ def share_line(s: ModelSummary) -> str:
 
 def _table(console: Console, title: str, cols: list[str], rows: list[list[object]]) -> None:
     """Print a bold title line, then a borderless table; a leading '>' right-aligns a column."""
-    console.print(escape(title), style="bold")
+    console.print(markup_safe(title), style="bold")
     t = Table(box=None, pad_edge=False, header_style="dim")
     for c in cols:
         t.add_column(c.lstrip(">"), justify="right" if c.startswith(">") else "left")
     for r in rows:
-        t.add_row(*(escape(str(x)) for x in r))
+        t.add_row(*(markup_safe(x) for x in r))
     console.print(t)
 
 
 def render_summary(summary: ModelSummary, console: Console) -> None:
     """Print ``summary`` as a few compact rich tables and the quantized-compute line."""
     s = summary
-    console.print(escape(f"{s.path or '<in-memory model>'}: {_bytes(s.file_bytes)}, IR {s.ir_version}, opsets "
+    console.print(markup_safe(f"{s.path or '<in-memory model>'}: {_bytes(s.file_bytes)}, IR {s.ir_version}, opsets "
                          + ", ".join(f"{d} {v}" for d, v in s.opset_imports.items())
                          + (f", producer {s.producer}" if s.producer else "")), style="bold")
 
@@ -416,4 +416,4 @@ def render_summary(summary: ModelSummary, console: Console) -> None:
     if rows_c:
         _table(console, "compute", ["op", "precision", ">ops", ">MACs", ">share"], rows_c)
     console.print(f"QDQ pairs: {s.qdq_pairs}")
-    console.print(escape(share_line(s)), style="bold")
+    console.print(markup_safe(share_line(s)), style="bold")

@@ -5,8 +5,9 @@ QuantizeLinear/DequantizeLinear pairs went, which nodes stayed float). Netron's 
 (``pip install "onnxq[view]"``) serves its web app and one model file over HTTP from a background
 thread; this module wraps it so that the CLI and library users get onnxq's behaviour:
 
-* the model path is checked first (exists, is a file, is an ``.onnx`` file or an ONNX protobuf), and
-  every failure is one :class:`~onnxq.errors.OnnxqError` line that names the file or port and the fix;
+* the model is loaded and validated first, as every onnxq command loads models (exists, is a file,
+  parses as ONNX, passes the checks of :func:`onnxq.model.load_model`), and every failure is one
+  :class:`~onnxq.errors.OnnxqError` line that names the file or port and the fix;
 * netron is imported only when a model is viewed, so it stays an optional extra;
 * no browser opens unless asked (``browse=True``): the address is returned and printed instead, which
   also works over SSH with a forwarded port;
@@ -29,7 +30,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-from onnxq.errors import MissingDependencyError, ModelLoadError, OnnxqError
+from onnxq.errors import MissingDependencyError, OnnxqError
+from onnxq.text import printable
 
 __all__ = ["serve", "wait", "stop", "view_model"]
 
@@ -46,33 +48,18 @@ def _netron() -> ModuleType:
 
 
 def _check_model(model: str | os.PathLike[str]) -> Path:
-    """The model as an absolute path, after checking that it is a file Netron can show as ONNX."""
+    """The model as an absolute path, after loading it as ONNX with :func:`onnxq.model.load_model`'s checks.
+
+    Netron would serve any file (a text file, a truncated download) and show an error in the browser;
+    refusing it here gives the one-line reason in the terminal before a server starts. External data is
+    not read (only checked to stay inside the model's folder), so a large model is validated quickly.
+    Models onnxq could not quantize (custom ops, a newer opset) are still shown.
+    """
+    from onnxq.model import load_model
+
     path = Path(os.path.abspath(model))
-    if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}; check the path")
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a directory, not an ONNX file; pass the .onnx file inside it")
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is not a regular file; pass an .onnx model file")
-    if not os.access(path, os.R_OK):
-        raise ModelLoadError(f"{path} is not readable; check its permissions")
-    if path.stat().st_size == 0:
-        raise ModelLoadError(f"{path} is empty (0 bytes); re-export or re-download the model")
-    if path.suffix.lower() != ".onnx" and not _is_onnx_protobuf(path):
-        raise ModelLoadError(f"{path} is not an ONNX model (no .onnx suffix, and protobuf cannot read it as "
-                             "an ONNX ModelProto); pass an .onnx file")
+    load_model(path, load_external_data=False, runnable=False)
     return path
-
-
-def _is_onnx_protobuf(path: Path) -> bool:
-    """Whether a file without the .onnx suffix (model.pb, model.bin...) parses as an ONNX model."""
-    import onnx
-
-    try:
-        proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - any decode failure means "not ONNX"
-        return False
-    return proto.HasField("graph") and proto.ir_version > 0
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -100,7 +87,7 @@ def serve(model: str | os.PathLike[str], *, port: int | None = None, host: str =
         until :func:`stop` or :func:`wait` ends it, or the process exits.
 
     Raises:
-        ModelLoadError: The model is missing, a directory, empty or not ONNX (the message names it).
+        ModelLoadError: The model is missing, a directory, empty, not ONNX or invalid (the message names it).
         MissingDependencyError: netron is not installed.
         OnnxqError: The port is out of range, in use, or the host cannot be bound.
     """
@@ -175,7 +162,7 @@ def view_model(model: str | os.PathLike[str], port: int | None = None, browse: b
     """
     address = serve(model, port=port, host=host, browse=browse)
     try:
-        echo(f"Netron is serving {model} at {address} (Ctrl-C to stop)")
+        echo(f"Netron is serving {printable(model)} at {address} (Ctrl-C to stop)")
     except BaseException:
         stop(address)
         raise

@@ -61,7 +61,7 @@ _WEIGHT_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 _CONST_OPERAND_OPS = frozenset({"Add", "Mul", "Concat"})
 _ABSORBABLE = frozenset({"Relu", "Clip"})
 _ELEMENTWISE_OPS = frozenset({"Add", "Mul"})
-_FLOAT_TYPES = (np.float32, np.float16, np.float64)
+_FLOAT_TYPES = (np.float32, np.float16)  # QuantizeLinear takes no float64: such tensors stay as they are
 
 
 @dataclass(frozen=True)

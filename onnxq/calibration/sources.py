@@ -529,7 +529,9 @@ class RandomSource(CalibrationSource):
         self.specs, self.count, self.seed, self.dim_values = list(specs), count, seed, dict(dim_values or {})
         for s in self.specs:
             if not (s.dtype.kind in "fiub" or "float" in s.dtype.name):
-                raise CalibrationError(f"model input '{s.name}' has dtype {s.dtype}; random data covers numbers and bools")
+                what = "strings" if s.dtype.kind in "OSU" else f"dtype {s.dtype}"
+                raise CalibrationError(f"model input '{s.name}' holds {what}, and random calibration makes only numbers "
+                                       "and bools: give --calib files (.npz/.npy) with real values for it")
         self.shapes = {s.name: tuple(d if isinstance(d, int) else self.dim_values.get(d or "", 1) for d in s.shape)
                        for s in self.specs}
 

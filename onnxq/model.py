@@ -25,7 +25,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxq.destinations import Dest, check_destinations, temp_beside
 from onnxq.errors import ModelLoadError, ModelSaveError, UnsafeModelError
 from onnxq.text import printable
-from onnxq.validate import check_operators, check_runnable, check_versions_and_shapes, run_checker, sort_nodes
+from onnxq.model_checks import check_operators, check_runnable, check_versions_and_shapes, run_checker, sort_nodes
 
 __all__ = ["load_model", "densify_sparse_initializers", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
            "to_graph", "to_model", "model_template", "ExternalValues"]
@@ -156,12 +156,12 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     The file is parsed without external data (a file protobuf cannot decode is "truncated or corrupt")
     and its structure checked (a cut at a field boundary parses silently); every external-data location
     must stay inside the model's folder. Then the operators are checked against onnx and ONNX Runtime
-    (:func:`onnxq.validate.check_operators`) and ``onnx.checker`` runs; a parsed model it rejects is named as such, with
+    (:func:`onnxq.model_checks.check_operators`) and ``onnx.checker`` runs; a parsed model it rejects is named as such, with
     the checker's reason and node, not as a corrupt file. Only then does onnx's own loader read the data
     (unless ``load_external_data`` is False). IR < 4 initializer inputs are kept (see
     strip_initializer_inputs). ``external_files``: a list that receives the external-data files the
     model references (checked to be inside its folder). ``runnable``: also refuse what onnxq cannot run
-    in ONNX Runtime (:func:`onnxq.validate.check_runnable`: unknown op domains, an opset newer than the installed
+    in ONNX Runtime (:func:`onnxq.model_checks.check_runnable`: unknown op domains, an opset newer than the installed
     runtimes, no graph outputs, impossible input shapes); ``inspect`` and ``view`` show such models.
 
     Raises:

@@ -41,7 +41,7 @@ from onnxq.recipe import Override, Recipe, recipe_to_dict, unmatched_selectors
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import resolve_target
-from onnxq.validate import check_operators, check_runnable
+from onnxq.model_checks import check_operators, check_runnable
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
 

@@ -139,7 +139,7 @@ def test_contrib_ops_onnxruntime_runs_load_without_a_com_microsoft_opset_import(
 
 def test_a_standard_op_newer_than_onnx_but_known_to_onnxruntime_is_not_blocked(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import onnxq.validate as validate_mod
+    import onnxq.model_checks as validate_mod
 
     # onnx does not know "FutureOp"; pretend the installed onnxruntime does (as a newer ORT would)
     real = validate_mod._ort_ops()
@@ -205,7 +205,7 @@ def test_an_op_onnxruntime_lacks_in_com_microsoft_is_refused(tmp_path: Path) -> 
 
 
 def test_an_opset_newer_than_onnx_and_onnxruntime_is_refused_with_the_highest_supported(tmp_path: Path) -> None:
-    from onnxq.validate import highest_opset
+    from onnxq.model_checks import highest_opset
 
     path = _save(_model([_matmul()], [_weight()], opset=99), tmp_path / "m.onnx")
     out = tmp_path / "q.onnx"

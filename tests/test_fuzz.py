@@ -20,6 +20,9 @@
   ``models/digits-cnn.onnx`` must either load (and then quantize without a non-onnxq exception) or raise
   ``ModelLoadError``; every example runs under a time limit so a hang fails.
 * ``test_cli_corrupted_file``: the CLI answers a corrupted file with one ``error:`` line and exit 1.
+* ``test_cli_argument_combinations_never_fail_silently_or_unexpectedly``: combinations of ``quantize``
+  flags, usual ones with a mistyped, out-of-range or misplaced one in half the examples, end in exit 0 with
+  a model that checks and loads, or in exit 1/2 with an error line, nothing written and nothing left behind.
 * Plain regression tests for what the fuzzer found (end of the file).
 
 The default run is bounded (well under a minute) and derandomized, so CI is reproducible. To hunt for
@@ -858,6 +861,66 @@ def test_cli_corrupted_file(tmp_path: Path, how: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert "Traceback" not in result.output and "unexpected" not in err, err
     assert not out.exists()
+
+
+# CLI argument combinations: a careless user's flags. Each group draws a usual value (including none);
+# in half the examples one group draws a mistyped, out-of-range or misplaced value instead.
+_CLI_USUAL: dict[str, list[tuple[str, ...]]] = {
+    "preset": [(), ("--preset", "w8a8"), ("--preset", "w8a8-per-tensor"), ("--preset", "w8a16")],
+    "calib": [("--calib", "random:3"), ("--calib", "random:2")],
+    "calib_size": [(), ("--calib-size", "2"), ("--calib-size", "1000000")],
+    "calibrator": [(), ("--calibrator", "minmax"), ("--calibrator", "entropy"), ("--calibrator", "mse"),
+                   ("--calibrator", "ema-minmax")],
+    "target": [(), ("--target", "x86-avx2-u8"), ("--target", "cuda"), ("--target", "arm64")],
+    "exclude": [(), ("--exclude-op", "Conv"), ("--exclude-node", "nope"), ("--exclude-regex", "^conv")],
+    "format": [(), ("--format", "qoperator"), ("--format", "qdq")],
+    "device": [(), ("--device", "cpu")],
+}
+_CLI_CARELESS: dict[str, list[tuple[str, ...]]] = {
+    "preset": [("--preset", "w8a9"), ("--preset", "int8-dynamic"), ("--preset", "fp16"), ("--preset", "w4-rtn")],
+    "calib": [("--calib", "random:0"), ("--calib", "random:x"), ("--calib", "no/such/dir"), ()],
+    "calib_size": [("--calib-size", "0"), ("--calib-size", "-3"), ("--calib-size", "two")],
+    "calibrator": [("--calibrator", "min-max")],
+    "target": [("--target", "x86")],
+    "exclude": [("--exclude-op", "Convv"), ("--exclude-regex", "(")],
+    "format": [("--format", "matmulnbits"), ("--format", "qdqq")],
+    "device": [("--device", "gpu"), ("--device", "cuda")],
+    "weight_only": [("--block-size", "32"), ("--block-size", "7"), ("--symmetric",), ("--lm-head", "float")],
+    "alpha": [("--alpha", "0.5"), ("--alpha", "2"), ("--alpha", "nan")],
+    "budget": [("--accuracy-budget", "sqnr=10"), ("--accuracy-budget", "cosine=2"), ("--accuracy-budget", "sqrn=30")],
+}
+
+
+@st.composite
+def _cli_flags(draw: Any) -> list[str]:
+    groups = {k: draw(st.sampled_from(v)) for k, v in _CLI_USUAL.items()}
+    careless = draw(st.one_of(st.none(), st.sampled_from(sorted(_CLI_CARELESS))))
+    if careless is not None:
+        groups[careless] = draw(st.sampled_from(_CLI_CARELESS[careless]))
+    return [a for v in groups.values() for a in v]
+
+
+@settings(max_examples=int(_HUNT) if _HUNT else 25, deadline=None, **_SETTINGS)
+@given(_cli_flags())
+def test_cli_argument_combinations_never_fail_silently_or_unexpectedly(flags: list[str]) -> None:
+    """Whatever combination of flags: exit 0 with a model that checks and runs, or 1/2 with one error line,
+    no traceback, no "unexpected" and nothing written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, out = Path(tmp) / "m.onnx", Path(tmp) / "q.onnx"
+        model.write_bytes(DIGITS.read_bytes())
+        args = ["quantize", str(model), "-o", str(out), "--no-progress", *flags]
+        result = CliRunner().invoke(main, args)
+        err = result.stderr
+        assert result.exit_code in (0, 1, 2), f"{args}: exit {result.exit_code}, {result.exception!r}; {err}"
+        assert "Traceback" not in result.output + err and "unexpected" not in err, f"{args}: {err}"
+        leftovers = sorted(p.name for p in Path(tmp).iterdir() if p.name not in ("m.onnx", "q.onnx"))
+        assert leftovers == [], f"{args}: left {leftovers}"
+        if result.exit_code == 0:
+            onnx.checker.check_model(onnx.load(out), full_check=True)
+            ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        else:
+            assert not out.exists(), f"{args}: exit {result.exit_code} but {out.name} was written"
+            assert "error" in err.lower(), f"{args}: exit {result.exit_code} without an error line: {err!r}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -523,6 +523,10 @@ def _print_comparison(d: dict[str, Any], float_model: Path, quant_model: Path, t
         agree = "" if o.get("top1_agreement") is None else f"{100 * o['top1_agreement']:.1f}%"
         t.add_row(markup_safe(name), _db(o["sqnr_db"]), f"{o['cosine']:.5f}", f"{o['max_abs_err']:.4g}", agree)
     _out.print(t)
+    for name, o in d["outputs"].items():  # a dead output must not hide behind a plausible-looking number
+        if o.get("degenerate"):
+            _out.print(f"[bold yellow]warning:[/] output {markup_safe(repr(name))} of the quantized model is degenerate: "
+                       f"{markup_safe(o['degenerate'])}", highlight=False, soft_wrap=True)  # fmt: skip
     if not d["tensors"]:
         _print_models(d, float_model, quant_model)
         return

@@ -322,6 +322,16 @@ def test_a_budget_is_never_met_by_an_output_that_ignores_its_input() -> None:
     assert st_.degenerate is None  # a float output that barely varies, matched to 60 dB: no damage
 
 
+def test_compare_says_when_the_quantized_output_is_degenerate(tmp_path: Path) -> None:
+    onnx.save(_offset_model(1.0), tmp_path / "f.onnx")
+    onnx.save(_offset_model(0.0), tmp_path / "q.onnx")
+    np.savez(tmp_path / "x.npz", x=RNG.standard_normal((6, 16)).astype(np.float32))
+    res = CliRunner().invoke(main, ["compare", str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), "--calib",
+                                    str(tmp_path / "x.npz"), "--no-latency", "--outputs-only"])
+    assert res.exit_code == 0, res.output
+    assert "warning: output 'y' of the quantized model is degenerate: the same output for every sample" in res.output
+
+
 # ------------------------------------------------------------------------------ fuzzing
 
 

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -50,7 +51,7 @@ def test_readme_library_use_runs_as_shown(tmp_path: Path, monkeypatch: pytest.Mo
     for folder in ("models", "calibration_data"):
         (tmp_path / folder).symlink_to(ROOT / folder, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
-    scope: dict[str, object] = {}
+    scope: dict[str, Any] = {}
     exec(compile(_readme_python_block(), "README.md (Library use)", "exec"), scope)  # noqa: S102
 
     out = tmp_path / "digits.int8.onnx"
@@ -60,13 +61,13 @@ def test_readme_library_use_runs_as_shown(tmp_path: Path, monkeypatch: pytest.Mo
     assert result.report.to_dict()["info"]["target"]["profile"] in capsys.readouterr().out
     # compare's top-1 agreement is the share of the 100 digits on which ORT's argmax of both models agrees
     assert isinstance(comparison, onnxq.Comparison) and comparison.samples == 100
-    assert comparison.top1_agreement == pytest.approx(float(np.mean(_top1(MODEL, feeds) == _top1(out, feeds))))
-    assert comparison.top1_agreement >= 0.95
+    agreement = float(np.mean(_top1(MODEL, feeds) == _top1(out, feeds)))
+    assert comparison.top1_agreement == pytest.approx(agreement) and agreement >= 0.95
     # the recipe changed in code quantized only the Conv, and the in-memory run wrote nothing
-    model = in_memory.model  # type: ignore[attr-defined]
+    model = in_memory.model
     dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     assert {n.op_type for n in model.graph.node if dq_outputs & set(n.input)} == {"Conv"}
-    assert in_memory.files == [] and sorted(p.name for p in tmp_path.iterdir()) == [  # type: ignore[attr-defined]
+    assert in_memory.files == [] and sorted(p.name for p in tmp_path.iterdir()) == [
         "calibration_data", "digits.int8.onnx", "models"]
 
 

@@ -213,3 +213,11 @@ def test_browser_render(report: dict, tmp_path: Path) -> None:
     assert dom.returncode == 0, dom.stderr[-2000:]
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in dom.stdout, title
+
+
+def test_ci_installs_the_browser_this_test_looks_for() -> None:
+    """.ci/run looks for the same binary names as _browser and installs Debian's chromium when none is there."""
+    script = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert all(f"command -v {name} " in script for name in BROWSERS), script
+    assert "apt-get install -y chromium" in script and "apt-get update" in script
+    assert script.index("apt-get install") < script.index("python -m pytest")

@@ -57,7 +57,7 @@ def choose_recipe(preset: str | None = None, recipe: Recipe | PathLike | Mapping
         raise RecipeError(f"give either preset={preset!r} or recipe=..., not both (a recipe file can start from a "
                           "preset: preset = \"w8a8\")")  # fmt: skip
     if recipe is None:
-        return get_preset(preset or DEFAULT_PRESET)
+        return get_preset(DEFAULT_PRESET if preset is None else preset)
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, Mapping):
@@ -65,23 +65,24 @@ def choose_recipe(preset: str | None = None, recipe: Recipe | PathLike | Mapping
     return load_recipe(Path(recipe))
 
 
-def _check_source_options(options: Mapping[str, Any], *, given_source: bool) -> None:
-    """Refuse a calibration keyword that is not a setting, or that would have no effect (no source to apply it to)."""
+def _check_source_options(options: Mapping[str, Any], *, unused: str | None = None) -> None:
+    """Refuse a calibration keyword that is not a setting, or one that has no effect: ``unused`` says why
+    (no source spec is read here) and the fix."""
     unknown = sorted(set(options) - set(_SOURCE_OPTIONS))
     if unknown:
         raise CalibrationError(f"unknown calibration setting {unknown[0]!r}; valid: {', '.join(_SOURCE_OPTIONS)}")
-    if options and not given_source:
+    if options and unused:
         raise CalibrationError(f"{', '.join(sorted(options))} only apply to reading a source spec (a path or "
-                               "'random'), and none is read here: drop them, or put them in the CalibrationOptions")  # fmt: skip
+                               f"'random'): {unused}")  # fmt: skip
 
 
 def _calibration_options(calib: PathLike | CalibrationOptions | None, size: int | None,
                          options: Mapping[str, Any]) -> CalibrationOptions | None:  # fmt: skip
     """``calib`` and its keyword settings as the library's CalibrationOptions (None: no calibration samples)."""
     if isinstance(calib, CalibrationOptions):
-        _check_source_options(options, given_source=False)  # the settings belong inside the CalibrationOptions
+        _check_source_options(options, unused="calib is a CalibrationOptions: put them in it")
         return calib if size is None else dataclasses.replace(calib, size=size)
-    _check_source_options(options, given_source=calib is not None)
+    _check_source_options(options, unused=None if calib is not None else "no calib is given: give one, or drop them")
     if calib is None:
         return None
     return CalibrationOptions(source=os.fspath(calib), size=size, **options)
@@ -209,10 +210,10 @@ def compare(
     qm, qpath = _loaded(quant_model)
     source: Iterable[dict[str, np.ndarray]]
     if isinstance(data, (str, os.PathLike)):
-        _check_source_options(calibration, given_source=True)
+        _check_source_options(calibration)
         source = open_source(os.fspath(data), fm, limit=COMPARE_SAMPLES if samples is None else samples, **calibration)
     else:
-        _check_source_options(calibration, given_source=False)  # settings for reading files: none to read here
+        _check_source_options(calibration, unused="data is feed dicts, used as they are: drop them")
         source = data if samples is None else itertools.islice(data, samples)
     return compare_models(fm, qm, source, float_path=fpath, quant_path=qpath, tensors=tensors, latency=latency,
                           histograms=histograms, progress=progress)  # fmt: skip

@@ -123,13 +123,13 @@ def test_compare_takes_a_source_spec_or_feeds_and_a_sample_count(tmp_path: Path)
     (lambda out: onnxq.quantize(MODEL, out, calib=CALIB, preprocessing="torch"), CalibrationError,
      "unknown calibration setting 'preprocessing'; valid: preprocess, resize"),
     (lambda out: onnxq.quantize(MODEL, out, preset="w4-rtn", preprocess="torch"), CalibrationError,
-     "preprocess only apply to reading a source spec"),
+     "preprocess only apply to reading a source spec (a path or 'random'): no calib is given"),
     (lambda out: onnxq.quantize(MODEL, out, calib=CalibrationOptions(str(CALIB)), seed=1), CalibrationError,
-     "seed only apply"),
+     "calib is a CalibrationOptions: put them in it"),
     (lambda out: onnxq.quantize(MODEL, out, preset="w8a8"), CalibrationError, "needs calibration data"),
     (lambda out: onnxq.quantize(MODEL, out, preset="no-such"), RecipeError, "unknown preset 'no-such'"),
     (lambda out: onnxq.compare(MODEL, MODEL, CALIB, samples=0), CalibrationError, "samples=0"),
-    (lambda out: onnxq.compare(MODEL, MODEL, [], resize=8), CalibrationError, "resize only apply"),
+    (lambda out: onnxq.compare(MODEL, MODEL, [], resize=8), CalibrationError, "data is feed dicts, used as they are"),
 ])  # fmt: skip
 def test_refusals_are_one_line_errors_and_write_nothing(tmp_path: Path, call: object, error: type[Exception],
                                                         message: str) -> None:  # fmt: skip

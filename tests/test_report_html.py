@@ -173,12 +173,20 @@ def test_write_html_atomic(report: dict, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == ["report.html"]
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+"""The binary names looked for on PATH (``.ci/run`` installs Debian's ``chromium`` when none is there)."""
+
+
 def _browser() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
+    """The Chromium binary; skips without one, but fails under ONNXQ_REQUIRE_ASSETS=1 (CI), like the assets."""
+    for name in BROWSERS:
         found = shutil.which(name)
         if found:
             return found
-    pytest.skip("no Chromium binary (chromium, chromium-browser or google-chrome) on PATH")
+    msg = f"no Chromium binary ({', '.join(BROWSERS)}) on PATH"
+    if os.environ.get("ONNXQ_REQUIRE_ASSETS") == "1":
+        pytest.fail(f"{msg}; ONNXQ_REQUIRE_ASSETS=1 makes this a failure (apt-get install -y chromium, as .ci/run does)")
+    pytest.skip(msg)
 
 
 def test_browser_render(report: dict, tmp_path: Path) -> None:
@@ -205,3 +213,11 @@ def test_browser_render(report: dict, tmp_path: Path) -> None:
     assert dom.returncode == 0, dom.stderr[-2000:]
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in dom.stdout, title
+
+
+def test_ci_installs_the_browser_this_test_looks_for() -> None:
+    """.ci/run looks for the same binary names as _browser and installs Debian's chromium when none is there."""
+    script = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert all(f"command -v {name} " in script for name in BROWSERS), script
+    assert "apt-get install -y chromium" in script and "apt-get update" in script
+    assert script.index("apt-get install") < script.index("python -m pytest")

@@ -693,8 +693,8 @@ def _names(model: onnx.ModelProto) -> set[str]:
     return {n for n in names if n}
 
 
-def _live_ops(model: onnx.ModelProto, ops: set[str]) -> list[str]:
-    """Op types (among ``ops``) of the nodes the graph outputs depend on, sorted."""
+def _live_nodes(model: onnx.ModelProto, ops: set[str]) -> list[onnx.NodeProto]:
+    """The nodes (of op types ``ops``) the graph outputs depend on."""
     producer = {o: n for n in model.graph.node for o in n.output}
     todo, seen, found = [o.name for o in model.graph.output], set(), []
     while todo:
@@ -704,9 +704,22 @@ def _live_ops(model: onnx.ModelProto, ops: set[str]) -> list[str]:
             continue
         seen.add(id(n))
         if n.op_type in ops:
-            found.append(n.op_type)
+            found.append(n)
         todo.extend(i for i in n.input if i)
-    return sorted(found)
+    return found
+
+
+def _live_ops(model: onnx.ModelProto, ops: set[str]) -> list[str]:
+    """Op types (among ``ops``) of the nodes the graph outputs depend on, sorted."""
+    return sorted(n.op_type for n in _live_nodes(model, ops))
+
+
+def _left_float(q: onnx.ModelProto) -> list[str]:
+    """The live Conv/Gemm/MatMul nodes of a quantized model that do not read both operands (activation and
+    weight, or two activations) from a DequantizeLinear: the layers the quantizer left in float."""
+    producer = {o: n.op_type for n in q.graph.node for o in n.output}
+    return [f"{n.op_type} {n.name!r}" for n in _live_nodes(q, {"Conv", "Gemm", "MatMul"})
+            if any(producer.get(i) != "DequantizeLinear" for i in n.input[:2])]  # fmt: skip
 
 
 def _check_bias_scales(model: onnx.ModelProto) -> None:
@@ -786,6 +799,9 @@ def test_quantize_random_graphs(model: onnx.ModelProto, method: str, preset_name
         # Softmax/Sigmoid are not quantizable: the live ones are all still there, computing in float
         keep = {"Softmax", "Sigmoid"}
         assert _live_ops(q, keep) == _live_ops(model, keep)
+        # the w8a8 presets quantize every Conv/Gemm/MatMul and nothing is excluded here: the share of those
+        # layers actually quantized is all of them, in every example (a layer left float is a silent miss)
+        assert not _left_float(q), f"layers left in float: {_left_float(q)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -837,12 +853,19 @@ def test_corrupted_model_bytes(data: bytes) -> None:
 
 
 def test_corruption_pool_is_valid() -> None:
-    """The uncorrupted pool loads and quantizes, so the corruption test starts from valid models."""
+    """The uncorrupted pool loads and quantizes (a checked model that runs, no layer left float), so the
+    corruption test starts from valid models that onnxq handles."""
+    pool = _pool()
+    assert len(pool) == 3 + DIGITS.is_file()
+    layers = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for i, data in enumerate(_pool()):
+        for i, data in enumerate(pool):
             path = Path(tmp) / f"m{i}.onnx"
             path.write_bytes(data)
-            load_model(path)
+            q = _quantize_and_check(load_model(path))
+            assert not _left_float(q), f"pool model {i}: layers left in float: {_left_float(q)}"
+            layers += len(_live_nodes(q, {"Conv", "Gemm", "MatMul"}))
+    assert layers > 0, "the pool holds no quantizable layer"
 
 
 @pytest.mark.parametrize("how", ["truncate", "flipped-header"])

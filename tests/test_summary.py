@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper
@@ -16,7 +15,7 @@ from rich.console import Console
 from onnxq.errors import ModelLoadError
 from onnxq.summary import ModelSummary, render_summary, share_line, summarize
 from conftest import asset
-from helpers import initializer
+from helpers import initializer, run_ort
 
 RNG = np.random.default_rng(0)
 CONV_MACS = 1 * 4 * 6 * 6 * 3 * 3 * 3  # N*Cout*OH*OW * Cin*KH*KW for 1x3x8x8 -> 1x4x6x6, 3x3 kernel
@@ -29,12 +28,6 @@ def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outpu
     if check:
         onnx.checker.check_model(model, full_check=not ms)
     return model
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def float_conv(batch: int | str = 1) -> onnx.ModelProto:
@@ -87,7 +80,7 @@ def test_float_conv_is_not_quantized() -> None:
 
 def test_qdq_conv_is_fully_quantized() -> None:
     model = qdq_conv()
-    _run(model, {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})  # a valid, runnable QDQ graph
+    run_ort(model, {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})  # a valid, runnable QDQ graph
     s = summarize(model)
     (op,) = s.compute_ops
     assert (op.op_type, op.macs, op.precision, op.quantized, op.weight_only) == ("Conv", CONV_MACS, "int8", True, False)
@@ -130,7 +123,7 @@ def test_matmulinteger() -> None:
 
 def test_matmulnbits_int4_and_shapes_past_contrib_ops() -> None:
     model = matmul_nbits()
-    y = _run(model, {"a": RNG.standard_normal((1, 3, 64)).astype(np.float32)})[0]
+    y = run_ort(model, {"a": RNG.standard_normal((1, 3, 64)).astype(np.float32)})[0]
     assert y.shape == (1, 3, 16)
     s = summarize(model)
     nbits, fc2 = s.compute_ops

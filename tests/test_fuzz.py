@@ -52,6 +52,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import make_model, value_info
 from onnxq.calibration.sources import RandomSource, input_specs
 from onnxq.cli import main
 from onnxq.errors import ModelLoadError, OnnxqError
@@ -968,11 +969,7 @@ def test_passthrough_reading_a_graph_input() -> None:
     h = onnx.helper
     nodes = [h.make_node("Transpose", ["x"], ["xt"], name="tr", perm=[1, 0]),
              h.make_node("MatMul", ["x", "xt"], ["y"], name="mm")]  # fmt: skip
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 7])],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 4])])  # fmt: skip
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
-    model.ir_version = 8
-    q = _quantize_and_check(model)
+    q = _quantize_and_check(make_model(nodes, [value_info("x", [4, 7])], [value_info("y", [4, 4])], opset=13))
     assert "QuantizeLinear" in [n.op_type for n in q.graph.node]
 
 
@@ -988,11 +985,8 @@ def test_tied_bias_of_unnamed_convs(names: tuple[str, str, str]) -> None:
     nodes = [h.make_node("Mul", ["x", "k"], ["r"], name=names[0]),
              h.make_node("Conv", ["x", "w", "b"], ["c1"], name=names[1], pads=[1, 1, 1, 1]),
              h.make_node("Conv", ["r", "w", "b"], ["c2"], name=names[2], pads=[1, 1, 1, 1])]  # fmt: skip
-    vi = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("c1", "c2")]
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])], vi, inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
-    model.ir_version = 8
-    q = _quantize_and_check(model, target="x86-vnni")
+    outputs = [value_info(n, [1, 4, 8, 8]) for n in ("c1", "c2")]
+    q = _quantize_and_check(make_model(nodes, [value_info("x", [1, 3, 8, 8])], outputs, inits, opset=13), target="x86-vnni")
     int32 = [t.name for t in q.graph.initializer
              if t.data_type == onnx.TensorProto.INT32 and "zero_point" not in t.name]  # fmt: skip
     assert len(int32) == 2, int32
@@ -1021,10 +1015,7 @@ def test_model_names_that_onnxq_would_derive() -> None:
              h.make_node("Mul", ["c", "x_scale"], ["m"], name="x/QuantizeLinear"),
              h.make_node("Add", ["m", "w_quantized"], ["a"], name="add"),
              h.make_node("Add", ["a", "c_zero_point"], ["y"], name="add2")]  # fmt: skip
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], inits)  # fmt: skip
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = make_model(nodes, [value_info("x", [1, 3, 8, 8])], [value_info("y", [1, 4, 8, 8])], inits, opset=13, check=False)
     q = _quantize_and_check(model)  # full check (SSA names) and an ORT run (unique node names)
     named = [n.name for n in q.graph.node if n.name]
     assert len(named) == len(set(named))

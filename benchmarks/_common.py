@@ -16,58 +16,15 @@ ASSETS = Path(os.environ.get("ONNXQ_ASSETS", REPO_ROOT.parent / "shared" / "asse
 IMAGENET = ASSETS / "imagenet"
 CACHE_DIR = Path(os.environ.get("ONNXQ_BENCH_CACHE", "/tmp/onnxq_bench_cache"))
 
-TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-CAFFE_BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
-
 
 # --------------------------------------------------------------------------- images
 
 
-def _fallback_load_image(path, *, preprocess="torch", resize=256, crop=224, layout="NCHW",
-                         dtype=np.float32, channels=3):
-    """Private stand-in for ``onnxq.calibration.sources.load_image`` (same signature and result).
-
-    ``torch``: RGB, shorter side to ``resize`` (bilinear), center crop ``crop``, /255, ImageNet
-    mean/std. ``caffe_bgr``: same geometry, BGR, 0..255 minus [104, 117, 123].
-    Returns an array of shape (1, 3, crop, crop) for NCHW (or (1, crop, crop, 3) for NHWC).
-    """
-    from PIL import Image
-
-    if channels != 3:
-        raise ValueError("fallback loader supports channels=3 only")
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        # torchvision Resize(int): shorter side -> resize, longer side truncated like torchvision
-        if w <= h:
-            nw, nh = resize, int(resize * h / w)
-        else:
-            nw, nh = int(resize * w / h), resize
-        im = im.resize((nw, nh), Image.BILINEAR)
-        top = int(round((nh - crop) / 2.0))
-        left = int(round((nw - crop) / 2.0))
-        im = im.crop((left, top, left + crop, top + crop))
-        x = np.asarray(im, dtype=np.float32)  # HWC RGB 0..255
-    if preprocess == "torch":
-        x = (x / 255.0 - TORCH_MEAN) / TORCH_STD
-    elif preprocess == "caffe_bgr":
-        x = x[..., ::-1] - CAFFE_BGR_MEAN
-    else:
-        raise ValueError(f"unknown preprocess {preprocess!r}")
-    if layout == "NCHW":
-        x = x.transpose(2, 0, 1)
-    return np.ascontiguousarray(x[None]).astype(dtype)
-
-
 def get_load_image():
-    """Return (load_image, origin): onnxq's loader when it exists, else the private fallback."""
-    try:
-        from onnxq.calibration.sources import load_image  # type: ignore
+    """Return (load_image, origin): onnxq's image loader and its name, for the RESULTS.md notes."""
+    from onnxq.calibration.sources import load_image
 
-        return load_image, "onnxq.calibration.sources.load_image"
-    except Exception:  # module not written yet, or broken mid-edit
-        return _fallback_load_image, "benchmarks fallback loader"
+    return load_image, "onnxq.calibration.sources.load_image"
 
 
 def image_list(root: Path = IMAGENET) -> list[tuple[Path, int]]:
@@ -90,8 +47,7 @@ def load_images(preprocess: str = "torch", dtype=np.float32, use_cache: bool = T
     """Preprocess all images once -> (X [N,3,224,224], labels [N], loader origin). Cached in /tmp."""
     load_image, origin = get_load_image()
     items = image_list()
-    tag = "onnxq" if origin.startswith("onnxq") else "fallback"
-    cache = CACHE_DIR / f"imagenet{len(items)}_{preprocess}_{np.dtype(dtype).name}_{tag}.npz"
+    cache = CACHE_DIR / f"imagenet{len(items)}_{preprocess}_{np.dtype(dtype).name}_onnxq.npz"
     if use_cache and cache.exists():
         d = np.load(cache)
         return d["x"], d["y"], str(d["origin"])

@@ -253,9 +253,6 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))
 
-    def worst(self, n: int = 10) -> list[dict[str, Any]]:
-        return self.tensors[:n]
-
 
 def _finite(obj: Any) -> Any:
     """JSON has no infinities: +inf SQNR (identical tensors) becomes None, with the rest unchanged."""

@@ -589,13 +589,3 @@ def _reads(model_files: list[Path], calibration: CalibrationOptions | None, eval
         if opts is not None:
             reads += [Read(opts.source, role, _SAMPLE_SUFFIXES), Read(opts.tokenizer, "tokenizer (--tokenizer)")]
     return [*reads, Read(calib_cache, "calibration cache (--calib-cache)")]
-
-
-def report_summary(report: Report) -> dict[str, Any]:
-    """The handful of numbers the CLI prints after a run."""
-    info = report.info
-    counts: dict[str, int] = {}
-    for step in report.steps:
-        for k, v in step.counts.items():
-            counts[k] = counts.get(k, 0) + v
-    return {"info": info, "counts": counts}

@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from conftest import asset
+from helpers import make_model, value_info
 
 from onnxq.calibration.channel_stats import collect_channel_stats, weight_op_inputs
 from onnxq.calibration.sources import ArrayFolderSource, input_specs, open_source
@@ -23,18 +24,9 @@ def _model(opset: int) -> onnx.ModelProto:
         onnx.helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
         onnx.helper.make_node("MatMul", ["x", "xt"], ["z"], name="act_by_act"),  # not a weight op
     ]
-    graph = onnx.helper.make_graph(
-        nodes, "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4]),
-         onnx.helper.make_tensor_value_info("xt", onnx.TensorProto.FLOAT, ["N", 4, 3])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 5]),
-         onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 3, 3])],
-        [onnx.numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "w1"),
-         onnx.numpy_helper.from_array(rng.normal(size=(6, 5)).astype(np.float32), "w2")],
-    )  # fmt: skip
-    m = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
+    inits = {"w1": rng.normal(size=(4, 6)).astype(np.float32), "w2": rng.normal(size=(6, 5)).astype(np.float32)}
+    return make_model(nodes, [value_info("x", ["N", 3, 4]), value_info("xt", ["N", 4, 3])],
+                      [value_info("y", ["N", 3, 5]), value_info("z", ["N", 3, 3])], inits, opset, check=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("opset", [13, 18])

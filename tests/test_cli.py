@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
-from onnxq.cli import main
+from helpers import run_cli
 
 
 def _tiny_model(path: Path) -> Path:
@@ -46,11 +45,6 @@ def tiny(tmp_path: Path) -> Path:
     return _tiny_model(tmp_path / "tiny.onnx")
 
 
-def _run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
 def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 1, f"exit code {code}, stderr: {err}"
     text = " ".join(err.split())
@@ -62,7 +56,7 @@ def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 def test_quantize_tiny_model_random_calibration(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "tiny.int8.onnx"
-    code, stdout, err = _run("quantize", str(tiny), "-o", str(out), "--calib", "random:4", "--no-progress",
+    code, stdout, err = run_cli("quantize", str(tiny), "-o", str(out), "--calib", "random:4", "--no-progress",
                              "--report", str(tmp_path / "rep"), "--checked")  # fmt: skip
     assert code == 0, err
     assert out.exists() and "wrote" in stdout and "target profile" in stdout
@@ -78,7 +72,7 @@ def test_quantize_tiny_model_random_calibration(tiny: Path, tmp_path: Path) -> N
 def test_quantize_json_and_recipe_file(tiny: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text('preset = "w8a8"\n[calibration]\nmethod = "minmax"\n[exclude]\nop_types = ["Gemm"]\n')
-    code, stdout, err = _run("quantize", str(tiny), "-o", str(tmp_path / "o.onnx"), "--recipe", str(recipe),
+    code, stdout, err = run_cli("quantize", str(tiny), "-o", str(tmp_path / "o.onnx"), "--recipe", str(recipe),
                              "--calib", "random:2", "--json")  # fmt: skip
     assert code == 0, err
     report = json.loads(stdout)
@@ -87,15 +81,15 @@ def test_quantize_json_and_recipe_file(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_presets_and_inspect(tiny: Path) -> None:
-    code, stdout, _ = _run("presets")
+    code, stdout, _ = run_cli("presets")
     assert code == 0 and "w8a8" in stdout
-    code, stdout, err = _run("inspect", str(tiny))
+    code, stdout, err = run_cli("inspect", str(tiny))
     assert code == 0, err
     assert "Conv" in stdout and "quantized compute" in stdout
 
 
 def test_help_explains() -> None:
-    code, stdout, _ = _run("quantize", "--help")
+    code, stdout, _ = run_cli("quantize", "--help")
     assert code == 0
     for flag in ("--calib", "--calib-preprocess", "--calib-size", "--preset", "--target", "--device"):
         assert flag in stdout
@@ -106,7 +100,7 @@ def test_help_explains() -> None:
 
 def test_missing_model(tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tmp_path / "nope.onnx"), "-o", str(out), "--calib", "random")
+    code, _, err = run_cli("quantize", str(tmp_path / "nope.onnx"), "-o", str(out), "--calib", "random")
     _assert_one_line_error(code, err, "not found", "nope.onnx")
     assert not out.exists()
 
@@ -115,7 +109,7 @@ def test_not_onnx(tmp_path: Path) -> None:
     bad = tmp_path / "photo.onnx"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is a jpeg, not a model" * 20)
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(bad), "-o", str(out), "--calib", "random")
+    code, _, err = run_cli("quantize", str(bad), "-o", str(out), "--calib", "random")
     _assert_one_line_error(code, err, "photo.onnx")
     assert not out.exists()
 
@@ -124,7 +118,7 @@ def test_truncated_onnx(tiny: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(cut), "-o", str(out), "--calib", "random")
+    code, _, err = run_cli("quantize", str(cut), "-o", str(out), "--calib", "random")
     _assert_one_line_error(code, err, "cut.onnx")
     assert not out.exists() and not list(tmp_path.glob("o.onnx*"))
 
@@ -133,7 +127,7 @@ def test_empty_calibration_folder(tiny: Path, tmp_path: Path) -> None:
     empty = tmp_path / "calib"
     empty.mkdir()
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tiny), "-o", str(out), "--calib", str(empty))
+    code, _, err = run_cli("quantize", str(tiny), "-o", str(out), "--calib", str(empty))
     _assert_one_line_error(code, err, "calib")
     assert not out.exists()
 
@@ -143,7 +137,7 @@ def test_calibration_arrays_with_wrong_name(tiny: Path, tmp_path: Path) -> None:
     folder.mkdir()
     np.savez(folder / "s0.npz", image=np.zeros((1, 3, 8, 8), np.float32), extra=np.zeros(3, np.float32))
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tiny), "-o", str(out), "--calib", str(folder))
+    code, _, err = run_cli("quantize", str(tiny), "-o", str(out), "--calib", str(folder))
     _assert_one_line_error(code, err, "'x'")
     assert not out.exists()
 
@@ -153,14 +147,14 @@ def test_calibration_arrays_with_wrong_shape(tiny: Path, tmp_path: Path) -> None
     folder.mkdir()
     np.savez(folder / "s0.npz", x=np.zeros((1, 3, 16, 16), np.float32))
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tiny), "-o", str(out), "--calib", str(folder))
+    code, _, err = run_cli("quantize", str(tiny), "-o", str(out), "--calib", str(folder))
     _assert_one_line_error(code, err, "shape", "'x'")
     assert not out.exists()
 
 
 def test_unknown_preset(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tiny), "-o", str(out), "--preset", "w3a3", "--calib", "random")
+    code, _, err = run_cli("quantize", str(tiny), "-o", str(out), "--preset", "w3a3", "--calib", "random")
     _assert_one_line_error(code, err, "unknown preset 'w3a3'", "w8a8")
     assert not out.exists()
 
@@ -169,39 +163,39 @@ def test_recipe_with_unknown_key(tiny: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text('[weights]\ngranularty = "per-tensor"\n')
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tiny), "-o", str(out), "--recipe", str(recipe), "--calib", "random")
+    code, _, err = run_cli("quantize", str(tiny), "-o", str(out), "--recipe", str(recipe), "--calib", "random")
     _assert_one_line_error(code, err, "unknown key 'granularty'", "granularity")
     assert not out.exists()
 
 
 def test_refuses_to_overwrite_input(tiny: Path) -> None:
     before = tiny.read_bytes()
-    code, _, err = _run("quantize", str(tiny), "-o", str(tiny), "--calib", "random:2", "--no-progress")
+    code, _, err = run_cli("quantize", str(tiny), "-o", str(tiny), "--calib", "random:2", "--no-progress")
     _assert_one_line_error(code, err, "tiny.onnx")
     assert tiny.read_bytes() == before
 
 
 def test_static_preset_without_calibration(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tiny), "-o", str(out))
+    code, _, err = run_cli("quantize", str(tiny), "-o", str(out))
     _assert_one_line_error(code, err, "--calib")
     assert not out.exists()
 
 
 def test_usage_error_exit_code_2(tiny: Path) -> None:
-    code, _, _ = _run("quantize", str(tiny))
+    code, _, _ = run_cli("quantize", str(tiny))
     assert code == 2
 
 
 def test_calibrate_then_quantize_from_cache(tiny: Path, tmp_path: Path) -> None:
     stats = tmp_path / "stats.json"
-    code, stdout, err = _run("calibrate", str(tiny), "--calib", "random:3", "-o", str(stats), "--no-progress")
+    code, stdout, err = run_cli("calibrate", str(tiny), "--calib", "random:3", "-o", str(stats), "--no-progress")
     assert code == 0, err
     cache = json.loads(stats.read_text())
     assert cache["format"] == "onnxq-calibration-cache" and cache["ranges"]
     direct, cached = tmp_path / "direct.onnx", tmp_path / "cached.onnx"
-    assert _run("quantize", str(tiny), "-o", str(direct), "--calib", "random:3", "--no-progress")[0] == 0
-    code, stdout, err = _run("quantize", str(tiny), "-o", str(cached), "--calib-cache", str(stats), "--no-progress")
+    assert run_cli("quantize", str(tiny), "-o", str(direct), "--calib", "random:3", "--no-progress")[0] == 0
+    code, stdout, err = run_cli("quantize", str(tiny), "-o", str(cached), "--calib-cache", str(stats), "--no-progress")
     assert code == 0, err
     init = lambda p: {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in onnx.load(p).graph.initializer}  # noqa: E731
     assert init(direct) == init(cached), "the cache must reproduce the direct run's parameters exactly"
@@ -209,13 +203,13 @@ def test_calibrate_then_quantize_from_cache(tiny: Path, tmp_path: Path) -> None:
 
 def test_calibration_cache_refused_for_other_model_or_settings(tiny: Path, tmp_path: Path) -> None:
     stats = tmp_path / "stats.json"
-    assert _run("calibrate", str(tiny), "--calib", "random:2", "-o", str(stats), "--no-progress")[0] == 0
-    code, _, err = _run("quantize", str(tiny), "-o", str(tmp_path / "a.onnx"), "--calib-cache", str(stats), "--calibrator", "minmax")
+    assert run_cli("calibrate", str(tiny), "--calib", "random:2", "-o", str(stats), "--no-progress")[0] == 0
+    code, _, err = run_cli("quantize", str(tiny), "-o", str(tmp_path / "a.onnx"), "--calib-cache", str(stats), "--calibrator", "minmax")
     _assert_one_line_error(code, err, "different settings", "method")
     other = tmp_path / "other.onnx"
     model = onnx.load(tiny)
     model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
     onnx.save(model, other)
-    code, _, err = _run("quantize", str(other), "-o", str(tmp_path / "b.onnx"), "--calib-cache", str(stats))
+    code, _, err = run_cli("quantize", str(other), "-o", str(tmp_path / "b.onnx"), "--calib-cache", str(stats))
     _assert_one_line_error(code, err, "different model")
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()

@@ -3,6 +3,7 @@ the reference evaluator, target weight ranges, exclusions, Gemm attributes, tied
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
 from conftest import asset
-from helpers import full_check, make_ctx, op_types, run_ort, sqnr_db
+from helpers import full_check, make_ctx, make_model, node_named, op_types, run_ort, sqnr_db, value_info
 
 from onnxq.cli import main
 from onnxq.errors import PassError, RecipeError
@@ -32,17 +33,7 @@ def _reseed() -> None:
     RNG.bit_generator.state = np.random.default_rng(0).bit_generator.state
 
 
-def _vi(name: str, shape: list, elem: int = onnx.TensorProto.FLOAT) -> onnx.ValueInfoProto:
-    return onnx.helper.make_tensor_value_info(name, elem, shape)
-
-
-def _model(nodes: list[onnx.NodeProto], inputs: list, outputs: list, inits: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    g = onnx.helper.make_graph(nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
-    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    m = onnx.shape_inference.infer_shapes(m)
-    onnx.checker.check_model(m, full_check=True)
-    return m
+_model = functools.partial(make_model, infer_shapes=True)  # the models here carry inferred shapes
 
 
 def _linear_model(k: int = 32, n: int = 24, opset: int = 17) -> onnx.ModelProto:
@@ -54,7 +45,7 @@ def _linear_model(k: int = 32, n: int = 24, opset: int = 17) -> onnx.ModelProto:
         onnx.helper.make_node("Transpose", ["x"], ["xt"], name="t", perm=[0, 2, 1]),
         onnx.helper.make_node("MatMul", ["x", "xt"], ["gram"], name="gram"),
     ]
-    return _model(nodes, [_vi("x", ["B", "M", k])], [_vi("y", ["B", "M", n]), _vi("gram", ["B", "M", "M"])], inits, opset)
+    return _model(nodes, [value_info("x", ["B", "M", k])], [value_info("y", ["B", "M", n]), value_info("gram", ["B", "M", "M"])], inits, opset)
 
 
 def _recipe(granularity: str = "per-tensor", **changes: object) -> Recipe:
@@ -74,10 +65,6 @@ def _quantize(model: onnx.ModelProto, recipe: Recipe | None = None, target: str 
 
 def _init(model: onnx.ModelProto, name: str) -> np.ndarray:
     return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
-
-
-def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    return next(n for n in model.graph.node if n.name == name)
 
 
 def _x(shape: tuple[int, ...] = (2, 5, 32)) -> np.ndarray:
@@ -105,7 +92,7 @@ def test_op_types_and_counts(granularity: str) -> None:
     assert not any(t.name == "W" for t in q.graph.initializer), "the float weight must be gone"
     docs = ctx.scratch["doc_strings"]
     assert docs["fc/MatMulInteger"].startswith("onnxq: dynamic int8")
-    assert _node(q, "fc/MatMulInteger").op_type == "MatMulInteger"
+    assert node_named(q, "fc/MatMulInteger").op_type == "MatMulInteger"
     # graph outputs keep their names and float dtype
     assert [(o.name, o.type.tensor_type.elem_type) for o in q.graph.output] == [
         ("y", onnx.TensorProto.FLOAT), ("gram", onnx.TensorProto.FLOAT)]  # fmt: skip
@@ -174,7 +161,7 @@ def test_integer_arithmetic_matches_numpy_oracle_and_reference(mode: str, rotate
     model = _linear_model()
     spec = DynamicSpec(activation_granularity=mode, hadamard_block=rotate)  # type: ignore[arg-type]
     q, _, _ = _quantize(model, _recipe(weights=WeightSpec(range_method="minmax")).with_(dynamic=spec), target)
-    mmi = _node(q, "fc/MatMulInteger")
+    mmi = node_named(q, "fc/MatMulInteger")
     w = _init(q, mmi.input[1])
     w_zp = _init(q, mmi.input[3]) if len(mmi.input) > 3 else np.zeros((), np.int8)
     w_float = _init(model, "W").astype(np.float64)
@@ -251,7 +238,7 @@ def test_per_row_zero_row_gives_zero_not_nan() -> None:
     ("arm64", np.int8, -127, 127), ("x86-avx2-u8", np.uint8, 1, 255)])  # fmt: skip
 def test_weight_range_follows_target(granularity: str, target: str, dtype: type, lo: int, hi: int) -> None:
     q, result, _ = _quantize(_linear_model(), _recipe(granularity, weights=WeightSpec(range_method="minmax")), target)
-    mmi = _node(q, "fc/MatMulInteger")
+    mmi = node_named(q, "fc/MatMulInteger")
     w = _init(q, mmi.input[1])
     assert w.dtype == dtype and w.min() == lo and w.max() == hi, f"{target}: {w.dtype} [{w.min()}, {w.max()}]"
     if dtype is np.uint8:
@@ -263,9 +250,9 @@ def test_weight_range_follows_target(granularity: str, target: str, dtype: type,
 
 def test_reduce_range_setting_overrides_target() -> None:
     q, _, _ = _quantize(_linear_model(), _recipe(weights=WeightSpec(range_method="minmax", reduce_range=False)), "x86-avx2")
-    assert np.abs(_init(q, _node(q, "fc/MatMulInteger").input[1])).max() == 127
+    assert np.abs(_init(q, node_named(q, "fc/MatMulInteger").input[1])).max() == 127
     q, _, _ = _quantize(_linear_model(), _recipe(weights=WeightSpec(range_method="minmax", reduce_range=True)), "x86-vnni")
-    assert np.abs(_init(q, _node(q, "fc/MatMulInteger").input[1])).max() == 64
+    assert np.abs(_init(q, node_named(q, "fc/MatMulInteger").input[1])).max() == 64
 
 
 def test_per_tensor_weights_and_affine_weights() -> None:
@@ -274,7 +261,7 @@ def test_per_tensor_weights_and_affine_weights() -> None:
     x = _x()
     assert sqnr_db(run_ort(model, {"x": x})[0], run_ort(q, {"x": x})[0]) > 25
     q, _, _ = _quantize(model, _recipe("per-row", weights=WeightSpec(symmetric=False, range_method="minmax")), "x86-avx2")
-    mmi = _node(q, "fc/MatMulInteger")
+    mmi = node_named(q, "fc/MatMulInteger")
     assert len(mmi.input) == 4 and _init(q, mmi.input[3]).shape == (24,), "affine weights: per-column zero points"
     assert sqnr_db(run_ort(model, {"x": x})[0], run_ort(q, {"x": x})[0]) > 30
 
@@ -301,7 +288,7 @@ def _two_linears(tied: bool = False) -> onnx.ModelProto:
         onnx.helper.make_node("MatMul", ["x", "W1" if tied else "W2"], ["b"], name="second"),
         onnx.helper.make_node("Add", ["a", "b"], ["y"], name="add"),
     ]
-    return _model(nodes, [_vi("x", [4, 16])], [_vi("y", [4, 16])], inits)
+    return _model(nodes, [value_info("x", [4, 16])], [value_info("y", [4, 16])], inits)
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
@@ -318,16 +305,16 @@ def test_tied_weights_and_shared_activation_quantized_once(granularity: str) -> 
 def test_exclusions_and_overrides_respected() -> None:
     model = _two_linears()
     q, result, _ = _quantize(model, _recipe(exclude=ExcludeSpec(names=("first",))))
-    assert _node(q, "first").op_type == "MatMul" and op_types(q).count("MatMulInteger") == 1
+    assert node_named(q, "first").op_type == "MatMul" and op_types(q).count("MatMulInteger") == 1
     assert result.counts["nodes_excluded"] == 1 and result.counts["nodes_quantized"] == 1
     q, result, _ = _quantize(model, _recipe(overrides=(Override(name_regex="^sec", skip=True),)))
-    assert _node(q, "second").op_type == "MatMul" and result.counts["nodes_excluded"] == 1
+    assert node_named(q, "second").op_type == "MatMul" and result.counts["nodes_excluded"] == 1
     q, result, _ = _quantize(model, _recipe(op_types=("Conv",)))  # the recipe quantizes no MatMul
     assert not result.modified and op_types(q) == ["MatMul", "MatMul", "Add"]
     # a per-node override changes that node's weights only
     q, _, _ = _quantize(model, _recipe(overrides=(Override(name="second", weights={"granularity": "per-tensor"}),)))
-    second_scale = _init(q, _node(q, "second/MulScales").input[1])
-    first_scale = _init(q, _node(q, "first/MulScales").input[1])
+    second_scale = _init(q, node_named(q, "second/MulScales").input[1])
+    first_scale = _init(q, node_named(q, "first/MulScales").input[1])
     assert second_scale.shape == () and first_scale.shape == (16,)
 
 
@@ -335,16 +322,16 @@ def _gemm_model(trans_a: int, trans_b: int, alpha: float, beta: float, bias: str
     k, n, m = 12, 10, 6
     w = RNG.normal(size=(n, k) if trans_b else (k, n)).astype(np.float32)
     inits = {"W": w}
-    inputs = [_vi("x", [k, m] if trans_a else [m, k])]
+    inputs = [value_info("x", [k, m] if trans_a else [m, k])]
     names = ["x", "W"]
     if bias == "const":
         inits["C"] = RNG.normal(size=(n,)).astype(np.float32)
         names.append("C")
     elif bias == "input":
-        inputs.append(_vi("C", [m, n]))
+        inputs.append(value_info("C", [m, n]))
         names.append("C")
     node = onnx.helper.make_node("Gemm", names, ["y"], name="gemm", transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
-    return _model([node], inputs, [_vi("y", [m, n])], inits)
+    return _model([node], inputs, [value_info("y", [m, n])], inits)
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
@@ -375,7 +362,7 @@ def test_must_not_fire_on_unsupported_weights() -> None:
         onnx.helper.make_node("MatMul", ["x", "W3"], ["y"], name="batched_weight"),
         onnx.helper.make_node("MatMul", ["x", "z"], ["v"], name="two_activations"),
     ]
-    model = _model(nodes, [_vi("x", [2, 3, 8]), _vi("z", [2, 8, 4])], [_vi("y", [2, 3, 4]), _vi("v", [2, 3, 4])], inits)
+    model = _model(nodes, [value_info("x", [2, 3, 8]), value_info("z", [2, 8, 4])], [value_info("y", [2, 3, 4]), value_info("v", [2, 3, 4])], inits)
     q, result, _ = _quantize(model)
     assert op_types(q) == ["MatMul", "MatMul"] and not result.modified
     assert result.counts["nodes_skipped"] == 1 and any("rank 3" in n for n in result.notes)
@@ -397,7 +384,7 @@ def test_inserted_names_never_collide() -> None:
         onnx.helper.make_node("Add", ["h", "x_quantized"], ["fc_int32"], name="fc/MatMulInteger"),
         onnx.helper.make_node("Relu", ["fc_int32"], ["y"], name="x/DynamicQuantizeLinear"),
     ]
-    model = _model(nodes, [_vi("x", [3, 8])], [_vi("y", [3, 8])], inits)
+    model = _model(nodes, [value_info("x", [3, 8])], [value_info("y", [3, 8])], inits)
     for g in GRANULARITIES:
         q, _, _ = _quantize(model, _recipe(g))
         names = [n.name for n in q.graph.node]
@@ -424,8 +411,8 @@ def test_cli_quantize_int8_dynamic(tmp_path: Path) -> None:
                                        "--target", "x86-avx2", "--no-progress", "--checked"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     q = onnx.load(out)
-    assert _node(q, "fc/MatMulInteger").op_type == "MatMulInteger" and _node(q, "gram").op_type == "MatMul"
-    assert "dynamic int8" in _node(q, "fc/MatMulInteger").doc_string
+    assert node_named(q, "fc/MatMulInteger").op_type == "MatMulInteger" and node_named(q, "gram").op_type == "MatMul"
+    assert "dynamic int8" in node_named(q, "fc/MatMulInteger").doc_string
     result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "c.onnx"), "--preset", "int8-dynamic",
                                        "--target", "cuda", "--no-progress"])  # fmt: skip
     assert result.exit_code == 1 and "--target" in result.stderr and not (tmp_path / "c.onnx").exists()

@@ -18,10 +18,10 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from conftest import asset
-from helpers import full_check, make_ctx, model_from_text, op_types, run_ort
+from helpers import full_check, initializer, make_ctx, make_model, model_from_text, op_types, run_ort, value_info
 from onnxq.errors import RecipeError
 from onnxq.passes import PASSES
 from onnxq.passes.float16 import DEFAULT_BLOCK_LIST, Float16Pass, convert_float16
@@ -31,22 +31,6 @@ from onnxq.recipe import Float16Spec, preset, recipe_from_dict
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 RNG = np.random.default_rng(0)
-
-
-def _model(nodes, inputs, outputs, inits=(), opset: int = 17) -> onnx.ModelProto:
-    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), list(inits))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def _vi(name: str, elem: int, shape) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(arr, name)
 
 
 def _convert(model: onnx.ModelProto, **kwargs):
@@ -63,12 +47,12 @@ def _cnn() -> onnx.ModelProto:
     """Conv -> Clip(0, 6) -> Add(residual) -> GlobalAveragePool -> Flatten -> Gemm (same weights every call)."""
     rng = np.random.default_rng(1)
     inits = [
-        _init("w", (rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32)),
-        _init("b", rng.standard_normal(4).astype(np.float32)),
-        _init("lo", np.array(0.0, np.float32)),
-        _init("hi", np.array(6.0, np.float32)),
-        _init("fc_w", rng.standard_normal((5, 4)).astype(np.float32)),
-        _init("fc_b", rng.standard_normal(5).astype(np.float32)),
+        initializer("w", (rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32)),
+        initializer("b", rng.standard_normal(4).astype(np.float32)),
+        initializer("lo", np.array(0.0, np.float32)),
+        initializer("hi", np.array(6.0, np.float32)),
+        initializer("fc_w", rng.standard_normal((5, 4)).astype(np.float32)),
+        initializer("fc_b", rng.standard_normal(5).astype(np.float32)),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -78,7 +62,7 @@ def _cnn() -> onnx.ModelProto:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
     ]
-    return _model(nodes, [_vi("x", TensorProto.FLOAT, [1, 4, 8, 8])], [_vi("y", TensorProto.FLOAT, [1, 5])], inits, 13)
+    return make_model(nodes, [value_info("x", [1, 4, 8, 8])], [value_info("y", [1, 5])], inits, 13)
 
 
 ATTENTION = """
@@ -175,9 +159,9 @@ def test_node_block_list_keeps_named_node_float32() -> None:
 
 def test_out_of_range_initializers_are_clamped_and_tiny_ones_flushed() -> None:
     big = np.array([1e5, -7e4, 3.0, 1e-9, 0.0, np.inf], np.float32)
-    model = _model(
+    model = make_model(
         [helper.make_node("Add", ["x", "c"], ["s"], name="add"), helper.make_node("Relu", ["s"], ["y"], name="relu")],
-        [_vi("x", TensorProto.FLOAT, [6])], [_vi("y", TensorProto.FLOAT, [6])], [_init("c", big)],
+        [value_info("x", [6])], [value_info("y", [6])], [initializer("c", big)],
     )  # fmt: skip
     graph, result = _convert(model)
     assert result.counts["values_clamped"] == 2 and result.counts["values_flushed_to_zero"] == 1
@@ -333,8 +317,8 @@ def test_outer_values_read_in_subgraph_stay_float32() -> None:
 
 
 def test_float16_model_is_left_untouched() -> None:
-    model = _model([helper.make_node("Add", ["x", "b"], ["y"], name="add")], [_vi("x", TensorProto.FLOAT16, [2, 3])],
-                   [_vi("y", TensorProto.FLOAT16, [2, 3])], [_init("b", np.array([1, 2, 3], np.float16))])  # fmt: skip
+    model = make_model([helper.make_node("Add", ["x", "b"], ["y"], name="add")], [value_info("x", [2, 3], TensorProto.FLOAT16)],
+                       [value_info("y", [2, 3], TensorProto.FLOAT16)], [initializer("b", np.array([1, 2, 3], np.float16))])  # fmt: skip
     graph, result = _convert(model)
     assert not result.modified and result.counts == {}
     assert "already holds float16" in result.notes[0]

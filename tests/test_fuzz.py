@@ -52,6 +52,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import make_model, value_info
 from onnxq.calibration.sources import RandomSource, input_specs
 from onnxq.cli import main
 from onnxq.errors import ModelLoadError, OnnxqError
@@ -693,8 +694,8 @@ def _names(model: onnx.ModelProto) -> set[str]:
     return {n for n in names if n}
 
 
-def _live_ops(model: onnx.ModelProto, ops: set[str]) -> list[str]:
-    """Op types (among ``ops``) of the nodes the graph outputs depend on, sorted."""
+def _live_nodes(model: onnx.ModelProto, ops: set[str]) -> list[onnx.NodeProto]:
+    """The nodes (of op types ``ops``) the graph outputs depend on."""
     producer = {o: n for n in model.graph.node for o in n.output}
     todo, seen, found = [o.name for o in model.graph.output], set(), []
     while todo:
@@ -704,9 +705,22 @@ def _live_ops(model: onnx.ModelProto, ops: set[str]) -> list[str]:
             continue
         seen.add(id(n))
         if n.op_type in ops:
-            found.append(n.op_type)
+            found.append(n)
         todo.extend(i for i in n.input if i)
-    return sorted(found)
+    return found
+
+
+def _live_ops(model: onnx.ModelProto, ops: set[str]) -> list[str]:
+    """Op types (among ``ops``) of the nodes the graph outputs depend on, sorted."""
+    return sorted(n.op_type for n in _live_nodes(model, ops))
+
+
+def _left_float(q: onnx.ModelProto) -> list[str]:
+    """The live Conv/Gemm/MatMul nodes of a quantized model that do not read both operands (activation and
+    weight, or two activations) from a DequantizeLinear: the layers the quantizer left in float."""
+    producer = {o: n.op_type for n in q.graph.node for o in n.output}
+    return [f"{n.op_type} {n.name!r}" for n in _live_nodes(q, {"Conv", "Gemm", "MatMul"})
+            if any(producer.get(i) != "DequantizeLinear" for i in n.input[:2])]  # fmt: skip
 
 
 def _check_bias_scales(model: onnx.ModelProto) -> None:
@@ -786,6 +800,9 @@ def test_quantize_random_graphs(model: onnx.ModelProto, method: str, preset_name
         # Softmax/Sigmoid are not quantizable: the live ones are all still there, computing in float
         keep = {"Softmax", "Sigmoid"}
         assert _live_ops(q, keep) == _live_ops(model, keep)
+        # the w8a8 presets quantize every Conv/Gemm/MatMul and nothing is excluded here: the share of those
+        # layers actually quantized is all of them, in every example (a layer left float is a silent miss)
+        assert not _left_float(q), f"layers left in float: {_left_float(q)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -837,12 +854,19 @@ def test_corrupted_model_bytes(data: bytes) -> None:
 
 
 def test_corruption_pool_is_valid() -> None:
-    """The uncorrupted pool loads and quantizes, so the corruption test starts from valid models."""
+    """The uncorrupted pool loads and quantizes (a checked model that runs, no layer left float), so the
+    corruption test starts from valid models that onnxq handles."""
+    pool = _pool()
+    assert len(pool) == 3 + DIGITS.is_file()
+    layers = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for i, data in enumerate(_pool()):
+        for i, data in enumerate(pool):
             path = Path(tmp) / f"m{i}.onnx"
             path.write_bytes(data)
-            load_model(path)
+            q = _quantize_and_check(load_model(path))
+            assert not _left_float(q), f"pool model {i}: layers left in float: {_left_float(q)}"
+            layers += len(_live_nodes(q, {"Conv", "Gemm", "MatMul"}))
+    assert layers > 0, "the pool holds no quantizable layer"
 
 
 @pytest.mark.parametrize("how", ["truncate", "flipped-header"])
@@ -945,11 +969,7 @@ def test_passthrough_reading_a_graph_input() -> None:
     h = onnx.helper
     nodes = [h.make_node("Transpose", ["x"], ["xt"], name="tr", perm=[1, 0]),
              h.make_node("MatMul", ["x", "xt"], ["y"], name="mm")]  # fmt: skip
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 7])],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 4])])  # fmt: skip
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
-    model.ir_version = 8
-    q = _quantize_and_check(model)
+    q = _quantize_and_check(make_model(nodes, [value_info("x", [4, 7])], [value_info("y", [4, 4])], opset=13))
     assert "QuantizeLinear" in [n.op_type for n in q.graph.node]
 
 
@@ -965,11 +985,8 @@ def test_tied_bias_of_unnamed_convs(names: tuple[str, str, str]) -> None:
     nodes = [h.make_node("Mul", ["x", "k"], ["r"], name=names[0]),
              h.make_node("Conv", ["x", "w", "b"], ["c1"], name=names[1], pads=[1, 1, 1, 1]),
              h.make_node("Conv", ["r", "w", "b"], ["c2"], name=names[2], pads=[1, 1, 1, 1])]  # fmt: skip
-    vi = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("c1", "c2")]
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])], vi, inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
-    model.ir_version = 8
-    q = _quantize_and_check(model, target="x86-vnni")
+    outputs = [value_info(n, [1, 4, 8, 8]) for n in ("c1", "c2")]
+    q = _quantize_and_check(make_model(nodes, [value_info("x", [1, 3, 8, 8])], outputs, inits, opset=13), target="x86-vnni")
     int32 = [t.name for t in q.graph.initializer
              if t.data_type == onnx.TensorProto.INT32 and "zero_point" not in t.name]  # fmt: skip
     assert len(int32) == 2, int32
@@ -998,10 +1015,7 @@ def test_model_names_that_onnxq_would_derive() -> None:
              h.make_node("Mul", ["c", "x_scale"], ["m"], name="x/QuantizeLinear"),
              h.make_node("Add", ["m", "w_quantized"], ["a"], name="add"),
              h.make_node("Add", ["a", "c_zero_point"], ["y"], name="add2")]  # fmt: skip
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], inits)  # fmt: skip
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = make_model(nodes, [value_info("x", [1, 3, 8, 8])], [value_info("y", [1, 4, 8, 8])], inits, opset=13, check=False)
     q = _quantize_and_check(model)  # full check (SSA names) and an ORT run (unique node names)
     named = [n.name for n in q.graph.node if n.name]
     assert len(named) == len(set(named))

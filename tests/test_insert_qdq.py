@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from helpers import full_check, make_ctx, op_types, run_ort, sqnr_db
+from helpers import full_check, make_ctx, make_model, op_types, run_ort, sqnr_db, value_info
 
 from onnxq.calibration.runner import CalibrationSession
 from onnxq.calibration.sources import RandomSource, input_specs
@@ -27,19 +28,7 @@ def _reseed() -> None:
     RNG.bit_generator.state = np.random.default_rng(0).bit_generator.state
 
 
-def _graph(nodes: list[onnx.NodeProto], inputs, outputs, inits: dict[str, np.ndarray], opset: int = 13) -> onnx.ModelProto:
-    g = onnx.helper.make_graph(
-        nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()]
-    )
-    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    m = onnx.shape_inference.infer_shapes(m)
-    onnx.checker.check_model(m, full_check=True)
-    return m
-
-
-def _vi(name: str, shape: list[int]) -> onnx.ValueInfoProto:
-    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+_graph = functools.partial(make_model, opset=13, infer_shapes=True)  # opset 13 models with inferred shapes
 
 
 def _quantize(model: onnx.ModelProto, recipe: Recipe | None = None, target: str = "x86-vnni", samples: int = 16):
@@ -65,7 +54,7 @@ def _conv_relu_model(act: str = "Relu", clip: tuple[float, float] = (0.0, 6.0)) 
         inits["lo"], inits["hi"] = np.array(clip[0], np.float32), np.array(clip[1], np.float32)
         nodes.append(onnx.helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="act"))
     nodes.append(onnx.helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"))
-    return _graph(nodes, [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 4, 8, 8])], inits)
+    return _graph(nodes, [value_info("x", [1, 3, 8, 8])], [value_info("y", [1, 4, 8, 8])], inits)
 
 
 def _feed(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -110,7 +99,7 @@ def test_full_range_weights_saturate_on_this_cpu() -> None:
              onnx.helper.make_node("Relu", ["c"], ["y0"], name="r"),
              onnx.helper.make_node("Conv", ["y0", "w2"], ["y"], name="conv2")]  # fmt: skip
     inits = {"w": np.abs(w), "w2": np.ones((1, 8, 1, 1), np.float32)}
-    model = _graph(nodes, [_vi("x", [1, 16, 4, 4])], [_vi("y", [1, 1, 4, 4])], inits)
+    model = _graph(nodes, [value_info("x", [1, 16, 4, 4])], [value_info("y", [1, 1, 4, 4])], inits)
     feed = {"x": np.full((1, 16, 4, 4), 4.0, np.float32)}
     errors = {}
     for target in ("x86-vnni", "x86-avx2"):
@@ -143,7 +132,7 @@ def _matmul_model(shared: bool = True) -> onnx.ModelProto:
         onnx.helper.make_node("MatMul", ["r", "w" if shared else "w2"], ["y"], name="mm2"),
     ]
     inits = {"w": w} if shared else {"w": w, "w2": w.copy()}
-    return _graph(nodes, [_vi("x", [4, 16])], [_vi("y", [4, 16])], inits)
+    return _graph(nodes, [value_info("x", [4, 16])], [value_info("y", [4, 16])], inits)
 
 
 def test_tied_weights_quantized_once() -> None:
@@ -171,7 +160,7 @@ def test_gemm_weight_axis_follows_transb(trans_b: int) -> None:
     w = RNG.normal(size=(10, 6) if trans_b else (6, 10)).astype(np.float32)
     nodes = [onnx.helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc", transB=trans_b),
              onnx.helper.make_node("Relu", ["g"], ["y"], name="r")]  # fmt: skip
-    model = _graph(nodes, [_vi("x", [2, 6])], [_vi("y", [2, 10])], {"w": w, "b": np.ones(10, np.float32)})
+    model = _graph(nodes, [value_info("x", [2, 6])], [value_info("y", [2, 10])], {"w": w, "b": np.ones(10, np.float32)})
     q, result, _ = _quantize(model)
     dq = next(n for n in q.graph.node if n.name == "w/DequantizeLinear")
     assert onnx.helper.get_attribute_value(dq.attribute[0]) == (0 if trans_b else 1)
@@ -194,7 +183,7 @@ def test_x86_avx2_profile_limits_gemm_weights_but_not_depthwise() -> None:
     nodes = [onnx.helper.make_node("Conv", ["x", "dw"], ["a"], name="dw", group=4, pads=[1, 1, 1, 1]),
              onnx.helper.make_node("Relu", ["a"], ["r"], name="relu"),
              onnx.helper.make_node("Conv", ["r", "pw"], ["y"], name="pw")]  # fmt: skip
-    model = _graph(nodes, [_vi("x", [1, 4, 6, 6])], [_vi("y", [1, 8, 6, 6])], {"dw": dw, "pw": pw})
+    model = _graph(nodes, [value_info("x", [1, 4, 6, 6])], [value_info("y", [1, 8, 6, 6])], {"dw": dw, "pw": pw})
     q, _, _ = _quantize(model, target="x86-avx2")
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
     assert np.abs(inits["pw_quantized"].astype(int)).max() == 64  # 7-bit: no int16 saturation in VPMADDUBSW
@@ -210,7 +199,7 @@ def test_pass_through_shares_input_parameters() -> None:
              onnx.helper.make_node("MatMul", ["f", "m"], ["y"], name="fc")]  # fmt: skip
     inits = {"w": RNG.normal(size=(2, 3, 1, 1)).astype(np.float32), "shape": np.array([1, 32], np.int64),
              "m": RNG.normal(size=(32, 5)).astype(np.float32)}  # fmt: skip
-    model = _graph(nodes, [_vi("x", [1, 3, 4, 4])], [_vi("y", [1, 5])], inits)
+    model = _graph(nodes, [value_info("x", [1, 3, 4, 4])], [value_info("y", [1, 5])], inits)
     q, _, _ = _quantize(model)
     inits_q = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
     assert inits_q["f_scale"] == inits_q["c_scale"] and inits_q["f_zero_point"] == inits_q["c_zero_point"]
@@ -228,7 +217,7 @@ def test_exclusions_leave_nodes_float() -> None:
 
 def test_does_not_fire_without_quantizable_ops() -> None:
     nodes = [onnx.helper.make_node("Softmax", ["x"], ["y"], name="sm")]
-    model = _graph(nodes, [_vi("x", [2, 5])], [_vi("y", [2, 5])], {})
+    model = _graph(nodes, [value_info("x", [2, 5])], [value_info("y", [2, 5])], {})
     q, result, _ = _quantize(model)
     assert not result.modified and op_types(q) == ["Softmax"]
 
@@ -271,7 +260,7 @@ def _mixed_model() -> onnx.ModelProto:
     inits = {"w": w, "w2": RNG.normal(size=(8, 3, 3, 3)).astype(np.float32) * 0.3, "k": np.array(0.5, np.float32),
              "scales": np.array([1, 1, 2, 2], np.float32), "ax": np.array([1], np.int64),
              "fc": RNG.normal(size=(5, 8)).astype(np.float32)}  # fmt: skip
-    return _graph(nodes, [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 5]), _vi("z", [1, 8, 8, 8])], inits)
+    return _graph(nodes, [value_info("x", [1, 3, 8, 8])], [value_info("y", [1, 5]), value_info("z", [1, 8, 8, 8])], inits)
 
 
 def test_all_supported_ops_quantize_and_run() -> None:
@@ -325,7 +314,7 @@ def _attention_like_model() -> onnx.ModelProto:
     ]
     inits = {"wq": RNG.normal(size=(8, 8)).astype(np.float32), "wk": RNG.normal(size=(8, 8)).astype(np.float32),
              "mask": np.where(np.tril(np.ones((6, 6))) > 0, 0.0, -1e4).astype(np.float32)}  # fmt: skip
-    return _graph(nodes, [_vi("x", [6, 8])], [_vi("y", [6, 6])], inits)
+    return _graph(nodes, [value_info("x", [6, 8])], [value_info("y", [6, 6])], inits)
 
 
 def test_activation_matmuls_quantized_by_default_and_excludable() -> None:

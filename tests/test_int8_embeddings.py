@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import asset
-from helpers import full_check, make_ctx, run_ort
+from helpers import full_check, make_ctx, make_model, run_ort, value_info
 from onnxq.calibration.sources import RandomSource, input_specs
 from onnxq.passes.int8_embeddings import Int8EmbeddingsPass
 from onnxq.quantize import quantize_model
@@ -40,18 +40,10 @@ def _model(table_dtype: type = np.float32) -> onnx.ModelProto:
         helper.make_node("MatMul", ["emb32", "w"], ["y"], name="proj"),
     ]
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(table_dtype))
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4]),
-         helper.make_tensor_value_info("tok", elem, [1, 8, DIM])],
-        [numpy_helper.from_array(table, "tok_table"), numpy_helper.from_array(pos, "pos_table"),
-         numpy_helper.from_array(np.arange(8, dtype=np.int64)[None], "positions"),
-         numpy_helper.from_array(rng.normal(0, 1, (DIM, 4)).astype(np.float32), "w")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return full_check(model)
+    inits = {"tok_table": table, "pos_table": pos, "positions": np.arange(8, dtype=np.int64)[None],
+             "w": rng.normal(0, 1, (DIM, 4)).astype(np.float32)}  # fmt: skip
+    return make_model(nodes, [value_info("input_ids", [1, 8], TensorProto.INT64)],
+                      [value_info("y", [1, 8, 4]), value_info("tok", [1, 8, DIM], elem)], inits)  # fmt: skip
 
 
 IDS = np.asarray([[3, 7, 0, 63, 7, 5, 1, 2]], np.int64)

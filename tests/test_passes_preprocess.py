@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import asset
-from helpers import full_check, make_ctx, model_from_text, op_types, run_ort
+from helpers import full_check, initializer, make_ctx, make_model, model_from_text, op_types, run_ort, value_info
 from onnxq.pipeline import Pipeline
 from onnxq.passes.constant_folding import ConstantFoldingPass, fold_constants
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass, fold_batchnorm
@@ -31,22 +31,6 @@ RNG_SEED = 0
 
 def _graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
-
-
-def _model(nodes, inputs, outputs, inits=(), opset: int = 17) -> onnx.ModelProto:
-    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), list(inits))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def _vi(name: str, elem: int, shape) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(arr, name)
 
 
 # --------------------------------------------------------------------------------------- shape inference
@@ -89,7 +73,7 @@ def test_shape_inference_keeps_going_past_an_unknown_op() -> None:
         helper.make_node("Mystery", ["r"], ["m"], name="mystery", domain="com.example"),
         helper.make_node("Relu", ["m"], ["y"], name="relu2"),
     ]
-    graph_proto = helper.make_graph(nodes, "g", [_vi("x", TensorProto.FLOAT, [2, 3])], [_vi("y", TensorProto.FLOAT, None)])
+    graph_proto = helper.make_graph(nodes, "g", [value_info("x", [2, 3])], [value_info("y", None)])
     model = helper.make_model(
         graph_proto, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
     )
@@ -139,7 +123,7 @@ def _text_with_weight(text: str, name: str, arr: np.ndarray) -> onnx.ModelProto:
     declared = [vi for vi in model.graph.value_info if vi.name == name]
     assert declared, f"{name} is not declared in the text"
     model.graph.value_info.remove(declared[0])
-    model.graph.initializer.append(_init(name, arr))
+    model.graph.initializer.append(initializer(name, arr))
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -191,7 +175,7 @@ def test_constant_folding_does_not_materialise_a_huge_expand() -> None:
     }
     """
     model = _text_with_weight(text, "row", np.linspace(-1, 1, 4096, dtype=np.float32)[None, :])
-    model.graph.output.append(_vi("z", TensorProto.FLOAT, [4, 4096]))
+    model.graph.output.append(value_info("z", [4, 4096]))
     graph = _graph(model)
     result = ConstantFoldingPass()(graph, make_ctx())
     assert op_types(graph) == ["Expand", "Add"]  # the small Expand (z) is folded, the big one is not
@@ -210,10 +194,10 @@ def test_constant_folding_does_not_materialise_a_huge_expand() -> None:
 
 def _bn_params(rng: np.random.Generator, c: int, prefix: str = "bn") -> list[onnx.TensorProto]:
     return [
-        _init(f"{prefix}_scale", rng.uniform(0.5, 1.5, c).astype(np.float32)),
-        _init(f"{prefix}_bias", rng.standard_normal(c).astype(np.float32)),
-        _init(f"{prefix}_mean", rng.standard_normal(c).astype(np.float32)),
-        _init(f"{prefix}_var", rng.uniform(0.5, 2.0, c).astype(np.float32)),
+        initializer(f"{prefix}_scale", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+        initializer(f"{prefix}_bias", rng.standard_normal(c).astype(np.float32)),
+        initializer(f"{prefix}_mean", rng.standard_normal(c).astype(np.float32)),
+        initializer(f"{prefix}_var", rng.uniform(0.5, 2.0, c).astype(np.float32)),
     ]
 
 
@@ -225,14 +209,14 @@ def _bn_node(x: str, y: str, prefix: str = "bn") -> onnx.NodeProto:
 def _conv_bn_model(rng: np.random.Generator, *, bias: bool, extra_consumer: bool = False) -> onnx.ModelProto:
     conv_inputs = ["x", "w"] + (["b"] if bias else [])
     nodes = [helper.make_node("Conv", conv_inputs, ["c"], name="conv", pads=[1, 1, 1, 1]), _bn_node("c", "y")]
-    outputs = [_vi("y", TensorProto.FLOAT, [1, 4, 5, 5])]
+    outputs = [value_info("y", [1, 4, 5, 5])]
     if extra_consumer:
         nodes.append(helper.make_node("Relu", ["c"], ["r"], name="relu"))
-        outputs.append(_vi("r", TensorProto.FLOAT, [1, 4, 5, 5]))
-    inits = [_init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))] + _bn_params(rng, 4)
+        outputs.append(value_info("r", [1, 4, 5, 5]))
+    inits = [initializer("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))] + _bn_params(rng, 4)
     if bias:
-        inits.append(_init("b", rng.standard_normal(4).astype(np.float32)))
-    return _model(nodes, [_vi("x", TensorProto.FLOAT, [1, 3, 5, 5])], outputs, inits)
+        inits.append(initializer("b", rng.standard_normal(4).astype(np.float32)))
+    return make_model(nodes, [value_info("x", [1, 3, 5, 5])], outputs, inits)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -256,8 +240,8 @@ def test_fold_batchnorm_into_grouped_conv_transpose() -> None:
         helper.make_node("ConvTranspose", ["x", "w"], ["c"], name="deconv", group=2, strides=[2, 2]),
         _bn_node("c", "y"),
     ]
-    inits = [_init("w", rng.standard_normal((4, 3, 2, 2)).astype(np.float32))] + _bn_params(rng, 6)
-    model = _model(nodes, [_vi("x", TensorProto.FLOAT, [1, 4, 3, 3])], [_vi("y", TensorProto.FLOAT, [1, 6, 6, 6])], inits)
+    inits = [initializer("w", rng.standard_normal((4, 3, 2, 2)).astype(np.float32))] + _bn_params(rng, 6)
+    model = make_model(nodes, [value_info("x", [1, 4, 3, 3])], [value_info("y", [1, 6, 6, 6])], inits)
     graph = fold_batchnorm(_graph(model))
     assert op_types(graph) == ["ConvTranspose"]
     x = rng.standard_normal((1, 4, 3, 3)).astype(np.float32)
@@ -274,10 +258,10 @@ def test_fold_batchnorm_into_gemm(trans_b: int, with_c: bool, beta: float) -> No
         helper.make_node("Gemm", inputs, ["g"], name="gemm", transB=trans_b, beta=beta, alpha=0.7),
         _bn_node("g", "y"),
     ]
-    inits = [_init("w", rng.standard_normal(w_shape).astype(np.float32))] + _bn_params(rng, 6)
+    inits = [initializer("w", rng.standard_normal(w_shape).astype(np.float32))] + _bn_params(rng, 6)
     if with_c:
-        inits.append(_init("c", rng.standard_normal((1, 6)).astype(np.float32)))
-    model = _model(nodes, [_vi("x", TensorProto.FLOAT, [3, 5])], [_vi("y", TensorProto.FLOAT, [3, 6])], inits)
+        inits.append(initializer("c", rng.standard_normal((1, 6)).astype(np.float32)))
+    model = make_model(nodes, [value_info("x", [3, 5])], [value_info("y", [3, 6])], inits)
     graph = fold_batchnorm(_graph(model))
     assert op_types(graph) == ["Gemm"]
     x = rng.standard_normal((3, 5)).astype(np.float32)
@@ -288,9 +272,9 @@ def test_fold_batchnorm_into_gemm(trans_b: int, with_c: bool, beta: float) -> No
 def test_fold_batchnorm_float16_weights_stay_float16() -> None:
     rng = np.random.default_rng(RNG_SEED)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), _bn_node("c", "y")]
-    inits = [_init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float16))]
-    inits += [_init(t.name, numpy_helper.to_array(t).astype(np.float16)) for t in _bn_params(rng, 4)]
-    model = _model(nodes, [_vi("x", TensorProto.FLOAT16, [1, 3, 4, 4])], [_vi("y", TensorProto.FLOAT16, [1, 4, 4, 4])], inits)
+    inits = [initializer("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float16))]
+    inits += [initializer(t.name, numpy_helper.to_array(t).astype(np.float16)) for t in _bn_params(rng, 4)]
+    model = make_model(nodes, [value_info("x", [1, 3, 4, 4], TensorProto.FLOAT16)], [value_info("y", [1, 4, 4, 4], TensorProto.FLOAT16)], inits)
     graph = fold_batchnorm(_graph(model))
     assert op_types(graph) == ["Conv"]
     assert all(t.values.dtype == np.float16 for t in graph.nodes[0].inputs[1:])
@@ -320,12 +304,12 @@ def test_fold_batchnorm_keeps_bn_on_graph_input_and_non_constant_params() -> Non
         helper.make_node("Conv", ["a", "w"], ["c"], name="conv"),
         helper.make_node("BatchNormalization", ["c", "s", "bn_bias", "bn_mean", "bn_var"], ["y"], name="bn_var_scale"),
     ]
-    inits = [_init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32))]
+    inits = [initializer("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32))]
     inits += _bn_params(rng, 3, prefix="bn_in") + _bn_params(rng, 4)[1:]
-    model = _model(
+    model = make_model(
         nodes,
-        [_vi("x", TensorProto.FLOAT, [1, 3, 4, 4]), _vi("s", TensorProto.FLOAT, [4])],
-        [_vi("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [value_info("x", [1, 3, 4, 4]), value_info("s", [4])],
+        [value_info("y", [1, 4, 4, 4])],
         inits,
     )
     graph = _graph(model)
@@ -387,7 +371,7 @@ def test_remove_dead_nodes_keeps_dropout_whose_mask_is_used() -> None:
 def _fp16_model(rng: np.random.Generator) -> onnx.ModelProto:
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["m"], name="matmul"),
-        helper.make_node("Constant", [], ["k"], name="k", value=_init("kv", np.array([0.5, -1.0, 2.0], np.float16))),
+        helper.make_node("Constant", [], ["k"], name="k", value=initializer("kv", np.array([0.5, -1.0, 2.0], np.float16))),
         helper.make_node("Add", ["m", "k"], ["a"], name="add"),
         helper.make_node("Cast", ["a"], ["a32"], name="to32", to=TensorProto.FLOAT),
         helper.make_node("Relu", ["a32"], ["r"], name="relu"),
@@ -395,11 +379,11 @@ def _fp16_model(rng: np.random.Generator) -> onnx.ModelProto:
         helper.make_node("Softmax", ["r16"], ["y"], name="softmax", axis=-1),
         helper.make_node("Neg", ["y"], ["z"], name="neg"),
     ]
-    w = _init("w", rng.standard_normal((4, 3)).astype(np.float16))
-    return _model(
+    w = initializer("w", rng.standard_normal((4, 3)).astype(np.float16))
+    return make_model(
         nodes,
-        [_vi("x", TensorProto.FLOAT16, [2, 4])],
-        [_vi("y", TensorProto.FLOAT16, [2, 3]), _vi("z", TensorProto.FLOAT16, [2, 3])],
+        [value_info("x", [2, 4], TensorProto.FLOAT16)],
+        [value_info("y", [2, 3], TensorProto.FLOAT16), value_info("z", [2, 3], TensorProto.FLOAT16)],
         [w],
     )
 
@@ -437,7 +421,7 @@ def test_upcast_bfloat16_keeps_bfloat16_interface() -> None:
     w = np.array([1.5, -2.0, 0.25], dtype=ml_dtypes.bfloat16)
     init = helper.make_tensor("w", TensorProto.BFLOAT16, [3], w.astype(np.float32).tolist())
     nodes = [helper.make_node("Mul", ["x", "w"], ["y"], name="mul")]
-    model = _model(nodes, [_vi("x", TensorProto.BFLOAT16, [3])], [_vi("y", TensorProto.BFLOAT16, [3])], [init])
+    model = make_model(nodes, [value_info("x", [3], TensorProto.BFLOAT16)], [value_info("y", [3], TensorProto.BFLOAT16)], [init])
     graph = _graph(model)
     ctx = make_ctx()
     result = UpcastFloat16Pass()(graph, ctx)
@@ -451,7 +435,7 @@ def test_upcast_bfloat16_keeps_bfloat16_interface() -> None:
     probe = onnx.ModelProto()
     probe.CopyFrom(exported)
     probe.graph.node.append(helper.make_node("Cast", ["y"], ["y_probe"], to=TensorProto.FLOAT))
-    probe.graph.output.append(_vi("y_probe", TensorProto.FLOAT, [3]))
+    probe.graph.output.append(value_info("y_probe", [3]))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -464,8 +448,8 @@ def test_upcast_bfloat16_keeps_bfloat16_interface() -> None:
 def test_upcast_initializer_that_is_also_an_output_keeps_its_name_and_type() -> None:
     w = np.array([0.5, -1.0, 2.0], np.float16)
     nodes = [helper.make_node("Add", ["x", "w"], ["y"], name="add")]
-    outputs = [_vi("y", TensorProto.FLOAT16, [3]), _vi("w", TensorProto.FLOAT16, [3])]
-    model = _model(nodes, [_vi("x", TensorProto.FLOAT16, [3])], outputs, [_init("w", w)])
+    outputs = [value_info("y", [3], TensorProto.FLOAT16), value_info("w", [3], TensorProto.FLOAT16)]
+    model = make_model(nodes, [value_info("x", [3], TensorProto.FLOAT16)], outputs, [initializer("w", w)])
     graph = upcast_float16(_graph(model))
     exported = full_check(graph)
     assert [(v.name, v.type.tensor_type.elem_type) for v in exported.graph.output] == [

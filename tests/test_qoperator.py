@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
 from conftest import asset
-from helpers import full_check, make_ctx, run_ort
+from helpers import full_check, make_ctx, make_model, run_ort
 
 from onnxq.cli import main
 from onnxq.errors import PassError
@@ -72,13 +72,7 @@ class QDQ:
 
     def model(self, outputs: list[str], opset: int = 13) -> onnx.ModelProto:
         outs = [onnx.helper.make_empty_tensor_value_info(o) for o in outputs]
-        inits = [onnx.numpy_helper.from_array(v, k) for k, v in self.inits.items()]
-        g = onnx.helper.make_graph(self.nodes, "g", self.inputs, outs, inits)
-        m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
-        m.ir_version = 8
-        m = onnx.shape_inference.infer_shapes(m)
-        onnx.checker.check_model(m, full_check=True)
-        return m
+        return make_model(self.nodes, self.inputs, outs, self.inits, opset, infer_shapes=True)
 
 
 def _codes(shape: tuple[int, ...], lo: int = -60, hi: int = 60, dtype: Any = np.int8) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,13 +70,54 @@ def test_exclusions_and_skip() -> None:
     assert r.config_for("lstm", "LSTM") is None  # not a quantizable op
 
 
+def _toml_value(v: object) -> str:
+    """One TOML value: a string, bool, number, array or inline table (None is never passed: TOML has no null)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def _recipe_toml(data: dict) -> str:
+    """A recipe's plain data (recipe_to_dict) written as a TOML file the way a user would: top-level keys, then
+    one [table] per settings group and one [[override]] per override. Unset (None) values are left out."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if k != "override" and not isinstance(v, dict)]
+    for key, table in data.items():
+        if isinstance(table, dict):
+            lines += [f"[{key}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)]
+    for override in data["override"]:
+        lines += ["[[override]]", *(f"{k} = {_toml_value(v)}" for k, v in override.items() if v is not None)]
+    return "\n".join(lines) + "\n"
+
+
 def test_toml_round_trip(tmp_path: Path) -> None:
     p = tmp_path / "r.toml"
-    p.write_text('preset = "w8a8"\nname = "mine"\n[calibration]\nsamples = 16\n[[override]]\nop_type = "Gemm"\nskip = true\n')
+    p.write_text('preset = "w8a8"\nname = "mine"\n[calibration]\nsamples = 16\n[exclude]\nnames = ["head/fc"]\n'
+                 '[[override]]\nop_type = "Gemm"\nskip = true\n[[override]]\nname_regex = "^body/"\n'
+                 '[override.weights]\ngranularity = "per-tensor"\n')  # fmt: skip
     r = load_recipe(p)
     assert r.name == "mine" and r.calibration.samples == 16 and r.overrides[0].skip
+    assert r.exclude.names == ("head/fc",) and r.overrides[1].weights == {"granularity": "per-tensor"}
     data = recipe_to_dict(r)
     assert data["override"][0]["op_type"] == "Gemm" and data["calibration"]["samples"] == 16
+    # every setting written back as TOML loads into the same recipe
+    again = tmp_path / "again.toml"
+    again.write_text(_recipe_toml(data))
+    assert load_recipe(again) == r
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips_through_toml(tmp_path: Path, name: str) -> None:
+    p = tmp_path / f"{name}.toml"
+    p.write_text(_recipe_toml(recipe_to_dict(preset(name))))
+    assert load_recipe(p) == preset(name)
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -7,22 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
-from onnx import helper, numpy_helper
+from onnx import helper
 from rich.console import Console
 
 from onnxq.errors import ModelLoadError
 from onnxq.summary import ModelSummary, render_summary, share_line, summarize
 from conftest import asset
+from helpers import initializer, run_ort
 
 RNG = np.random.default_rng(0)
 CONV_MACS = 1 * 4 * 6 * 6 * 3 * 3 * 3  # N*Cout*OH*OW * Cin*KH*KW for 1x3x8x8 -> 1x4x6x6, 3x3 kernel
-
-
-def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(arr, name)
 
 
 def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
@@ -34,18 +30,12 @@ def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outpu
     return model
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
 def float_conv(batch: int | str = 1) -> onnx.ModelProto:
     w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
     return _model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv1"), helper.make_node("Relu", ["y"], ["z"])],
                   [helper.make_tensor_value_info("x", T.FLOAT, [batch, 3, 8, 8])],
                   [helper.make_tensor_value_info("z", T.FLOAT, [batch, 4, 6, 6])],
-                  [_init("w", w), _init("b", np.zeros(4, np.float32))])
+                  [initializer("w", w), initializer("b", np.zeros(4, np.float32))])
 
 
 def qdq_conv(activation_qdq: bool = True) -> onnx.ModelProto:
@@ -58,8 +48,8 @@ def qdq_conv(activation_qdq: bool = True) -> onnx.ModelProto:
                   helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="conv1/DequantizeLinear")]
         x = "xd"
     nodes.append(helper.make_node("Conv", [x, "w", "b"], ["y"], name="conv1"))
-    inits = [_init("wq", wq), _init("ws", np.float32(0.01)), _init("xs", np.float32(0.02)),
-             _init("xz", np.uint8(128)), _init("b", np.zeros(4, np.float32))]
+    inits = [initializer("wq", wq), initializer("ws", np.float32(0.01)), initializer("xs", np.float32(0.02)),
+             initializer("xz", np.uint8(128)), initializer("b", np.zeros(4, np.float32))]
     return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
                   [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 6, 6])], inits)
 
@@ -70,9 +60,9 @@ def matmul_nbits() -> onnx.ModelProto:
     nodes = [helper.make_node("MatMulNBits", ["a", "bq", "scales"], ["h"], name="fc1", domain="com.microsoft",
                               K=k, N=n, bits=4, block_size=block),
              helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
-    inits = [_init("bq", RNG.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8)),
-             _init("scales", np.full(n * k // block, 0.01, np.float32)),
-             _init("w2", RNG.standard_normal((n, 16)).astype(np.float32))]
+    inits = [initializer("bq", RNG.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8)),
+             initializer("scales", np.full(n * k // block, 0.01, np.float32)),
+             initializer("w2", RNG.standard_normal((n, 16)).astype(np.float32))]
     return _model(nodes, [helper.make_tensor_value_info("a", T.FLOAT, [1, 3, k])],
                   [helper.make_tensor_value_info("y", T.FLOAT, [1, 3, 16])], inits, ms=True)
 
@@ -90,7 +80,7 @@ def test_float_conv_is_not_quantized() -> None:
 
 def test_qdq_conv_is_fully_quantized() -> None:
     model = qdq_conv()
-    _run(model, {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})  # a valid, runnable QDQ graph
+    run_ort(model, {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})  # a valid, runnable QDQ graph
     s = summarize(model)
     (op,) = s.compute_ops
     assert (op.op_type, op.macs, op.precision, op.quantized, op.weight_only) == ("Conv", CONV_MACS, "int8", True, False)
@@ -111,7 +101,7 @@ def test_blocked_int4_dq_matmul() -> None:
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0, block_size=32),
              helper.make_node("MatMul", ["xd", "w"], ["y"], name="mm")]
-    inits = [w4, _init("ws", np.full((2, 16), 0.1, np.float32)), _init("xs", np.float32(0.02)), _init("xz", np.int8(0))]
+    inits = [w4, initializer("ws", np.full((2, 16), 0.1, np.float32)), initializer("xs", np.float32(0.02)), initializer("xz", np.int8(0))]
     model = _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [2, 64])],
                    [helper.make_tensor_value_info("y", T.FLOAT, [2, 16])], inits, opset=21)
     s = summarize(model)
@@ -122,7 +112,7 @@ def test_blocked_int4_dq_matmul() -> None:
 
 def test_matmulinteger() -> None:
     nodes = [helper.make_node("MatMulInteger", ["a", "b", "az", "bz"], ["y"], name="mmi")]
-    inits = [_init("b", RNG.integers(-127, 128, (16, 8)).astype(np.int8)), _init("az", np.uint8(128)), _init("bz", np.int8(0))]
+    inits = [initializer("b", RNG.integers(-127, 128, (16, 8)).astype(np.int8)), initializer("az", np.uint8(128)), initializer("bz", np.int8(0))]
     model = _model(nodes, [helper.make_tensor_value_info("a", T.UINT8, [2, 16])],
                    [helper.make_tensor_value_info("y", T.INT32, [2, 8])], inits, opset=13)
     s = summarize(model)
@@ -133,7 +123,7 @@ def test_matmulinteger() -> None:
 
 def test_matmulnbits_int4_and_shapes_past_contrib_ops() -> None:
     model = matmul_nbits()
-    y = _run(model, {"a": RNG.standard_normal((1, 3, 64)).astype(np.float32)})[0]
+    y = run_ort(model, {"a": RNG.standard_normal((1, 3, 64)).astype(np.float32)})[0]
     assert y.shape == (1, 3, 16)
     s = summarize(model)
     nbits, fc2 = s.compute_ops
@@ -158,7 +148,7 @@ def test_matmulnbits_int4_and_shapes_past_contrib_ops() -> None:
 def test_macs_by_hand(node: onnx.NodeProto, inputs: list, inits: list, out: list, expected: int) -> None:
     model = _model([node], [helper.make_tensor_value_info(n, T.FLOAT, s) for n, s in inputs],
                    [helper.make_tensor_value_info("y", T.FLOAT, out)],
-                   [_init(n, np.ones(s, np.float32)) for n, s in inits])
+                   [initializer(n, np.ones(s, np.float32)) for n, s in inits])
     assert [op.macs for op in summarize(model).compute_ops] == [expected]
 
 
@@ -181,7 +171,7 @@ def test_ir3_initializers_listed_as_inputs() -> None:
     w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8]), helper.make_tensor_value_info("w", T.FLOAT, [4, 3, 3, 3])],
-                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 6, 6])], [_init("w", w)])
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 6, 6])], [initializer("w", w)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=3)
     onnx.checker.check_model(model)
     s = summarize(model)
@@ -194,7 +184,7 @@ def test_reshape_target_from_shape_arithmetic_in_old_opset() -> None:
     nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
              helper.make_node("Unsqueeze", ["n"], ["n1"], axes=[0]), helper.make_node("Concat", ["n1", "m1"], ["t"], axis=0),
              helper.make_node("Reshape", ["x", "t"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"], name="head")]
-    inits = [_init("i0", np.int64(0)), _init("m1", np.array([-1], np.int64)), _init("w", np.ones((48, 10), np.float32))]
+    inits = [initializer("i0", np.int64(0)), initializer("m1", np.array([-1], np.int64)), initializer("w", np.ones((48, 10), np.float32))]
     model = _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, ["batch", 3, 4, 4])],
                    [helper.make_tensor_value_info("y", T.FLOAT, ["batch", 10])], inits, opset=11)
     assert [op.macs for op in summarize(model).compute_ops] == [48 * 10]

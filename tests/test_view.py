@@ -211,15 +211,22 @@ def test_view_model_blocks_until_ctrl_c_then_stops(tiny_model: Path, netron) -> 
 
 
 def test_wait_returns_when_the_server_is_stopped_elsewhere(tiny_model: Path, netron) -> None:
+    """wait() blocks while the server runs and returns once another thread stops it. It runs in a daemon
+    thread with a deadline, so a wait() that never returns fails the test instead of hanging the run."""
     address = serve(tiny_model, port=0)
-    timer = threading.Timer(0.3, stop, args=(address,))
-    timer.start()
+    port = int(ADDRESS.match(address).group(1))  # type: ignore[union-attr]
+    waiter = threading.Thread(target=wait, args=(address,), kwargs={"poll_s": 0.05}, daemon=True)
     try:
-        wait(address)
-    finally:
-        timer.cancel()
-        timer.join()
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive(), "wait() returned while the server was still running"
         stop(address)
+        waiter.join(timeout=10)
+        assert not waiter.is_alive(), "wait() did not return within 10 s of the server being stopped"
+    finally:
+        stop(address)
+        waiter.join(timeout=10)
+    assert not netron.status(("localhost", port))
 
 
 def test_cli_view_missing_model_one_line_error(tmp_path: Path) -> None:

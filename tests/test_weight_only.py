@@ -15,14 +15,12 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from conftest import asset
-from helpers import full_check, make_ctx, op_types, run_ort, sqnr_db
+from helpers import full_check, make_ctx, node_named, op_types, run_cli, run_ort, sqnr_db
 from test_segments import VOCAB, tiny_llama
 
 from onnxq.calibration.runner import CalibrationSession
 from onnxq.calibration.sources import TokenFileSource, input_specs
-from onnxq.cli import main
 from onnxq.errors import PassError, RecipeError
 from onnxq.model import to_model
 from onnxq.passes import WeightOnlyPass
@@ -64,10 +62,6 @@ def _step(result: QuantizeResult) -> StepRecord:
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-
-
-def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    return next(n for n in model.graph.node if n.name == name)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -145,9 +139,9 @@ def test_rtn_packs_every_weight_matmul_in_both_formats() -> None:
     assert ops.count("MatMulNBits") == N_WEIGHT_MATMULS and ops.count("MatMul") == N_ACTIVATION_MATMULS
     assert {o.domain: o.version for o in nbits.opset_import} == {"": 17, MS_DOMAIN: 1}
     for name, w in WEIGHT.items():
-        node = _node(nbits, f"{name}/MatMulNBits")
+        node = node_named(nbits, f"{name}/MatMulNBits")
         k, n = _inits(_tiny())[w].shape
-        assert node.domain == MS_DOMAIN and node.output[0] == _node(_tiny(), name).output[0]
+        assert node.domain == MS_DOMAIN and node.output[0] == node_named(_tiny(), name).output[0]
         assert _attrs(node) == {"K": k, "N": n, "bits": 4, "block_size": 16}  # accuracy_level 0: left out
         assert node.doc_string.startswith("onnxq: RTN weight-only int4 asymmetric block 16")
     assert not any(w in _inits(nbits) for w in WEIGHT.values()), "a float weight was left in the model"
@@ -161,10 +155,10 @@ def test_rtn_packs_every_weight_matmul_in_both_formats() -> None:
     assert "MatMulNBits" not in ops
     inits = {t.name: t for t in qdq.graph.initializer}
     for name in WEIGHT:
-        dq = _node(qdq, f"{name}/DequantizeLinear")
+        dq = node_named(qdq, f"{name}/DequantizeLinear")
         assert _attrs(dq) == {"axis": 0, "block_size": 16}
         assert inits[dq.input[0]].data_type == onnx.TensorProto.UINT4 and len(dq.input) == 3  # asymmetric: zero points
-        assert _node(qdq, name).input[1] == dq.output[0]
+        assert node_named(qdq, name).input[1] == dq.output[0]
 
 
 def test_rtn_output_is_the_float_model_with_dequantized_weights() -> None:
@@ -189,7 +183,7 @@ def test_rtn_output_is_the_float_model_with_dequantized_weights() -> None:
 
 def test_lm_head_float_and_int8() -> None:
     floated = quantize_model(_tiny(), _recipe(lm_head="float", embeddings="float"))
-    head = _node(floated.model, "lm_head")
+    head = node_named(floated.model, "lm_head")
     assert head.op_type == "MatMul"
     np.testing.assert_array_equal(_inits(floated.model)[head.input[1]], _inits(_tiny())["lm_head.weight"])
     assert op_types(floated.model).count("MatMulNBits") == N_WEIGHT_MATMULS - 1
@@ -258,7 +252,7 @@ def test_int8_embeddings_are_per_row_symmetric() -> None:
 
     kept = quantize_model(model, _recipe(embeddings="float"))
     assert _step(kept).counts["embeddings_quantized"] == 0
-    gather = _node(kept.model, "embed/Gather")
+    gather = node_named(kept.model, "embed/Gather")
     assert gather.input[0] == "embed.weight"
     np.testing.assert_array_equal(run_ort(kept.model, {"input_ids": ids})[1], table[ids])
 
@@ -267,7 +261,7 @@ def test_exclude_op_gather_keeps_the_embedding_float() -> None:
     recipe = _recipe(embeddings="int8")
     res = quantize_model(_tiny(), recipe.with_(exclude=dataclasses.replace(recipe.exclude, op_types=("Gather",))))
     assert _step(res).counts["embeddings_quantized"] == 0
-    assert _node(res.model, "embed/Gather").input[0] == "embed.weight"
+    assert node_named(res.model, "embed/Gather").input[0] == "embed.weight"
 
 
 # --------------------------------------------------------------------------------------- GPTQ and AWQ
@@ -450,7 +444,7 @@ def test_gptq_with_a_weight_shared_by_two_layers(tmp_path: Path) -> None:
     """Tied weights: layers.1/q_proj reads layers.0's q weight. GPTQ should quantize it once and run."""
     model = onnx.ModelProto()
     model.CopyFrom(_tiny())
-    _node(model, "layers.1/q_proj").input[1] = "layers.0.wq"
+    node_named(model, "layers.1/q_proj").input[1] = "layers.0.wq"
     model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "layers.1.wq"))
     res = quantize_model(model, _recipe("w4-gptq", embeddings="float"),
                          calibration=CalibrationOptions(source=str(_tokens_file(tmp_path)), seq_len=16))  # fmt: skip
@@ -506,11 +500,6 @@ def test_per_channel_and_format_rules() -> None:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def _run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.fixture()
 def tiny_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.onnx"
@@ -520,7 +509,7 @@ def tiny_path(tmp_path: Path) -> Path:
 
 def test_cli_gptq_needs_calib(tiny_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tiny_path), "-o", str(out), "--preset", "w4-gptq")
+    code, _, err = run_cli("quantize", str(tiny_path), "-o", str(out), "--preset", "w4-gptq")
     text = " ".join(err.split())
     assert code == 1 and text.startswith("error:") and "Traceback" not in err
     assert "--calib" in text and "w4-rtn" in text and "GPTQ" in text
@@ -528,16 +517,16 @@ def test_cli_gptq_needs_calib(tiny_path: Path, tmp_path: Path) -> None:
 
 
 def test_cli_weight_only_flags_need_a_weight_only_preset(tiny_path: Path, tmp_path: Path) -> None:
-    code, _, err = _run("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w8a8", "--block-size", "64",
+    code, _, err = run_cli("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w8a8", "--block-size", "64",
                         "--calib", "random:1")  # fmt: skip
     assert code == 2 and "--block-size applies to weight-only presets" in " ".join(err.split())
-    code, _, err = _run("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-rtn", "--format", "qoperator")
+    code, _, err = run_cli("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-rtn", "--format", "qoperator")
     assert code == 1 and "no QOperator form" in " ".join(err.split())
 
 
 def test_cli_w4_rtn_writes_the_recipe(tiny_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
-    code, stdout, err = _run("quantize", str(tiny_path), "-o", str(out), "--preset", "w4-rtn", "--block-size", "16", "--json")
+    code, stdout, err = run_cli("quantize", str(tiny_path), "-o", str(out), "--preset", "w4-rtn", "--block-size", "16", "--json")
     assert code == 0, err
     counts = next(s["counts"] for s in json.loads(stdout)["steps"] if s["name"] == "weight_only")
     assert counts["layers_quantized"] + counts["layers_int8"] == N_WEIGHT_MATMULS and counts["embeddings_quantized"] == 1
@@ -554,7 +543,7 @@ def test_cli_w4_rtn_writes_the_recipe(tiny_path: Path, tmp_path: Path) -> None:
 def test_cli_awq_qdq_symmetric_float_head(tiny_path: Path, tmp_path: Path) -> None:
     """--format qdq --symmetric --lm-head float with AWQ from a token file: INT4 codes without zero points."""
     out = tmp_path / "o.onnx"
-    code, _, err = _run("quantize", str(tiny_path), "-o", str(out), "--preset", "w4-awq", "--calib", str(_tokens_file(tmp_path)),
+    code, _, err = run_cli("quantize", str(tiny_path), "-o", str(out), "--preset", "w4-awq", "--calib", str(_tokens_file(tmp_path)),
                         "--seq-len", "16", "--calib-size", "4", "--block-size", "16", "--symmetric", "--lm-head", "float",
                         "--format", "qdq", "--no-progress")  # fmt: skip
     assert code == 0, err
@@ -562,14 +551,14 @@ def test_cli_awq_qdq_symmetric_float_head(tiny_path: Path, tmp_path: Path) -> No
     full_check(model)
     inits = {t.name: t for t in model.graph.initializer}
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dqs) == N_WEIGHT_MATMULS - 1 and _node(model, "lm_head").input[1] == "lm_head.weight"
+    assert len(dqs) == N_WEIGHT_MATMULS - 1 and node_named(model, "lm_head").input[1] == "lm_head.weight"
     assert all(len(n.input) == 2 and inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dqs)
     assert {o.domain: o.version for o in model.opset_import}[""] == 21
     assert np.isfinite(run_ort(model, _held_out()[0], optimize=True)[0]).all()
 
 
 def test_cli_presets_lists_weight_only() -> None:
-    code, stdout, _ = _run("presets")
+    code, stdout, _ = run_cli("presets")
     assert code == 0
     for name in ("w4-rtn", "w4-gptq", "w4-awq"):
         assert name in stdout
@@ -593,7 +582,7 @@ def stories_outputs(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     out = {}
     for name, args in runs.items():
         path = folder / f"{name}.onnx"
-        code, stdout, err = _run("quantize", str(model), "-o", str(path), "--block-size", "32", "--json", *args)
+        code, stdout, err = run_cli("quantize", str(model), "-o", str(path), "--block-size", "32", "--json", *args)
         assert code == 0, err
         out[name] = (path, json.loads(stdout))
     return out
@@ -647,7 +636,7 @@ def test_stories260k_gptq_nll_below_rtn(assets: Path, stories_outputs: dict[str,
 
 def test_cli_recipe_errors_keep_their_brackets(tiny_path: Path, tmp_path: Path) -> None:
     """An invalid block size is a one-line error naming the recipe table, printed literally (not as rich markup)."""
-    code, _, err = _run("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-rtn", "--block-size", "48")
+    code, _, err = run_cli("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-rtn", "--block-size", "48")
     assert code == 1 and "[weight_only] block_size = 48 must be 0 (per-channel) or a power of two" in err
     assert not (tmp_path / "o.onnx").exists()
 
@@ -659,7 +648,7 @@ def test_cli_text_calibration_is_cut_into_windows_for_llms(tiny_path: Path, tmp_
 
     tok = make_tokenizer(tmp_path / "tokenizer.json")
     (tmp_path / "wiki.txt").write_text("\n".join(LINES * 120) + "\n")
-    code, stdout, err = _run("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-gptq",
+    code, stdout, err = run_cli("quantize", str(tiny_path), "-o", str(tmp_path / "o.onnx"), "--preset", "w4-gptq",
                              "--calib", str(tmp_path / "wiki.txt"), "--tokenizer", str(tok), "--calib-size", "2", "--json")
     assert code == 0, err
     source = json.loads(stdout)["info"]["calibration"]["source"]

@@ -187,8 +187,3 @@ def rtn(w: np.ndarray, grid: WeightGrid, *, clip: np.ndarray | None = None) -> Q
             rows = slice(r, min(r + ROWS, (i + 1) * b, k))
             q[rows] = quantize_rows(np.asarray(w[rows], np.float32), scale[i], zp[i], grid.qmax)
     return QuantizedWeight(q=q, scales=scale, zero_points=zp, grid=grid)
-
-
-def _params(p: np.ndarray, scheme: QuantScheme) -> np.ndarray:
-    """``[n_blocks, N]`` parameters in the layout ``scheme`` expects (``[N]`` for one block)."""
-    return np.asarray(p).reshape(-1) if isinstance(scheme.granularity, PerChannel) else np.asarray(p)

@@ -129,10 +129,8 @@ def test_rmsnorm_weight_mul_absorbs_and_swiglu_folds_into_up() -> None:
     _assert_exact(model, out)
     assert step.counts["muls_inserted"] == 0 and step.counts["producers_cloned"] == 0
     docs = {n.name: n.doc_string for n in out.graph.node}
-    smoothed = [k for k in ("gate_proj", "down_proj") if "SmoothQuant" in docs[k]]
-    for name in smoothed:
-        where = {"gate_proj": "Mul 'norm_weight'", "down_proj": "MatMul 'up_proj'"}[name]
-        assert where in docs[name], docs[name]
+    for name, where in (("gate_proj", "Mul 'norm_weight'"), ("down_proj", "MatMul 'up_proj'")):
+        assert "SmoothQuant" in docs[name] and where in docs[name], (name, docs[name])
 
 
 def test_attention_output_projection_folds_into_v_through_reshape_transpose() -> None:
@@ -155,8 +153,8 @@ def test_attention_output_projection_folds_into_v_through_reshape_transpose() ->
     feed = {"x": RNG.normal(size=(1, 4, K)).astype(np.float32), "p": RNG.random((1, heads, 4, 4)).astype(np.float32)}
     np.testing.assert_allclose(run_ort(out, feed)[0], run_ort(model, feed)[0], rtol=1e-4, atol=1e-4)
     docs = {n.name: n.doc_string for n in out.graph.node}
-    if "SmoothQuant" in docs["o_proj"]:
-        assert "MatMul 'v_proj'" in docs["o_proj"] and "Add 'v_bias'" in docs["o_proj"]
+    assert "SmoothQuant" in docs["o_proj"], "the outlier channels of V make o_proj's input worth smoothing"
+    assert "MatMul 'v_proj'" in docs["o_proj"] and "Add 'v_bias'" in docs["o_proj"], docs["o_proj"]
     assert step.counts["muls_inserted"] == 0
 
 

@@ -64,8 +64,8 @@ import onnx_graphsurgeon as gs
 from onnxq.errors import PassError
 from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
-from onnxq.scheme import QuantDtype, QuantScheme, Symmetry, choose_qparams, choose_qparams_mse, quantize
-from onnxq.target import PROFILES, TargetProfile
+from onnxq.scheme import QuantScheme, choose_qparams, choose_qparams_mse, quantize
+from onnxq.target import PROFILES, TargetProfile, weight_scheme
 
 __all__ = ["DynamicQuantizePass", "quantize_dynamic", "hadamard", "hadamard_block", "ROW_QMAX", "ROW_ZERO_POINT",
            "ROW_SCALE_FLOOR"]
@@ -273,16 +273,8 @@ class DynamicQuantizePass(Pass):
                 "int8 weights; remove the override's dtype",
                 node=node.name,
             )
-        shape = tuple(node.inputs[1].values.shape)
-        if cfg.weights.reduce_range == "auto":
-            reduce = target.reduce_weight_range(node.op, 1, shape)
-        else:
-            reduce = bool(cfg.weights.reduce_range)
-        scheme = cfg.weights.scheme(1, reduce_range=reduce)  # axis 1: the N column of [K, N]
-        if target.uint8_weight_storage and scheme.symmetry is Symmetry.SYMMETRIC:
-            # same symmetric grid stored with zero point 128: ONNX Runtime then runs u8 x u8 kernels
-            scheme = scheme.with_(dtype=QuantDtype.UINT8)
-        return scheme
+        # axis 1: the N column of the [K, N] layout the weight is stored in
+        return weight_scheme(node.op, tuple(node.inputs[1].values.shape), cfg.weights, target, axis=1)
 
     def _quantize_weight(self, w: gs.Constant, trans_b: bool, scheme: QuantScheme, method: str, block: int) -> _Weight:
         values = np.asarray(w.values, np.float32)

@@ -62,7 +62,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import QuantScheme, choose_qparams, choose_qparams_mse, quantize
 from onnxq.target import PROFILES, TargetProfile, weight_scheme

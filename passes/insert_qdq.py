@@ -36,7 +36,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import CalibrationError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import (
     PerChannel,

@@ -62,7 +62,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.target import PROFILES, TargetProfile
 
 from .qdq_units import (

@@ -32,7 +32,8 @@ import onnx_graphsurgeon as gs
 
 from onnxq.calibration.channel_stats import ChannelStats, collect_channel_stats
 from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
 from onnxq.target import PROFILES, TargetProfile, weight_scheme

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from onnxq.errors import RecipeError
+from onnxq.errors import PassError, RecipeError
 from onnxq.scheme import PerTensor, QuantDtype, QuantScheme, Symmetry
 
 if TYPE_CHECKING:  # onnxq.recipe imports this module
     from onnxq.recipe import WeightSpec
 
-__all__ = ["TargetProfile", "PROFILES", "cpu_features", "detect_target", "resolve_target", "weight_scheme"]
+__all__ = ["TargetProfile", "PROFILES", "cpu_features", "detect_target", "resolve_target", "weight_scheme", "refuse_cuda"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +162,10 @@ def weight_scheme(
     if target.uint8_weight_storage and scheme.dtype is QuantDtype.INT8 and scheme.symmetry is Symmetry.SYMMETRIC:
         scheme = scheme.with_(dtype=QuantDtype.UINT8)
     return scheme
+
+
+def refuse_cuda(target: TargetProfile, pass_name: str, why: str) -> None:
+    """Raise a :class:`PassError` naming ``pass_name`` when ``target`` is the CUDA profile: for passes whose
+    output ONNX Runtime's CUDA execution provider has no kernels for (``why`` says which and what to do)."""
+    if target.name == "cuda":
+        raise PassError(pass_name, f"target 'cuda': {why}")

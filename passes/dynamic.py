@@ -66,7 +66,7 @@ from onnxq.graphs import FreshNames
 from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import QuantScheme, choose_qparams, choose_qparams_mse, quantize
-from onnxq.target import PROFILES, TargetProfile, weight_scheme
+from onnxq.target import PROFILES, TargetProfile, refuse_cuda, weight_scheme
 
 __all__ = ["DynamicQuantizePass", "quantize_dynamic", "hadamard", "hadamard_block", "ROW_QMAX", "ROW_ZERO_POINT",
            "ROW_SCALE_FLOOR"]
@@ -155,14 +155,10 @@ class DynamicQuantizePass(Pass):
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
-        if target.name == "cuda":
-            raise PassError(
-                self.name,
-                "target 'cuda': ONNX Runtime's CUDA execution provider does not run the dynamic int8 pattern "
-                "(DynamicQuantizeLinear / MatMulInteger); use --target with a CPU profile (auto, x86-vnni, "
-                "x86-avx2, arm64) to run it on a CPU, or another preset for the GPU (w8a8 for TensorRT/CUDA, fp16)",
-            )
+        refuse_cuda(ctx.scratch.get("target", PROFILES["generic"]), self.name,
+                    "ONNX Runtime's CUDA execution provider does not run the dynamic int8 pattern "
+                    "(DynamicQuantizeLinear / MatMulInteger); use --target with a CPU profile (auto, x86-vnni, "
+                    "x86-avx2, arm64) to run it on a CPU, or another preset for the GPU (w8a8 for TensorRT/CUDA, fp16)")  # fmt: skip
         spec = ctx.recipe.weights
         if spec.dtype != "int8":
             raise PassError(

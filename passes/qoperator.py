@@ -61,10 +61,9 @@ from typing import Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
 from onnxq.pipeline import Pass, PassContext, PassResult
-from onnxq.target import PROFILES, TargetProfile
+from onnxq.target import PROFILES, TargetProfile, refuse_cuda
 
 from .qdq_units import (
     ABSORBABLE, MOVES, S8, U8, QTensor, UnitOutput, absorbable, const_value, dequantized, is_dequantized, present_input,
@@ -287,6 +286,19 @@ def _per_channel_ok(w: QTensor, axis: int, what: str) -> str | None:
     return None
 
 
+def _rescaled(lw: _Lowering, product: gs.Node, scale: np.ndarray, name: str, result: gs.Tensor) -> list[gs.Node]:
+    """The integer ``product`` (ConvInteger / MatMulInteger, its output not yet set) writing an int32
+    accumulator, then Cast to float and Mul by ``scale`` (input scale x weight scale) into ``result``:
+    the float output of a lowered unit. ``name`` is the base of the new tensors' names."""
+    acc = gs.Variable(lw.fresh(f"{name}_int32"), dtype=np.int32)
+    acc_f = gs.Variable(lw.fresh(f"{name}_int32_float"), dtype=np.float32)
+    scale_c = lw.const(f"{product.name}_output_scale", scale)
+    product.outputs.append(acc)
+    return [product,
+            gs.Node("Cast", "", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
+            gs.Node("Mul", "", inputs=[acc_f, scale_c], outputs=[result])]  # fmt: skip
+
+
 def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
     x, w = dequantized(node.inputs[0]), dequantized(node.inputs[1])
     for q in (x, w):
@@ -331,13 +343,9 @@ def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
     node.outputs.clear()  # the new nodes write y
     spatial = (1, -1) + (1,) * (w.codes.values.ndim - 2)
     w_zp = lw.const(f"{w.codes.name}_zero_point_scalar", w.zp_v.reshape(-1)[:1].reshape(()))
-    acc = gs.Variable(lw.fresh(f"{y.name}_int32"), dtype=np.int32)
-    acc_f = gs.Variable(lw.fresh(f"{y.name}_int32_float"), dtype=np.float32)
     scaled = gs.Variable(lw.fresh(f"{y.name}_scaled"), dtype=np.float32) if bias_v is not None else y
-    scale_c = lw.const(f"{node.name}_output_scale", acc_scale.reshape(spatial))
-    nodes = [gs.Node("ConvInteger", node.name, attrs=attrs, inputs=[x.codes, w.codes, lw.zero_point(x), w_zp], outputs=[acc]),
-             gs.Node("Cast", "", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-             gs.Node("Mul", "", inputs=[acc_f, scale_c], outputs=[scaled])]  # fmt: skip
+    product = gs.Node("ConvInteger", node.name, attrs=attrs, inputs=[x.codes, w.codes, lw.zero_point(x), w_zp])
+    nodes = _rescaled(lw, product, acc_scale.reshape(spatial), y.name, scaled)
     if bias_v is not None:
         nodes.append(gs.Node("Add", "", inputs=[scaled, lw.const(f"{node.name}_bias", bias_v.reshape(spatial))], outputs=[y]))
     lw.replace(node, nodes, out, _doc(node, x, w))
@@ -368,14 +376,10 @@ def _lower_matmul(lw: _Lowering, node: gs.Node) -> str:
         lw.replace(node, [new], out, _doc(node, a, bk))
         return _Done("QLinearMatMul")
     y = node.outputs[0]
-    acc = gs.Variable(lw.fresh(f"{y.name}_int32"), dtype=np.int32)
-    acc_f = gs.Variable(lw.fresh(f"{y.name}_int32_float"), dtype=np.float32)
     scale = (np.float32(a.scale_v.reshape(-1)[0]) * bk.scale_v.reshape(-1)).astype(np.float32)
-    scale_c = lw.const(f"{node.name}_output_scale", scale if scale.size > 1 else scale.reshape(()))
     node.outputs.clear()
-    nodes = [gs.Node("MatMulInteger", node.name, inputs=[a.codes, bk.codes, lw.zero_point(a), lw.zero_point(bk)], outputs=[acc]),
-             gs.Node("Cast", "", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-             gs.Node("Mul", "", inputs=[acc_f, scale_c], outputs=[y])]  # fmt: skip
+    product = gs.Node("MatMulInteger", node.name, inputs=[a.codes, bk.codes, lw.zero_point(a), lw.zero_point(bk)])
+    nodes = _rescaled(lw, product, scale if scale.size > 1 else scale.reshape(()), y.name, y)
     lw.replace(node, nodes, out, _doc(node, a, bk))
     return _Done("MatMulInteger")
 
@@ -666,14 +670,10 @@ class QOperatorPass(Pass):
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
-        if target.name == "cuda":
-            raise PassError(
-                self.name,
-                "target 'cuda': the CUDA execution provider has no kernels for QOperator ops (QLinearConv, "
-                "QLinearMatMul, QGemm, QLinearAdd, ConvInteger, ...), so ONNX Runtime would run them on the CPU. "
-                "Keep the QDQ format (--format qdq): ORT's CUDA provider and TensorRT fuse Q/DQ pairs themselves",
-            )
+        refuse_cuda(ctx.scratch.get("target", PROFILES["generic"]), self.name,
+                    "the CUDA execution provider has no kernels for QOperator ops (QLinearConv, QLinearMatMul, "
+                    "QGemm, QLinearAdd, ConvInteger, ...), so ONNX Runtime would run them on the CPU. Keep the "
+                    "QDQ format (--format qdq): ORT's CUDA provider and TensorRT fuse Q/DQ pairs themselves")  # fmt: skip
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])

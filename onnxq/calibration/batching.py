@@ -7,7 +7,7 @@ lengths) are never concatenated, a batch ends early instead.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import onnx
@@ -52,7 +52,7 @@ def group_samples(
     """Consecutive ``items`` in groups of up to ``size``, a group ending early where the next sample's
     shapes differ (:func:`same_shapes`). ``feed_of`` gives an item's feed (default: the item is the feed);
     ``first_alone``: the first item forms a group of its own."""
-    feed = feed_of or (lambda item: item)  # type: ignore[assignment,return-value]
+    feed: Callable[[T], dict[str, np.ndarray]] = feed_of or _itself
     pending: list[T] = []
     first = first_alone
     for item in items:
@@ -66,3 +66,7 @@ def group_samples(
             first = False
     if pending:
         yield pending
+
+
+def _itself(item: Any) -> dict[str, np.ndarray]:
+    return item

@@ -73,6 +73,13 @@ __all__ = ["DynamicQuantizePass", "quantize_dynamic", "hadamard", "hadamard_bloc
 
 logger = logging.getLogger(__name__)
 
+_CUDA_REFUSAL = (
+    "ONNX Runtime's CUDA execution provider does not run the dynamic int8 pattern "
+    "(DynamicQuantizeLinear / MatMulInteger); use --target with a CPU profile (auto, x86-vnni, "
+    "x86-avx2, arm64) to run it on a CPU, or another preset for the GPU (w8a8 for TensorRT/CUDA, fp16)"
+)
+"""Why the pass refuses the cuda target (see :func:`onnxq.target.refuse_cuda`)."""
+
 ROW_QMAX = 127.0
 ROW_ZERO_POINT = 128
 """Per-row activations are symmetric: codes ``ROW_ZERO_POINT +- ROW_QMAX`` (1..255) stored as uint8."""
@@ -155,10 +162,7 @@ class DynamicQuantizePass(Pass):
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        refuse_cuda(ctx.scratch.get("target", PROFILES["generic"]), self.name,
-                    "ONNX Runtime's CUDA execution provider does not run the dynamic int8 pattern "
-                    "(DynamicQuantizeLinear / MatMulInteger); use --target with a CPU profile (auto, x86-vnni, "
-                    "x86-avx2, arm64) to run it on a CPU, or another preset for the GPU (w8a8 for TensorRT/CUDA, fp16)")  # fmt: skip
+        refuse_cuda(ctx.scratch.get("target", PROFILES["generic"]), self.name, _CUDA_REFUSAL)
         spec = ctx.recipe.weights
         if spec.dtype != "int8":
             raise PassError(

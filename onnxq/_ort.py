@@ -36,11 +36,14 @@ def make_session(
     providers: list[str] | None = None,
     optimization: str = "all",
     threads: int = 0,
+    spinning: bool = True,
 ) -> "ort.InferenceSession":
     """An InferenceSession with a chosen graph-optimisation level ("disable", "basic", "extended", "all").
 
     ``threads`` (or the ``ONNXQ_THREADS`` environment variable; 0 = ORT's default, all cores) sets the
-    intra-op threads: ``onnxq batch`` gives each worker its share of the cores.
+    intra-op threads: ``onnxq batch`` gives each worker its share of the cores. ``spinning=False`` for a
+    session that runs beside other work (the calibration runner's histogram updates): idle threads then
+    sleep instead of spinning on the cores that work needs.
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = {
@@ -50,6 +53,9 @@ def make_session(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     threads = threads or int(os.environ.get("ONNXQ_THREADS", "0") or 0)
     if threads:
         so.intra_op_num_threads = threads

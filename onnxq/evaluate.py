@@ -25,6 +25,7 @@ listed in :attr:`Comparison.unmatched` rather than guessed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import statistics
@@ -38,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.calibration.batching import concat_feeds, group_samples, takes_batches
 from onnxq.calibration.observers import HistogramObserver
 from onnxq.errors import OnnxqError
 from onnxq.text import printable
@@ -511,25 +513,16 @@ def _align_weight_nodes(float_model: onnx.ModelProto, quant_model: onnx.ModelPro
 
 def iter_batches(source: Iterable[dict[str, np.ndarray]], model: onnx.ModelProto, *, max_batch: int = 16) -> Iterator[dict[str, np.ndarray]]:
     """Samples concatenated on axis 0 when the model takes batches (else one by one)."""
-    from onnxq.calibration.runner import _concat, _same_shapes, _takes_batches
-
-    pending: list[dict[str, np.ndarray]] = []
-    batches: bool | None = None
-    for feed in source:
-        if batches is None:
-            batches = _takes_batches(model, feed)
-        if not batches:
-            yield feed
-            continue
-        if pending and not _same_shapes(pending[0], feed):
-            yield _concat(pending)
-            pending = []
-        pending.append(feed)
-        if len(pending) >= max_batch:
-            yield _concat(pending)
-            pending = []
-    if pending:
-        yield _concat(pending)
+    it = iter(source)
+    first = next(it, None)
+    if first is None:
+        return
+    samples = itertools.chain([first], it)
+    if not takes_batches(model, first):
+        yield from samples
+        return
+    for group in group_samples(samples, max_batch):
+        yield concat_feeds(group)
 
 
 def _dequantize(arr: np.ndarray, scale: np.ndarray, zp: np.ndarray | None) -> np.ndarray:
@@ -674,10 +667,8 @@ def _sized_batches(source: Iterable[dict[str, np.ndarray]], model: onnx.ModelPro
 
 def samples_in(feed: dict[str, np.ndarray], model: onnx.ModelProto) -> int:
     """How many samples one feed of :func:`iter_batches` holds."""
-    from onnxq.calibration.runner import _takes_batches
-
     first = next(iter(feed.values()))
-    return int(first.shape[0]) if np.ndim(first) and _takes_batches(model, {k: v[:1] for k, v in feed.items()}) else 1
+    return int(first.shape[0]) if np.ndim(first) and takes_batches(model, {k: v[:1] for k, v in feed.items()}) else 1
 
 
 def _progress(enabled: bool) -> Any:

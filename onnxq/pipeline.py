@@ -188,23 +188,3 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline([{', '.join(p.name for p in self.passes)}], checked={self.checked})"
-
-
-class FreshNames:
-    """Names for the tensors and nodes a pass inserts, never colliding with the graph's existing ones.
-
-    ``fresh("x_scale")`` returns ``x_scale``, or ``x_scale_2``, ``x_scale_3``... when the graph (or an earlier
-    call) already uses it: a model may well have an initializer called ``x_scale`` already (ORT refuses
-    repeated names).
-    """
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.taken: set[str] = set(graph.tensors()) | {n.name for n in graph.nodes}
-
-    def __call__(self, name: str) -> str:
-        out, k = name, 1
-        while out in self.taken:
-            k += 1
-            out = f"{name}_{k}"
-        self.taken.add(out)
-        return out

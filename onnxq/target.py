@@ -18,10 +18,15 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from onnxq.errors import RecipeError
+from onnxq.errors import PassError, RecipeError
+from onnxq.scheme import PerTensor, QuantDtype, QuantScheme, Symmetry
 
-__all__ = ["TargetProfile", "PROFILES", "cpu_features", "detect_target", "resolve_target"]
+if TYPE_CHECKING:  # onnxq.recipe imports this module
+    from onnxq.recipe import WeightSpec
+
+__all__ = ["TargetProfile", "PROFILES", "cpu_features", "detect_target", "resolve_target", "weight_scheme", "refuse_cuda"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +139,33 @@ def resolve_target(name: str) -> tuple[TargetProfile, str]:
         return PROFILES[name], "chosen with --target / the recipe"
     except KeyError:
         raise RecipeError(f"unknown target '{name}'; valid: auto, {', '.join(PROFILES)}") from None
+
+
+def weight_scheme(
+    op_type: str, weight_shape: tuple[int, ...], settings: WeightSpec, target: TargetProfile, *, axis: int | None, group: int = 1
+) -> QuantScheme:
+    """The scheme of one int8-family weight: the recipe's ``settings``, then what ``target``'s kernels need.
+
+    ``axis`` is the output-channel axis of the weight as it will be stored (None: per-tensor only, e.g. a
+    constant first MatMul operand); ``group`` is a Conv's ``group`` attribute. ``reduce_range = "auto"``
+    follows :meth:`TargetProfile.reduce_weight_range`; on a target with ``uint8_weight_storage`` a
+    symmetric int8 grid is stored as uint8 with zero point 128, which makes ONNX Runtime pick its
+    u8 x u8 kernels. One function for the static, dynamic and SmoothQuant passes, so that they agree.
+    """
+    if settings.reduce_range == "auto":
+        reduce = target.reduce_weight_range(op_type, group, weight_shape)
+    else:
+        reduce = bool(settings.reduce_range)
+    scheme = settings.scheme(axis if axis is not None else 0, reduce_range=reduce)
+    if axis is None:
+        scheme = scheme.with_(granularity=PerTensor())
+    if target.uint8_weight_storage and scheme.dtype is QuantDtype.INT8 and scheme.symmetry is Symmetry.SYMMETRIC:
+        scheme = scheme.with_(dtype=QuantDtype.UINT8)
+    return scheme
+
+
+def refuse_cuda(target: TargetProfile, pass_name: str, why: str) -> None:
+    """Raise a :class:`PassError` naming ``pass_name`` when ``target`` is the CUDA profile: for passes whose
+    output ONNX Runtime's CUDA execution provider has no kernels for (``why`` says which and what to do)."""
+    if target.name == "cuda":
+        raise PassError(pass_name, f"target 'cuda': {why}")

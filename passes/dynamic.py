@@ -62,15 +62,23 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
-from onnxq.scheme import QuantDtype, QuantScheme, Symmetry, choose_qparams, choose_qparams_mse, quantize
-from onnxq.target import PROFILES, TargetProfile
+from onnxq.scheme import QuantScheme, choose_qparams, choose_qparams_mse, quantize
+from onnxq.target import PROFILES, TargetProfile, refuse_cuda, weight_scheme
 
 __all__ = ["DynamicQuantizePass", "quantize_dynamic", "hadamard", "hadamard_block", "ROW_QMAX", "ROW_ZERO_POINT",
            "ROW_SCALE_FLOOR"]
 
 logger = logging.getLogger(__name__)
+
+_CUDA_REFUSAL = (
+    "ONNX Runtime's CUDA execution provider does not run the dynamic int8 pattern "
+    "(DynamicQuantizeLinear / MatMulInteger); use --target with a CPU profile (auto, x86-vnni, "
+    "x86-avx2, arm64) to run it on a CPU, or another preset for the GPU (w8a8 for TensorRT/CUDA, fp16)"
+)
+"""Why the pass refuses the cuda target (see :func:`onnxq.target.refuse_cuda`)."""
 
 ROW_QMAX = 127.0
 ROW_ZERO_POINT = 128
@@ -154,14 +162,7 @@ class DynamicQuantizePass(Pass):
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
-        if target.name == "cuda":
-            raise PassError(
-                self.name,
-                "target 'cuda': ONNX Runtime's CUDA execution provider does not run the dynamic int8 pattern "
-                "(DynamicQuantizeLinear / MatMulInteger); use --target with a CPU profile (auto, x86-vnni, "
-                "x86-avx2, arm64) to run it on a CPU, or another preset for the GPU (w8a8 for TensorRT/CUDA, fp16)",
-            )
+        refuse_cuda(ctx.scratch.get("target", PROFILES["generic"]), self.name, _CUDA_REFUSAL)
         spec = ctx.recipe.weights
         if spec.dtype != "int8":
             raise PassError(
@@ -273,16 +274,8 @@ class DynamicQuantizePass(Pass):
                 "int8 weights; remove the override's dtype",
                 node=node.name,
             )
-        shape = tuple(node.inputs[1].values.shape)
-        if cfg.weights.reduce_range == "auto":
-            reduce = target.reduce_weight_range(node.op, 1, shape)
-        else:
-            reduce = bool(cfg.weights.reduce_range)
-        scheme = cfg.weights.scheme(1, reduce_range=reduce)  # axis 1: the N column of [K, N]
-        if target.uint8_weight_storage and scheme.symmetry is Symmetry.SYMMETRIC:
-            # same symmetric grid stored with zero point 128: ONNX Runtime then runs u8 x u8 kernels
-            scheme = scheme.with_(dtype=QuantDtype.UINT8)
-        return scheme
+        # axis 1: the N column of the [K, N] layout the weight is stored in
+        return weight_scheme(node.op, tuple(node.inputs[1].values.shape), cfg.weights, target, axis=1)
 
     def _quantize_weight(self, w: gs.Constant, trans_b: bool, scheme: QuantScheme, method: str, block: int) -> _Weight:
         values = np.asarray(w.values, np.float32)

@@ -36,21 +36,20 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import CalibrationError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import (
     PerChannel,
-    PerTensor,
     QuantDtype,
     QuantScheme,
-    Symmetry,
     choose_qparams,
     choose_qparams_from_range,
     choose_qparams_mse,
     dequantize,
     quantize,
 )
-from onnxq.target import PROFILES, TargetProfile
+from onnxq.target import PROFILES, TargetProfile, weight_scheme
 
 __all__ = ["InsertQDQPass", "insert_qdq", "PASS_THROUGH_OPS"]
 
@@ -441,20 +440,9 @@ class InsertQDQPass(Pass):
 
 
 def _weight_scheme(node: gs.Node, index: int, weight: gs.Constant, cfg: NodeConfig, target: TargetProfile) -> QuantScheme:
-    """The weight scheme for one node input: recipe settings, then the target profile's choices."""
-    axis = _weight_axis(node, index, weight)
-    if cfg.weights.reduce_range == "auto":
-        group = int(node.attrs.get("group", 1))
-        reduce = target.reduce_weight_range(node.op, group, tuple(weight.values.shape))
-    else:
-        reduce = bool(cfg.weights.reduce_range)
-    scheme = cfg.weights.scheme(axis if axis is not None else 0, reduce_range=reduce)
-    if axis is None:
-        scheme = scheme.with_(granularity=PerTensor())
-    if target.uint8_weight_storage and scheme.dtype is QuantDtype.INT8 and scheme.symmetry is Symmetry.SYMMETRIC:
-        # the same symmetric 8-bit grid, stored with zero point 128: selects ORT's u8 x u8 kernels
-        scheme = scheme.with_(dtype=QuantDtype.UINT8)
-    return scheme
+    """The weight scheme of one node input (:func:`onnxq.target.weight_scheme` on its axis and group)."""
+    axis, group = _weight_axis(node, index, weight), int(node.attrs.get("group", 1))
+    return weight_scheme(node.op, tuple(weight.values.shape), cfg.weights, target, axis=axis, group=group)
 
 
 def _absorption_exact(act: gs.Node, p: _QParams) -> bool:

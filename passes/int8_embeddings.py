@@ -26,7 +26,8 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
 
 __all__ = ["Int8EmbeddingsPass", "int8_rows", "quantize_embedding_tables"]
 

@@ -61,9 +61,9 @@ from typing import Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
-from onnxq.target import PROFILES, TargetProfile
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.target import PROFILES, TargetProfile, refuse_cuda
 
 from .qdq_units import (
     ABSORBABLE, MOVES, S8, U8, QTensor, UnitOutput, absorbable, const_value, dequantized, is_dequantized, present_input,
@@ -73,6 +73,13 @@ from .qdq_units import (
 __all__ = ["QOperatorPass", "lower_to_qoperator", "LOWERED_OPS"]
 
 logger = logging.getLogger(__name__)
+
+_CUDA_REFUSAL = (
+    "the CUDA execution provider has no kernels for QOperator ops (QLinearConv, QLinearMatMul, "
+    "QGemm, QLinearAdd, ConvInteger, ...), so ONNX Runtime would run them on the CPU. Keep the "
+    "QDQ format (--format qdq): ORT's CUDA provider and TensorRT fuse Q/DQ pairs themselves"
+)
+"""Why the pass refuses the cuda target (see :func:`onnxq.target.refuse_cuda`)."""
 
 _MS = "com.microsoft"
 _ALL8 = {(U8, U8), (U8, S8), (S8, U8), (S8, S8)}
@@ -286,12 +293,42 @@ def _per_channel_ok(w: QTensor, axis: int, what: str) -> str | None:
     return None
 
 
-def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
-    x, w = dequantized(node.inputs[0]), dequantized(node.inputs[1])
-    for q in (x, w):
+def _operands(node: gs.Node) -> tuple[QTensor, QTensor] | str:
+    """The dequantized first two inputs of a Conv / MatMul / Gemm unit, or why one is not dequantized."""
+    a, b = dequantized(node.inputs[0]), dequantized(node.inputs[1])
+    for q in (a, b):
         if isinstance(q, str):
             return q
-    assert isinstance(x, QTensor) and isinstance(w, QTensor)
+    assert isinstance(a, QTensor) and isinstance(b, QTensor)
+    return a, b
+
+
+def _output_like(lw: _Lowering, node: gs.Node, a: QTensor) -> UnitOutput | str:
+    """The unit's output (float, or quantized to ``a``'s dtype), or why it cannot be lowered."""
+    out = unit_output(node, lw.graph_outputs, allow_float=True)
+    if not isinstance(out, str) and out.q is not None and out.q.dtype != a.dtype:
+        return f"its input A is {a.dtype.name} but its output {out.q.dtype.name}"
+    return out
+
+
+def _rescaled(lw: _Lowering, product: gs.Node, scale: np.ndarray, name: str, result: gs.Tensor) -> list[gs.Node]:
+    """The integer ``product`` (ConvInteger / MatMulInteger, its output not yet set) writing an int32
+    accumulator, then Cast to float and Mul by ``scale`` (input scale x weight scale) into ``result``:
+    the float output of a lowered unit. ``name`` is the base of the new tensors' names."""
+    acc = gs.Variable(lw.fresh(f"{name}_int32"), dtype=np.int32)
+    acc_f = gs.Variable(lw.fresh(f"{name}_int32_float"), dtype=np.float32)
+    scale_c = lw.const(f"{product.name}_output_scale", scale)
+    product.outputs.append(acc)
+    return [product,
+            gs.Node("Cast", "", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
+            gs.Node("Mul", "", inputs=[acc_f, scale_c], outputs=[result])]  # fmt: skip
+
+
+def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
+    pair = _operands(node)
+    if isinstance(pair, str):
+        return pair
+    x, w = pair
     if not w.is_const:
         return "its weight is not a constant"
     if x.axis is not None or x.dtype not in (U8, S8) or w.dtype not in (U8, S8):
@@ -330,13 +367,9 @@ def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
     node.outputs.clear()  # the new nodes write y
     spatial = (1, -1) + (1,) * (w.codes.values.ndim - 2)
     w_zp = lw.const(f"{w.codes.name}_zero_point_scalar", w.zp_v.reshape(-1)[:1].reshape(()))
-    acc = gs.Variable(lw.fresh(f"{y.name}_int32"), dtype=np.int32)
-    acc_f = gs.Variable(lw.fresh(f"{y.name}_int32_float"), dtype=np.float32)
     scaled = gs.Variable(lw.fresh(f"{y.name}_scaled"), dtype=np.float32) if bias_v is not None else y
-    scale_c = lw.const(f"{node.name}_output_scale", acc_scale.reshape(spatial))
-    nodes = [gs.Node("ConvInteger", node.name, attrs=attrs, inputs=[x.codes, w.codes, lw.zero_point(x), w_zp], outputs=[acc]),
-             gs.Node("Cast", "", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-             gs.Node("Mul", "", inputs=[acc_f, scale_c], outputs=[scaled])]  # fmt: skip
+    product = gs.Node("ConvInteger", node.name, attrs=attrs, inputs=[x.codes, w.codes, lw.zero_point(x), w_zp])
+    nodes = _rescaled(lw, product, acc_scale.reshape(spatial), y.name, scaled)
     if bias_v is not None:
         nodes.append(gs.Node("Add", "", inputs=[scaled, lw.const(f"{node.name}_bias", bias_v.reshape(spatial))], outputs=[y]))
     lw.replace(node, nodes, out, _doc(node, x, w))
@@ -344,20 +377,17 @@ def _lower_conv(lw: _Lowering, node: gs.Node) -> str:
 
 
 def _lower_matmul(lw: _Lowering, node: gs.Node) -> str:
-    a, b = dequantized(node.inputs[0]), dequantized(node.inputs[1])
-    for q in (a, b):
-        if isinstance(q, str):
-            return q
-    assert isinstance(a, QTensor) and isinstance(b, QTensor)
+    pair = _operands(node)
+    if isinstance(pair, str):
+        return pair
+    a, b = pair
     if a.axis is not None or a.dtype not in (U8, S8) or b.dtype not in (U8, S8):
         return f"needs an 8-bit per-tensor A and an 8-bit B (got {a.dtype.name} / {b.dtype.name})"
     if b.axis is not None and not (tensor_rank(b.codes) == 2 and b.axis == 1):
         return "its B is quantized per axis other than the columns of a 2-D matrix"
-    out = unit_output(node, lw.graph_outputs, allow_float=True)
+    out = _output_like(lw, node, a)
     if isinstance(out, str):
         return out
-    if out.q is not None and out.q.dtype != a.dtype:
-        return f"its input A is {a.dtype.name} but its output {out.q.dtype.name}"
     bk = lw.weight_for(node, b, a.dtype, "QLinearMatMul" if out.q is not None else "MatMulInteger")
     if isinstance(bk, str):
         return bk
@@ -367,24 +397,19 @@ def _lower_matmul(lw: _Lowering, node: gs.Node) -> str:
         lw.replace(node, [new], out, _doc(node, a, bk))
         return _Done("QLinearMatMul")
     y = node.outputs[0]
-    acc = gs.Variable(lw.fresh(f"{y.name}_int32"), dtype=np.int32)
-    acc_f = gs.Variable(lw.fresh(f"{y.name}_int32_float"), dtype=np.float32)
     scale = (np.float32(a.scale_v.reshape(-1)[0]) * bk.scale_v.reshape(-1)).astype(np.float32)
-    scale_c = lw.const(f"{node.name}_output_scale", scale if scale.size > 1 else scale.reshape(()))
     node.outputs.clear()
-    nodes = [gs.Node("MatMulInteger", node.name, inputs=[a.codes, bk.codes, lw.zero_point(a), lw.zero_point(bk)], outputs=[acc]),
-             gs.Node("Cast", "", attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-             gs.Node("Mul", "", inputs=[acc_f, scale_c], outputs=[y])]  # fmt: skip
+    product = gs.Node("MatMulInteger", node.name, inputs=[a.codes, bk.codes, lw.zero_point(a), lw.zero_point(bk)])
+    nodes = _rescaled(lw, product, scale if scale.size > 1 else scale.reshape(()), y.name, y)
     lw.replace(node, nodes, out, _doc(node, a, bk))
     return _Done("MatMulInteger")
 
 
 def _lower_gemm(lw: _Lowering, node: gs.Node) -> str:
-    a, b = dequantized(node.inputs[0]), dequantized(node.inputs[1])
-    for q in (a, b):
-        if isinstance(q, str):
-            return q
-    assert isinstance(a, QTensor) and isinstance(b, QTensor)
+    pair = _operands(node)
+    if isinstance(pair, str):
+        return pair
+    a, b = pair
     if not b.is_const or b.codes.values.ndim != 2:
         return "its B is not a constant 2-D matrix"
     if a.axis is not None or a.dtype not in (U8, S8) or b.dtype not in (U8, S8):
@@ -396,11 +421,9 @@ def _lower_gemm(lw: _Lowering, node: gs.Node) -> str:
     n_axis = 0 if trans_b else 1
     if (why := _per_channel_ok(b, n_axis, "B")) is not None:
         return why
-    out = unit_output(node, lw.graph_outputs, allow_float=True)
+    out = _output_like(lw, node, a)
     if isinstance(out, str):
         return out
-    if out.q is not None and out.q.dtype != a.dtype:
-        return f"its input A is {a.dtype.name} but its output {out.q.dtype.name}"
     n_out = int(b.codes.values.shape[n_axis])
     acc_scale = (np.float32(a.scale_v.reshape(-1)[0]) * b.scale_v.reshape(-1)).astype(np.float32)
     bias = _int32_bias(lw, node, 2, acc_scale, n_out)
@@ -665,14 +688,7 @@ class QOperatorPass(Pass):
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
-        if target.name == "cuda":
-            raise PassError(
-                self.name,
-                "target 'cuda': the CUDA execution provider has no kernels for QOperator ops (QLinearConv, "
-                "QLinearMatMul, QGemm, QLinearAdd, ConvInteger, ...), so ONNX Runtime would run them on the CPU. "
-                "Keep the QDQ format (--format qdq): ORT's CUDA provider and TensorRT fuse Q/DQ pairs themselves",
-            )
+        refuse_cuda(ctx.scratch.get("target", PROFILES["generic"]), self.name, _CUDA_REFUSAL)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])

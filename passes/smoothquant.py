@@ -32,12 +32,12 @@ import onnx_graphsurgeon as gs
 
 from onnxq.calibration.channel_stats import ChannelStats, collect_channel_stats
 from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames
+from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.recipe import NodeConfig
 from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
-from onnxq.target import PROFILES, TargetProfile
+from onnxq.target import PROFILES, TargetProfile, weight_scheme
 
-from .insert_qdq import _weight_scheme
 from .scale_folding import ScaleEdit, apply_edit, float_constant, plan_node, plan_producer, value_readers
 
 __all__ = ["SmoothQuantPass", "smooth_factors", "smoothquant"]
@@ -276,9 +276,7 @@ def _fake_quant_weight(node: gs.Node, w_kn: np.ndarray, cfg: NodeConfig | None, 
     """``w_kn`` ([K, N]) after the quantize-dequantize round trip ``insert_qdq`` will apply (min-max ranges)."""
     if cfg is None:
         return w_kn
-    tmp = gs.Constant("w", w_kn)
-    probe = gs.Node("MatMul", node.name, inputs=[gs.Variable("x"), tmp], outputs=[gs.Variable("y")])
-    scheme = _weight_scheme(probe, 1, tmp, cfg, target)
+    scheme = weight_scheme(node.op, tuple(w_kn.shape), cfg.weights, target, axis=1)  # axis 1: N of [K, N]
     scale, zp = choose_qparams(w_kn, scheme)
     return dequantize(quantize(w_kn, scale, zp, scheme, clip_to_scheme=True), scale, zp, scheme)
 

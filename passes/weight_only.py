@@ -32,7 +32,6 @@ Written: ``"doc_strings"`` for the rewritten nodes, ``"weight_only"`` (per-layer
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +40,8 @@ import onnx_graphsurgeon as gs
 from onnxq._memory import release
 from onnxq.calibration.runner import choose_providers
 from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames, Pass, PassContext, PassResult
+from onnxq.graphs import FreshNames, downstream_tensors
+from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.progress import progress_bar
 from onnxq.recipe import WeightOnlySpec
 from onnxq.target import PROFILES, TargetProfile
@@ -114,22 +114,14 @@ def output_projections(graph: gs.Graph, targets: list[gs.Node]) -> set[int]:
     outputs = {id(t) for t in graph.outputs}
     found: set[int] = set()
     for t in targets:
-        seen: set[int] = set()
-        todo = deque(t.outputs)
-        reaches_output = feeds_target = False
-        while todo and not feeds_target:
-            tensor = todo.popleft()
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
+        reaches_output = False
+        for tensor in downstream_tensors(t.outputs, lambda r: id(r) not in target_ids):
+            if any(id(r) in target_ids for r in tensor.outputs):
+                break  # another target reads it: not the last projection
             reaches_output |= id(tensor) in outputs
-            for reader in tensor.outputs:
-                if id(reader) in target_ids:
-                    feeds_target = True
-                    break
-                todo.extend(reader.outputs)
-        if reaches_output and not feeds_target:
-            found.add(id(t))
+        else:
+            if reaches_output:
+                found.add(id(t))
     return found
 
 
@@ -487,21 +479,11 @@ def _relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
 
 def _downstream(nodes: list[gs.Node], *, stop: dict[int, int], cut: int) -> set[str]:
     """Names of the tensors computed (before ``cut``) from the outputs of ``nodes``."""
-    names: set[str] = set()
-    todo = deque(nodes)
-    seen: set[int] = set()
-    while todo:
-        n = todo.popleft()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        for t in n.outputs:
-            names.add(t.name)
-            for r in t.outputs:
-                # Shape/Size read only the shape, which scaling keeps
-                if r.op not in ("Shape", "Size") and stop.get(id(r), cut) < cut:
-                    todo.append(r)
-    return names
+
+    def follow(r: gs.Node) -> bool:  # Shape/Size read only the shape, which scaling keeps
+        return r.op not in ("Shape", "Size") and stop.get(id(r), cut) < cut
+
+    return {t.name for t in downstream_tensors([t for n in nodes for t in n.outputs], follow)}
 
 
 def quantize_weight_only(graph: gs.Graph, ctx: PassContext) -> gs.Graph:

@@ -16,7 +16,7 @@ import pytest
 from helpers import full_check, op_types, run_ort
 
 from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames
+from onnxq.graphs import FreshNames
 from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, rtn
 from onnxq.weightonly.pack import (
     MS_DOMAIN,

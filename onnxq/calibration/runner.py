@@ -56,6 +56,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxq._ort import available_providers, make_session
+from onnxq.calibration.batching import concat_feeds, group_samples, takes_batches
 from onnxq.calibration.observers import (
     EXTREME_FACTOR,
     HistogramObserver,
@@ -180,9 +181,14 @@ class CalibrationSession:
         are noted (on the first pass) and, for the histogram calibrators, left out.
         """
         size = max(1, self.spec.batch_size if size is None else size)
-        pending: list[dict[str, np.ndarray]] = []
-        names: list[str] = []
-        first = first_alone and size > 1
+        named = self._screened_samples()
+        for group in group_samples(named, size, feed_of=lambda s: s[0], first_alone=first_alone and size > 1):
+            feeds = [f for f, _ in group]
+            yield concat_feeds(feeds), feeds, _span([n for _, n in group])
+        self._screened = True
+
+    def _screened_samples(self) -> Iterator[tuple[dict[str, np.ndarray], str]]:
+        """The source's samples with their names, less those left out for extreme inputs (see :meth:`_batches`)."""
         drop = needs_tensors(self.spec.method)  # histogram calibrators leave samples with extreme inputs out
         for i, feed in enumerate(self.source):
             issues = screen_inputs(feed)
@@ -190,18 +196,7 @@ class CalibrationSession:
                 self._note_sample(self.source.sample_name(i), issues, left_out=drop and any(x["extreme"] for x in issues))
                 if self._left_out_now:
                     continue
-            if pending and not _same_shapes(pending[0], feed):
-                yield _concat(pending), pending, _span(names)
-                pending, names = [], []
-            pending.append(feed)
-            names.append(self.source.sample_name(i))
-            if first or len(pending) == size:
-                yield _concat(pending), pending, _span(names)
-                pending, names = [], []
-                first = False
-        if pending:
-            yield _concat(pending), pending, _span(names)
-        self._screened = True
+            yield feed, self.source.sample_name(i)
 
     def _note_sample(self, name: str, issues: list[dict[str, Any]], *, left_out: bool) -> None:
         """Record a sample whose inputs hold non-finite or extreme values (on the first pass only)."""
@@ -277,10 +272,8 @@ class CalibrationSession:
         """A session on the chosen providers. ``spinning=False`` when another thread works beside it: idle
         intra-op threads then sleep instead of spinning on the cores that thread needs."""
         try:
-            if spinning:
-                sess = make_session(model.SerializeToString(), providers=self.providers, optimization="all")
-            else:
-                sess = _quiet_session(model.SerializeToString(), self.providers)
+            threads = 0 if spinning else SESSION_THREADS or max(1, _cores() // 2)  # half the cores beside the histograms
+            sess = make_session(model.SerializeToString(), providers=self.providers, threads=threads, spinning=spinning)
         except Exception as exc:  # noqa: BLE001 - ORT raises many types
             raise CalibrationError(f"ONNX Runtime could not load the model for calibration: {exc}") from exc
         self.provider_used = sess.get_providers()[0]
@@ -372,7 +365,7 @@ class CalibrationSession:
         :data:`AUTO_BATCH` within :data:`BATCH_BUDGET_BYTES` when the model takes a batch."""
         if self.spec.batch_size > 1:
             return self.spec.batch_size
-        if AUTO_BATCH <= 1 or not _takes_batches(model, first):
+        if AUTO_BATCH <= 1 or not takes_batches(model, first):
             return 1
         return max(1, min(AUTO_BATCH, BATCH_BUDGET_BYTES // max(sample_bytes, 1)))
 
@@ -564,50 +557,9 @@ def _split(names: list[str], sizes: dict[str, int | None], budget: int) -> list[
     return groups
 
 
-def _concat(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(feeds) == 1:
-        return feeds[0]
-    return {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
-
-
-def _same_shapes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(np.shape(a[k])[1:] == np.shape(b[k])[1:] for k in a)
-
-
-def _takes_batches(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> bool:
-    """Whether samples can be concatenated on axis 0: every input's first dimension is one free
-    (symbolic or unset) dimension, the same for all inputs, and every sample feeds it as 1."""
-    firsts = set()
-    for vi in model.graph.input:
-        if vi.name not in feed:
-            continue
-        arr = feed[vi.name]
-        if np.ndim(arr) == 0 or np.shape(arr)[0] != 1 or not vi.type.HasField("tensor_type"):
-            return False
-        dims = vi.type.tensor_type.shape.dim
-        if not vi.type.tensor_type.HasField("shape") or not dims or dims[0].dim_value > 0:
-            return False
-        firsts.add(dims[0].dim_param)
-    return len(firsts) == 1
-
-
 def _cores() -> int:
     """This process's share of the cores: ``ONNXQ_THREADS`` where set (``onnxq batch``), else all."""
     return max(1, int(os.environ.get("ONNXQ_THREADS", "0") or 0) or os.cpu_count() or 1)
-
-
-def _quiet_session(model_bytes: bytes, providers: list[str]) -> "ort.InferenceSession":
-    """Like :func:`onnxq._ort.make_session` (optimisation "all") for a session that runs beside the
-    histogram updates: half the cores, and idle threads sleep instead of spinning."""
-    from onnxq._ort import ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.intra_op_num_threads = SESSION_THREADS or max(1, _cores() // 2)
-    return ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
 
 
 def _run(sess: "ort.InferenceSession", group: list[str], feed: dict[str, np.ndarray], seen: int) -> list[np.ndarray]:

@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxq.errors import PassError
-from onnxq.pipeline import FreshNames
+from onnxq.graphs import FreshNames
 from onnxq.weightonly.grid import QuantizedWeight
 
 __all__ = [

@@ -35,6 +35,7 @@ from onnxq._memory import release
 from onnxq._ort import make_session
 from onnxq.calibration.sources import CalibrationSource
 from onnxq.errors import CalibrationError
+from onnxq.graphs import downstream_tensors
 
 __all__ = ["Wave", "SegmentRunner", "Probe"]
 
@@ -233,20 +234,12 @@ class SegmentRunner:
         targets = {id(t) for t in self.targets} - members
         stream = self._sources(nodes[0].inputs[0])
         ends: dict[int, gs.Node] = {}
-        seen: set[int] = set()
-        todo = deque(t for n in nodes for t in n.outputs)
-        while todo:
-            t = todo.popleft()
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
+        for t in downstream_tensors([t for n in nodes for t in n.outputs], lambda r: id(r) not in targets):
             for reader in t.outputs:
                 if id(reader) in targets:
                     ends[id(reader)] = reader
-                    continue
-                if any(isinstance(i, gs.Variable) and id(i) in stream for i in reader.inputs):
+                elif any(isinstance(i, gs.Variable) and id(i) in stream for i in reader.inputs):
                     return None
-                todo.extend(reader.outputs)
         if not ends:
             return None
         outputs = [n.outputs[0] for n in sorted(ends.values(), key=lambda n: self.index[id(n)])]

@@ -35,12 +35,12 @@ from onnxq.model import (
     upgrade_opset,
 )
 from onnxq.passes import PASSES
-from onnxq.pipeline import PassContext, Pipeline
+from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.mixed_precision import AccuracyBudget, EvalSet, search_mixed_precision
 from onnxq.recipe import Override, Recipe, recipe_to_dict, unmatched_selectors
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
-from onnxq.target import resolve_target
+from onnxq.target import TargetProfile, resolve_target
 from onnxq.model_checks import check_operators, check_runnable
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
@@ -123,71 +123,17 @@ def quantize_model(
     """
     report = report or Report()
     t_start = time.perf_counter()
-    base_dir: Path | None = None
     float_ref: onnx.ModelProto | None = None
     if budget is not None:  # the float model's outputs are the reference the budget is measured against
         float_ref = load_model(Path(model)) if isinstance(model, (str, os.PathLike)) else model
-    from_memory = not isinstance(model, (str, os.PathLike))
-    if not from_memory:
-        # weights stay in their external-data file until a pass reads them (see onnxq.model.ExternalValues)
-        base_dir = Path(os.path.abspath(model)).parent
-        model, copy_input = load_model(Path(model), load_external_data=False), False
-    if copy_input:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-    else:
-        work = model  # the caller hands the model over (quantize_file): no second copy of the weights
-    if from_memory:  # load_model's checks did not run: refuse what cannot run now, not after calibration
-        check_operators(work, "the model")
-        check_runnable(work, "the model")
-    if densify_sparse_initializers(work):
-        report.note("sparse initializers were made dense (onnxq quantizes dense weights)")
-    stripped = strip_initializer_inputs(work)
-    if stripped:
-        report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
-    before = default_opset(work)
-    work = upgrade_opset(work, _required_opset(recipe))
-    if default_opset(work) != before:
-        why = ("blocked int4 DequantizeLinear needs opset 21" if "weight_only" in recipe.passes
-               else "per-channel QDQ needs opset 13+, int4/int16 QDQ opset 21")  # fmt: skip
-        report.note(f"opset upgraded from {before} to {default_opset(work)} ({why})")
-
-    target, why = resolve_target(recipe.target)
-    report.info["target"] = {"profile": target.name, "reason": why, "description": target.description}
-    report.note(f"target profile {target.name}: {why}; {target.description}")
-
-    calib_session = calibration_session
-    if calib_session is not None:
-        report.info["calibration"] = {"source": getattr(calib_session, "source_description", "given session"),
-                                      "method": recipe.calibration.method,
-                                      "samples_seen": getattr(calib_session, "samples_seen", None),
-                                      "provider": getattr(calib_session, "provider_used", None),
-                                      "seconds": 0.0}  # fmt: skip
-    elif recipe.needs_calibration():
-        if source is None and calibration is not None and calibration.source is not None:
-            source = open_source(
-                calibration.source,
-                work,
-                preprocess=calibration.preprocess,
-                resize=calibration.resize,
-                crop=calibration.crop,
-                tokenizer=calibration.tokenizer,
-                max_length=calibration.max_length,
-                seq_len=calibration.seq_len,
-                limit=recipe.calibration.samples,
-                seed=calibration.seed,
-            )
-        if source is not None:
-            calib_session = CalibrationSession(source, recipe.calibration, progress=progress)
-            report.info["calibration"] = {"source": source.describe(), "samples": len(source),
-                                          "method": recipe.calibration.method}  # fmt: skip
+    work, base_dir, copy_input = _working_copy(model, copy_input)
+    work = _normalise_model(work, recipe, report)
+    target = _resolve_target(recipe, report)
+    calib_session = _calibration_session(recipe, report, work, calibration, source, calibration_session, progress)
 
     ctx = PassContext(recipe=recipe, report=report, calibration=calib_session, checked=checked, progress=progress)
     ctx.scratch["target"] = target
-    try:
-        passes = [PASSES[name]() for name in recipe.pass_names()]
-    except KeyError as exc:
-        raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
+    passes = _build_passes(recipe)
     hook = (lambda p: on_stage(p.name)) if on_stage is not None else None
     graph_in = to_graph(work, base_dir=base_dir)
     # the graph now holds its own copy of every weight: keep only the model-level fields of the protobuf
@@ -207,39 +153,163 @@ def quantize_model(
         graph = Pipeline(passes, checked=checked).run(graph_in, ctx, on_pass=hook)
     else:
         assert float_ref is not None
-        opts = evaluation if evaluation is not None and evaluation.source else calibration
-        if opts is None or not opts.source:
-            raise OnnxqError("--accuracy-budget needs evaluation samples: --calib (or --eval) SOURCE")
-        eval_source = open_source(opts.source, float_ref, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
-                                  tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len,
-                                  limit=eval_size, seed=opts.seed)  # fmt: skip
+        eval_source = _evaluation_source(float_ref, evaluation, calibration, eval_size)
         graph = _run_with_budget(graph_in, passes, ctx, budget, float_ref, eval_source, template, hook)
     del graph_in
+    _note_nothing_quantized(report, ops, doubles)
+    _note_transformer_hint(report, recipe, ops)
+    out = to_model(graph, template=template)
+    _annotate(out, ctx.scratch.get("doc_strings", {}), ctx.recipe)
+    if isinstance(calib_session, CalibrationSession):
+        _record_calibration(report, calib_session, calibration)
+    report.info["seconds"] = round(time.perf_counter() - t_start, 2)
+    report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return QuantizeResult(out, report, calibration=calib_session, recipe=ctx.recipe)
+
+
+def _working_copy(
+    model: onnx.ModelProto | str | os.PathLike, copy_input: bool
+) -> tuple[onnx.ModelProto, Path | None, bool]:
+    """The model protobuf :func:`quantize_model` works on, the folder its external data lives in, and
+    whether that protobuf is a copy (True) or handed over and free to consume (False).
+
+    A path is loaded here without its external data (weights stay in their file until a pass reads them,
+    see :class:`onnxq.model.ExternalValues`); an in-memory model is checked here, since
+    :func:`onnxq.model.load_model`'s checks did not run: what cannot run is refused now, not after
+    calibration.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(Path(model), load_external_data=False), Path(os.path.abspath(model)).parent, False
+    if copy_input:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    else:
+        work = model  # the caller hands the model over (quantize_file): no second copy of the weights
+    check_operators(work, "the model")
+    check_runnable(work, "the model")
+    return work, None, copy_input
+
+
+def _normalise_model(work: onnx.ModelProto, recipe: Recipe, report: Report) -> onnx.ModelProto:
+    """Dense initializers, no initializers listed as graph inputs, and the opset the recipe needs; each
+    change is a report note."""
+    if densify_sparse_initializers(work):
+        report.note("sparse initializers were made dense (onnxq quantizes dense weights)")
+    stripped = strip_initializer_inputs(work)
+    if stripped:
+        report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
+    before = default_opset(work)
+    work = upgrade_opset(work, _required_opset(recipe))
+    if default_opset(work) != before:
+        why = ("blocked int4 DequantizeLinear needs opset 21" if "weight_only" in recipe.passes
+               else "per-channel QDQ needs opset 13+, int4/int16 QDQ opset 21")  # fmt: skip
+        report.note(f"opset upgraded from {before} to {default_opset(work)} ({why})")
+    return work
+
+
+def _resolve_target(recipe: Recipe, report: Report) -> TargetProfile:
+    """The recipe's target profile (``auto``: this CPU's), recorded in the report with the reason."""
+    target, why = resolve_target(recipe.target)
+    report.info["target"] = {"profile": target.name, "reason": why, "description": target.description}
+    report.note(f"target profile {target.name}: {why}; {target.description}")
+    return target
+
+
+def _calibration_session(
+    recipe: Recipe,
+    report: Report,
+    work: onnx.ModelProto,
+    calibration: CalibrationOptions | None,
+    source: CalibrationSource | None,
+    given: Any,
+    progress: bool,
+) -> Any:
+    """What answers the passes' range questions: the ``given`` session (a cache), else a new
+    :class:`CalibrationSession` over ``source`` or the source ``calibration`` names, else None (a recipe
+    that needs no calibration, or no data given: the passes that need it say so)."""
+    if given is not None:
+        report.info["calibration"] = {"source": getattr(given, "source_description", "given session"),
+                                      "method": recipe.calibration.method,
+                                      "samples_seen": getattr(given, "samples_seen", None),
+                                      "provider": getattr(given, "provider_used", None),
+                                      "seconds": 0.0}  # fmt: skip
+        return given
+    if not recipe.needs_calibration():
+        return None
+    if source is None and calibration is not None and calibration.source is not None:
+        source = open_source(
+            calibration.source,
+            work,
+            preprocess=calibration.preprocess,
+            resize=calibration.resize,
+            crop=calibration.crop,
+            tokenizer=calibration.tokenizer,
+            max_length=calibration.max_length,
+            seq_len=calibration.seq_len,
+            limit=recipe.calibration.samples,
+            seed=calibration.seed,
+        )
+    if source is None:
+        return None
+    session = CalibrationSession(source, recipe.calibration, progress=progress)
+    report.info["calibration"] = {"source": source.describe(), "samples": len(source),
+                                  "method": recipe.calibration.method}  # fmt: skip
+    return session
+
+
+def _build_passes(recipe: Recipe) -> list[Pass]:
+    """One fresh instance of every pass the recipe runs, in order."""
+    try:
+        return [PASSES[name]() for name in recipe.pass_names()]
+    except KeyError as exc:
+        raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
+
+
+def _evaluation_source(
+    float_ref: onnx.ModelProto,
+    evaluation: CalibrationOptions | None,
+    calibration: CalibrationOptions | None,
+    eval_size: int,
+) -> CalibrationSource:
+    """The samples an accuracy budget is measured on: ``evaluation``'s, else the calibration source's."""
+    opts = evaluation if evaluation is not None and evaluation.source else calibration
+    if opts is None or not opts.source:
+        raise OnnxqError("--accuracy-budget needs evaluation samples: --calib (or --eval) SOURCE")
+    return open_source(opts.source, float_ref, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
+                       tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len,
+                       limit=eval_size, seed=opts.seed)  # fmt: skip
+
+
+def _note_nothing_quantized(report: Report, ops: set[str], doubles: list[str]) -> None:
+    """When the static pass quantized no node, a note that says why (already quantized, float64, no op)."""
     qsteps = [st for st in report.steps if st.name == "insert_qdq"]
-    if qsteps and qsteps[-1].counts.get("nodes_quantized", 0) == 0:
-        already = sorted(op for op in ops if op.startswith("QLinear") or op in
-                         ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"))  # fmt: skip
-        why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
-        if doubles and not already:
-            why = (f"the model computes in float64 ({doubles[0]!r} is float64), which QuantizeLinear cannot take; "
-                   "convert the model to float32 first")
-        report.note(f"nothing was quantized: {why}")
+    if not qsteps or qsteps[-1].counts.get("nodes_quantized", 0) != 0:
+        return
+    already = sorted(op for op in ops if op.startswith("QLinear") or op in
+                     ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"))  # fmt: skip
+    why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
+    if doubles and not already:
+        why = (f"the model computes in float64 ({doubles[0]!r} is float64), which QuantizeLinear cannot take; "
+               "convert the model to float32 first")
+    report.note(f"nothing was quantized: {why}")
+
+
+def _note_transformer_hint(report: Report, recipe: Recipe, ops: set[str]) -> None:
+    """Suggest w8a8-smoothquant when plain w8a8 percentile ranges meet a model that looks like a transformer."""
     if ("insert_qdq" in recipe.passes and "smoothquant" not in recipe.passes and recipe.calibration.method == "mse-percentile"
             and ops & ({"LayerNormalization", "SimplifiedLayerNormalization"} | ({"Softmax"} if "MatMul" in ops else set()))):  # fmt: skip
         report.note("this looks like a transformer: the w8a8 percentile ranges clip the rare large activations it "
                     "relies on; --preset w8a8-smoothquant (SmoothQuant + MSE ranges) is usually far more accurate "
                     "(MiniLM embedding cosine to fp32 0.86 -> 0.994)")  # fmt: skip
-    out = to_model(graph, template=template)
-    _annotate(out, ctx.scratch.get("doc_strings", {}), ctx.recipe)
-    if isinstance(calib_session, CalibrationSession):
-        report.info["calibration"].update(
-            {"provider": calib_session.provider_used, "seconds": round(calib_session.seconds, 2),
-             "samples_seen": calib_session.samples_seen, "data": calib_session.data_issues(),
-             "warnings": _calibration_warnings(calib_session, calibration)}  # fmt: skip
-        )
-    report.info["seconds"] = round(time.perf_counter() - t_start, 2)
-    report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    return QuantizeResult(out, report, calibration=calib_session, recipe=ctx.recipe)
+
+
+def _record_calibration(report: Report, session: CalibrationSession, options: CalibrationOptions | None) -> None:
+    """Add what the calibration run did (provider, time, samples, data issues, warnings) to the report."""
+    report.info["calibration"].update(
+        {"provider": session.provider_used, "seconds": round(session.seconds, 2),
+         "samples_seen": session.samples_seen, "data": session.data_issues(),
+         "warnings": _calibration_warnings(session, options)}  # fmt: skip
+    )
 
 
 def _calibration_warnings(session: CalibrationSession, options: CalibrationOptions | None) -> list[str]:

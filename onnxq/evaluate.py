@@ -324,18 +324,41 @@ def match_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) ->
     fprod, qprod = _producers(float_model), _producers(quant_model)
     fcons, qcons = _consumers(float_model), _consumers(quant_model)
     ffloat = _float_tensors(float_model)
-    qinits = {i.name for i in quant_model.graph.initializer}
-    matches: dict[str, TensorMatch] = {}
+    # 1. names and the Q/DQ structure; 2. QOperator outputs
+    matches = _qdq_matches(float_model, quant_model, ffloat, qprod, qcons)
+    matches.update(_qoperator_matches(float_model, quant_model, ffloat, fprod, fcons, qcons, matches))
+    # 3. graph outputs, by name or in order, are compared as outputs, not as inner tensors
+    fouts = _checked_float_outputs(float_model, quant_model)
+    for f in fouts:
+        matches.pop(f, None)
+    order = {t: i for i, n in enumerate(float_model.graph.node) for t in n.output}
+    result = sorted(matches.values(), key=lambda m: order.get(m.float_name, 0))
+    matched = {m.float_name for m in result} | set(fouts)
+    unmatched = [n.output[0] for n in float_model.graph.node
+                 if n.op_type in _WEIGHT_OPS and n.output[0] not in matched and _followed(fcons, n) not in matched]  # fmt: skip
+    return result, unmatched
 
-    def dequantized_copy(name: str) -> str:
-        for q in qcons.get(name, []):
-            if q.op_type == "QuantizeLinear":
-                for dq in qcons.get(q.output[0], []):
-                    if dq.op_type == "DequantizeLinear":
-                        return dq.output[0]
-        return name
 
-    # 1. names and the Q/DQ structure
+def _dequantized_copy(qcons: dict[str, list[onnx.NodeProto]], name: str) -> str:
+    """The output of the ``QuantizeLinear -> DequantizeLinear`` pair reading ``name``, else ``name`` itself."""
+    for q in qcons.get(name, []):
+        if q.op_type == "QuantizeLinear":
+            for dq in qcons.get(q.output[0], []):
+                if dq.op_type == "DequantizeLinear":
+                    return dq.output[0]
+    return name
+
+
+def _qdq_matches(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    ffloat: set[str],
+    qprod: dict[str, onnx.NodeProto],
+    qcons: dict[str, list[onnx.NodeProto]],
+) -> dict[str, TensorMatch]:
+    """Matches by name: tensors the quantized model quantizes (Q/DQ), the outputs of nodes reading
+    dequantized tensors or running integer kernels, and float compute outputs that kept their name
+    (dynamic quantization, MatMulNBits)."""
     wanted: list[str] = []
     dq_outputs = {n.output[0] for n in quant_model.graph.node if n.op_type == "DequantizeLinear"}
     for node in quant_model.graph.node:
@@ -346,15 +369,32 @@ def match_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) ->
             or node.domain == "com.microsoft" and node.op_type.startswith("DynamicQuantize")
         ):  # fmt: skip
             wanted.extend(t for t in node.output if t)
-    for node in float_model.graph.node:  # float compute outputs that kept their name (dynamic, MatMulNBits)
+    for node in float_model.graph.node:
         if node.op_type in _WEIGHT_OPS and node.output[0] in qprod:
             wanted.append(node.output[0])
+    matches: dict[str, TensorMatch] = {}
     for name in wanted:
         if name in ffloat and name in qprod and name not in matches and qprod[name].op_type != "DequantizeLinear":
             q = qprod[name]
-            matches[name] = TensorMatch(name, dequantized_copy(name), q.name, q.op_type)
+            matches[name] = TensorMatch(name, _dequantized_copy(qcons, name), q.name, q.op_type)
+    return matches
 
-    # 2. QOperator outputs: integer tensors with the node's own output scale and zero point
+
+def _qoperator_matches(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    ffloat: set[str],
+    fprod: dict[str, onnx.NodeProto],
+    fcons: dict[str, list[onnx.NodeProto]],
+    qcons: dict[str, list[onnx.NodeProto]],
+    matches: dict[str, TensorMatch],
+) -> dict[str, TensorMatch]:
+    """Matches for QOperator outputs: integer tensors with the node's own output scale and zero point.
+
+    By name (``<float name>_quantized``) where at least half of them match that way, else by aligning the
+    weight nodes of the two graphs. Float tensors already in ``matches`` are left alone.
+    """
+    qinits = {i.name for i in quant_model.graph.initializer}
     qop: list[tuple[onnx.NodeProto, str, str]] = []
     for node in quant_model.graph.node:
         idx = _Q_OUTPUT_PARAMS.get(node.op_type)
@@ -373,28 +413,21 @@ def match_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) ->
             fname = _followed(fcons, fprod[base]) if fused_act else base
             by_name[fname] = TensorMatch(fname, out, node.name, node.op_type, s, z or None)
     if qop and len(by_name) * 2 >= len(qop):
-        matches.update(by_name)
-    elif qop:
-        matches.update(_align_weight_nodes(float_model, quant_model, ffloat, {id(n): (s, z) for n, s, z in qop}))
+        return by_name
+    if qop:
+        return _align_weight_nodes(float_model, quant_model, ffloat, {id(n): (s, z) for n, s, z in qop})
+    return {}
 
-    # 3. graph outputs, by name or in order
+
+def _checked_float_outputs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> list[str]:
+    """The float model's output names, after checking that the quantized model's outputs pair with them
+    (by name, else in order: see :func:`graph_output_pairs`)."""
     fouts = [o.name for o in float_model.graph.output]
     qouts = [o.name for o in quant_model.graph.output]
-    if set(fouts) <= set(qouts):
-        pairs = [(o, o) for o in fouts]
-    elif len(fouts) == len(qouts):
-        pairs = list(zip(fouts, qouts))
-    else:
+    if not set(fouts) <= set(qouts) and len(fouts) != len(qouts):
         raise OnnxqError(f"the models have different outputs (float: {', '.join(fouts)}; quantized: {', '.join(qouts)}): "
                          "compare needs the quantized model of this float model")  # fmt: skip
-    for f, q in pairs:
-        matches.pop(f, None)
-    order = {t: i for i, n in enumerate(float_model.graph.node) for t in n.output}
-    result = sorted(matches.values(), key=lambda m: order.get(m.float_name, 0))
-    matched = {m.float_name for m in result} | set(fouts)
-    unmatched = [n.output[0] for n in float_model.graph.node
-                 if n.op_type in _WEIGHT_OPS and n.output[0] not in matched and _followed(fcons, n) not in matched]  # fmt: skip
-    return result, unmatched
+    return fouts
 
 
 def graph_output_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> list[tuple[str, str]]:

@@ -618,10 +618,7 @@ def compare_models(
     from onnxq._ort import make_session
     from onnxq.calibration.runner import build_observer_model
 
-    for what, m in (("float", float_model), ("quantized", quant_model)):
-        if m.ByteSize() > 1_900_000_000:
-            raise OnnxqError(f"the {what} model is over 2 GB in memory; compare runs models from memory and cannot "
-                             "take it yet: compare a smaller export (fewer layers) or measure with benchmarks/perplexity.py")  # fmt: skip
+    _check_in_memory_size(float_model, quant_model)
     check_comparable(float_model, quant_model)
     matches, unmatched = match_tensors(float_model, quant_model) if tensors else ([], [])
     pairs = graph_output_pairs(float_model, quant_model)
@@ -630,12 +627,7 @@ def compare_models(
     # graph outputs come first in fnames/qnames, so the observer model keeps them as well
     fsess = make_session(build_observer_model(float_model, list(dict.fromkeys(fnames)), reduce=False).SerializeToString(), optimization="basic")
     qsess = make_session(build_observer_model(quant_model, list(dict.fromkeys(qnames)), reduce=False).SerializeToString(), optimization="basic")
-    qinit = {i.name: i for i in quant_model.graph.initializer}
-    dq: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    for m in matches:
-        if m.scale is not None:
-            dq[m.quant_name] = (numpy_helper.to_array(qinit[m.scale]),
-                                numpy_helper.to_array(qinit[m.zero_point]) if m.zero_point in qinit else None)  # fmt: skip
+    dq = _output_qparams(quant_model, matches)
     out_stats = {f: OutputStats() for f, _ in pairs}
     t_stats = {m.float_name: TensorStats() for m in matches}
     samples, first = 0, None
@@ -649,20 +641,8 @@ def compare_models(
                 qvals = qsess.run(qnames, feed)
             except Exception as exc:  # noqa: BLE001 - ORT raises many types
                 raise OnnxqError(f"running the models on sample {samples} failed: {exc}") from exc
-            for (f, q), a, b in zip(pairs, fvals, qvals):
-                if a.shape != b.shape:
-                    raise OnnxqError(printable(f"output {f!r} has shape {list(a.shape)} in the float model but "
-                                               f"{list(b.shape)} ({q!r}) in the quantized one: compare needs a "
-                                               "quantized model made from this float model"))
-                out_stats[f].update(a, b)
-            for m, a, b in zip(matches, fvals[len(pairs):], qvals[len(pairs):]):
-                if not np.issubdtype(a.dtype, np.floating):
-                    continue
-                if m.quant_name in dq:
-                    b = _dequantize(b, *dq[m.quant_name])
-                elif not np.issubdtype(b.dtype, np.floating) or a.shape != b.shape:
-                    continue
-                t_stats[m.float_name].update(a, b, histogram=histograms > 0)
+            _update_output_stats(out_stats, pairs, fvals, qvals)
+            _update_tensor_stats(t_stats, matches, fvals[len(pairs):], qvals[len(pairs):], dq, histograms > 0)
             samples += samples_in(feed, float_model)
             if bar:
                 bar.update(task, completed=samples)
@@ -671,19 +651,8 @@ def compare_models(
             bar.stop()
     if samples == 0:
         raise OnnxqError("the comparison source gave no samples")
-    rows = []
-    for m in matches:
-        st = t_stats[m.float_name]
-        if st.count:
-            rows.append({"float_name": m.float_name, "quant_name": m.quant_name, "node": m.node, "op_type": m.op_type,
-                         "sqnr_db": st.sqnr_db, "cosine": st.cosine, "max_abs_err": st.max_abs_err})  # fmt: skip
-    rows.sort(key=lambda r: r["sqnr_db"])
-    hists = []
-    for r in rows[:histograms]:
-        h = t_stats[r["float_name"]].hist
-        if h is not None and h.width > 0:
-            hists.append({"tensor": r["float_name"], "edges": h.edges.tolist(), "counts": h.hist.tolist(),
-                          "sqnr_db": r["sqnr_db"], "data_range": [h.lo, h.hi]})  # fmt: skip
+    rows = _tensor_rows(matches, t_stats)
+    hists = _worst_histograms(rows, t_stats, histograms)
     outputs = {f: {"sqnr_db": s.tensor.sqnr_db, "cosine": s.cosine, "max_abs_err": s.tensor.max_abs_err,
                    "top1_agreement": s.top1_agreement, "degenerate": s.degenerate} for f, s in out_stats.items()}  # fmt: skip
     top1 = next((s.top1_agreement for s in out_stats.values() if s.top1_agreement is not None), None)
@@ -693,6 +662,80 @@ def compare_models(
         models["float"]["latency_ms"] = measure_latency(float_model, first)
         models["quant"]["latency_ms"] = measure_latency(quant_model, first)
     return Comparison(samples, outputs, top1, rows, unmatched, models, forward_passes=2 * samples, histograms=hists)
+
+
+def _check_in_memory_size(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> None:
+    """Refuse models over protobuf's 2 GB limit: compare serializes them to build its sessions."""
+    for what, m in (("float", float_model), ("quantized", quant_model)):
+        if m.ByteSize() > 1_900_000_000:
+            raise OnnxqError(f"the {what} model is over 2 GB in memory; compare runs models from memory and cannot "
+                             "take it yet: compare a smaller export (fewer layers) or measure with benchmarks/perplexity.py")  # fmt: skip
+
+
+def _output_qparams(quant_model: onnx.ModelProto, matches: list[TensorMatch]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """(scale, zero point) by quantized tensor name, for matches whose quantized side is an integer tensor."""
+    qinit = {i.name: i for i in quant_model.graph.initializer}
+    dq: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for m in matches:
+        if m.scale is not None:
+            dq[m.quant_name] = (numpy_helper.to_array(qinit[m.scale]),
+                                numpy_helper.to_array(qinit[m.zero_point]) if m.zero_point in qinit else None)  # fmt: skip
+    return dq
+
+
+def _update_output_stats(
+    out_stats: dict[str, OutputStats], pairs: list[tuple[str, str]], fvals: list[np.ndarray], qvals: list[np.ndarray]
+) -> None:
+    """Add one batch of graph outputs (the first ``len(pairs)`` values) to their statistics."""
+    for (f, q), a, b in zip(pairs, fvals, qvals):
+        if a.shape != b.shape:
+            raise OnnxqError(printable(f"output {f!r} has shape {list(a.shape)} in the float model but "
+                                       f"{list(b.shape)} ({q!r}) in the quantized one: compare needs a "
+                                       "quantized model made from this float model"))
+        out_stats[f].update(a, b)
+
+
+def _update_tensor_stats(
+    t_stats: dict[str, TensorStats],
+    matches: list[TensorMatch],
+    fvals: list[np.ndarray],
+    qvals: list[np.ndarray],
+    dq: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    histogram: bool,
+) -> None:
+    """Add one batch of matched inner tensors to their statistics (integer tensors dequantized first;
+    pairs that are not both float of one shape are skipped)."""
+    for m, a, b in zip(matches, fvals, qvals):
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        if m.quant_name in dq:
+            b = _dequantize(b, *dq[m.quant_name])
+        elif not np.issubdtype(b.dtype, np.floating) or a.shape != b.shape:
+            continue
+        t_stats[m.float_name].update(a, b, histogram=histogram)
+
+
+def _tensor_rows(matches: list[TensorMatch], t_stats: dict[str, TensorStats]) -> list[dict[str, Any]]:
+    """One row per matched tensor that was measured, worst SQNR first."""
+    rows = []
+    for m in matches:
+        st = t_stats[m.float_name]
+        if st.count:
+            rows.append({"float_name": m.float_name, "quant_name": m.quant_name, "node": m.node, "op_type": m.op_type,
+                         "sqnr_db": st.sqnr_db, "cosine": st.cosine, "max_abs_err": st.max_abs_err})  # fmt: skip
+    rows.sort(key=lambda r: r["sqnr_db"])
+    return rows
+
+
+def _worst_histograms(rows: list[dict[str, Any]], t_stats: dict[str, TensorStats], histograms: int) -> list[dict[str, Any]]:
+    """The float-value histograms of the ``histograms`` worst tensors (for the HTML report)."""
+    hists = []
+    for r in rows[:histograms]:
+        h = t_stats[r["float_name"]].hist
+        if h is not None and h.width > 0:
+            hists.append({"tensor": r["float_name"], "edges": h.edges.tolist(), "counts": h.hist.tolist(),
+                          "sqnr_db": r["sqnr_db"], "data_range": [h.lo, h.hi]})  # fmt: skip
+    return hists
 
 
 def _sized_batches(source: Iterable[dict[str, np.ndarray]], model: onnx.ModelProto, fsess: Any, fnames: list[str],

@@ -492,26 +492,52 @@ def quantize_file(
         result.model.metadata_props.add(key=key, value=value)
     if on_stage:
         on_stage("verifying")
+    bf16 = _verify(result, recipe, report)
+    comparison = None
+    opts = evaluation if evaluation is not None and evaluation.source else calibration
+    if report_dir is not None and opts is not None and opts.source and not bf16 and in_bytes < 1_500_000_000:
+        if on_stage:
+            on_stage("comparing")
+        comparison = _compare_into_report(src, result, opts, compare_samples, progress, report, recipe)
+    elif report_dir is not None:
+        report.note("no accuracy comparison in the report: it needs --calib or --eval samples (and a model under 1.5 GB)")
+    if on_stage:
+        on_stage("saving")
+    result.files = save_model(result.model, dst, input_path=src)
+    _record_sizes_and_report(result, report, in_bytes, comparison, report_dir)
+    return result
+
+
+def _verify(result: QuantizeResult, recipe: Recipe, report: Report) -> bool:
+    """Check that the output loads (onnx.checker, and ONNX Runtime unless it is bfloat16); record the full
+    recipe. Returns True for a bfloat16 output (which ORT's CPU provider cannot run)."""
     bf16 = "float16" in recipe.passes and recipe.float16.dtype == "bfloat16"
     if bf16:
         report.note("bfloat16 output: ONNX Runtime's CPU provider has no bfloat16 kernels for most ops, so the "
                     "model was checked with onnx.checker only; run it on a bfloat16-capable provider (CUDA)")  # fmt: skip
     verify_loads(result.model, ort_load=not bf16)
     report.info["recipe_full"] = recipe_to_dict(result.recipe or recipe)
-    comparison = None
-    opts = evaluation if evaluation is not None and evaluation.source else calibration
-    if report_dir is not None and opts is not None and opts.source and not bf16 and in_bytes < 1_500_000_000:
-        if on_stage:
-            on_stage("comparing")
-        comparison = _compare_for_report(src, result.model, opts, compare_samples, progress)
-        report.info["comparison"] = {k: v for k, v in comparison.items() if k != "histograms"}
-        report.info["histograms"] = _with_ranges(comparison["histograms"], report, recipe)
-        annotate_sqnr(result.model, comparison, comparison["samples"])
-    elif report_dir is not None:
-        report.note("no accuracy comparison in the report: it needs --calib or --eval samples (and a model under 1.5 GB)")
-    if on_stage:
-        on_stage("saving")
-    result.files = save_model(result.model, dst, input_path=src)
+    return bf16
+
+
+def _compare_into_report(
+    src: Path, result: QuantizeResult, opts: CalibrationOptions, samples: int, progress: bool, report: Report, recipe: Recipe
+) -> dict[str, Any]:
+    """Compare the result with the float model; the figures go into the report and each tensor's SQNR into
+    the doc strings of the model's Q/DQ nodes."""
+    comparison = _compare_for_report(src, result.model, opts, samples, progress)
+    report.info["comparison"] = {k: v for k, v in comparison.items() if k != "histograms"}
+    report.info["histograms"] = _with_ranges(comparison["histograms"], report, recipe)
+    annotate_sqnr(result.model, comparison, comparison["samples"])
+    return comparison
+
+
+def _record_sizes_and_report(
+    result: QuantizeResult, report: Report, in_bytes: int, comparison: dict[str, Any] | None,
+    report_dir: str | os.PathLike | None,
+) -> None:
+    """Sizes into the report, then the report files; on any failure (or interrupt) the written model files
+    are removed: never a model without its report."""
     try:
         out_bytes = sum(p.stat().st_size for p in result.files)
         report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
@@ -519,11 +545,10 @@ def quantize_file(
             report.info["comparison"]["models"]["quant"]["bytes"] = out_bytes
         if report_dir is not None:
             _write_report(report, Path(report_dir))
-    except BaseException:  # a failed or interrupted run leaves no output: never a model without its report
+    except BaseException:
         for f in result.files:
             f.unlink(missing_ok=True)
         raise
-    return result
 
 
 def _write_report(report: Report, folder: Path) -> None:

@@ -254,13 +254,8 @@ def _shares_input(
     return None
 
 
-def _activation_params(
-    graph: gs.Graph,
-    wanted: dict[str, tuple[gs.Variable, NodeConfig]],
-    configs: dict[int, NodeConfig],
-    ranges: dict[str, tuple[float, float]],
-    target: TargetProfile,
-) -> dict[str, _QParams]:
+def _activation_params(graph: gs.Graph, wanted: dict[str, tuple[gs.Variable, NodeConfig]], configs: dict[int, NodeConfig],
+                       ranges: dict[str, tuple[float, float]], target: TargetProfile) -> dict[str, _QParams]:  # fmt: skip
     """Scale and zero point of every wanted tensor, in topological order so shared parameters resolve."""
     params: dict[str, _QParams] = {}
     graph.toposort()
@@ -282,13 +277,8 @@ def _activation_params(
     return params
 
 
-def _absorb_activations(
-    graph: gs.Graph,
-    plan: _Demand,
-    params: dict[str, _QParams],
-    ranges: dict[str, tuple[float, float]],
-    ctx: PassContext,
-) -> int:
+def _absorb_activations(graph: gs.Graph, plan: _Demand, params: dict[str, _QParams], ranges: dict[str, tuple[float, float]],
+                        ctx: PassContext) -> int:  # fmt: skip
     """Remove each absorbable Relu/Clip whose work the quantization of its output already does; returns
     how many were removed.
 
@@ -379,17 +369,9 @@ class InsertQDQPass(Pass):
         )
         return PassResult(graph, modified=counts["qdq_pairs"] > 0 or counts["weights_quantized"] > 0, counts=counts, notes=notes)
 
-    def _quantize_node_constants(
-        self,
-        graph: gs.Graph,
-        configs: dict[int, NodeConfig],
-        quantized: set[int],
-        params: dict[str, _QParams],
-        target: TargetProfile,
-        counts: dict[str, int],
-        notes: list[str],
-        ctx: PassContext,
-    ) -> None:
+    def _quantize_node_constants(self, graph: gs.Graph, configs: dict[int, NodeConfig], quantized: set[int],
+                                 params: dict[str, _QParams], target: TargetProfile, counts: dict[str, int],
+                                 notes: list[str], ctx: PassContext) -> None:  # fmt: skip
         """Quantize the weights, biases and constant operands of every quantized node.
 
         A constant read by several nodes with the same scheme (tied weights) is quantized once and shared;
@@ -420,16 +402,8 @@ class InsertQDQPass(Pass):
                 node.inputs[i] = weight_cache[key][0]
             self._quantize_bias(graph, node, params, weight_cache, counts, notes, docs)
 
-    def _insert_activation_pairs(
-        self,
-        graph: gs.Graph,
-        plan: _Demand,
-        params: dict[str, _QParams],
-        graph_outputs: set[str],
-        counts: dict[str, int],
-        notes: list[str],
-        ctx: PassContext,
-    ) -> None:
+    def _insert_activation_pairs(self, graph: gs.Graph, plan: _Demand, params: dict[str, _QParams], graph_outputs: set[str],
+                                 counts: dict[str, int], notes: list[str], ctx: PassContext) -> None:  # fmt: skip
         """One Q -> DQ pair per wanted tensor, read by its quantized consumers only.
 
         A float consumer (a residual Add, a LayerNormalization, a Softmax) keeps the exact tensor, so the

@@ -38,6 +38,7 @@ from onnxq.passes import PASSES
 from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.mixed_precision import AccuracyBudget, EvalSet, search_mixed_precision
 from onnxq.recipe import Override, Recipe, recipe_to_dict, unmatched_selectors
+from onnxq.quantize_report import compare_into_report, record_sizes_and_report
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import TargetProfile, resolve_target
@@ -498,13 +499,13 @@ def quantize_file(
     if report_dir is not None and opts is not None and opts.source and not bf16 and in_bytes < 1_500_000_000:
         if on_stage:
             on_stage("comparing")
-        comparison = _compare_into_report(src, result, opts, compare_samples, progress, report, recipe)
+        comparison = compare_into_report(src, result, opts, compare_samples, progress, report, recipe)
     elif report_dir is not None:
         report.note("no accuracy comparison in the report: it needs --calib or --eval samples (and a model under 1.5 GB)")
     if on_stage:
         on_stage("saving")
     result.files = save_model(result.model, dst, input_path=src)
-    _record_sizes_and_report(result, report, in_bytes, comparison, report_dir)
+    record_sizes_and_report(result, report, in_bytes, comparison, report_dir)
     return result
 
 
@@ -518,96 +519,6 @@ def _verify(result: QuantizeResult, recipe: Recipe, report: Report) -> bool:
     verify_loads(result.model, ort_load=not bf16)
     report.info["recipe_full"] = recipe_to_dict(result.recipe or recipe)
     return bf16
-
-
-def _compare_into_report(
-    src: Path, result: QuantizeResult, opts: CalibrationOptions, samples: int, progress: bool, report: Report, recipe: Recipe
-) -> dict[str, Any]:
-    """Compare the result with the float model; the figures go into the report and each tensor's SQNR into
-    the doc strings of the model's Q/DQ nodes."""
-    comparison = _compare_for_report(src, result.model, opts, samples, progress)
-    report.info["comparison"] = {k: v for k, v in comparison.items() if k != "histograms"}
-    report.info["histograms"] = _with_ranges(comparison["histograms"], report, recipe)
-    annotate_sqnr(result.model, comparison, comparison["samples"])
-    return comparison
-
-
-def _record_sizes_and_report(
-    result: QuantizeResult, report: Report, in_bytes: int, comparison: dict[str, Any] | None,
-    report_dir: str | os.PathLike | None,
-) -> None:
-    """Sizes into the report, then the report files; on any failure (or interrupt) the written model files
-    are removed: never a model without its report."""
-    try:
-        out_bytes = sum(p.stat().st_size for p in result.files)
-        report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
-        if comparison is not None:
-            report.info["comparison"]["models"]["quant"]["bytes"] = out_bytes
-        if report_dir is not None:
-            _write_report(report, Path(report_dir))
-    except BaseException:
-        for f in result.files:
-            f.unlink(missing_ok=True)
-        raise
-
-
-def _write_report(report: Report, folder: Path) -> None:
-    """report.json and report.html into ``folder`` (created)."""
-    from onnxq.report_html import write_html
-
-    folder.mkdir(parents=True, exist_ok=True)
-    report.write_json(folder / "report.json")
-    write_html(_report_view(report), folder / "report.html")
-
-
-def _report_view(report: Report) -> dict[str, Any]:
-    """The report as the HTML page reads it: info's comparison, histograms and mixed precision at the top."""
-    d = json.loads(json.dumps(report.to_dict(), default=str))
-    for key in ("comparison", "histograms", "mixed_precision"):
-        if key in d["info"]:
-            d[key] = d["info"].pop(key)
-    return d
-
-
-def _compare_for_report(src: Path, quant: onnx.ModelProto, opts: CalibrationOptions, samples: int,
-                        progress: bool) -> dict[str, Any]:  # fmt: skip
-    """Float vs quantized on ``samples`` samples (per-tensor SQNR, outputs, size, latency) as a dict."""
-    from onnxq.evaluate import compare_models
-
-    float_model = load_model(src)
-    source = open_source(opts.source, float_model, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
-                         tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len, limit=samples,
-                         seed=opts.seed)  # fmt: skip
-    return compare_models(float_model, quant, source, float_path=src, progress=progress).to_dict()
-
-
-def _with_ranges(hists: list[dict[str, Any]], report: Report, recipe: Recipe) -> list[dict[str, Any]]:
-    """The histograms of the worst tensors with the clipping range calibration chose for each."""
-    ranges = report.info.get("activation_ranges", {})
-    out = []
-    for h in hists:
-        r = ranges.get(h["tensor"])
-        out.append({**h, "range": r if r is not None else h.get("data_range"),
-                    "method": recipe.calibration.method if r is not None else "not quantized (data range)"})  # fmt: skip
-    return out
-
-
-def annotate_sqnr(model: onnx.ModelProto, comparison: dict[str, Any], samples: int) -> int:
-    """Append the measured SQNR to the doc string of each compared tensor's Q/DQ nodes (read in Netron)."""
-    by_tensor = {r["float_name"]: r for r in comparison.get("tensors", [])}
-    count = 0
-    for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        base = node.name.rsplit("/", 1)[0] if "/" in node.name else ""
-        row = by_tensor.get(base)
-        if row is None:
-            continue
-        sqnr = row.get("sqnr_db")
-        text = "exact" if sqnr is None else f"{sqnr:.1f} dB"
-        node.doc_string = (node.doc_string + "; " if node.doc_string else "") + f"measured SQNR {text} over {samples} samples"
-        count += 1
-    return count
 
 
 def calibrate_file(

@@ -124,13 +124,8 @@ def _dequantized_copy(qcons: dict[str, list[onnx.NodeProto]], name: str) -> str:
     return name
 
 
-def _qdq_matches(
-    float_model: onnx.ModelProto,
-    quant_model: onnx.ModelProto,
-    ffloat: set[str],
-    qprod: dict[str, onnx.NodeProto],
-    qcons: dict[str, list[onnx.NodeProto]],
-) -> dict[str, TensorMatch]:
+def _qdq_matches(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, ffloat: set[str],
+                 qprod: dict[str, onnx.NodeProto], qcons: dict[str, list[onnx.NodeProto]]) -> dict[str, TensorMatch]:  # fmt: skip
     """Matches by name: tensors the quantized model quantizes (Q/DQ), the outputs of nodes reading
     dequantized tensors or running integer kernels, and float compute outputs that kept their name
     (dynamic quantization, MatMulNBits)."""
@@ -155,15 +150,9 @@ def _qdq_matches(
     return matches
 
 
-def _qoperator_matches(
-    float_model: onnx.ModelProto,
-    quant_model: onnx.ModelProto,
-    ffloat: set[str],
-    fprod: dict[str, onnx.NodeProto],
-    fcons: dict[str, list[onnx.NodeProto]],
-    qcons: dict[str, list[onnx.NodeProto]],
-    matches: dict[str, TensorMatch],
-) -> dict[str, TensorMatch]:
+def _qoperator_matches(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, ffloat: set[str],
+                       fprod: dict[str, onnx.NodeProto], fcons: dict[str, list[onnx.NodeProto]],
+                       qcons: dict[str, list[onnx.NodeProto]], matches: dict[str, TensorMatch]) -> dict[str, TensorMatch]:  # fmt: skip
     """Matches for QOperator outputs: integer tensors with the node's own output scale and zero point.
 
     By name (``<float name>_quantized``) where at least half of them match that way, else by aligning the

@@ -9,16 +9,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from onnxq.calibration.sources.base import (
-    CalibrationSource,
-    InputSpec,
-    castable,
-    count_text,
-    evenly_spaced,
-    natural_key,
-    shape_fits,
-    shape_mismatch,
-)
+from onnxq.calibration.sources.base import (CalibrationSource, InputSpec, castable, count_text, evenly_spaced,
+    natural_key, shape_fits, shape_mismatch)
 from onnxq.errors import CalibrationError
 
 

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import onnx
 from onnxq.calibration.sources.arrays import ArrayFolderSource
-from onnxq.calibration.sources.base import (
-    CalibrationSource,
-    InputSpec,
-    input_specs,
-    shape_text,
-)
+from onnxq.calibration.sources.base import CalibrationSource, InputSpec, input_specs, shape_text
 from onnxq.calibration.sources.images import IMAGE_SUFFIXES, ImageFolderSource
-from onnxq.calibration.sources.onnx_test_data import (
-    TestDataSetSource,
-    find_test_data_dirs,
-)
+from onnxq.calibration.sources.onnx_test_data import TestDataSetSource, find_test_data_dirs
 from onnxq.calibration.sources.random_data import RandomSource
 from onnxq.calibration.sources.text import TEXT_SUFFIXES, TextSource
 from onnxq.calibration.sources.token_inputs import static_seq_len

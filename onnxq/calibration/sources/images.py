@@ -6,13 +6,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from onnxq.calibration.sources.base import (
-    CalibrationSource,
-    InputSpec,
-    count_text,
-    evenly_spaced,
-    shape_text,
-)
+from onnxq.calibration.sources.base import CalibrationSource, InputSpec, count_text, evenly_spaced, shape_text
 from onnxq.errors import CalibrationError, MissingDependencyError
 
 #: Image file suffixes an image folder is searched for (case-insensitive).

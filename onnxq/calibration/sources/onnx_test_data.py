@@ -9,14 +9,8 @@ from typing import Iterator
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxq.calibration.sources.base import (
-    CalibrationSource,
-    InputSpec,
-    castable,
-    count_text,
-    evenly_spaced,
-    natural_key,
-)
+from onnxq.calibration.sources.base import (CalibrationSource, InputSpec, castable, count_text, evenly_spaced,
+    natural_key)
 from onnxq.errors import CalibrationError
 
 _TDS_INPUT = re.compile(r"input_(\d+)\.(pb|npy)")

@@ -9,19 +9,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from onnxq.calibration.sources.base import (
-    CalibrationSource,
-    InputSpec,
-    count_text,
-    evenly_spaced,
-)
-from onnxq.calibration.sources.token_inputs import (
-    import_tokenizers,
-    is_number,
-    static_seq_len,
-    token_feed,
-    token_roles,
-)
+from onnxq.calibration.sources.base import CalibrationSource, InputSpec, count_text, evenly_spaced
+from onnxq.calibration.sources.token_inputs import import_tokenizers, is_number, static_seq_len, token_feed, token_roles
 from onnxq.errors import CalibrationError
 
 #: Text file suffixes :class:`TextSource` reads: plain text (one sample a line), JSONL, TSV/CSV.

@@ -8,12 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from onnxq.calibration.sources.base import (
-    CalibrationSource,
-    InputSpec,
-    count_text,
-    evenly_spaced,
-)
+from onnxq.calibration.sources.base import CalibrationSource, InputSpec, count_text, evenly_spaced
 from onnxq.calibration.sources.text import TextSource
 from onnxq.calibration.sources.token_inputs import token_feed, token_roles
 from onnxq.errors import CalibrationError

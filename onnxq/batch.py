@@ -398,7 +398,6 @@ def _write_summary(jobs: list[BatchJob], outcomes: dict[str, JobOutcome], outdir
 def _run(jobs: list[BatchJob], state: Path, workers: int, live: bool, guard: _SignalGuard,
          outcomes: dict[str, JobOutcome], running: dict[str, _Running]) -> None:  # fmt: skip
     """The batch proper: skip what is up to date, run the rest with up to ``workers`` workers."""
-    import rich.markup
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table

@@ -42,41 +42,15 @@ from onnx import helper, numpy_helper
 from onnxq.calibration.batching import concat_feeds, group_samples, takes_batches
 from onnxq.calibration.observers import HistogramObserver
 from onnxq.errors import OnnxqError
+from onnxq.tensor_matching import TensorMatch, match_tensors
 from onnxq.text import printable
 
 __all__ = ["TensorMatch", "TensorStats", "OutputStats", "Comparison", "match_tensors", "compare_models", "check_comparable",
            "measure_latency", "model_bytes", "iter_batches", "samples_in"]  # fmt: skip
 
-_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
-_Q_WEIGHT_OPS = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3, "ConvInteger": 1, "MatMulInteger": 1}
-# QOperator op -> (index of the output scale input, index of the output zero point input)
-_Q_OUTPUT_PARAMS = {"QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QLinearAdd": (6, 7), "QLinearMul": (6, 7),
-                    "QGemm": (7, 8), "QLinearGlobalAveragePool": (3, 4), "QLinearAveragePool": (3, 4),
-                    "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4), "QLinearSoftmax": (3, 4),
-                    "QLinearConcat": (0, 1), "QuantizeLinear": (1, 2)}  # fmt: skip
-_Q_TO_FLOAT = {"QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearGlobalAveragePool": "GlobalAveragePool",
-               "QLinearAveragePool": "AveragePool", "QLinearConcat": "Concat", "QLinearSigmoid": "Sigmoid",
-               "QLinearLeakyRelu": "LeakyRelu", "QLinearSoftmax": "Softmax"}  # fmt: skip
-_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish"}
 _HIST_BINS = 256
 CONSTANT_OK_SQNR_DB = 30.0
 """An output that ignores its input is still fine when it matches the float output to this SQNR (dB)."""
-
-
-@dataclass(frozen=True)
-class TensorMatch:
-    """One float tensor and where its counterpart lives in the quantized model.
-
-    ``scale``/``zero_point``: initializer names that dequantize an integer quantized tensor on the host
-    (QOperator outputs); None when the quantized tensor is already float.
-    """
-
-    float_name: str
-    quant_name: str
-    node: str
-    op_type: str
-    scale: str | None = None
-    zero_point: str | None = None
 
 
 class _Histogram(HistogramObserver):
@@ -270,132 +244,6 @@ def _finite(obj: Any) -> Any:
 # -- matching -----------------------------------------------------------------------------------------
 
 
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {t: n for n in model.graph.node for t in n.output if t}
-
-
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for t in n.input:
-            if t:
-                out.setdefault(t, []).append(n)
-    return out
-
-
-def _initializer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    return {i.name: tuple(i.dims) for i in model.graph.initializer}
-
-
-def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Node outputs of a float dtype (or unknown dtype: checked again when the values arrive)."""
-    known: dict[str, int] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_weightless(model))
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-            known[vi.name] = vi.type.tensor_type.elem_type
-    except Exception:  # noqa: BLE001 - best effort; values are checked at run time anyway
-        pass
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    return {t for n in model.graph.node for t in n.output if t and known.get(t, onnx.TensorProto.FLOAT) in floats}
-
-
-def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference: large initializers become typed graph inputs (their shapes are enough)."""
-    m = onnx.ModelProto()
-    m.ir_version = model.ir_version
-    m.opset_import.extend(model.opset_import)
-    g = m.graph
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    listed = {vi.name for vi in model.graph.input}
-    for init in model.graph.initializer:
-        if np.prod(init.dims) <= 4096:
-            g.initializer.append(init)
-        elif init.name not in listed:
-            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return m
-
-
-def match_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> tuple[list[TensorMatch], list[str]]:
-    """Pairs of (float tensor, quantized counterpart); and the float compute outputs left unmatched."""
-    fprod, qprod = _producers(float_model), _producers(quant_model)
-    fcons, qcons = _consumers(float_model), _consumers(quant_model)
-    ffloat = _float_tensors(float_model)
-    qinits = {i.name for i in quant_model.graph.initializer}
-    matches: dict[str, TensorMatch] = {}
-
-    def dequantized_copy(name: str) -> str:
-        for q in qcons.get(name, []):
-            if q.op_type == "QuantizeLinear":
-                for dq in qcons.get(q.output[0], []):
-                    if dq.op_type == "DequantizeLinear":
-                        return dq.output[0]
-        return name
-
-    # 1. names and the Q/DQ structure
-    wanted: list[str] = []
-    dq_outputs = {n.output[0] for n in quant_model.graph.node if n.op_type == "DequantizeLinear"}
-    for node in quant_model.graph.node:
-        if node.op_type == "QuantizeLinear":
-            wanted.append(node.input[0])
-        elif node.op_type != "DequantizeLinear" and (
-            any(t in dq_outputs for t in node.input) or node.op_type in ("MatMulNBits", "MatMulInteger", "ConvInteger")
-            or node.domain == "com.microsoft" and node.op_type.startswith("DynamicQuantize")
-        ):  # fmt: skip
-            wanted.extend(t for t in node.output if t)
-    for node in float_model.graph.node:  # float compute outputs that kept their name (dynamic, MatMulNBits)
-        if node.op_type in _WEIGHT_OPS and node.output[0] in qprod:
-            wanted.append(node.output[0])
-    for name in wanted:
-        if name in ffloat and name in qprod and name not in matches and qprod[name].op_type != "DequantizeLinear":
-            q = qprod[name]
-            matches[name] = TensorMatch(name, dequantized_copy(name), q.name, q.op_type)
-
-    # 2. QOperator outputs: integer tensors with the node's own output scale and zero point
-    qop: list[tuple[onnx.NodeProto, str, str]] = []
-    for node in quant_model.graph.node:
-        idx = _Q_OUTPUT_PARAMS.get(node.op_type)
-        if idx is None or node.op_type == "QuantizeLinear" or len(node.input) <= max(idx):
-            continue
-        s, z = node.input[idx[0]], node.input[idx[1]]
-        if s in qinits:
-            qop.append((node, s, z))
-    by_name = {}
-    for node, s, z in qop:
-        out = node.output[0]
-        base = out[: -len("_quantized")] if out.endswith("_quantized") else out
-        if base in ffloat and base not in matches:
-            # a ReLU/Clip fused into the integer op (its output range does the clipping): compare after it
-            fused_act = base in fprod and not any(c.op_type in _ACTIVATIONS for c in qcons.get(out, []))
-            fname = _followed(fcons, fprod[base]) if fused_act else base
-            by_name[fname] = TensorMatch(fname, out, node.name, node.op_type, s, z or None)
-    if qop and len(by_name) * 2 >= len(qop):
-        matches.update(by_name)
-    elif qop:
-        matches.update(_align_weight_nodes(float_model, quant_model, ffloat, {id(n): (s, z) for n, s, z in qop}))
-
-    # 3. graph outputs, by name or in order
-    fouts = [o.name for o in float_model.graph.output]
-    qouts = [o.name for o in quant_model.graph.output]
-    if set(fouts) <= set(qouts):
-        pairs = [(o, o) for o in fouts]
-    elif len(fouts) == len(qouts):
-        pairs = list(zip(fouts, qouts))
-    else:
-        raise OnnxqError(f"the models have different outputs (float: {', '.join(fouts)}; quantized: {', '.join(qouts)}): "
-                         "compare needs the quantized model of this float model")  # fmt: skip
-    for f, q in pairs:
-        matches.pop(f, None)
-    order = {t: i for i, n in enumerate(float_model.graph.node) for t in n.output}
-    result = sorted(matches.values(), key=lambda m: order.get(m.float_name, 0))
-    matched = {m.float_name for m in result} | set(fouts)
-    unmatched = [n.output[0] for n in float_model.graph.node
-                 if n.op_type in _WEIGHT_OPS and n.output[0] not in matched and _followed(fcons, n) not in matched]  # fmt: skip
-    return result, unmatched
-
-
 def graph_output_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> list[tuple[str, str]]:
     """(float output, quantized output) pairs: by name, else in order."""
     fouts = [o.name for o in float_model.graph.output]
@@ -448,64 +296,6 @@ def check_comparable(float_model: onnx.ModelProto, quant_model: onnx.ModelProto)
         if fr is not None and qr is not None and fr != qr:
             raise OnnxqError(printable(f"output {f!r} of the float model has rank {fr} but its counterpart {q!r} in "
                                        f"the quantized model has rank {qr}: {fix}"))
-
-
-def _followed(consumers: dict[str, list[onnx.NodeProto]], node: onnx.NodeProto) -> str:
-    """The output of ``node`` after a single ReLU/Clip-like consumer (what a fused QOperator node produces)."""
-    cons = consumers.get(node.output[0], [])
-    if len(cons) == 1 and cons[0].op_type in _ACTIVATIONS:
-        return cons[0].output[0]
-    return node.output[0]
-
-
-def _weight_key(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(sorted(shape)) if len(shape) == 2 else shape
-
-
-def _align_weight_nodes(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, ffloat: set[str],
-                        qparams: dict[int, tuple[str, str]]) -> dict[str, TensorMatch]:  # fmt: skip
-    """Pair the weight-bearing nodes of both graphs in topological order when their weight shapes agree."""
-    finit, qinit = _initializer_shapes(float_model), _initializer_shapes(quant_model)
-    fnodes = [n for n in float_model.graph.node if n.op_type in _WEIGHT_OPS and len(n.input) > 1 and n.input[1] in finit]
-    qnodes = [n for n in quant_model.graph.node
-              if n.op_type in _Q_WEIGHT_OPS and len(n.input) > _Q_WEIGHT_OPS[n.op_type] and n.input[_Q_WEIGHT_OPS[n.op_type]] in qinit]  # fmt: skip
-    fkeys = [_weight_key(finit[n.input[1]]) for n in fnodes]
-    qkeys = [_weight_key(qinit[n.input[_Q_WEIGHT_OPS[n.op_type]]]) for n in qnodes]
-    if fkeys != qkeys:
-        return {}
-    fcons, qcons = _consumers(float_model), _consumers(quant_model)
-    out: dict[str, TensorMatch] = {}
-    used: set[int] = set()
-    for fn, qn in zip(fnodes, qnodes):
-        node = qn
-        # a Gemm exported as QLinearMatMul + QLinearAdd(bias): compare after the bias
-        cons = qcons.get(qn.output[0], [])
-        if len(cons) == 1 and cons[0].op_type == "QLinearAdd" and id(cons[0]) in qparams:
-            a, b = cons[0].input[0], cons[0].input[3]
-            if (b if a == qn.output[0] else a) in qinit:
-                node = cons[0]
-        if id(node) not in qparams:
-            continue
-        s, z = qparams[id(node)]
-        fused_act = not any(c.op_type in _ACTIVATIONS for c in qcons.get(node.output[0], []))
-        fname = _followed(fcons, fn) if fused_act else fn.output[0]
-        if fname in ffloat:
-            out[fname] = TensorMatch(fname, node.output[0], node.name, node.op_type, s, z or None)
-        used.add(id(node))
-    # the other QOperator nodes (residual QLinearAdd, pooling, Concat, ...): op by op, in order, when the
-    # two graphs have as many of each
-    for qop, fop in _Q_TO_FLOAT.items():
-        qs = [n for n in quant_model.graph.node if n.op_type == qop and id(n) in qparams and id(n) not in used]
-        fs = [n for n in float_model.graph.node if n.op_type == fop and n.output[0] in ffloat
-              and not all(t in finit for t in n.input[1:])]  # fmt: skip
-        if not qs or len(qs) != len(fs):
-            continue
-        for fn, qn in zip(fs, qs):
-            s, z = qparams[id(qn)]
-            fused_act = not any(c.op_type in _ACTIVATIONS for c in qcons.get(qn.output[0], []))
-            fname = _followed(fcons, fn) if fused_act else fn.output[0]
-            out.setdefault(fname, TensorMatch(fname, qn.output[0], qn.name, qn.op_type, s, z or None))
-    return out
 
 
 # -- running --------------------------------------------------------------------------------------------
@@ -575,10 +365,7 @@ def compare_models(
     from onnxq._ort import make_session
     from onnxq.calibration.runner import build_observer_model
 
-    for what, m in (("float", float_model), ("quantized", quant_model)):
-        if m.ByteSize() > 1_900_000_000:
-            raise OnnxqError(f"the {what} model is over 2 GB in memory; compare runs models from memory and cannot "
-                             "take it yet: compare a smaller export (fewer layers) or measure with benchmarks/perplexity.py")  # fmt: skip
+    _check_in_memory_size(float_model, quant_model)
     check_comparable(float_model, quant_model)
     matches, unmatched = match_tensors(float_model, quant_model) if tensors else ([], [])
     pairs = graph_output_pairs(float_model, quant_model)
@@ -587,12 +374,7 @@ def compare_models(
     # graph outputs come first in fnames/qnames, so the observer model keeps them as well
     fsess = make_session(build_observer_model(float_model, list(dict.fromkeys(fnames)), reduce=False).SerializeToString(), optimization="basic")
     qsess = make_session(build_observer_model(quant_model, list(dict.fromkeys(qnames)), reduce=False).SerializeToString(), optimization="basic")
-    qinit = {i.name: i for i in quant_model.graph.initializer}
-    dq: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    for m in matches:
-        if m.scale is not None:
-            dq[m.quant_name] = (numpy_helper.to_array(qinit[m.scale]),
-                                numpy_helper.to_array(qinit[m.zero_point]) if m.zero_point in qinit else None)  # fmt: skip
+    dq = _output_qparams(quant_model, matches)
     out_stats = {f: OutputStats() for f, _ in pairs}
     t_stats = {m.float_name: TensorStats() for m in matches}
     samples, first = 0, None
@@ -606,20 +388,8 @@ def compare_models(
                 qvals = qsess.run(qnames, feed)
             except Exception as exc:  # noqa: BLE001 - ORT raises many types
                 raise OnnxqError(f"running the models on sample {samples} failed: {exc}") from exc
-            for (f, q), a, b in zip(pairs, fvals, qvals):
-                if a.shape != b.shape:
-                    raise OnnxqError(printable(f"output {f!r} has shape {list(a.shape)} in the float model but "
-                                               f"{list(b.shape)} ({q!r}) in the quantized one: compare needs a "
-                                               "quantized model made from this float model"))
-                out_stats[f].update(a, b)
-            for m, a, b in zip(matches, fvals[len(pairs):], qvals[len(pairs):]):
-                if not np.issubdtype(a.dtype, np.floating):
-                    continue
-                if m.quant_name in dq:
-                    b = _dequantize(b, *dq[m.quant_name])
-                elif not np.issubdtype(b.dtype, np.floating) or a.shape != b.shape:
-                    continue
-                t_stats[m.float_name].update(a, b, histogram=histograms > 0)
+            _update_output_stats(out_stats, pairs, fvals, qvals)
+            _update_tensor_stats(t_stats, matches, fvals[len(pairs):], qvals[len(pairs):], dq, histograms > 0)
             samples += samples_in(feed, float_model)
             if bar:
                 bar.update(task, completed=samples)
@@ -628,19 +398,8 @@ def compare_models(
             bar.stop()
     if samples == 0:
         raise OnnxqError("the comparison source gave no samples")
-    rows = []
-    for m in matches:
-        st = t_stats[m.float_name]
-        if st.count:
-            rows.append({"float_name": m.float_name, "quant_name": m.quant_name, "node": m.node, "op_type": m.op_type,
-                         "sqnr_db": st.sqnr_db, "cosine": st.cosine, "max_abs_err": st.max_abs_err})  # fmt: skip
-    rows.sort(key=lambda r: r["sqnr_db"])
-    hists = []
-    for r in rows[:histograms]:
-        h = t_stats[r["float_name"]].hist
-        if h is not None and h.width > 0:
-            hists.append({"tensor": r["float_name"], "edges": h.edges.tolist(), "counts": h.hist.tolist(),
-                          "sqnr_db": r["sqnr_db"], "data_range": [h.lo, h.hi]})  # fmt: skip
+    rows = _tensor_rows(matches, t_stats)
+    hists = _worst_histograms(rows, t_stats, histograms)
     outputs = {f: {"sqnr_db": s.tensor.sqnr_db, "cosine": s.cosine, "max_abs_err": s.tensor.max_abs_err,
                    "top1_agreement": s.top1_agreement, "degenerate": s.degenerate} for f, s in out_stats.items()}  # fmt: skip
     top1 = next((s.top1_agreement for s in out_stats.values() if s.top1_agreement is not None), None)
@@ -650,6 +409,80 @@ def compare_models(
         models["float"]["latency_ms"] = measure_latency(float_model, first)
         models["quant"]["latency_ms"] = measure_latency(quant_model, first)
     return Comparison(samples, outputs, top1, rows, unmatched, models, forward_passes=2 * samples, histograms=hists)
+
+
+def _check_in_memory_size(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> None:
+    """Refuse models over protobuf's 2 GB limit: compare serializes them to build its sessions."""
+    for what, m in (("float", float_model), ("quantized", quant_model)):
+        if m.ByteSize() > 1_900_000_000:
+            raise OnnxqError(f"the {what} model is over 2 GB in memory; compare runs models from memory and cannot "
+                             "take it yet: compare a smaller export (fewer layers) or measure with benchmarks/perplexity.py")  # fmt: skip
+
+
+def _output_qparams(quant_model: onnx.ModelProto, matches: list[TensorMatch]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """(scale, zero point) by quantized tensor name, for matches whose quantized side is an integer tensor."""
+    qinit = {i.name: i for i in quant_model.graph.initializer}
+    dq: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for m in matches:
+        if m.scale is not None:
+            dq[m.quant_name] = (numpy_helper.to_array(qinit[m.scale]),
+                                numpy_helper.to_array(qinit[m.zero_point]) if m.zero_point in qinit else None)  # fmt: skip
+    return dq
+
+
+def _update_output_stats(
+    out_stats: dict[str, OutputStats], pairs: list[tuple[str, str]], fvals: list[np.ndarray], qvals: list[np.ndarray]
+) -> None:
+    """Add one batch of graph outputs (the first ``len(pairs)`` values) to their statistics."""
+    for (f, q), a, b in zip(pairs, fvals, qvals):
+        if a.shape != b.shape:
+            raise OnnxqError(printable(f"output {f!r} has shape {list(a.shape)} in the float model but "
+                                       f"{list(b.shape)} ({q!r}) in the quantized one: compare needs a "
+                                       "quantized model made from this float model"))
+        out_stats[f].update(a, b)
+
+
+def _update_tensor_stats(
+    t_stats: dict[str, TensorStats],
+    matches: list[TensorMatch],
+    fvals: list[np.ndarray],
+    qvals: list[np.ndarray],
+    dq: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    histogram: bool,
+) -> None:
+    """Add one batch of matched inner tensors to their statistics (integer tensors dequantized first;
+    pairs that are not both float of one shape are skipped)."""
+    for m, a, b in zip(matches, fvals, qvals):
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        if m.quant_name in dq:
+            b = _dequantize(b, *dq[m.quant_name])
+        elif not np.issubdtype(b.dtype, np.floating) or a.shape != b.shape:
+            continue
+        t_stats[m.float_name].update(a, b, histogram=histogram)
+
+
+def _tensor_rows(matches: list[TensorMatch], t_stats: dict[str, TensorStats]) -> list[dict[str, Any]]:
+    """One row per matched tensor that was measured, worst SQNR first."""
+    rows = []
+    for m in matches:
+        st = t_stats[m.float_name]
+        if st.count:
+            rows.append({"float_name": m.float_name, "quant_name": m.quant_name, "node": m.node, "op_type": m.op_type,
+                         "sqnr_db": st.sqnr_db, "cosine": st.cosine, "max_abs_err": st.max_abs_err})  # fmt: skip
+    rows.sort(key=lambda r: r["sqnr_db"])
+    return rows
+
+
+def _worst_histograms(rows: list[dict[str, Any]], t_stats: dict[str, TensorStats], histograms: int) -> list[dict[str, Any]]:
+    """The float-value histograms of the ``histograms`` worst tensors (for the HTML report)."""
+    hists = []
+    for r in rows[:histograms]:
+        h = t_stats[r["float_name"]].hist
+        if h is not None and h.width > 0:
+            hists.append({"tensor": r["float_name"], "edges": h.edges.tolist(), "counts": h.hist.tolist(),
+                          "sqnr_db": r["sqnr_db"], "data_range": [h.lo, h.hi]})  # fmt: skip
+    return hists
 
 
 def _sized_batches(source: Iterable[dict[str, np.ndarray]], model: onnx.ModelProto, fsess: Any, fnames: list[str],

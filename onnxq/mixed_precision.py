@@ -214,32 +214,18 @@ def search_mixed_precision(
     t0 = time.perf_counter()
     say = progress or (lambda _m: None)
     ops = dict(candidates)
-    builds = 0
-    cache: dict[tuple[tuple[str, str], ...], tuple[float, bool]] = {}  # config -> (value, exact)
-
-    def measure(cfg: dict[str, str], *, exact: bool = False) -> float:
-        """The budget metric of ``cfg``; unless ``exact``, a failing agreement may stop early (a bound)."""
-        nonlocal builds
-        key = tuple(sorted(cfg.items()))
-        if key not in cache or (exact and not cache[key][1]):
-            builds += 1
-            floor = None if exact else budget.threshold
-            value = evalset.measure(build(cfg), budget.metric, floor=floor)
-            cache[key] = (value, not evalset.stopped_early)
-        return cache[key][0]
-
+    search = _Search(build, evalset, budget)
     passes_before = evalset.forward_passes
-    baseline_model = build({})
-    builds += 1
+    baseline_model = search.build_model({})
     baseline = evalset.measure(baseline_model, budget.metric)
-    cache[()] = (baseline, True)
+    search.cache[()] = (baseline, True)
     result = MixedPrecisionResult(budget.describe(), budget.metric, baseline, baseline, budget.met(baseline), {})
     result.eval_samples, result.rank_samples = evalset.samples, min(rank_samples, evalset.samples)
     if evalset.degenerate:
         result.notes.append(f"the int8 model's outputs are degenerate ({evalset.degenerate}): it counts as missing the budget")
     if result.met:
         result.notes.append(f"the int8 model already meets {budget.describe()} ({baseline:.4g}): no fallback")
-        return _finish(result, evalset, passes_before, builds, t0)
+        return _finish(result, evalset, passes_before, search.builds, t0)
     named = [(n, op) for n, op in candidates if n]
     if len(named) < len(candidates):
         result.notes.append(f"{len(candidates) - len(named)} unnamed layers cannot be moved (no node name to override)")
@@ -247,47 +233,22 @@ def search_mixed_precision(
         raise OnnxqError("no quantized layer has a node name, so none can be moved to a wider precision")
 
     # 2. ranking: each layer alone in float
-    base_score = evalset.measure(baseline_model, "sqnr", limit=rank_samples)
-    scores: list[tuple[float, str]] = []
-    for i, (name, _op) in enumerate(named):
-        say(f"ranking layers {i + 1}/{len(named)}")
-        builds += 1
-        s = evalset.measure(build({name: "float"}), "sqnr", limit=rank_samples)
-        scores.append((s, name))
-    scores.sort(key=lambda x: (-x[0], x[1]))
-    order = [n for _s, n in scores]
+    order, base_score, scores = search.rank(baseline_model, named, rank_samples, say)
     result.ranking = [{"node": n, "op_type": ops[n], "metric_if_float": _r(s), "gain": _r(s - base_score)} for s, n in scores]
-
     # 3. the fewest top-ranked layers per level
-    best: dict[str, str] | None = None
-    for level in levels:
-        k = _smallest_k(lambda k: budget.met(measure({n: level for n in order[:k]})), len(order), say, level)
-        if k is not None and (best is None or k < len(best)):
-            best = {n: level for n in order[:k]}
+    best = search.fewest_fallbacks(order, levels, say)
     if best is None:
         everything = {n: "float" for n in order}
-        result.final = measure(everything, exact=True)
+        result.final = search.measure(everything, exact=True)
         result.notes.append(f"{budget.describe()} is not reached even with every quantized layer in float "
                             f"({result.final:.4g}): the remaining error comes from elsewhere (inputs, unquantizable ops)")  # fmt: skip
         result.levels = everything
-        return _finish(result, evalset, passes_before, builds, t0)
-
-    # 4. pruning: least sensitive first, back to int8, else float -> int16; what the budget metric is without
-    #    each fallback that stays is its measured effect (given the others)
+        return _finish(result, evalset, passes_before, search.builds, t0)
+    # 4. pruning: least sensitive first, back to int8, else float -> int16
     rank = {n: i for i, n in enumerate(order)}
-    without: dict[str, tuple[float, bool]] = {}
-    for name in sorted(best, key=lambda n: -rank[n]):
-        say(f"pruning: {name} back to int8?")
-        trial = {k: v for k, v in best.items() if k != name}
-        without[name] = (measure(trial), not cache[tuple(sorted(trial.items()))][1])
-        if budget.met(without[name][0]):
-            best = trial
-        elif best[name] == "float" and "int16" in levels:
-            trial = {**best, name: "int16"}
-            if budget.met(measure(trial)):
-                best = trial
+    best, without = search.prune(best, rank, levels, say)
     result.levels = best
-    result.final = measure(best, exact=True)
+    result.final = search.measure(best, exact=True)
     result.met = budget.met(result.final)
     for name in sorted(best, key=lambda n: rank[n]):
         # measured when pruning tried this layer: the more sensitive layers pruned after it were still in
@@ -295,7 +256,75 @@ def search_mixed_precision(
         result.fallbacks.append({"node": name, "op_type": ops[name], "level": best[name], "metric_without": _r(w),
                                  "metric_without_is_bound": bound, "effect": _r(result.final - w),
                                  "gain_if_float": result.ranking[rank[name]]["gain"]})  # fmt: skip
-    return _finish(result, evalset, passes_before, builds, t0)
+    return _finish(result, evalset, passes_before, search.builds, t0)
+
+
+class _Search:
+    """The search's measurements: builds the model for a fallback configuration, measures the budget metric
+    on it, and remembers every measured configuration (and how many models were built)."""
+
+    def __init__(self, build: Callable[[dict[str, str]], onnx.ModelProto], evalset: EvalSet, budget: AccuracyBudget) -> None:
+        self.build, self.evalset, self.budget = build, evalset, budget
+        self.builds = 0
+        self.cache: dict[tuple[tuple[str, str], ...], tuple[float, bool]] = {}  # config -> (value, exact)
+
+    def build_model(self, cfg: dict[str, str]) -> onnx.ModelProto:
+        """The quantized model with the fallbacks ``cfg`` (counted)."""
+        self.builds += 1
+        return self.build(cfg)
+
+    def measure(self, cfg: dict[str, str], *, exact: bool = False) -> float:
+        """The budget metric of ``cfg``; unless ``exact``, a failing agreement may stop early (a bound)."""
+        key = tuple(sorted(cfg.items()))
+        if key not in self.cache or (exact and not self.cache[key][1]):
+            floor = None if exact else self.budget.threshold
+            value = self.evalset.measure(self.build_model(cfg), self.budget.metric, floor=floor)
+            self.cache[key] = (value, not self.evalset.stopped_early)
+        return self.cache[key][0]
+
+    def rank(
+        self, baseline_model: onnx.ModelProto, named: list[tuple[str, str]], rank_samples: int, say: Callable[[str], None]
+    ) -> tuple[list[str], float, list[tuple[float, str]]]:
+        """Each layer alone in float, on ``rank_samples`` samples: (layer names, most helpful first; the
+        int8 model's SQNR; (SQNR, name) per layer in that order)."""
+        base_score = self.evalset.measure(baseline_model, "sqnr", limit=rank_samples)
+        scores: list[tuple[float, str]] = []
+        for i, (name, _op) in enumerate(named):
+            say(f"ranking layers {i + 1}/{len(named)}")
+            s = self.evalset.measure(self.build_model({name: "float"}), "sqnr", limit=rank_samples)
+            scores.append((s, name))
+        scores.sort(key=lambda x: (-x[0], x[1]))
+        return [n for _s, n in scores], base_score, scores
+
+    def fewest_fallbacks(self, order: list[str], levels: tuple[str, ...], say: Callable[[str], None]) -> dict[str, str] | None:
+        """The fewest top-ranked layers that meet the budget at one level, over all levels; None if none does."""
+        best: dict[str, str] | None = None
+        for level in levels:
+            k = _smallest_k(lambda k: self.budget.met(self.measure({n: level for n in order[:k]})), len(order), say, level)
+            if k is not None and (best is None or k < len(best)):
+                best = {n: level for n in order[:k]}
+        return best
+
+    def prune(
+        self, best: dict[str, str], rank: dict[str, int], levels: tuple[str, ...], say: Callable[[str], None]
+    ) -> tuple[dict[str, str], dict[str, tuple[float, bool]]]:
+        """Least sensitive first, each fallback back to int8, else float -> int16, while the budget holds.
+
+        Returns the pruned fallbacks and, per layer tried, the budget metric without its fallback (given the
+        others at that moment: its measured effect) and whether that value is only a bound.
+        """
+        without: dict[str, tuple[float, bool]] = {}
+        for name in sorted(best, key=lambda n: -rank[n]):
+            say(f"pruning: {name} back to int8?")
+            trial = {k: v for k, v in best.items() if k != name}
+            without[name] = (self.measure(trial), not self.cache[tuple(sorted(trial.items()))][1])
+            if self.budget.met(without[name][0]):
+                best = trial
+            elif best[name] == "float" and "int16" in levels:
+                trial = {**best, name: "int16"}
+                if self.budget.met(self.measure(trial)):
+                    best = trial
+        return best, without
 
 
 def _smallest_k(ok: Callable[[int], bool], n: int, say: Callable[[str], None], level: str) -> int | None:

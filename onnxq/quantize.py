@@ -37,12 +37,13 @@ from onnxq.model import (
     upgrade_opset,
 )
 from onnxq.passes import PASSES
-from onnxq.pipeline import PassContext, Pipeline
+from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.mixed_precision import AccuracyBudget, EvalSet, search_mixed_precision
 from onnxq.recipe import Override, Recipe, recipe_to_dict, unmatched_selectors
+from onnxq.quantize_report import compare_into_report, record_sizes_and_report
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
-from onnxq.target import resolve_target
+from onnxq.target import TargetProfile, resolve_target
 from onnxq.model_checks import check_operators, check_runnable
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
@@ -139,71 +140,17 @@ def quantize_model(
     """
     report = report or Report()
     t_start = time.perf_counter()
-    base_dir: Path | None = None
     float_ref: onnx.ModelProto | None = None
     if budget is not None:  # the float model's outputs are the reference the budget is measured against
         float_ref = load_model(Path(model)) if isinstance(model, (str, os.PathLike)) else model
-    from_memory = not isinstance(model, (str, os.PathLike))
-    if not from_memory:
-        # weights stay in their external-data file until a pass reads them (see onnxq.model.ExternalValues)
-        base_dir = Path(os.path.abspath(model)).parent
-        model, copy_input = load_model(Path(model), load_external_data=False), False
-    if copy_input:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-    else:
-        work = model  # the caller hands the model over (quantize_file): no second copy of the weights
-    if from_memory:  # load_model's checks did not run: refuse what cannot run now, not after calibration
-        check_operators(work, "the model")
-        check_runnable(work, "the model")
-    if densify_sparse_initializers(work):
-        report.note("sparse initializers were made dense (onnxq quantizes dense weights)")
-    stripped = strip_initializer_inputs(work)
-    if stripped:
-        report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
-    before = default_opset(work)
-    work = upgrade_opset(work, _required_opset(recipe))
-    if default_opset(work) != before:
-        why = ("blocked int4 DequantizeLinear needs opset 21" if "weight_only" in recipe.passes
-               else "per-channel QDQ needs opset 13+, int4/int16 QDQ opset 21")  # fmt: skip
-        report.note(f"opset upgraded from {before} to {default_opset(work)} ({why})")
-
-    target, why = resolve_target(recipe.target)
-    report.info["target"] = {"profile": target.name, "reason": why, "description": target.description}
-    report.note(f"target profile {target.name}: {why}; {target.description}")
-
-    calib_session = calibration_session
-    if calib_session is not None:
-        report.info["calibration"] = {"source": getattr(calib_session, "source_description", "given session"),
-                                      "method": recipe.calibration.method,
-                                      "samples_seen": getattr(calib_session, "samples_seen", None),
-                                      "provider": getattr(calib_session, "provider_used", None),
-                                      "seconds": 0.0}  # fmt: skip
-    elif recipe.needs_calibration():
-        if source is None and calibration is not None and calibration.source is not None:
-            source = open_source(
-                calibration.source,
-                work,
-                preprocess=calibration.preprocess,
-                resize=calibration.resize,
-                crop=calibration.crop,
-                tokenizer=calibration.tokenizer,
-                max_length=calibration.max_length,
-                seq_len=calibration.seq_len,
-                limit=recipe.calibration.samples,
-                seed=calibration.seed,
-            )
-        if source is not None:
-            calib_session = CalibrationSession(source, recipe.calibration, progress=progress)
-            report.info["calibration"] = {"source": source.describe(), "samples": len(source),
-                                          "method": recipe.calibration.method}  # fmt: skip
+    work, base_dir, copy_input = _working_copy(model, copy_input)
+    work = _normalise_model(work, recipe, report)
+    target = _resolve_target(recipe, report)
+    calib_session = _calibration_session(recipe, report, work, calibration, source, calibration_session, progress)
 
     ctx = PassContext(recipe=recipe, report=report, calibration=calib_session, checked=checked, progress=progress)
     ctx.scratch["target"] = target
-    try:
-        passes = [PASSES[name]() for name in recipe.pass_names()]
-    except KeyError as exc:
-        raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
+    passes = _build_passes(recipe)
     hook = (lambda p: on_stage(p.name)) if on_stage is not None else None
     graph_in = to_graph(work, base_dir=base_dir)
     # the graph now holds its own copy of every weight: keep only the model-level fields of the protobuf
@@ -223,39 +170,163 @@ def quantize_model(
         graph = Pipeline(passes, checked=checked).run(graph_in, ctx, on_pass=hook)
     else:
         assert float_ref is not None
-        opts = evaluation if evaluation is not None and evaluation.source else calibration
-        if opts is None or not opts.source:
-            raise OnnxqError("--accuracy-budget needs evaluation samples: --calib (or --eval) SOURCE")
-        eval_source = open_source(opts.source, float_ref, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
-                                  tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len,
-                                  limit=eval_size, seed=opts.seed)  # fmt: skip
+        eval_source = _evaluation_source(float_ref, evaluation, calibration, eval_size)
         graph = _run_with_budget(graph_in, passes, ctx, budget, float_ref, eval_source, template, hook)
     del graph_in
+    _note_nothing_quantized(report, ops, doubles)
+    _note_transformer_hint(report, recipe, ops)
+    out = to_model(graph, template=template)
+    _annotate(out, ctx.scratch.get("doc_strings", {}), ctx.recipe)
+    if isinstance(calib_session, CalibrationSession):
+        _record_calibration(report, calib_session, calibration)
+    report.info["seconds"] = round(time.perf_counter() - t_start, 2)
+    report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return QuantizeResult(out, report, calibration=calib_session, recipe=ctx.recipe)
+
+
+def _working_copy(
+    model: onnx.ModelProto | str | os.PathLike, copy_input: bool
+) -> tuple[onnx.ModelProto, Path | None, bool]:
+    """The model protobuf :func:`quantize_model` works on, the folder its external data lives in, and
+    whether that protobuf is a copy (True) or handed over and free to consume (False).
+
+    A path is loaded here without its external data (weights stay in their file until a pass reads them,
+    see :class:`onnxq.model.ExternalValues`); an in-memory model is checked here, since
+    :func:`onnxq.model.load_model`'s checks did not run: what cannot run is refused now, not after
+    calibration.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(Path(model), load_external_data=False), Path(os.path.abspath(model)).parent, False
+    if copy_input:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    else:
+        work = model  # the caller hands the model over (quantize_file): no second copy of the weights
+    check_operators(work, "the model")
+    check_runnable(work, "the model")
+    return work, None, copy_input
+
+
+def _normalise_model(work: onnx.ModelProto, recipe: Recipe, report: Report) -> onnx.ModelProto:
+    """Dense initializers, no initializers listed as graph inputs, and the opset the recipe needs; each
+    change is a report note."""
+    if densify_sparse_initializers(work):
+        report.note("sparse initializers were made dense (onnxq quantizes dense weights)")
+    stripped = strip_initializer_inputs(work)
+    if stripped:
+        report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
+    before = default_opset(work)
+    work = upgrade_opset(work, _required_opset(recipe))
+    if default_opset(work) != before:
+        why = ("blocked int4 DequantizeLinear needs opset 21" if "weight_only" in recipe.passes
+               else "per-channel QDQ needs opset 13+, int4/int16 QDQ opset 21")  # fmt: skip
+        report.note(f"opset upgraded from {before} to {default_opset(work)} ({why})")
+    return work
+
+
+def _resolve_target(recipe: Recipe, report: Report) -> TargetProfile:
+    """The recipe's target profile (``auto``: this CPU's), recorded in the report with the reason."""
+    target, why = resolve_target(recipe.target)
+    report.info["target"] = {"profile": target.name, "reason": why, "description": target.description}
+    report.note(f"target profile {target.name}: {why}; {target.description}")
+    return target
+
+
+def _calibration_session(
+    recipe: Recipe,
+    report: Report,
+    work: onnx.ModelProto,
+    calibration: CalibrationOptions | None,
+    source: CalibrationSource | None,
+    given: Any,
+    progress: bool,
+) -> Any:
+    """What answers the passes' range questions: the ``given`` session (a cache), else a new
+    :class:`CalibrationSession` over ``source`` or the source ``calibration`` names, else None (a recipe
+    that needs no calibration, or no data given: the passes that need it say so)."""
+    if given is not None:
+        report.info["calibration"] = {"source": getattr(given, "source_description", "given session"),
+                                      "method": recipe.calibration.method,
+                                      "samples_seen": getattr(given, "samples_seen", None),
+                                      "provider": getattr(given, "provider_used", None),
+                                      "seconds": 0.0}  # fmt: skip
+        return given
+    if not recipe.needs_calibration():
+        return None
+    if source is None and calibration is not None and calibration.source is not None:
+        source = open_source(
+            calibration.source,
+            work,
+            preprocess=calibration.preprocess,
+            resize=calibration.resize,
+            crop=calibration.crop,
+            tokenizer=calibration.tokenizer,
+            max_length=calibration.max_length,
+            seq_len=calibration.seq_len,
+            limit=recipe.calibration.samples,
+            seed=calibration.seed,
+        )
+    if source is None:
+        return None
+    session = CalibrationSession(source, recipe.calibration, progress=progress)
+    report.info["calibration"] = {"source": source.describe(), "samples": len(source),
+                                  "method": recipe.calibration.method}  # fmt: skip
+    return session
+
+
+def _build_passes(recipe: Recipe) -> list[Pass]:
+    """One fresh instance of every pass the recipe runs, in order."""
+    try:
+        return [PASSES[name]() for name in recipe.pass_names()]
+    except KeyError as exc:
+        raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
+
+
+def _evaluation_source(
+    float_ref: onnx.ModelProto,
+    evaluation: CalibrationOptions | None,
+    calibration: CalibrationOptions | None,
+    eval_size: int,
+) -> CalibrationSource:
+    """The samples an accuracy budget is measured on: ``evaluation``'s, else the calibration source's."""
+    opts = evaluation if evaluation is not None and evaluation.source else calibration
+    if opts is None or not opts.source:
+        raise OnnxqError("--accuracy-budget needs evaluation samples: --calib (or --eval) SOURCE")
+    return open_source(opts.source, float_ref, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
+                       tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len,
+                       limit=eval_size, seed=opts.seed)  # fmt: skip
+
+
+def _note_nothing_quantized(report: Report, ops: set[str], doubles: list[str]) -> None:
+    """When the static pass quantized no node, a note that says why (already quantized, float64, no op)."""
     qsteps = [st for st in report.steps if st.name == "insert_qdq"]
-    if qsteps and qsteps[-1].counts.get("nodes_quantized", 0) == 0:
-        already = sorted(op for op in ops if op.startswith("QLinear") or op in
-                         ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"))  # fmt: skip
-        why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
-        if doubles and not already:
-            why = (f"the model computes in float64 ({doubles[0]!r} is float64), which QuantizeLinear cannot take; "
-                   "convert the model to float32 first")
-        report.note(f"nothing was quantized: {why}")
+    if not qsteps or qsteps[-1].counts.get("nodes_quantized", 0) != 0:
+        return
+    already = sorted(op for op in ops if op.startswith("QLinear") or op in
+                     ("QuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"))  # fmt: skip
+    why = f"the model is already quantized ({', '.join(already)})" if already else "no op the recipe quantizes was found"
+    if doubles and not already:
+        why = (f"the model computes in float64 ({doubles[0]!r} is float64), which QuantizeLinear cannot take; "
+               "convert the model to float32 first")
+    report.note(f"nothing was quantized: {why}")
+
+
+def _note_transformer_hint(report: Report, recipe: Recipe, ops: set[str]) -> None:
+    """Suggest w8a8-smoothquant when plain w8a8 percentile ranges meet a model that looks like a transformer."""
     if ("insert_qdq" in recipe.passes and "smoothquant" not in recipe.passes and recipe.calibration.method == "mse-percentile"
             and ops & ({"LayerNormalization", "SimplifiedLayerNormalization"} | ({"Softmax"} if "MatMul" in ops else set()))):  # fmt: skip
         report.note("this looks like a transformer: the w8a8 percentile ranges clip the rare large activations it "
                     "relies on; --preset w8a8-smoothquant (SmoothQuant + MSE ranges) is usually far more accurate "
                     "(MiniLM embedding cosine to fp32 0.86 -> 0.994)")  # fmt: skip
-    out = to_model(graph, template=template)
-    _annotate(out, ctx.scratch.get("doc_strings", {}), ctx.recipe)
-    if isinstance(calib_session, CalibrationSession):
-        report.info["calibration"].update(
-            {"provider": calib_session.provider_used, "seconds": round(calib_session.seconds, 2),
-             "samples_seen": calib_session.samples_seen, "data": calib_session.data_issues(),
-             "warnings": _calibration_warnings(calib_session, calibration)}  # fmt: skip
-        )
-    report.info["seconds"] = round(time.perf_counter() - t_start, 2)
-    report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    return QuantizeResult(out, report, calibration=calib_session, recipe=ctx.recipe)
+
+
+def _record_calibration(report: Report, session: CalibrationSession, options: CalibrationOptions | None) -> None:
+    """Add what the calibration run did (provider, time, samples, data issues, warnings) to the report."""
+    report.info["calibration"].update(
+        {"provider": session.provider_used, "seconds": round(session.seconds, 2),
+         "samples_seen": session.samples_seen, "data": session.data_issues(),
+         "warnings": _calibration_warnings(session, options)}  # fmt: skip
+    )
 
 
 def _calibration_warnings(session: CalibrationSession, options: CalibrationOptions | None) -> list[str]:
@@ -438,97 +509,32 @@ def quantize_file(
         result.model.metadata_props.add(key=key, value=value)
     if on_stage:
         on_stage("verifying")
+    bf16 = _verify(result, recipe, report)
+    comparison = None
+    opts = evaluation if evaluation is not None and evaluation.source else calibration
+    if report_dir is not None and opts is not None and opts.source and not bf16 and in_bytes < 1_500_000_000:
+        if on_stage:
+            on_stage("comparing")
+        comparison = compare_into_report(src, result, opts, compare_samples, progress, report, recipe)
+    elif report_dir is not None:
+        report.note("no accuracy comparison in the report: it needs --calib or --eval samples (and a model under 1.5 GB)")
+    if on_stage:
+        on_stage("saving")
+    result.files = save_model(result.model, dst, input_path=src)
+    record_sizes_and_report(result, report, in_bytes, comparison, report_dir)
+    return result
+
+
+def _verify(result: QuantizeResult, recipe: Recipe, report: Report) -> bool:
+    """Check that the output loads (onnx.checker, and ONNX Runtime unless it is bfloat16); record the full
+    recipe. Returns True for a bfloat16 output (which ORT's CPU provider cannot run)."""
     bf16 = "float16" in recipe.passes and recipe.float16.dtype == "bfloat16"
     if bf16:
         report.note("bfloat16 output: ONNX Runtime's CPU provider has no bfloat16 kernels for most ops, so the "
                     "model was checked with onnx.checker only; run it on a bfloat16-capable provider (CUDA)")  # fmt: skip
     verify_loads(result.model, ort_load=not bf16)
     report.info["recipe_full"] = recipe_to_dict(result.recipe or recipe)
-    comparison = None
-    opts = evaluation if evaluation is not None and evaluation.source else calibration
-    if report_dir is not None and opts is not None and opts.source and not bf16 and in_bytes < 1_500_000_000:
-        if on_stage:
-            on_stage("comparing")
-        comparison = _compare_for_report(src, result.model, opts, compare_samples, progress)
-        report.info["comparison"] = {k: v for k, v in comparison.items() if k != "histograms"}
-        report.info["histograms"] = _with_ranges(comparison["histograms"], report, recipe)
-        annotate_sqnr(result.model, comparison, comparison["samples"])
-    elif report_dir is not None:
-        report.note("no accuracy comparison in the report: it needs --calib or --eval samples (and a model under 1.5 GB)")
-    if on_stage:
-        on_stage("saving")
-    result.files = save_model(result.model, dst, input_path=src)
-    try:
-        out_bytes = sum(p.stat().st_size for p in result.files)
-        report.info["size"] = {"input_bytes": in_bytes, "output_bytes": out_bytes, "ratio": round(out_bytes / max(in_bytes, 1), 4)}
-        if comparison is not None:
-            report.info["comparison"]["models"]["quant"]["bytes"] = out_bytes
-        if report_dir is not None:
-            _write_report(report, Path(report_dir))
-    except BaseException:  # a failed or interrupted run leaves no output: never a model without its report
-        for f in result.files:
-            f.unlink(missing_ok=True)
-        raise
-    return result
-
-
-def _write_report(report: Report, folder: Path) -> None:
-    """report.json and report.html into ``folder`` (created)."""
-    from onnxq.report_html import write_html
-
-    folder.mkdir(parents=True, exist_ok=True)
-    report.write_json(folder / "report.json")
-    write_html(_report_view(report), folder / "report.html")
-
-
-def _report_view(report: Report) -> dict[str, Any]:
-    """The report as the HTML page reads it: info's comparison, histograms and mixed precision at the top."""
-    d = json.loads(json.dumps(report.to_dict(), default=str))
-    for key in ("comparison", "histograms", "mixed_precision"):
-        if key in d["info"]:
-            d[key] = d["info"].pop(key)
-    return d
-
-
-def _compare_for_report(src: Path, quant: onnx.ModelProto, opts: CalibrationOptions, samples: int,
-                        progress: bool) -> dict[str, Any]:  # fmt: skip
-    """Float vs quantized on ``samples`` samples (per-tensor SQNR, outputs, size, latency) as a dict."""
-    from onnxq.evaluate import compare_models
-
-    float_model = load_model(src)
-    source = open_source(opts.source, float_model, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
-                         tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len, limit=samples,
-                         seed=opts.seed)  # fmt: skip
-    return compare_models(float_model, quant, source, float_path=src, progress=progress).to_dict()
-
-
-def _with_ranges(hists: list[dict[str, Any]], report: Report, recipe: Recipe) -> list[dict[str, Any]]:
-    """The histograms of the worst tensors with the clipping range calibration chose for each."""
-    ranges = report.info.get("activation_ranges", {})
-    out = []
-    for h in hists:
-        r = ranges.get(h["tensor"])
-        out.append({**h, "range": r if r is not None else h.get("data_range"),
-                    "method": recipe.calibration.method if r is not None else "not quantized (data range)"})  # fmt: skip
-    return out
-
-
-def annotate_sqnr(model: onnx.ModelProto, comparison: dict[str, Any], samples: int) -> int:
-    """Append the measured SQNR to the doc string of each compared tensor's Q/DQ nodes (read in Netron)."""
-    by_tensor = {r["float_name"]: r for r in comparison.get("tensors", [])}
-    count = 0
-    for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        base = node.name.rsplit("/", 1)[0] if "/" in node.name else ""
-        row = by_tensor.get(base)
-        if row is None:
-            continue
-        sqnr = row.get("sqnr_db")
-        text = "exact" if sqnr is None else f"{sqnr:.1f} dB"
-        node.doc_string = (node.doc_string + "; " if node.doc_string else "") + f"measured SQNR {text} over {samples} samples"
-        count += 1
-    return count
+    return bf16
 
 
 def calibrate_file(

@@ -30,7 +30,7 @@ Written: ``"quantized_nodes"`` (name, op type) of every quantized compute node, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from onnxq.errors import CalibrationError
 from onnxq.graphs import FreshNames
 from onnxq.pipeline import Pass, PassContext, PassResult
-from onnxq.recipe import NodeConfig
+from onnxq.recipe import NodeConfig, Recipe
 from onnxq.scheme import (
     PerChannel,
     QuantDtype,
@@ -145,6 +145,180 @@ def _weight_axis(node: gs.Node, index: int, weight: gs.Constant) -> int | None:
     return None
 
 
+@dataclass
+class _Demand:
+    """Which tensors get a Q/DQ pair and which nodes read quantized inputs (see :func:`_plan_demand`)."""
+
+    wanted: dict[str, tuple[gs.Variable, NodeConfig]] = field(default_factory=dict)
+    absorb: dict[str, gs.Node] = field(default_factory=dict)  # tensor before an absorbable Relu/Clip -> that node
+    quantized: set[int] = field(default_factory=set)  # nodes that read quantized inputs (others keep float)
+
+
+def _node_configs(graph: gs.Graph, recipe: Recipe, counts: dict[str, int]) -> dict[int, NodeConfig]:
+    """The recipe's settings for every node it quantizes (by ``id``); counts the excluded ones.
+
+    Nodes with no float output are left out (nothing to quantize); activation MatMuls are excluded when
+    the recipe says so.
+    """
+    configs: dict[int, NodeConfig] = {}
+    for node in graph.nodes:
+        if node.op not in recipe.op_types:
+            continue
+        cfg = recipe.config_for(node.name, node.op)
+        if cfg is not None and recipe.exclude.activation_matmuls and _activation_matmul(node):
+            cfg = None
+        if cfg is None:
+            counts["nodes_excluded"] += 1
+        elif any(_is_float(t) for t in node.outputs):
+            configs[id(node)] = cfg
+    return configs
+
+
+def _plan_demand(
+    graph: gs.Graph, configs: dict[int, NodeConfig], graph_outputs: set[str], quantize_outputs: bool
+) -> _Demand:
+    """Decide backwards from demand which tensors get a Q/DQ pair.
+
+    A tensor is quantized when a quantized compute node reads it, or a quantized pass-through node /
+    absorbable Relu/Clip reads it and that node's own output is quantized. Outputs nobody quantized reads
+    (a head feeding the graph output, a Softmax) stay float: 8-bit logits would change the argmax.
+    """
+    graph.toposort()
+    plan = _Demand()
+    friendly = _IntegerInputs(configs)
+    for node in reversed(graph.nodes):
+        cfg = configs.get(id(node))
+        out0 = node.outputs[0].name if node.outputs else ""
+        # demanded: a quantized node reads the output (directly or through an absorbed Relu/Clip)
+        demanded = out0 in plan.wanted or out0 in plan.absorb or (quantize_outputs and out0 in graph_outputs)
+        if cfg is not None and node.op in PASS_THROUGH_OPS:
+            _demand_pass_through(plan, node, cfg, demanded)
+        elif cfg is not None and node.op in _ELEMENTWISE_OPS and not (demanded and friendly.eligible(node)):
+            # an elementwise Add/Mul pays off only between quantized ops (a CNN's residual Add feeding
+            # the next Conv). Elsewhere it would add rounding errors for nothing: in a transformer it
+            # would quantize the attention mask (-1e4 .. 0), the residual stream or GELU's insides
+            continue
+        elif cfg is not None:
+            _demand_compute(plan, node, cfg, quantize_outputs and node.outputs[0].name in graph_outputs)
+        elif node.op in _ABSORBABLE and node.outputs and node.outputs[0].name in plan.wanted:
+            _consider_absorbing(plan, node, configs, graph_outputs)
+    return plan
+
+
+def _demand_pass_through(plan: _Demand, node: gs.Node, cfg: NodeConfig, demanded: bool) -> None:
+    """A quantized pass-through node whose output is demanded runs on integers: its input and output get pairs."""
+    out, src = node.outputs[0], node.inputs[0]
+    if demanded and isinstance(src, gs.Variable) and _is_float(src):
+        _want(plan.wanted, out, cfg)
+        _want(plan.wanted, src, cfg)
+        plan.quantized.add(id(node))
+
+
+def _demand_compute(plan: _Demand, node: gs.Node, cfg: NodeConfig, output_quantized: bool) -> None:
+    """A quantized compute node: its float activation inputs get pairs (its output too when it is a graph
+    output and the recipe quantizes outputs)."""
+    plan.quantized.add(id(node))
+    for i in _activation_inputs(node):
+        t = node.inputs[i] if i < len(node.inputs) else None
+        if isinstance(t, gs.Variable) and _is_float(t):
+            _want(plan.wanted, t, cfg)
+    out = node.outputs[0]
+    if output_quantized and _is_float(out):
+        _want(plan.wanted, out, cfg)
+
+
+def _consider_absorbing(plan: _Demand, act: gs.Node, configs: dict[int, NodeConfig], graph_outputs: set[str]) -> None:
+    """quantized node -> T -> (only) Relu/Clip -> U (quantized): Q(U) may do the Relu's job; note T as a candidate."""
+    t = act.inputs[0]
+    producer = t.inputs[0] if t.inputs else None
+    if (
+        producer is not None
+        and id(producer) in configs
+        and producer.op not in PASS_THROUGH_OPS
+        and len(t.outputs) == 1
+        and t.name not in graph_outputs
+    ):
+        plan.absorb[t.name] = act
+
+
+def _shares_input(
+    t: gs.Variable, configs: dict[int, NodeConfig], wanted: dict[str, tuple[gs.Variable, NodeConfig]]
+) -> gs.Variable | None:
+    """The input whose parameters the output ``t`` of a quantized pass-through node shares, else None."""
+    producer = t.inputs[0] if t.inputs else None
+    if producer is not None and producer.op in PASS_THROUGH_OPS and id(producer) in configs:
+        src = producer.inputs[0]
+        if isinstance(src, gs.Variable) and src.name in wanted:
+            return src
+    return None
+
+
+def _activation_params(graph: gs.Graph, wanted: dict[str, tuple[gs.Variable, NodeConfig]], configs: dict[int, NodeConfig],
+                       ranges: dict[str, tuple[float, float]], target: TargetProfile) -> dict[str, _QParams]:  # fmt: skip
+    """Scale and zero point of every wanted tensor, in topological order so shared parameters resolve."""
+    params: dict[str, _QParams] = {}
+    graph.toposort()
+    # graph inputs first: a pass-through node reading a graph input shares that input's parameters
+    order = [t.name for t in graph.inputs] + [t.name for n in graph.nodes for t in n.outputs]
+    rank = {n: i for i, n in enumerate(order)}
+    for name in sorted(wanted, key=lambda n: rank.get(n, -1)):
+        t, cfg = wanted[name]
+        scheme = cfg.activations.scheme()
+        if target.symmetric_activations and not cfg.activations.symmetric:
+            scheme = scheme.with_(symmetry=type(scheme.symmetry).SYMMETRIC)
+        src = _shares_input(t, configs, wanted)
+        if src is not None and src.name in params:
+            params[name] = params[src.name]
+            continue
+        lo, hi = ranges[name]
+        scale, zp = choose_qparams_from_range(lo, hi, scheme)
+        params[name] = _QParams(scale, zp, scheme, lo, hi)
+    return params
+
+
+def _absorb_activations(graph: gs.Graph, plan: _Demand, params: dict[str, _QParams], ranges: dict[str, tuple[float, float]],
+                        ctx: PassContext) -> int:  # fmt: skip
+    """Remove each absorbable Relu/Clip whose work the quantization of its output already does; returns
+    how many were removed.
+
+    Where absorption is inexact the Relu/Clip stays and its input is calibrated and quantized too
+    (standard QDQ around it): ``plan.wanted``, ``params`` and ``ranges`` grow accordingly.
+    """
+    inexact = [name for name, act in plan.absorb.items() if not _absorption_exact(act, params[act.outputs[0].name])]
+    if inexact:
+        assert ctx.calibration is not None
+        ranges.update(ctx.calibration.ranges(graph, inexact))
+    absorbed = 0
+    for name, act in plan.absorb.items():
+        u = act.outputs[0]
+        p = params[u.name]
+        if name in inexact:
+            t_in, cfg_u = act.inputs[0], plan.wanted[u.name][1]
+            lo, hi = ranges[name]
+            scale, zp = choose_qparams_from_range(lo, hi, p.scheme)
+            plan.wanted[name] = (t_in, cfg_u)
+            params[name] = _QParams(scale, zp, p.scheme, lo, hi)
+            continue
+        producer = act.inputs[0].inputs[0]
+        producer.outputs[0] = u  # the producer now writes the activation's output directly
+        act.outputs.clear()
+        act.inputs.clear()
+        absorbed += 1
+    return absorbed
+
+
+def _constant_scheme(
+    node: gs.Node, index: int, inp: gs.Constant, cfg: NodeConfig, target: TargetProfile
+) -> QuantScheme | None:
+    """The scheme for a float constant input of a quantized node: the weight scheme for weights, the
+    activation scheme for constant operands of Add/Mul/Concat; None where the input stays float."""
+    if node.op in _WEIGHT_OPS and index == 1 or (node.op == "MatMul" and index == 0):
+        return _weight_scheme(node, index, inp, cfg, target)
+    if node.op in _CONST_OPERAND_OPS:
+        return cfg.activations.scheme()
+    return None
+
+
 class InsertQDQPass(Pass):
     """Insert Q/DQ pairs and quantize weights; see the module docstring."""
 
@@ -169,125 +343,40 @@ class InsertQDQPass(Pass):
         # weight scales by (name, scheme, method): the mixed-precision search rebuilds the same graph many times
         self._memo: dict | None = ctx.scratch.get("weight_qparams_memo")
         notes: list[str] = []
-
-        configs: dict[int, NodeConfig] = {}
-        excluded: set[int] = set()
-        for node in graph.nodes:
-            if node.op not in recipe.op_types:
-                continue
-            cfg = recipe.config_for(node.name, node.op)
-            if cfg is not None and recipe.exclude.activation_matmuls and _activation_matmul(node):
-                cfg = None
-            if cfg is None:
-                excluded.add(id(node))
-                counts["nodes_excluded"] += 1
-            elif any(_is_float(t) for t in node.outputs):
-                configs[id(node)] = cfg
+        configs = _node_configs(graph, recipe, counts)
         graph_outputs = {t.name for t in graph.outputs}
-
-        # 1. which tensors get a Q/DQ pair: decided backwards from demand. A tensor is quantized when a
-        #    quantized compute node reads it, or a quantized pass-through node / absorbable Relu/Clip
-        #    reads it and that node's own output is quantized. Outputs nobody quantized reads (a head
-        #    feeding the graph output, a Softmax) stay float: 8-bit logits would change the argmax.
-        graph.toposort()
-        wanted: dict[str, tuple[gs.Variable, NodeConfig]] = {}
-        absorb: dict[str, gs.Node] = {}
-        quantized: set[int] = set()  # nodes that read quantized inputs (others keep reading float tensors)
-        friendly = _IntegerInputs(configs)
-        for node in reversed(graph.nodes):
-            cfg = configs.get(id(node))
-            out0 = node.outputs[0].name if node.outputs else ""
-            # demanded: a quantized node reads the output (directly or through an absorbed Relu/Clip)
-            demanded = out0 in wanted or out0 in absorb or (recipe.quantize_outputs and out0 in graph_outputs)
-            if cfg is not None and node.op in PASS_THROUGH_OPS:
-                out, src = node.outputs[0], node.inputs[0]
-                if demanded and isinstance(src, gs.Variable) and _is_float(src):
-                    _want(wanted, out, cfg)
-                    _want(wanted, src, cfg)
-                    quantized.add(id(node))
-            elif cfg is not None and node.op in _ELEMENTWISE_OPS and not (demanded and friendly.eligible(node)):
-                # an elementwise Add/Mul pays off only between quantized ops (a CNN's residual Add feeding
-                # the next Conv). Elsewhere it would add rounding errors for nothing: in a transformer it
-                # would quantize the attention mask (-1e4 .. 0), the residual stream or GELU's insides
-                continue
-            elif cfg is not None:
-                quantized.add(id(node))
-                for i in _activation_inputs(node):
-                    t = node.inputs[i] if i < len(node.inputs) else None
-                    if isinstance(t, gs.Variable) and _is_float(t):
-                        _want(wanted, t, cfg)
-                out = node.outputs[0]
-                if recipe.quantize_outputs and out.name in graph_outputs and _is_float(out):
-                    _want(wanted, out, cfg)
-            elif node.op in _ABSORBABLE and node.outputs and node.outputs[0].name in wanted:
-                # quantized node -> T -> (only) Relu/Clip -> U (quantized): Q(U) may do the Relu's job
-                t = node.inputs[0]
-                producer = t.inputs[0] if t.inputs else None
-                if (
-                    producer is not None
-                    and id(producer) in configs
-                    and producer.op not in PASS_THROUGH_OPS
-                    and len(t.outputs) == 1
-                    and t.name not in graph_outputs
-                ):
-                    absorb[t.name] = node
-
-        # 3. calibrate every tensor that needs its own range (pass-through outputs share their input's)
-        def shares_input(t: gs.Variable) -> gs.Variable | None:
-            producer = t.inputs[0] if t.inputs else None
-            if producer is not None and producer.op in PASS_THROUGH_OPS and id(producer) in configs:
-                src = producer.inputs[0]
-                if isinstance(src, gs.Variable) and src.name in wanted:
-                    return src
-            return None
-
-        # the inputs of absorbable Relu/Clip are calibrated only where absorption turns out inexact (step 5):
-        # usually none, and each calibrated tensor costs a histogram on every sample
-        need = [n for n, (t, _c) in wanted.items() if shares_input(t) is None]
+        # 1. which tensors get a Q/DQ pair, decided backwards from demand
+        plan = _plan_demand(graph, configs, graph_outputs, recipe.quantize_outputs)
+        # 2. calibrate every tensor that needs its own range (pass-through outputs share their input's); the
+        #    inputs of absorbable Relu/Clip are calibrated only where absorption turns out inexact (step 4):
+        #    usually none, and each calibrated tensor costs a histogram on every sample
+        need = [n for n, (t, _c) in plan.wanted.items() if _shares_input(t, configs, plan.wanted) is None]
         assert ctx.calibration is not None
         ranges = ctx.calibration.ranges(graph, need)
+        # 3. activation parameters, in topological order so shared parameters resolve
+        params = _activation_params(graph, plan.wanted, configs, ranges, target)
+        # 4. absorb Relu/Clip where exact
+        counts["activations_absorbed"] += _absorb_activations(graph, plan, params, ranges, ctx)
+        # 5. weights, biases and constant operands
+        self._quantize_node_constants(graph, configs, plan.quantized, params, target, counts, notes, ctx)
+        # 6. activation Q/DQ pairs
+        self._insert_activation_pairs(graph, plan, params, graph_outputs, counts, notes, ctx)
 
-        # 4. activation parameters, in topological order so shared parameters resolve
-        params: dict[str, _QParams] = {}
-        graph.toposort()
-        # graph inputs first: a pass-through node reading a graph input shares that input's parameters
-        order = [t.name for t in graph.inputs] + [t.name for n in graph.nodes for t in n.outputs]
-        rank = {n: i for i, n in enumerate(order)}
-        for name in sorted(wanted, key=lambda n: rank.get(n, -1)):
-            t, cfg = wanted[name]
-            scheme = cfg.activations.scheme()
-            if target.symmetric_activations and not cfg.activations.symmetric:
-                scheme = scheme.with_(symmetry=type(scheme.symmetry).SYMMETRIC)
-            src = shares_input(t)
-            if src is not None and src.name in params:
-                params[name] = params[src.name]
-                continue
-            lo, hi = ranges[name]
-            scale, zp = choose_qparams_from_range(lo, hi, scheme)
-            params[name] = _QParams(scale, zp, scheme, lo, hi)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        ctx.report.info.setdefault("activation_ranges", {}).update(
+            {n: [p.rmin, p.rmax] for n, p in params.items()}
+        )
+        return PassResult(graph, modified=counts["qdq_pairs"] > 0 or counts["weights_quantized"] > 0, counts=counts, notes=notes)
 
-        # 5. absorb Relu/Clip where exact
-        inexact = [name for name, act in absorb.items() if not _absorption_exact(act, params[act.outputs[0].name])]
-        if inexact:
-            ranges.update(ctx.calibration.ranges(graph, inexact))
-        for name, act in absorb.items():
-            u = act.outputs[0]
-            p = params[u.name]
-            if name in inexact:
-                # keep the Relu/Clip and quantize its input too (standard QDQ around it)
-                t_in, cfg_u = act.inputs[0], wanted[u.name][1]
-                lo, hi = ranges[name]
-                scale, zp = choose_qparams_from_range(lo, hi, p.scheme)
-                wanted[name] = (t_in, cfg_u)
-                params[name] = _QParams(scale, zp, p.scheme, lo, hi)
-                continue
-            producer = act.inputs[0].inputs[0]
-            producer.outputs[0] = u  # the producer now writes the activation's output directly
-            act.outputs.clear()
-            act.inputs.clear()
-            counts["activations_absorbed"] += 1
+    def _quantize_node_constants(self, graph: gs.Graph, configs: dict[int, NodeConfig], quantized: set[int],
+                                 params: dict[str, _QParams], target: TargetProfile, counts: dict[str, int],
+                                 notes: list[str], ctx: PassContext) -> None:  # fmt: skip
+        """Quantize the weights, biases and constant operands of every quantized node.
 
-        # 6. weights, biases and constant operands
+        A constant read by several nodes with the same scheme (tied weights) is quantized once and shared;
+        the names of quantized compute nodes go to ``ctx.scratch["quantized_nodes"]`` for the
+        mixed-precision search.
+        """
         docs: dict[str, str] = ctx.scratch.setdefault("doc_strings", {})
         weight_cache: dict[tuple[str, str], tuple[gs.Variable, _QParams]] = {}
         for node in list(graph.nodes):
@@ -300,11 +389,8 @@ class InsertQDQPass(Pass):
             for i, inp in enumerate(list(node.inputs)):
                 if not isinstance(inp, gs.Constant) or not np.issubdtype(inp.values.dtype, np.floating):
                     continue
-                if node.op in _WEIGHT_OPS and i == 1 or (node.op == "MatMul" and i == 0):
-                    scheme = _weight_scheme(node, i, inp, cfg, target)
-                elif node.op in _CONST_OPERAND_OPS:
-                    scheme = cfg.activations.scheme()
-                else:
+                scheme = _constant_scheme(node, i, inp, cfg, target)
+                if scheme is None:
                     continue
                 key = (inp.name, f"{scheme} {cfg.weights.range_method}")
                 if key in weight_cache:
@@ -315,28 +401,26 @@ class InsertQDQPass(Pass):
                 node.inputs[i] = weight_cache[key][0]
             self._quantize_bias(graph, node, params, weight_cache, counts, notes, docs)
 
-        # 7. activation Q/DQ pairs
-        for name, (t, _cfg) in wanted.items():
-            p = params[name]
-            # only quantized consumers read the dequantized copy: a float consumer (a residual Add, a
-            # LayerNormalization, a Softmax) keeps the exact tensor, so quantization error stays local
-            consumers = [c for c in t.outputs if id(c) in quantized]
-            if not consumers and not (recipe.quantize_outputs and name in graph_outputs):
+    def _insert_activation_pairs(self, graph: gs.Graph, plan: _Demand, params: dict[str, _QParams], graph_outputs: set[str],
+                                 counts: dict[str, int], notes: list[str], ctx: PassContext) -> None:  # fmt: skip
+        """One Q -> DQ pair per wanted tensor, read by its quantized consumers only.
+
+        A float consumer (a residual Add, a LayerNormalization, a Softmax) keeps the exact tensor, so the
+        quantization error stays local.
+        """
+        quantize_outputs = ctx.recipe.quantize_outputs
+        for name, (t, _cfg) in plan.wanted.items():
+            consumers = [c for c in t.outputs if id(c) in plan.quantized]
+            if not consumers and not (quantize_outputs and name in graph_outputs):
                 continue
-            dq_out = self._insert_pair(graph, t, p, ctx)
+            dq_out = self._insert_pair(graph, t, params[name], ctx)
             for c in consumers:
                 for j, inp in enumerate(c.inputs):
                     if inp is t:
                         c.inputs[j] = dq_out
-            if recipe.quantize_outputs and name in graph_outputs:
+            if quantize_outputs and name in graph_outputs:
                 notes.append(f"graph output '{name}' is quantized (quantize_outputs = true)")
             counts["qdq_pairs"] += 1
-
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        ctx.report.info.setdefault("activation_ranges", {}).update(
-            {n: [p.rmin, p.rmax] for n, p in params.items()}
-        )
-        return PassResult(graph, modified=counts["qdq_pairs"] > 0 or counts["weights_quantized"] > 0, counts=counts, notes=notes)
 
     def _insert_pair(self, graph: gs.Graph, t: gs.Variable, p: _QParams, ctx: PassContext) -> gs.Variable:
         base = t.name

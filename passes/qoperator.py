@@ -531,31 +531,15 @@ def _lower_shared(lw: _Lowering, node: gs.Node) -> str:
     x = dequantized(node.inputs[0])
     if isinstance(x, str):
         return x
-    if x.axis is not None or x.dtype not in (U8, S8):
-        return "its input is not 8-bit per tensor"
-    if any(is_dequantized(t) for t in node.inputs[1:]):
-        return "more than its first input is dequantized"
-    if node.op == "MaxPool" and (len(node.outputs) > 1 or int(lw.graph.opset) < 12):
-        return "MaxPool with indices, or opset < 12, has no integer kernel"
-    if node.op == "Pad" and "pads" in node.attrs:
-        return "Pad before opset 11 (pad value as an attribute) is not lowered"
-    outs: list[UnitOutput] = []
-    for y in node.outputs:
-        o = unit_output(_OutputView(node, y), lw.graph_outputs, allow_float=False)  # type: ignore[arg-type]
-        if isinstance(o, str):
-            return o
-        assert o.q is not None
-        if o.absorbed or o.move is not None or not x.same_params(o.q):
-            return "its input and output scales or zero points differ"
-        outs.append(o)
-    extra: list[gs.Tensor] = []
-    if node.op == "Pad" and node.attrs.get("mode", "constant") == "constant":
-        v = const_value(present_input(node, 2)) if present_input(node, 2) is not None else np.zeros(())
-        if v is None:
-            return "its pad value is not a constant"
-        info = np.iinfo(x.dtype)
-        code = np.clip(np.rint(np.float32(v) / x.scale_v.reshape(-1)[0]) + int(x.zp_v.reshape(-1)[0]), info.min, info.max)
-        extra = [lw.const(f"{node.name}_pad_value", np.asarray(code, x.dtype).reshape(()))]
+    refusal = _shared_refusal(lw, node, x)
+    if refusal is not None:
+        return refusal
+    outs = _shared_outputs(lw, node, x)
+    if isinstance(outs, str):
+        return outs
+    extra = _integer_pad_value(lw, node, x)
+    if isinstance(extra, str):
+        return extra
     for o in outs:
         for n in o.dead:
             n.inputs.clear()
@@ -570,6 +554,46 @@ def _lower_shared(lw: _Lowering, node: gs.Node) -> str:
         node.outputs[i] = o.q.codes
     lw.docs[node.name] = f"onnxq: runs on {x.dtype.name} codes (input and output share scale and zero point)"
     return _Done(f"{node.op} (integer)")
+
+
+def _shared_refusal(lw: _Lowering, node: gs.Node, x: QTensor) -> str | None:
+    """Why a value-moving op cannot run on ``x``'s codes (None: it can, as far as its input goes)."""
+    if x.axis is not None or x.dtype not in (U8, S8):
+        return "its input is not 8-bit per tensor"
+    if any(is_dequantized(t) for t in node.inputs[1:]):
+        return "more than its first input is dequantized"
+    if node.op == "MaxPool" and (len(node.outputs) > 1 or int(lw.graph.opset) < 12):
+        return "MaxPool with indices, or opset < 12, has no integer kernel"
+    if node.op == "Pad" and "pads" in node.attrs:
+        return "Pad before opset 11 (pad value as an attribute) is not lowered"
+    return None
+
+
+def _shared_outputs(lw: _Lowering, node: gs.Node, x: QTensor) -> list[UnitOutput] | str:
+    """The quantized outputs of a value-moving op, each with ``x``'s scale and zero point; else why not."""
+    outs: list[UnitOutput] = []
+    for y in node.outputs:
+        o = unit_output(_OutputView(node, y), lw.graph_outputs, allow_float=False)  # type: ignore[arg-type]
+        if isinstance(o, str):
+            return o
+        assert o.q is not None
+        if o.absorbed or o.move is not None or not x.same_params(o.q):
+            return "its input and output scales or zero points differ"
+        outs.append(o)
+    return outs
+
+
+def _integer_pad_value(lw: _Lowering, node: gs.Node, x: QTensor) -> list[gs.Tensor] | str:
+    """For a constant-mode Pad, its pad value as a code of ``x``'s scheme (a one-item list; empty for other
+    ops); else why not."""
+    if node.op != "Pad" or node.attrs.get("mode", "constant") != "constant":
+        return []
+    v = const_value(present_input(node, 2)) if present_input(node, 2) is not None else np.zeros(())
+    if v is None:
+        return "its pad value is not a constant"
+    info = np.iinfo(x.dtype)
+    code = np.clip(np.rint(np.float32(v) / x.scale_v.reshape(-1)[0]) + int(x.zp_v.reshape(-1)[0]), info.min, info.max)
+    return [lw.const(f"{node.name}_pad_value", np.asarray(code, x.dtype).reshape(()))]
 
 
 class _OutputView:

@@ -81,82 +81,138 @@ def plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None = Non
     first slice is planned (:func:`channel_ties` uses this to learn which channels must share a factor)."""
     if len(p.outputs) != 1 and not (p.op == "LayerNormalization" and all(not o.outputs for o in p.outputs[1:])):
         return None
-    rank = f.ndim
-    last_only = all(d == 1 for d in f.shape[:-1])
-    if p.op == "LayerNormalization":
-        axis = int(p.attrs.get("axis", -1))
-        if not last_only or axis not in (-1, rank - 1) or len(p.inputs) < 2 or not float_constant(p.inputs[1]):
-            return None
-        vec = f.reshape(-1)
-        edits = [ScaleEdit(p, 1, _fit(vec, p.inputs[1]), where="LayerNormalization")]
-        if len(p.inputs) > 2 and p.inputs[2] is not None and not _empty(p.inputs[2]):
-            if not float_constant(p.inputs[2]):
-                return None
-            edits.append(ScaleEdit(p, 2, _fit(vec, p.inputs[2]), where="LayerNormalization"))
-        return edits
-    if p.op in ("Mul", "Div"):
-        a, b = p.inputs[0], p.inputs[1]
-        if float_constant(b) and _broadcasts(b, f, t):
-            return [ScaleEdit(p, 1, f, divide=p.op == "Div", where=p.op)]
-        if p.op == "Mul" and float_constant(a) and _broadcasts(a, f, t):
-            return [ScaleEdit(p, 0, f, where="Mul")]
-        if p.op == "Mul":
-            for side in (b, a):
-                if _same_shape(side, t):
-                    edits = _plan(side, f, ties)
-                    if edits is not None:
-                        return edits
-        elif _same_shape(a, t):
-            return _plan(a, f, ties)
+    planner = _PLANNERS.get(p.op)
+    return None if planner is None else planner(p, t, f, ties)
+
+
+def _last_only(f: np.ndarray) -> bool:
+    """True when the factor varies along the last axis only (a per-channel vector)."""
+    return all(d == 1 for d in f.shape[:-1])
+
+
+def _plan_layer_norm(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """LayerNormalization over the last axis: scale its weight (and bias)."""
+    axis = int(p.attrs.get("axis", -1))
+    if not _last_only(f) or axis not in (-1, f.ndim - 1) or len(p.inputs) < 2 or not float_constant(p.inputs[1]):
         return None
-    if p.op in ("Add", "Sub"):
-        edits: list[ScaleEdit] = []
-        for i, side in enumerate(p.inputs[:2]):
-            if float_constant(side):
-                if not _broadcasts(side, f, t):
-                    return None
-                edits.append(ScaleEdit(p, i, f, where="Add"))
-            else:
-                sub = _plan(side, f, ties) if _same_shape(side, t) else None
-                if sub is None:
-                    return None
-                edits.extend(sub)
-        return edits
-    if p.op == "MatMul":
-        a, b = p.inputs[0], p.inputs[1]
-        if float_constant(b) and b.values.ndim == 2 and last_only:
-            return [ScaleEdit(p, 1, f.reshape(1, -1), where="MatMul")]
-        if not float_constant(b) and rank >= 2 and f.shape[-2] == 1 and _same_rank(b, t) and _static_where(b, t, f):
-            return _plan(b, f, ties)  # (A @ B) * f == A @ (B * f) when f is constant along the rows
-        return None
-    if p.op == "Gemm":
-        b = p.inputs[1]
-        if not float_constant(b) or not last_only:
+    vec = f.reshape(-1)
+    edits = [ScaleEdit(p, 1, _fit(vec, p.inputs[1]), where="LayerNormalization")]
+    if len(p.inputs) > 2 and p.inputs[2] is not None and not _empty(p.inputs[2]):
+        if not float_constant(p.inputs[2]):
             return None
-        vec = f.reshape(-1)
-        trans = int(p.attrs.get("transB", 0))
-        edits = [ScaleEdit(p, 1, vec[:, None] if trans else vec[None, :], where="Gemm")]
-        if len(p.inputs) > 2 and not _empty(p.inputs[2]):
-            c = p.inputs[2]
-            if not float_constant(c) or c.values.shape not in ((), (1,), (vec.size,), (1, vec.size)):
-                return None
-            edits.append(ScaleEdit(p, 2, vec if c.values.ndim <= 1 else vec.reshape(1, -1), where="Gemm"))
-        return edits
-    if p.op == "Transpose":
-        perm = p.attrs.get("perm") or list(range(rank))[::-1]
-        return _plan(p.inputs[0], np.transpose(f, np.argsort(perm)), ties)
-    if p.op == "Reshape":
-        fin = _reshape_factor(f, p.inputs[0], t)
-        return None if fin is None else _plan(p.inputs[0], fin, ties)
-    if p.op in ("Identity", "Relu"):  # Relu(x) * f == Relu(x * f) for f > 0
-        return _plan(p.inputs[0], f, ties) if _same_shape(p.inputs[0], t) else None
-    if p.op in ("Unsqueeze", "Squeeze"):
-        fin = _squeeze_factor(p, f)
-        return None if fin is None else _plan(p.inputs[0], fin, ties)
-    if p.op == "Expand":
-        fin = _expand_factor(p.inputs[0], t, f, ties)
-        return None if fin is None else _plan(p.inputs[0], fin, ties)
+        edits.append(ScaleEdit(p, 2, _fit(vec, p.inputs[2]), where="LayerNormalization"))
+    return edits
+
+
+def _plan_mul_div(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """Mul/Div: scale a broadcastable constant operand, else (recursively) a same-shaped variable operand
+    (either side of a Mul, the numerator of a Div)."""
+    a, b = p.inputs[0], p.inputs[1]
+    if float_constant(b) and _broadcasts(b, f, t):
+        return [ScaleEdit(p, 1, f, divide=p.op == "Div", where=p.op)]
+    if p.op == "Mul" and float_constant(a) and _broadcasts(a, f, t):
+        return [ScaleEdit(p, 0, f, where="Mul")]
+    if p.op == "Mul":
+        for side in (b, a):
+            if _same_shape(side, t):
+                edits = _plan(side, f, ties)
+                if edits is not None:
+                    return edits
+    elif _same_shape(a, t):
+        return _plan(a, f, ties)
     return None
+
+
+def _plan_add_sub(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """Add/Sub: both operands must be scaled (a constant directly, a variable through its producer)."""
+    edits: list[ScaleEdit] = []
+    for i, side in enumerate(p.inputs[:2]):
+        if float_constant(side):
+            if not _broadcasts(side, f, t):
+                return None
+            edits.append(ScaleEdit(p, i, f, where="Add"))
+        else:
+            sub = _plan(side, f, ties) if _same_shape(side, t) else None
+            if sub is None:
+                return None
+            edits.extend(sub)
+    return edits
+
+
+def _plan_matmul(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """MatMul: scale a 2-D constant weight's output columns, or the right operand's producer when ``f`` is
+    constant along the rows (an attention MatMul: o_proj's input folds into the V projection)."""
+    b = p.inputs[1]
+    if float_constant(b) and b.values.ndim == 2 and _last_only(f):
+        return [ScaleEdit(p, 1, f.reshape(1, -1), where="MatMul")]
+    if not float_constant(b) and f.ndim >= 2 and f.shape[-2] == 1 and _same_rank(b, t) and _static_where(b, t, f):
+        return _plan(b, f, ties)  # (A @ B) * f == A @ (B * f) when f is constant along the rows
+    return None
+
+
+def _plan_gemm(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """Gemm: scale the constant weight's output columns (rows with transB) and the bias."""
+    b = p.inputs[1]
+    if not float_constant(b) or not _last_only(f):
+        return None
+    vec = f.reshape(-1)
+    trans = int(p.attrs.get("transB", 0))
+    edits = [ScaleEdit(p, 1, vec[:, None] if trans else vec[None, :], where="Gemm")]
+    if len(p.inputs) > 2 and not _empty(p.inputs[2]):
+        c = p.inputs[2]
+        if not float_constant(c) or c.values.shape not in ((), (1,), (vec.size,), (1, vec.size)):
+            return None
+        edits.append(ScaleEdit(p, 2, vec if c.values.ndim <= 1 else vec.reshape(1, -1), where="Gemm"))
+    return edits
+
+
+def _plan_transpose(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """Transpose: plan the input with the factor permuted back."""
+    perm = p.attrs.get("perm") or list(range(f.ndim))[::-1]
+    return _plan(p.inputs[0], np.transpose(f, np.argsort(perm)), ties)
+
+
+def _plan_reshape(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """Reshape: plan the input with the factor reshaped to it, where that is possible."""
+    fin = _reshape_factor(f, p.inputs[0], t)
+    return None if fin is None else _plan(p.inputs[0], fin, ties)
+
+
+def _plan_elementwise(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """Identity/Relu: plan the input with the same factor (Relu(x) * f == Relu(x * f) for f > 0)."""
+    return _plan(p.inputs[0], f, ties) if _same_shape(p.inputs[0], t) else None
+
+
+def _plan_squeeze(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """Squeeze/Unsqueeze: plan the input with the squeezed or unsqueezed factor."""
+    fin = _squeeze_factor(p, f)
+    return None if fin is None else _plan(p.inputs[0], fin, ties)
+
+
+def _plan_expand(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
+    """Expand: plan the input with the factor folded over the broadcast axes (see :func:`plan_node`)."""
+    fin = _expand_factor(p.inputs[0], t, f, ties)
+    return None if fin is None else _plan(p.inputs[0], fin, ties)
+
+
+_Planner = Callable[[gs.Node, gs.Variable, np.ndarray, Ties | None], list[ScaleEdit] | None]
+_PLANNERS: dict[str, _Planner] = {
+    "LayerNormalization": _plan_layer_norm,
+    "Mul": _plan_mul_div,
+    "Div": _plan_mul_div,
+    "Add": _plan_add_sub,
+    "Sub": _plan_add_sub,
+    "MatMul": _plan_matmul,
+    "Gemm": _plan_gemm,
+    "Transpose": _plan_transpose,
+    "Reshape": _plan_reshape,
+    "Identity": _plan_elementwise,
+    "Relu": _plan_elementwise,
+    "Unsqueeze": _plan_squeeze,
+    "Squeeze": _plan_squeeze,
+    "Expand": _plan_expand,
+}
+"""How each op's constants absorb a factor on its output; an op not listed cannot."""
 
 
 def _squeeze_factor(p: gs.Node, f: np.ndarray) -> np.ndarray | None:

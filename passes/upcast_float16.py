@@ -19,7 +19,7 @@ so a later pass can convert back. A model without float16/bfloat16 is left untou
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -78,31 +78,43 @@ def _scan(graph: gs.Graph) -> str | None:
 
 
 def _upcast(graph: gs.Graph) -> tuple[str | None, dict[str, int]]:
+    """Upcast ``graph`` in place; returns the half kind it had (None: nothing to do) and the counts."""
     kind = _scan(graph)
     counts = {"initializers_upcast": 0, "casts_inserted": 0, "attributes_changed": 0}
     if kind is None:
         return None, counts
     half_dtype = onnx.TensorProto.FLOAT16 if kind == "float16" else onnx.TensorProto.BFLOAT16
     io_types = {id(t): t.dtype for t in list(graph.inputs) + list(graph.outputs)}
-
     for g in _all_graphs(graph):
-        for t in g.tensors().values():
-            if not _half_kind(t.dtype):
-                continue
-            if isinstance(t, gs.Constant):
-                _upcast_constant(t)
-                counts["initializers_upcast"] += 1
-            else:
-                t.dtype = np.dtype(np.float32)
-        for node in g.nodes:
-            for key, val in node.attrs.items():
-                if isinstance(val, gs.Constant) and _half_kind(val.dtype):
-                    _upcast_constant(val)  # Constant.value, ConstantOfShape.value
-                    counts["initializers_upcast"] += 1
-                elif key in ("to", "dtype") and isinstance(val, int) and val in _HALF:
-                    node.attrs[key] = onnx.TensorProto.FLOAT
-                    counts["attributes_changed"] += 1
+        _upcast_inside(g, counts)
+    _cast_inputs(graph, io_types, counts)
+    _cast_outputs(graph, io_types, kind, half_dtype, counts)
+    graph.toposort()
+    return kind, counts
 
+
+def _upcast_inside(g: gs.Graph, counts: dict[str, int]) -> None:
+    """Every half tensor of ``g`` becomes float32 (constants converted), and so do Cast/dtype attributes."""
+    for t in g.tensors().values():
+        if not _half_kind(t.dtype):
+            continue
+        if isinstance(t, gs.Constant):
+            _upcast_constant(t)
+            counts["initializers_upcast"] += 1
+        else:
+            t.dtype = np.dtype(np.float32)
+    for node in g.nodes:
+        for key, val in node.attrs.items():
+            if isinstance(val, gs.Constant) and _half_kind(val.dtype):
+                _upcast_constant(val)  # Constant.value, ConstantOfShape.value
+                counts["initializers_upcast"] += 1
+            elif key in ("to", "dtype") and isinstance(val, int) and val in _HALF:
+                node.attrs[key] = onnx.TensorProto.FLOAT
+                counts["attributes_changed"] += 1
+
+
+def _cast_inputs(graph: gs.Graph, io_types: dict[int, Any], counts: dict[str, int]) -> None:
+    """A half graph input keeps its type; its readers get a float32 Cast of it."""
     for inp in graph.inputs:
         half = io_types[id(inp)]
         if not _half_kind(half):
@@ -114,6 +126,9 @@ def _upcast(graph: gs.Graph) -> tuple[str | None, dict[str, int]]:
         graph.nodes.append(gs.Node("Cast", f"{inp.name}/cast_to_float32", {"to": onnx.TensorProto.FLOAT}, [inp], [f32]))
         counts["casts_inserted"] += 1
 
+
+def _cast_outputs(graph: gs.Graph, io_types: dict[int, Any], kind: str, half_dtype: int, counts: dict[str, int]) -> None:
+    """A half graph output keeps its name and type: it becomes a Cast of the float32 value computed inside."""
     done = {id(t) for t in graph.inputs}  # a graph input passed straight through keeps its type untouched
     for i, out in enumerate(graph.outputs):
         half = io_types[id(out)]
@@ -135,9 +150,6 @@ def _upcast(graph: gs.Graph) -> tuple[str | None, dict[str, int]]:
             out.dtype = half
         graph.nodes.append(gs.Node("Cast", f"{out.name}/cast_to_{kind}", {"to": half_dtype}, [f32], [out]))
         counts["casts_inserted"] += 1
-
-    graph.toposort()
-    return kind, counts
 
 
 class UpcastFloat16Pass(Pass):

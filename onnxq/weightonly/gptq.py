@@ -164,7 +164,6 @@ def gptq(
         HessianError: if ``h`` is not finite or stays indefinite after raising the damping.
     """
     w0, h0 = weight_and_hessian(w, h, "GPTQ")
-    k, n = w0.shape
     if lazy_block < 1:
         raise ValueError(f"lazy_block must be >= 1, got {lazy_block}")
     if not damp >= 0:
@@ -174,20 +173,55 @@ def gptq(
 
     hn, unit, dead = _prepare_hessian(h0)
     static = static_groups or act_order
-    b = grid.block(k)
-    nb = grid.n_blocks(k)
     perm: np.ndarray | None = None
     if act_order:
         perm = np.argsort(-np.diag(hn), kind="stable")
         hn = hn[np.ix_(perm, perm)]
     u, lam, retries = _damped_inverse_cholesky(hn, damp)
-    block_of = (np.arange(k) if perm is None else perm) // b
+    q, scales, zps, obs_loss = _quantize_columns(w0, u, perm, dead, grid, static, lazy_block, mse_range)
+    weight = QuantizedWeight(q=q, scales=scales, zero_points=zps, grid=grid)
+    w_hat = weight.dequantize()
+    loss = proxy_loss(w0, w_hat, h0)
+    loss_rtn = proxy_loss(w0, rtn(w0, grid).dequantize(), h0) if compare_rtn else None
+    if retries:
+        logger.warning("GPTQ: H was not positive definite with damp=%g; used damp=%g (%d retries)", damp, lam, retries)
+    return GPTQResult(
+        weight=weight,
+        loss=obs_loss * unit,
+        proxy_loss=loss,
+        rtn_proxy_loss=loss_rtn,
+        damp=lam,
+        damp_retries=retries,
+        dead_rows=int(dead.sum()),
+        perm=perm,
+        static_groups=static,
+    )
 
+
+def _quantize_columns(
+    w0: np.ndarray,
+    u: np.ndarray,
+    perm: np.ndarray | None,
+    dead: np.ndarray,
+    grid: WeightGrid,
+    static: bool,
+    lazy_block: int,
+    mse_range: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """GPTQ over the columns of ``w0``, ``COLUMNS`` at a time (columns are independent: bounded float64
+    work arrays). ``u`` is the upper Cholesky factor of the (permuted) inverse Hessian.
+
+    Returns (codes ``[K, N]``, scales and zero points ``[blocks, N]``, the observed loss before rescaling).
+    """
+    k, n = w0.shape
+    b = grid.block(k)
+    nb = grid.n_blocks(k)
+    block_of = (np.arange(k) if perm is None else perm) // b
     scales = np.empty((nb, n), np.float32)
     zps = np.empty((nb, n), np.uint8)
     q = np.empty((k, n), np.uint8)
     obs_loss = 0.0
-    for c0 in range(0, n, COLUMNS):  # columns are independent: bounded float64 work arrays
+    for c0 in range(0, n, COLUMNS):
         cols = slice(c0, min(c0 + COLUMNS, n))
         wk = np.array(w0[:, cols], np.float64)
         wk[dead] = 0.0
@@ -206,24 +240,7 @@ def gptq(
         else:
             q[:, cols] = qc
         del wk, qc
-
-    weight = QuantizedWeight(q=q, scales=scales, zero_points=zps, grid=grid)
-    w_hat = weight.dequantize()
-    loss = proxy_loss(w0, w_hat, h0)
-    loss_rtn = proxy_loss(w0, rtn(w0, grid).dequantize(), h0) if compare_rtn else None
-    if retries:
-        logger.warning("GPTQ: H was not positive definite with damp=%g; used damp=%g (%d retries)", damp, lam, retries)
-    return GPTQResult(
-        weight=weight,
-        loss=obs_loss * unit,
-        proxy_loss=loss,
-        rtn_proxy_loss=loss_rtn,
-        damp=lam,
-        damp_retries=retries,
-        dead_rows=int(dead.sum()),
-        perm=perm,
-        static_groups=static,
-    )
+    return q, scales, zps, obs_loss
 
 
 def _prepare_hessian(h: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:

@@ -261,6 +261,24 @@ def test_random_calibration_of_dynamic_image_dims_is_refused(tmp_path: Path) -> 
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_random_ids_stay_inside_the_table_they_index(tmp_path: Path) -> None:
+    """``token_type_ids`` into a 2-row table (BERT): random ids in [0, 100) made ONNX Runtime stop with
+    "indices element out of data bounds"; ids are drawn below the table size, also through a Cast."""
+    table = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["ids"], ["ids32"], to=T.INT32, name="cast"),
+             helper.make_node("Gather", ["table", "ids32"], ["e"], name="emb"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", T.INT64, [1, 16])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 16, 8])],
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    res = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
+                                    "--calib", "random:4", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "ids [0,2)" in " ".join(res.output.split())
+
+
 def test_the_calibration_line_never_says_on_none(tmp_path: Path) -> None:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", T.FLOAT, [1, 4])])

@@ -10,7 +10,7 @@ from onnxq.calibration.sources.arrays import ArrayFolderSource
 from onnxq.calibration.sources.base import CalibrationSource, InputSpec, input_specs, shape_text
 from onnxq.calibration.sources.images import IMAGE_SUFFIXES, ImageFolderSource
 from onnxq.calibration.sources.onnx_test_data import TestDataSetSource, find_test_data_dirs
-from onnxq.calibration.sources.random_data import RandomSource
+from onnxq.calibration.sources.random_data import RandomSource, index_bounds
 from onnxq.calibration.sources.text import TEXT_SUFFIXES, TextSource
 from onnxq.calibration.sources.token_inputs import static_seq_len
 from onnxq.calibration.sources.tokens import TextWindowSource, TokenFileSource
@@ -47,7 +47,7 @@ def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = N
         n = int(m.group(1)) if m.group(1) else (limit or 8)
         count = min(n, limit) if limit else n
         _refuse_random_dynamic(specs)
-        source: CalibrationSource = RandomSource(specs, count=count, seed=seed)
+        source: CalibrationSource = RandomSource(specs, count=count, seed=seed, int_high=index_bounds(model))
         source.validate(specs)
         return source
     p = Path(spec).expanduser()

@@ -132,14 +132,16 @@ def quantize_ort_child(script: str | Path, job: Mapping[str, Any], timeout: floa
     return run_measured(cmd, timeout=timeout)
 
 
-def add_ort_child_option(ap: argparse.ArgumentParser) -> None:
-    """The hidden ``--_ort-child JOB`` option through which ``quantize_ort_child`` starts the script."""
+def parse_args_or_run_ort_child(ap: argparse.ArgumentParser, argv: Sequence[str] | None,
+                                child: Callable[[dict], object]) -> argparse.Namespace | None:
+    """Parse the script's options plus the hidden ``--_ort-child JOB`` through which ``quantize_ort_child``
+    starts it. In such a child run, call ``child(job)`` and return None; else return the options."""
     ap.add_argument(ORT_CHILD_FLAG, dest="ort_child", default=None, help=argparse.SUPPRESS)
-
-
-def ort_child_job(args: argparse.Namespace) -> dict | None:
-    """The job of an ``--_ort-child`` run (None in a normal run)."""
-    return json.loads(args.ort_child) if args.ort_child else None
+    args = ap.parse_args(argv)
+    if args.ort_child:
+        child(json.loads(args.ort_child))
+        return None
+    return args
 
 
 # --------------------------------------------------------------------------- calibration data for onnxruntime

@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as harness
 from _common import IMAGENET, image_list, load_images, make_session, predict  # noqa: E402
-from _harness import (CPU_FLAGS, RESULTS_MD, VERSIONS, add_ort_child_option, environment, fmt,
-                      ort_child_job, ort_static_on_images, ratio)
+from _harness import (CPU_FLAGS, RESULTS_MD, VERSIONS, environment, fmt, ort_static_on_images,
+                      parse_args_or_run_ort_child, ratio)
 from bench_cnn import MODELS  # noqa: E402
 
 OBSERVERS = ["minmax", "ema-minmax", "percentile", "mse", "entropy", "mse-percentile"]
@@ -314,10 +314,9 @@ def main(argv=None):
                     help="do not wait for the machine to be idle before each timed run")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
-    add_ort_child_option(ap)
-    args = ap.parse_args(argv)
-    if (job := ort_child_job(args)) is not None:
-        return _ort_child(job)
+    args = parse_args_or_run_ort_child(ap, argv, _ort_child)
+    if args is None:  # the --_ort-child run is done
+        return
 
     models = [m for m in args.models.split(",") if m]
     for m in models:

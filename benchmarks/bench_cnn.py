@@ -34,8 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as harness
 from _common import ASSETS, IMAGENET, get_load_image, image_list, load_images, make_session, predict  # noqa: E402
-from _harness import (RESULTS_MD, add_ort_child_option, environment, fmt, ort_child_job,
-                      ort_static_on_images, ratio)
+from _harness import RESULTS_MD, environment, fmt, ort_static_on_images, parse_args_or_run_ort_child, ratio
 
 
 @dataclass
@@ -229,10 +228,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N images only (smoke test)")
     ap.add_argument("--workdir", default=None, help="where quantized models go (default: a temp dir)")
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
-    add_ort_child_option(ap)
-    args = ap.parse_args(argv)
-    if (job := ort_child_job(args)) is not None:
-        return ort_static_on_images(job)
+    args = parse_args_or_run_ort_child(ap, argv, ort_static_on_images)
+    if args is None:  # the --_ort-child run is done
+        return
 
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:

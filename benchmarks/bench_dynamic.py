@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as harness
 from _common import ASSETS, cpu_info, make_session  # noqa: E402
-from _harness import add_ort_child_option, model_size_mb, ort_child_job
+from _harness import model_size_mb, parse_args_or_run_ort_child
 
 SMOLLM2 = Path(os.environ.get("ONNXQ_SMOLLM2", "/tmp/smollm2/smollm2.onnx"))
 MODELS = {
@@ -324,10 +324,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--sensitivity", action="store_true",
                     help="instead: per-layer-type output SQNR of SmolLM2 under each error source (one piece)")
-    add_ort_child_option(ap)
-    args = ap.parse_args(argv)
-    if (job := ort_child_job(args)) is not None:
-        return _ort_child(job)
+    args = parse_args_or_run_ort_child(ap, argv, _ort_child)
+    if args is None:  # the --_ort-child run is done
+        return
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="onnxq_dyn_"))
     workdir.mkdir(parents=True, exist_ok=True)
     if args.sensitivity:

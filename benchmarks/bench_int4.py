@@ -81,7 +81,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _harness as harness
 from _common import ASSETS, cpu_info, make_session  # noqa: E402
-from _harness import FeedReader, add_ort_child_option, model_size_mb, ort_child_job
+from _harness import FeedReader, model_size_mb, parse_args_or_run_ort_child
 
 SMOLLM2 = Path(os.environ.get("ONNXQ_SMOLLM2", "/tmp/smollm2/smollm2.onnx"))
 SMOLLM2_GGUF = SMOLLM2.parent / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -489,10 +489,9 @@ def main(argv: list[str] | None = None) -> int | None:
     ap.add_argument("--no-latency", action="store_true", help="skip the latency round (keeps stored figures)")
     ap.add_argument("--write", action="store_true",
                     help="save benchmarks/results/int4.json (+ ORT/fp32 rows to int4_ort_baselines.json) and print markdown")
-    add_ort_child_option(ap)
-    args = ap.parse_args(argv)
-    if (job := ort_child_job(args)) is not None:
-        return _ort_child(job)
+    args = parse_args_or_run_ort_child(ap, argv, _ort_child)
+    if args is None:  # the --_ort-child run is done
+        return None
 
     models = [ALIASES.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

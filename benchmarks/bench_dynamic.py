@@ -331,7 +331,7 @@ def main(argv=None):
     workdir.mkdir(parents=True, exist_ok=True)
     if args.sensitivity:
         print(sensitivity(MODELS["smollm2"], TOKENS["smollm2"], workdir))
-        return None
+        return
     load0 = os.getloadavg()[0]
     rows: list[Row] = []
     for model in args.models.split(","):

@@ -25,6 +25,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ASSETS, cpu_info  # noqa: E402
+from _harness import append_results
 
 MODELS = {
     "mobilenetv2": ("cnn/mobilenetv2-7/model.onnx", {"calib": "imagenet", "calib_preprocess": "torch"}),
@@ -99,8 +100,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write("\n" + text + "\n")
+        append_results(text)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -34,21 +33,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (IMAGENET, calibration_indices, cpu_info, get_load_image, image_list,  # noqa: E402
-                     load_images, make_session, predict)
+import _harness as harness
+from _common import IMAGENET, image_list, load_images, make_session, predict  # noqa: E402
+from _harness import (CPU_FLAGS, RESULTS_MD, VERSIONS, environment, fmt, ort_static_on_images,
+                      parse_args_or_run_ort_child, ratio)
+from bench_cnn import MODELS  # noqa: E402
 
-try:  # the measuring helpers may move to _common; bench_cnn has them today
-    from _common import run_measured  # type: ignore[attr-defined]  # noqa: E402
-except ImportError:
-    from bench_cnn import run_measured  # noqa: E402
-from bench_cnn import MODELS, _last_line, onnxq_command  # noqa: E402
-
-RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 OBSERVERS = ["minmax", "ema-minmax", "percentile", "mse", "entropy", "mse-percentile"]
 ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+ORT_SETTING = {"per_channel": True, "activation_type": "QUInt8", "weight_type": "QInt8"}  # quantize_static keywords
 
 
 @dataclass
@@ -110,14 +104,13 @@ def quantize_onnxq(run: Run, workdir: Path, idle: bool = True) -> None:
     wait_idle(idle)
     spec = MODELS[run.model]
     report = workdir / f"report_{run.out.stem}"
-    cmd = onnxq_command() + ["quantize", str(spec.path), "-o", str(run.out), "--preset", "w8a8",
-                             "--calib", str(IMAGENET), "--calib-preprocess", spec.preprocess,
-                             "--calib-size", str(run.n), "--calibrator", run.method,
-                             "--report", str(report), "--no-progress"]
-    rc, wall, rss, err = run_measured(cmd)
-    if rc != 0 or not run.out.exists():
-        run.error = f"onnxq failed: {_last_line(err)}"
+    done = harness.quantize_onnxq([str(spec.path), "-o", str(run.out), "--preset", "w8a8", "--calib", str(IMAGENET),
+                                   "--calib-preprocess", spec.preprocess, "--calib-size", str(run.n),
+                                   "--calibrator", run.method, "--report", str(report), "--no-progress"])
+    if not done.succeeded(run.out):
+        run.error = done.failure("onnxq")
         return
+    wall, rss = done.wall_s, done.peak_rss_mb
     info = json.loads((report / "report.json").read_text())["info"]
     run.walls.append(wall)
     run.calibs.append(float(info["calibration"]["seconds"]))
@@ -129,17 +122,18 @@ def quantize_ort(run: Run, limit_gb: float, idle: bool = True) -> None:
     wait_idle(idle)
     spec = MODELS[run.model]
     job = {"model": str(spec.path), "out": str(run.out), "input": spec.input, "preprocess": spec.preprocess,
-           "calib_size": run.n, "method": ORT_METHODS[run.method], "rss_limit_mb": limit_gb * 1024}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_ort-child", json.dumps(job)]
-    rc, wall, rss, err = run_measured(cmd)
+           "calib_size": run.n, "method": ORT_METHODS[run.method], "rss_limit_mb": limit_gb * 1024,
+           "kwargs": ORT_SETTING}
+    done = harness.quantize_ort_child(__file__, job)
+    wall, rss, err = done.wall_s, done.peak_rss_mb, done.stderr
     run.rss_mb = max(run.rss_mb or 0.0, rss)
     marks = [ln for ln in err.splitlines() if ln.startswith("ORT_CALIB_SECONDS ")]
     if "RSS_WATCHDOG" in err:
         run.error = f"stopped by the RSS watchdog at {limit_gb:g} GB after {wall:.0f} s"
         run.wall = wall
         return
-    if rc != 0 or not run.out.exists():
-        run.error = f"ort failed (exit {rc}): {_last_line(err)}"
+    if not done.succeeded(run.out):
+        run.error = done.failure("ort", "exit")
         return
     run.walls.append(wall)
     if marks:
@@ -166,14 +160,11 @@ def _rss_watchdog(limit_mb: float) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _ort_child(job_json: str) -> None:
-    """Child body: quantize_static (QDQ, U8 activations / S8 per-channel weights) with one calibrator."""
+def _ort_child(job: dict) -> None:
+    """Child body: quantize_static (QDQ, U8 activations / S8 per-channel weights) with one calibrator, which
+    prints its own seconds (create_calibrator + collect_data + compute_data) as ``ORT_CALIB_SECONDS s``."""
     import importlib
 
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    job = json.loads(job_json)
     _rss_watchdog(job["rss_limit_mb"])
     qmod = importlib.import_module("onnxruntime.quantization.quantize")
     made = qmod.create_calibrator
@@ -193,31 +184,10 @@ def _ort_child(job_json: str) -> None:
         return cal
 
     qmod.create_calibrator = timed_calibrator
-    load_image, _ = get_load_image()
-    files = [p for p, _ in image_list()]
-    files = [files[i] for i in calibration_indices(len(files), job["calib_size"])]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(files)
-
-        def get_next(self):
-            p = next(self.it, None)
-            return None if p is None else {job["input"]: load_image(str(p), preprocess=job["preprocess"])}
-
-        def rewind(self):
-            self.it = iter(files)
-
-    quantize_static(job["model"], job["out"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, job["method"]))
+    ort_static_on_images(job)
 
 
 # --------------------------------------------------------------------------- tables
-
-
-def _f(v, spec="{:.1f}", none="n/a"):
-    return none if v is None else spec.format(v)
 
 
 def _cell(r: Run | None, what: str) -> str:
@@ -225,7 +195,7 @@ def _cell(r: Run | None, what: str) -> str:
         return "not run"
     if r.error:
         return r.error
-    return _f(getattr(r, what), "{:.0f}" if what == "rss_mb" else "{:.1f}")
+    return fmt(getattr(r, what), "{:.0f}" if what == "rss_mb" else "{:.1f}")
 
 
 def memory_table(runs: dict, sizes: list[int], ort_sizes: list[int], target_n: int) -> tuple[str, list[str]]:
@@ -266,9 +236,6 @@ def speed_table(runs: dict, n: int) -> tuple[str, list[str]]:
     base = runs.get(("onnxq", "mnv2", "minmax", n))
     verdicts = []
 
-    def ratio(a, b):
-        return None if a is None or b is None or not b else a / b
-
     for tool in ("onnxq", "ort"):
         for method in (OBSERVERS if tool == "onnxq" else list(ORT_METHODS)):
             r = runs.get((tool, "mnv2", method, n))
@@ -282,24 +249,24 @@ def speed_table(runs: dict, n: int) -> tuple[str, list[str]]:
             other = runs.get(("ort", "mnv2", method, n)) if tool == "onnxq" else None
             ort_vs = ""
             if other is not None and not other.error:
-                ort_vs = f"{_f(ratio(other.wall, r.wall), '{:.1f}x')}, {_f(ratio(other.calib_s, r.calib_s), '{:.1f}x')}"
+                ort_vs = f"{fmt(ratio(other.wall, r.wall), '{:.1f}x')}, {fmt(ratio(other.calib_s, r.calib_s), '{:.1f}x')}"
             reps = f" (median of {len(r.walls)})" if len(r.walls) > 1 else ""
             lines.append("| " + " | ".join([
-                name, method, _f(r.wall, "{:.2f}") + reps, _f(r.calib_s, "{:.2f}"),
-                _f(ratio(r.wall, base.wall) if ok_base else None, "{:.2f}x"),
-                _f(ratio(r.calib_s, base.calib_s) if ok_base else None, "{:.2f}x"),
-                ort_vs, _f(r.rss_mb, "{:.0f}")]) + " |")
+                name, method, fmt(r.wall, "{:.2f}") + reps, fmt(r.calib_s, "{:.2f}"),
+                fmt(ratio(r.wall, base.wall) if ok_base else None, "{:.2f}x"),
+                fmt(ratio(r.calib_s, base.calib_s) if ok_base else None, "{:.2f}x"),
+                ort_vs, fmt(r.rss_mb, "{:.0f}")]) + " |")
     e, o = runs.get(("onnxq", "mnv2", "entropy", n)), runs.get(("ort", "mnv2", "entropy", n))
     if e is not None and not e.error:
         if o is not None and not o.error:
             sw, sc = o.wall / e.wall, (o.calib_s / e.calib_s if o.calib_s and e.calib_s else None)
             verdicts.append(f"Speed vs onnxruntime Entropy ({n} images): onnxq entropy is {sw:.1f}x faster in "
-                            f"wall time, {_f(sc, '{:.1f}x')} in calibration seconds; "
+                            f"wall time, {fmt(sc, '{:.1f}x')} in calibration seconds; "
                             f"{'MET' if sw >= 3 else 'NOT met'} (>= 3x).")
         if base is not None and not base.error:
             rw, rc = e.wall / base.wall, e.calib_s / base.calib_s if base.calib_s else None
             verdicts.append(f"Speed vs onnxq minmax ({n} images): entropy takes {rw:.2f}x the whole quantize wall "
-                            f"time ({'MET' if rw <= 1.5 else 'NOT met'}, <= 1.5x) and {_f(rc, '{:.2f}x')} the "
+                            f"time ({'MET' if rw <= 1.5 else 'NOT met'}, <= 1.5x) and {fmt(rc, '{:.2f}x')} the "
                             f"calibration seconds ({'MET' if rc is not None and rc <= 1.5 else 'NOT met'}).")
     return "\n".join(lines), verdicts
 
@@ -308,7 +275,7 @@ def accuracy_table(runs: dict, floats: dict, models: list[str], n: int) -> str:
     head = ["model", "calibrator", "top-1 %", "agree with fp32 %", "quantize s", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
-        lines.append(f"| {m} | float | {_f(floats.get(m))} | 100.0 | | |")
+        lines.append(f"| {m} | float | {fmt(floats.get(m))} | 100.0 | | |")
         for method in OBSERVERS:
             r = runs.get(("onnxq", m, method, n))
             if r is None:
@@ -316,33 +283,17 @@ def accuracy_table(runs: dict, floats: dict, models: list[str], n: int) -> str:
             if r.error:
                 lines.append(f"| {m} | {method} | {r.error} | | | |")
                 continue
-            lines.append(f"| {m} | {method} | {_f(r.top1)} | {_f(r.agree)} | {_f(r.wall, '{:.2f}')} | "
-                         f"{_f(r.rss_mb, '{:.0f}')} |")
+            lines.append(f"| {m} | {method} | {fmt(r.top1)} | {fmt(r.agree)} | {fmt(r.wall, '{:.2f}')} | "
+                         f"{fmt(r.rss_mb, '{:.0f}')} |")
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    import onnx
-    import onnxruntime
-
-    info = cpu_info()
-    return {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": info["model"], "cores": info["cores"],
-            "avx2": info["avx2"], "fma": info["fma"], "avx512f": info["avx512f"],
-            "vnni": info["avx512_vnni"] or info["avx_vnni"], "onnxruntime": onnxruntime.__version__,
-            "onnx": onnx.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
-
-
 def write_results(sections: list[tuple[str, str]], env: dict, args_line: str, notes: list[str]) -> None:
-    yn = lambda b: "yes" if b else "no"  # noqa: E731
-    out = [f"\n## {env['date']} - bench_calibration.py\n",
-           f"- Machine: {env['cpu']}, {env['cores']} cores; AVX2 {yn(env['avx2'])}, FMA {yn(env['fma'])}, "
-           f"AVX-512 {yn(env['avx512f'])}, VNNI {yn(env['vnni'])}",
-           f"- onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, numpy {env['numpy']}, Python {env['python']}",
-           f"- Command: `python benchmarks/bench_calibration.py {args_line}`", *[f"- {n}" for n in notes], ""]
-    for title, body in sections:
-        out += [f"### {title}", "", body, ""]
-    with open(RESULTS_MD, "a") as f:
-        f.write("\n".join(out))
+    """Append a dated section to benchmarks/RESULTS.md: machine (with FMA), versions (with numpy), notes, sections."""
+    flags = (CPU_FLAGS[0], ("FMA", "fma"), *CPU_FLAGS[1:])
+    versions = (*VERSIONS[:2], ("numpy", "numpy"), VERSIONS[2])
+    blocks = [f"### {title}\n\n{body}" for title, body in sections]
+    harness.append_results(harness.results_section("bench_calibration.py", env, args_line, notes, blocks, flags, versions))
 
 
 # --------------------------------------------------------------------------- main
@@ -363,10 +314,9 @@ def main(argv=None):
                     help="do not wait for the machine to be idle before each timed run")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
-    ap.add_argument("--_ort-child", dest="ort_child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.ort_child:
-        return _ort_child(args.ort_child)
+    args = parse_args_or_run_ort_child(ap, argv, _ort_child)
+    if args is None:  # the --_ort-child run is done
+        return
 
     models = [m for m in args.models.split(",") if m]
     for m in models:
@@ -416,7 +366,7 @@ def main(argv=None):
                 r = new("ort", "mnv2", method, size)
                 log(f"onnxruntime mnv2 {ORT_METHODS[method]} n={size}")
                 quantize_ort(r, args.ort_rss_limit_gb, args.wait_idle)
-                log(f"  -> {r.error or f'wall {r.wall:.1f}s calib {_f(r.calib_s)}s rss {r.rss_mb:.0f}MB'}")
+                log(f"  -> {r.error or f'wall {r.wall:.1f}s calib {fmt(r.calib_s)}s rss {r.rss_mb:.0f}MB'}")
     load_mid = os.getloadavg()
     # 3: accuracy on the 500 images
     floats: dict[str, float] = {}

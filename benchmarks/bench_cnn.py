@@ -22,11 +22,7 @@ as ``onnxq failed: <last stderr line>`` and the run goes on.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ASSETS, IMAGENET, REPO_ROOT, calibration_indices, cpu_info,  # noqa: E402
-                     get_load_image, image_list, load_images, make_session, predict)
-
-RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+import _harness as harness
+from _common import ASSETS, IMAGENET, get_load_image, image_list, load_images, make_session, predict  # noqa: E402
+from _harness import RESULTS_MD, environment, fmt, ort_static_on_images, parse_args_or_run_ort_child, ratio
 
 
 @dataclass
@@ -93,120 +88,26 @@ class Result:
 # --------------------------------------------------------------------------- subprocess quantizers
 
 
-def _vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set (VmHWM) of a live process, from /proc; None when unreadable."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
-
-
-def run_measured(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> tuple[int, float, float, str]:
-    """Run ``cmd`` as a child; return (exit code, wall seconds, peak RSS MB of the child, stderr).
-
-    Peak RSS: not ``ru_maxrss`` of a direct child, because Linux carries the *parent's* high-water mark
-    across fork+exec (a child of this benchmark, which holds 300 MB of images, would never report less).
-    ``/usr/bin/time -f %M`` (a small intermediate process) gives the true figure; without it, the
-    child's VmHWM is polled from /proc (may miss growth in its last 50 ms).
-    """
-    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
-    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile(suffix=".rss") as rssf:
-        full = [timer, "-f", "%M", "-o", rssf.name] + cmd if timer else cmd
-        t = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(REPO_ROOT))
-        polled = 0.0
-        try:
-            proc.wait(timeout=0.05)
-        except subprocess.TimeoutExpired:
-            while proc.poll() is None:
-                if not timer:
-                    polled = max(polled, _vm_hwm_mb(proc.pid) or 0.0)
-                if time.perf_counter() - t > timeout:
-                    proc.kill()
-                    proc.wait()
-                    break
-                time.sleep(0.05)
-        wall = time.perf_counter() - t
-        err.seek(0)
-        stderr = err.read().decode(errors="replace")
-        rss = polled
-        if timer:
-            try:
-                rss = int(Path(rssf.name).read_text().split()[-1]) / 1024.0
-            except (ValueError, IndexError, OSError):
-                rss = float("nan")
-    return proc.returncode, wall, rss, stderr
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else "(no stderr)"
-
-
-def onnxq_command() -> list[str]:
-    """The onnxq CLI: the installed entry point, else ``python -m onnxq.cli``."""
-    exe = shutil.which("onnxq")
-    return [exe] if exe else [sys.executable, "-m", "onnxq.cli"]
-
-
 def quantize_onnxq(spec: ModelSpec, out: Path, calib_size: int) -> Result:
     """Quantize with ``onnxq quantize --preset w8a8`` on the image folder."""
-    cmd = onnxq_command() + ["quantize", str(spec.path), "-o", str(out), "--preset", "w8a8",
-                             "--calib", str(IMAGENET), "--calib-preprocess", spec.preprocess,
-                             "--calib-size", str(calib_size)]
-    rc, wall, rss, err = run_measured(cmd)
-    res = Result(spec.key, "onnxq w8a8", out, quant_s=wall, peak_rss_mb=rss)
-    if rc != 0 or not out.exists():
-        res.error = f"onnxq failed: {_last_line(err)}"
+    run = harness.quantize_onnxq([str(spec.path), "-o", str(out), "--preset", "w8a8", "--calib", str(IMAGENET),
+                                  "--calib-preprocess", spec.preprocess, "--calib-size", str(calib_size)])
+    res = Result(spec.key, "onnxq w8a8", out, quant_s=run.wall_s, peak_rss_mb=run.peak_rss_mb)
+    if not run.succeeded(out):
+        res.error = run.failure("onnxq")
     return res
 
 
 def quantize_ort(spec: ModelSpec, name: str, out: Path, calib_size: int) -> Result:
-    """Quantize with ORT quantize_static in a child process (this file's ``--_ort-child`` mode)."""
+    """Quantize with ORT quantize_static (QDQ, MinMax) in a child process (this file's ``--_ort-child`` mode)."""
     job = {"model": str(spec.path), "out": str(out), "input": spec.input, "preprocess": spec.preprocess,
-           "dtype": np.dtype(spec.dtype).name, "calib_size": calib_size, "kwargs": ORT_VARIANTS[name]}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_ort-child", json.dumps(job)]
-    rc, wall, rss, err = run_measured(cmd)
-    res = Result(spec.key, name, out, quant_s=wall, peak_rss_mb=rss)
-    if rc != 0 or not out.exists():
-        res.error = f"ort failed: {_last_line(err)}"
+           "dtype": np.dtype(spec.dtype).name, "calib_size": calib_size, "method": "MinMax",
+           "kwargs": ORT_VARIANTS[name]}
+    run = harness.quantize_ort_child(__file__, job)
+    res = Result(spec.key, name, out, quant_s=run.wall_s, peak_rss_mb=run.peak_rss_mb)
+    if not run.succeeded(out):
+        res.error = run.failure("ort")
     return res
-
-
-def _ort_child(job_json: str) -> None:
-    """Child-process body: read calibration images from disk lazily and call quantize_static."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
-
-    job = json.loads(job_json)
-    load_image, _ = get_load_image()
-    files = [p for p, _ in image_list()]
-    files = [files[i] for i in calibration_indices(len(files), job["calib_size"])]
-    dtype = np.dtype(job["dtype"])
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(files)
-
-        def get_next(self):
-            p = next(self.it, None)
-            if p is None:
-                return None
-            return {job["input"]: load_image(str(p), preprocess=job["preprocess"], dtype=dtype)}
-
-        def rewind(self):
-            self.it = iter(files)
-
-    kw = dict(job["kwargs"])
-    for k in ("activation_type", "weight_type"):
-        if k in kw:
-            kw[k] = getattr(QuantType, kw[k])
-    quantize_static(job["model"], job["out"], Reader(), quant_format=QuantFormat.QDQ,
-                    calibrate_method=CalibrationMethod.MinMax, **kw)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -237,33 +138,19 @@ def measure_latencies(results: list[Result], x: np.ndarray, batches: tuple[int, 
     """
     live = [(r, make_session(r.path, "all")) for r in results if not r.error]
     for b in batches:
-        timed = []
-        for r, sess in live:
-            shape0 = sess.get_inputs()[0].shape[0]
-            if isinstance(shape0, int) and shape0 != b:
+        calls = {}
+        for i, (r, sess) in enumerate(live):
+            inp = sess.get_inputs()[0]
+            if isinstance(inp.shape[0], int) and inp.shape[0] != b:
                 r.lat[b] = None  # fixed batch dimension
                 continue
-            inp = sess.get_inputs()[0]
             want = np.float16 if "float16" in inp.type else np.float32
             feed = {inp.name: np.concatenate([x] * -(-b // len(x)))[:b].astype(want)}
-            for _ in range(5):
-                sess.run(None, feed)
-            timed.append((r, sess, feed, []))
-        for _ in range(runs):
-            for r, sess, feed, times in timed:
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                times.append(time.perf_counter() - t0)
-        for r, _sess, _feed, times in timed:
-            r.lat[b] = float(np.median(times) * 1e3)
-
-
-def _fmt(v, spec="{:.1f}", none="n/a"):
-    return none if v is None else spec.format(v)
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
+            calls[i] = lambda sess=sess, feed=feed: sess.run(None, feed)
+        times = harness.round_robin(calls, runs, warmup=5)
+        for i, (r, _sess) in enumerate(live):
+            if i in times:
+                r.lat[b] = float(np.median(times[i]) * 1e3)
 
 
 def markdown_table(results: list[Result], batches: tuple[int, ...]) -> str:
@@ -281,42 +168,20 @@ def markdown_table(results: list[Result], batches: tuple[int, ...]) -> str:
         if r.error:
             lines.append(f"| {r.model} | {r.method} | {r.error} |" + " |" * (len(head) - 3))
             continue
-        size = f"{r.size_mb:.2f} ({_fmt(_ratio(r.size_mb, fp.size_mb if fp else None), '{:.2f}')})"
-        row = [r.model, r.method, _fmt(r.top1), _fmt(r.agree), size, _fmt(r.quant_s), _fmt(r.peak_rss_mb, "{:.0f}")]
+        size = f"{r.size_mb:.2f} ({fmt(ratio(r.size_mb, fp.size_mb if fp else None), '{:.2f}')})"
+        row = [r.model, r.method, fmt(r.top1), fmt(r.agree), size, fmt(r.quant_s), fmt(r.peak_rss_mb, "{:.0f}")]
         for b in batches:
             v = r.lat.get(b)
-            row += [_fmt(v, "{:.2f}"),
-                    _fmt(_ratio(v, fp.lat.get(b) if fp else None), "{:.2f}"),
-                    _fmt(_ratio(v, ortref.lat.get(b) if ortref and not ortref.error else None), "{:.2f}")]
+            row += [fmt(v, "{:.2f}"),
+                    fmt(ratio(v, fp.lat.get(b) if fp else None), "{:.2f}"),
+                    fmt(ratio(v, ortref.lat.get(b) if ortref and not ortref.error else None), "{:.2f}")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    import onnx
-    import onnxruntime
-
-    info = cpu_info()
-    return {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": info["model"], "cores": info["cores"],
-            "avx2": info["avx2"], "avx512f": info["avx512f"],
-            "vnni": info["avx512_vnni"] or info["avx_vnni"],
-            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "python": sys.version.split()[0]}
-
-
 def write_results(table: str, env: dict, args_line: str, notes: list[str]) -> None:
     """Append a dated section to benchmarks/RESULTS.md."""
-    yn = lambda b: "yes" if b else "no"  # noqa: E731
-    sec = [f"\n## {env['date']} - bench_cnn.py\n",
-           f"- Machine: {env['cpu']}, {env['cores']} cores; AVX2 {yn(env['avx2'])}, AVX-512 {yn(env['avx512f'])}, "
-           f"VNNI {yn(env['vnni'])}",
-           f"- onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, Python {env['python']}",
-           f"- Command: `python benchmarks/bench_cnn.py {args_line}`", *[f"- {n}" for n in notes], "", table, ""]
-    new = not RESULTS_MD.exists()
-    with open(RESULTS_MD, "a") as f:
-        if new:
-            f.write("# Benchmark results\n\nSections are appended by `benchmarks/bench_cnn.py --write`.\n")
-        f.write("\n".join(sec))
+    harness.append_results(harness.results_section("bench_cnn.py", env, args_line, notes, [table]))
 
 
 # --------------------------------------------------------------------------- main
@@ -330,7 +195,7 @@ def bench_model(spec: ModelSpec, args, workdir: Path, batches: tuple[int, ...]) 
         x, y = x[:args.limit], y[:args.limit]
     fp = Result(spec.key, f"float ({np.dtype(spec.dtype).name})", spec.path)
     ref = evaluate(fp, x, y, None, batches, args.runs)
-    log(f"float top-1 {_fmt(fp.top1)}%")
+    log(f"float top-1 {fmt(fp.top1)}%")
     results = [fp]
 
     jobs = []
@@ -344,7 +209,7 @@ def bench_model(spec: ModelSpec, args, workdir: Path, batches: tuple[int, ...]) 
         log(f"quantizing: {name}")
         r = job()
         evaluate(r, x, y, ref, batches, args.runs)
-        log(f"{name}: " + (r.error or f"top-1 {_fmt(r.top1)}% agree {_fmt(r.agree)}% "
+        log(f"{name}: " + (r.error or f"top-1 {fmt(r.top1)}% agree {fmt(r.agree)}% "
                                       f"quantize {r.quant_s:.1f}s rss {r.peak_rss_mb:.0f}MB"))
         results.append(r)
     log("latency (round-robin over all outputs)")
@@ -363,10 +228,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N images only (smoke test)")
     ap.add_argument("--workdir", default=None, help="where quantized models go (default: a temp dir)")
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
-    ap.add_argument("--_ort-child", dest="ort_child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.ort_child:
-        return _ort_child(args.ort_child)
+    args = parse_args_or_run_ort_child(ap, argv, ort_static_on_images)
+    if args is None:  # the --_ort-child run is done
+        return
 
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:

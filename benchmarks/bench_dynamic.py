@@ -37,15 +37,15 @@ import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ASSETS, cpu_info  # noqa: E402
-from bench_cnn import _last_line, onnxq_command, run_measured  # noqa: E402
+import _harness as harness
+from _common import ASSETS, cpu_info, make_session  # noqa: E402
+from _harness import model_size_mb, parse_args_or_run_ort_child
 
 SMOLLM2 = Path(os.environ.get("ONNXQ_SMOLLM2", "/tmp/smollm2/smollm2.onnx"))
 MODELS = {
@@ -83,41 +83,34 @@ class Row:
     error: str = ""
 
 
-def _size_mb(p: Path) -> float:
-    extra = Path(str(p) + ".data")
-    return (p.stat().st_size + (extra.stat().st_size if extra.exists() else 0)) / 1e6
-
-
 def quantize_onnxq(model: str, src: Path, out: Path, name: str) -> Row:
     flags, toml = ONNXQ[name]
-    cmd = onnxq_command() + ["quantize", str(src), "-o", str(out), "--no-progress", *flags]
+    args = [str(src), "-o", str(out), "--no-progress", *flags]
     if toml is None:
-        cmd += ["--preset", "int8-dynamic"]
+        args += ["--preset", "int8-dynamic"]
     else:
         recipe = out.with_suffix(".toml")
         recipe.write_text('preset = "int8-dynamic"\n' + toml)
-        cmd += ["--recipe", str(recipe)]
-    rc, wall, rss, err = run_measured(cmd, timeout=3600)
-    row = Row(model, name, str(out), wall, rss)
-    if rc != 0 or not out.exists():
-        row.error = f"onnxq failed: {_last_line(err)}"
+        args += ["--recipe", str(recipe)]
+    run = harness.quantize_onnxq(args)
+    row = Row(model, name, str(out), run.wall_s, run.peak_rss_mb)
+    if not run.succeeded(out):
+        row.error = run.failure("onnxq")
     return row
 
 
 def quantize_ort(model: str, src: Path, out: Path, name: str) -> Row:
-    job = {"model": str(src), "out": str(out), "kwargs": ORT[name]}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_ort-child", json.dumps(job)]
-    rc, wall, rss, err = run_measured(cmd, timeout=3600)
-    row = Row(model, name, str(out), wall, rss)
-    if rc != 0 or not out.exists():
-        row.error = f"ort failed: {_last_line(err)}"
+    run = harness.quantize_ort_child(__file__, {"model": str(src), "out": str(out), "kwargs": ORT[name]})
+    row = Row(model, name, str(out), run.wall_s, run.peak_rss_mb)
+    if not run.succeeded(out):
+        row.error = run.failure("ort")
     return row
 
 
-def _ort_child(job_json: str) -> None:
+def _ort_child(job: dict) -> None:
+    """Child body: onnxruntime quantize_dynamic (QInt8 weights) with the job's keywords."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    job = json.loads(job_json)
     quantize_dynamic(job["model"], job["out"], weight_type=QuantType.QInt8, **job["kwargs"])
 
 
@@ -154,16 +147,6 @@ def exact_copy(src: Path, out: Path) -> Path:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _session(path: str, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
 def eval_minilm(rows: list[Row], limit: int | None, runs: int) -> None:
     from scipy.stats import spearmanr
     from sts_eval import embed, read_pairs
@@ -173,7 +156,7 @@ def eval_minilm(rows: list[Row], limit: int | None, runs: int) -> None:
     for r in rows:
         if r.error:
             continue
-        sess = _session(r.path)
+        sess = make_session(r.path)
         ea, eb = embed(sess, a), embed(sess, b)
         cos = np.sum(ea * eb, 1) / (np.linalg.norm(ea, axis=1) * np.linalg.norm(eb, axis=1))
         e = np.concatenate([ea, eb])
@@ -186,15 +169,8 @@ def eval_minilm(rows: list[Row], limit: int | None, runs: int) -> None:
     ids = rng.integers(1000, 20000, (32, 64)).astype(np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     live = [r for r in rows if not r.error]
-    sessions = {r.variant: _session(r.path) for r in live}
-    for s in sessions.values():
-        s.run(None, feed)
-    times: dict[str, list[float]] = {v: [] for v in sessions}
-    for _ in range(runs):
-        for v, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[v].append(time.perf_counter() - t)
+    sessions = {r.variant: make_session(r.path) for r in live}
+    times = harness.round_robin({v: lambda s=s: s.run(None, feed) for v, s in sessions.items()}, runs, warmup=1)
     base = float(np.median(times[live[0].variant]))
     for r in live:
         r.metrics["latency_ms"] = 1000 * float(np.median(times[r.variant]))
@@ -208,7 +184,7 @@ def eval_llm(rows: list[Row], tokens_file: Path, limit: int | None) -> None:
     for r in rows:
         if r.error:
             continue
-        res = perplexity(_session(r.path), tokens, limit=limit, progress=False)
+        res = perplexity(make_session(r.path), tokens, limit=limit, progress=False)
         r.metrics["ppl"] = res.ppl
         r.metrics["pieces"] = res.pieces
         print(f"  {r.variant:40s} ppl {res.ppl:.3f} ({res.pieces} pieces, {res.seconds:.0f}s)", flush=True)
@@ -240,7 +216,7 @@ def sensitivity(model_path: Path, tokens_file: Path, workdir: Path, piece: int =
     probe = workdir / "probe.onnx"
     onnx.save(model, str(probe), save_as_external_data=True, location="probe.onnx.data")
     tokens = load_tokens(tokens_file)[piece * 512:(piece + 1) * 512][None]
-    values = dict(zip(acts, _session(str(probe)).run(acts, {"input_ids": tokens})))
+    values = dict(zip(acts, make_session(str(probe)).run(acts, {"input_ids": tokens})))
 
     def sqnr(ref: np.ndarray, got: np.ndarray) -> float:
         return float(10 * np.log10((ref ** 2).sum() / max(((ref - got) ** 2).sum(), 1e-30)))
@@ -293,7 +269,7 @@ def bench(model: str, workdir: Path, args) -> list[Row]:
         print(f"{model}: {src} not found, skipped")
         return []
     print(f"{model}: quantizing", flush=True)
-    rows = [Row(model, "fp32", str(src), size_mb=_size_mb(src))]
+    rows = [Row(model, "fp32", str(src), size_mb=model_size_mb(src))]
     for name in ONNXQ:
         rows.append(quantize_onnxq(model, src, workdir / f"{model}.{len(rows)}.onnx", name))
     for name in ORT:
@@ -303,7 +279,7 @@ def bench(model: str, workdir: Path, args) -> list[Row]:
                             str(exact_copy(Path(rows[-1].path), workdir / f"{model}.{len(rows)}.onnx"))))
     for r in rows:
         if not r.error and r.size_mb is None and r.variant.startswith(("onnxq", "ort per")) and "exact" not in r.variant:
-            r.size_mb = _size_mb(Path(r.path))
+            r.size_mb = model_size_mb(Path(r.path))
         print(f"  {r.variant:40s} {r.error or f'{r.quant_s or 0:.1f}s {r.size_mb or 0:.1f} MB'}", flush=True)
     if model == "minilm":
         eval_minilm(rows, args.limit, args.runs)
@@ -348,15 +324,14 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--sensitivity", action="store_true",
                     help="instead: per-layer-type output SQNR of SmolLM2 under each error source (one piece)")
-    ap.add_argument("--_ort-child", dest="ort_child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.ort_child:
-        return _ort_child(args.ort_child)
+    args = parse_args_or_run_ort_child(ap, argv, _ort_child)
+    if args is None:  # the --_ort-child run is done
+        return
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="onnxq_dyn_"))
     workdir.mkdir(parents=True, exist_ok=True)
     if args.sensitivity:
         print(sensitivity(MODELS["smollm2"], TOKENS["smollm2"], workdir))
-        return None
+        return
     load0 = os.getloadavg()[0]
     rows: list[Row] = []
     for model in args.models.split(","):

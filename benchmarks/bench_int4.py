@@ -79,8 +79,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import ASSETS, cpu_info  # noqa: E402
-from bench_cnn import _last_line, onnxq_command, run_measured  # noqa: E402
+import _harness as harness
+from _common import ASSETS, cpu_info, make_session  # noqa: E402
+from _harness import FeedReader, model_size_mb, parse_args_or_run_ort_child
 
 SMOLLM2 = Path(os.environ.get("ONNXQ_SMOLLM2", "/tmp/smollm2/smollm2.onnx"))
 SMOLLM2_GGUF = SMOLLM2.parent / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -154,11 +155,6 @@ def plan(models: list[str], methods: list[str], blocks: list[int], ort_gptq_smol
 
 def key(row: dict) -> str:
     return f"{row['model']}|{row['variant']}"
-
-
-def _size_mb(p: Path) -> float:
-    extra = Path(str(p) + ".data")
-    return (p.stat().st_size + (extra.stat().st_size if extra.exists() else 0)) / 1e6
 
 
 # --------------------------------------------------------------------------- calibration data
@@ -241,12 +237,11 @@ def quantize_ort(row: dict, src: Path, out: Path, calib: Path | None, n_windows:
     job = {"model": str(src), "out": str(out), "method": row["method"], "block": row["block"],
            "symmetric": row["symmetric"], "calib": str(calib) if calib else None, "windows": n_windows,
            "external": Path(str(src) + ".data").exists() or src.stat().st_size > 1e9}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_ort-child", json.dumps(job)]
-    rc, wall, rss, err = run_measured(cmd, timeout=4 * 3600)
-    row.update(quant_s=round(wall, 2), peak_rss_mb=round(rss, 1))
-    if rc != 0 or not out.exists():
-        row["error"] = f"ort failed (rc {rc}): {_last_line(err)}{_where(err)}"
-        (out.parent / (out.name + ".stderr.txt")).write_text(err)
+    run = harness.quantize_ort_child(__file__, job, timeout=4 * 3600)
+    row.update(quant_s=round(run.wall_s, 2), peak_rss_mb=round(run.peak_rss_mb, 1))
+    if not run.succeeded(out):
+        row["error"] = run.failure("ort", "rc") + _where(run.stderr)
+        (out.parent / (out.name + ".stderr.txt")).write_text(run.stderr)
 
 
 def _where(stderr: str) -> str:
@@ -260,36 +255,13 @@ def _where(stderr: str) -> str:
     return f" (in {func}, {path.split('site-packages/')[-1]}:{line})"
 
 
-class _Windows:
-    """onnxruntime CalibrationDataReader over [1, 512] windows (index-based, so ORT can deepcopy it)."""
-
-    def __init__(self, windows: np.ndarray) -> None:
-        self.windows, self.i = windows, 0
-
-    def get_next(self):  # noqa: ANN201 - ORT's protocol
-        if self.i >= len(self.windows):
-            return None
-        self.i += 1
-        return {"input_ids": self.windows[self.i - 1][None].astype(np.int64)}
-
-    def __iter__(self):  # noqa: ANN204
-        return self
-
-    def __next__(self):  # noqa: ANN204
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
-
-
-def _ort_child(job_json: str) -> None:
+def _ort_child(job: dict) -> None:
     """Quantize one model with ORT's MatMulNBitsQuantizer (runs in its own process)."""
     import logging
 
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    job = json.loads(job_json)
     method, block, sym = job["method"], job["block"], job["symmetric"]
     exclude = []
     if method in ("ort-rtn", "ort-rtn-fp32head"):
@@ -301,7 +273,8 @@ def _ort_child(job_json: str) -> None:
     elif method == "ort-gptq":
         toks = np.asarray(json.loads(Path(job["calib"]).read_text()), dtype=np.int64)
         windows = toks[: job["windows"] * SEQ].reshape(job["windows"], SEQ)
-        cfg = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(windows), percdamp=0.01,
+        reader = FeedReader([{"input_ids": w[None].astype(np.int64)} for w in windows])
+        cfg = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, percdamp=0.01,
                                             block_size=128, actorder=False, mse=False, perchannel=True)
     else:
         raise SystemExit(f"unknown ORT method {method}")
@@ -328,23 +301,22 @@ def _head_node(path: Path) -> str:
 
 
 def quantize_onnxq(row: dict, src: Path, out: Path, calib: Path | None, n_windows: int | None) -> None:
-    cmd = onnxq_command() + ["quantize", str(src), "-o", str(out), "--preset", ONNXQ_PRESET[row["method"]],
-                             "--block-size", str(row["block"]), "--no-progress"]
+    args = [str(src), "-o", str(out), "--preset", ONNXQ_PRESET[row["method"]], "--block-size", str(row["block"]),
+            "--no-progress"]
     if row["method"] in CALIBRATED:
-        cmd += ["--calib", str(calib), "--calib-size", str(n_windows), "--seq-len", str(SEQ)]
+        args += ["--calib", str(calib), "--calib-size", str(n_windows), "--seq-len", str(SEQ)]
     if row["method"].endswith("-fp32head"):
-        cmd += ["--lm-head", "float"]
-    rc, wall, rss, err = run_measured(cmd, timeout=4 * 3600)
-    row.update(quant_s=round(wall, 2), peak_rss_mb=round(rss, 1), command=" ".join(cmd[len(onnxq_command()):]))
-    if rc != 0 or not out.exists():
-        last = _last_line(err)
-        if any(s in err.lower() for s in ONNXQ_MISSING):
-            row["skipped"] = f"onnxq int4 not available yet: {last}"
+        args += ["--lm-head", "float"]
+    run = harness.quantize_onnxq(args, timeout=4 * 3600)
+    row.update(quant_s=round(run.wall_s, 2), peak_rss_mb=round(run.peak_rss_mb, 1), command=" ".join(["quantize", *args]))
+    if not run.succeeded(out):
+        if any(s in run.stderr.lower() for s in ONNXQ_MISSING):
+            row["skipped"] = f"onnxq int4 not available yet: {harness.last_line(run.stderr)}"
             for k in ("quant_s", "peak_rss_mb"):
                 row.pop(k, None)
         else:
-            row["error"] = f"onnxq failed (rc {rc}): {last}"
-        (out.parent / (out.name + ".stderr.txt")).write_text(err)
+            row["error"] = run.failure("onnxq", "rc")
+        (out.parent / (out.name + ".stderr.txt")).write_text(run.stderr)
 
 
 def describe(path: Path) -> dict:
@@ -383,13 +355,9 @@ def describe(path: Path) -> dict:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _session(path: str | Path, threads: int = 2):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def _session(path: str | Path):
+    """An ORT CPU session with 2 intra-op threads (every figure of this benchmark)."""
+    return make_session(path, "all", threads=2)
 
 
 def eval_ppl(row: dict, limit: int | None) -> None:
@@ -419,19 +387,12 @@ def eval_latency(rows: list[dict], runs: int) -> None:
     for model, live in by_model.items():
         ids = load_tokens(MODELS[model]["tokens"])[:256][None]
         sessions = {key(r): _session(r["path"]) for r in live}
-        for s in sessions.values():
-            for _ in range(2):
-                s.run(None, {"input_ids": ids})
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(runs):
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s.run(None, {"input_ids": ids})
-                times[k].append(time.perf_counter() - t)
+        calls = {k: lambda s=s, ids=ids: s.run(None, {"input_ids": ids}) for k, s in sessions.items()}
+        times = harness.round_robin(calls, runs, warmup=2)
         for r in live:
             r["latency_ms"] = round(1000 * float(np.median(times[key(r)])), 2)
             r["latency_runs"] = runs
-        del sessions
+        del sessions, calls  # free one LLM's sessions before the next one's
 
 
 def add_recovery(rows: list[dict]) -> None:
@@ -528,10 +489,9 @@ def main(argv: list[str] | None = None) -> int | None:
     ap.add_argument("--no-latency", action="store_true", help="skip the latency round (keeps stored figures)")
     ap.add_argument("--write", action="store_true",
                     help="save benchmarks/results/int4.json (+ ORT/fp32 rows to int4_ort_baselines.json) and print markdown")
-    ap.add_argument("--_ort-child", dest="ort_child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.ort_child:
-        return _ort_child(args.ort_child)
+    args = parse_args_or_run_ort_child(ap, argv, _ort_child)
+    if args is None:  # the --_ort-child run is done
+        return None
 
     models = [ALIASES.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -571,7 +531,7 @@ def main(argv: list[str] | None = None) -> int | None:
             continue
         row["limit"] = args.limit
         if row["method"] == "fp32":
-            row.update(path=str(src), size_mb=round(_size_mb(src), 3))
+            row.update(path=str(src), size_mb=round(model_size_mb(src), 3))
         else:
             calib, n_win = None, None
             if row["method"] in CALIBRATED:
@@ -596,7 +556,7 @@ def main(argv: list[str] | None = None) -> int | None:
                 kept[k] = row
                 store.write_text(json.dumps(list(kept.values()), indent=1))
                 continue
-            row.update(path=str(out), size_mb=round(_size_mb(out), 3))
+            row.update(path=str(out), size_mb=round(model_size_mb(out), 3))
             try:
                 row["graph"] = describe(out)
             except Exception as e:  # noqa: BLE001 - a description failure must not lose the row

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import cpu_info  # noqa: E402
+from _harness import append_results
 
 
 def make_model(folder: Path, layers: int, dim: int, seed: int = 0) -> Path:
@@ -111,8 +112,7 @@ def main() -> None:
     ])  # fmt: skip
     print(text)
     if args.write:
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:
-            fh.write("\n" + text + "\n")
+        append_results(text)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     sys.exit(0 if ok else 1)

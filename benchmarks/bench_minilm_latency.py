@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 import bench_transformers  # noqa: E402
 import sts_eval  # noqa: E402
 from _common import cpu_info  # noqa: E402
+from _harness import append_results
 
 MINILM = sts_eval.ASSETS / "minilm" / "model.onnx"
 CALIB = ["--calib", str(sts_eval.STS_TRAIN), "--tokenizer", str(sts_eval.TOKENIZER), "--calib-size", "128"]
@@ -163,11 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         if acc:
             row += f" {acc[name]['spearman']:.4f} | {acc[name].get('cosine_to_fp32', 1.0):.4f} |"
         lines.append(row)
-    text = "\n".join(lines) + "\n"
-    print(text)
+    text = "\n".join(lines)
+    print(text + "\n")
     if args.write:
-        with open(HERE / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+        append_results(text)
 
 
 if __name__ == "__main__":

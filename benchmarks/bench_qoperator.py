@@ -34,6 +34,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ASSETS, IMAGENET, calibration_indices, cpu_info, load_images, make_session  # noqa: E402
+from _harness import FeedReader, round_robin
 
 from onnxq.model import to_graph, to_model  # noqa: E402
 from onnxq.passes import PASSES  # noqa: E402
@@ -71,15 +72,7 @@ def latencies(paths: dict[str, Path], feed: dict, runs: int) -> dict[str, float]
     """Median ms per run of each model (ORT default optimisations, one intra-op thread), runs interleaved so
     that load changes on a shared machine hit every model alike."""
     sessions = {k: make_session(p, "all", threads=1) for k, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for key, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            times[key].append(time.perf_counter() - t0)
+    times = round_robin({k: lambda s=s: s.run(None, feed) for k, s in sessions.items()}, runs, warmup=3)
     return {k: float(np.median(v)) * 1000 for k, v in times.items()}
 
 
@@ -128,16 +121,9 @@ def compare_minilm(qdq: Path, qop: Path, runs: int, n: int = 40) -> dict:
 
 
 def ort_quantize(src: Path, dst: Path, feeds: list[dict]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(feeds)
-
-        def get_next(self) -> dict | None:
-            return next(self.it, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+    quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, per_channel=True)  # fmt: skip
 
 

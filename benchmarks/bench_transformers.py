@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sts_eval  # noqa: E402
 from _common import cpu_info  # noqa: E402
+from _harness import FeedReader, append_results
 
 ASSETS = HERE.parent.parent / "shared" / "assets"
 MINILM = ASSETS / "minilm" / "model.onnx"
@@ -47,16 +48,6 @@ def _onnxq(src: Path, dst: Path, preset: str, calib: list[str], extra: list[str]
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-500:]}")
     rep = json.loads(r.stdout)
     return {"seconds": round(time.perf_counter() - t, 1), "rss_mb": rep["info"].get("peak_rss_mb")}
-
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over a list of feeds."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.it = iter(feeds)
-
-    def get_next(self):  # noqa: ANN201 - ORT's protocol
-        return next(self.it, None)
 
 
 def _minilm_feeds(n: int = 128) -> list[dict[str, np.ndarray]]:
@@ -87,7 +78,7 @@ def _ort_static(src: Path, dst: Path, feeds: list, method: str) -> dict:
     extra = {"CalibPercentile": 99.999} if method == "Percentile" else {}
 
     def run(data: list) -> None:
-        quantize_static(str(src), str(dst), _Reader(data), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(src), str(dst), FeedReader(data), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)  # fmt: skip
 
@@ -133,21 +124,36 @@ def _perplexity(model: Path) -> float:
     return float(json.loads(r.stdout)["ppl"])
 
 
+# (row name, preset, extra flags) of the onnxq variants, and (row name, CalibrationMethod) of ORT's static ones
+ONNXQ_VARIANTS = (("onnxq w8a8", "w8a8", []), ("onnxq w8a8-smoothquant", "w8a8-smoothquant", []),
+                  ("onnxq w8a8-smoothquant --alpha auto", "w8a8-smoothquant", ["--alpha", "auto"]),
+                  ("onnxq int8-dynamic", "int8-dynamic", []))
+ORT_STATIC = (("ORT quantize_static MinMax", "MinMax"), ("ORT quantize_static Percentile 99.999", "Percentile"))
+
+
+def quantize_variants(work: Path, rows: list[dict], model: str, src: Path, stem: str, calib: list[str],
+                      feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, Path, dict]]:
+    """fp32, then every onnxq and ORT variant of ``src`` (files ``work/<stem>.*.onnx``), as (name, path, info).
+
+    The onnxq variants see ``calib`` (CLI flags), ORT's static ones the same data as ``feeds``; an ORT crash
+    becomes a 'failed' row in ``rows`` instead of a variant.
+    """
+    variants: list[tuple[str, Path, dict]] = [("fp32", src, {})]
+    for name, preset, extra in ONNXQ_VARIANTS:
+        dst = work / f"{stem}.{len(variants)}.onnx"
+        info = _onnxq(src, dst, preset, calib if preset != "int8-dynamic" else ["--no-progress"], extra)
+        variants.append((name, dst, info))
+    for name, method in ORT_STATIC:
+        dst = work / f"{stem}.{len(variants)}.onnx"
+        _attempt(variants, rows, model, name, dst, lambda d=dst, m=method: _ort_static(src, d, list(feeds), m))
+    dst = work / f"{stem}.ortdyn.onnx"
+    _attempt(variants, rows, model, "ORT quantize_dynamic", dst, lambda: _ort_dynamic(src, dst))
+    return variants
+
+
 def run_minilm(work: Path, rows: list[dict]) -> None:
     calib = ["--calib", str(sts_eval.STS_TRAIN), "--tokenizer", str(sts_eval.TOKENIZER), "--calib-size", "128", "--no-progress"]
-    feeds = _minilm_feeds(128)
-    variants: list[tuple[str, Path, dict]] = [("fp32", MINILM, {})]
-    for name, preset, extra in (("onnxq w8a8", "w8a8", []), ("onnxq w8a8-smoothquant", "w8a8-smoothquant", []),
-                                ("onnxq w8a8-smoothquant --alpha auto", "w8a8-smoothquant", ["--alpha", "auto"]),
-                                ("onnxq int8-dynamic", "int8-dynamic", [])):  # fmt: skip
-        dst = work / f"minilm.{len(variants)}.onnx"
-        info = _onnxq(MINILM, dst, preset, calib if preset != "int8-dynamic" else ["--no-progress"], extra)
-        variants.append((name, dst, info))
-    for name, method in (("ORT quantize_static MinMax", "MinMax"), ("ORT quantize_static Percentile 99.999", "Percentile")):
-        dst = work / f"minilm.{len(variants)}.onnx"
-        _attempt(variants, rows, "MiniLM", name, dst, lambda d=dst, m=method: _ort_static(MINILM, d, list(feeds), m))
-    dst = work / "minilm.ortdyn.onnx"
-    _attempt(variants, rows, "MiniLM", "ORT quantize_dynamic", dst, lambda: _ort_dynamic(MINILM, dst))
+    variants = quantize_variants(work, rows, "MiniLM", MINILM, "minilm", calib, _minilm_feeds(128))
     ref = None
     base_lat = None
     for name, path, info in variants:
@@ -164,19 +170,7 @@ def run_minilm(work: Path, rows: list[dict]) -> None:
 
 def run_stories(work: Path, rows: list[dict]) -> None:
     calib = ["--calib", str(STORIES_TOKENS), "--seq-len", "512", "--calib-size", "32", "--no-progress"]
-    feeds = _stories_feeds(32)
-    variants: list[tuple[str, Path, dict]] = [("fp32", STORIES, {})]
-    for name, preset, extra in (("onnxq w8a8", "w8a8", []), ("onnxq w8a8-smoothquant", "w8a8-smoothquant", []),
-                                ("onnxq w8a8-smoothquant --alpha auto", "w8a8-smoothquant", ["--alpha", "auto"]),
-                                ("onnxq int8-dynamic", "int8-dynamic", [])):  # fmt: skip
-        dst = work / f"stories.{len(variants)}.onnx"
-        info = _onnxq(STORIES, dst, preset, calib if preset != "int8-dynamic" else ["--no-progress"], extra)
-        variants.append((name, dst, info))
-    for name, method in (("ORT quantize_static MinMax", "MinMax"), ("ORT quantize_static Percentile 99.999", "Percentile")):
-        dst = work / f"stories.{len(variants)}.onnx"
-        _attempt(variants, rows, "stories260K", name, dst, lambda d=dst, m=method: _ort_static(STORIES, d, list(feeds), m))
-    dst = work / "stories.ortdyn.onnx"
-    _attempt(variants, rows, "stories260K", "ORT quantize_dynamic", dst, lambda: _ort_dynamic(STORIES, dst))
+    variants = quantize_variants(work, rows, "stories260K", STORIES, "stories", calib, _stories_feeds(32))
     for name, path, info in variants:
         rows.append({"model": "stories260K", "variant": name + info.pop("note", ""), "ppl": round(_perplexity(path), 3), **info})
         print(rows[-1], flush=True)
@@ -225,8 +219,7 @@ def main() -> None:
     text = format_rows(rows, time.time() - t0)
     print(text)
     if args.write:
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:
-            fh.write("\n" + text + "\n")
+        append_results(text)
 
 
 if __name__ == "__main__":

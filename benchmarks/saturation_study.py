@@ -31,6 +31,7 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ASSETS, calibration_indices, load_images, make_session, predict  # noqa: E402
+from _harness import FeedReader
 
 MODEL = ASSETS / "cnn" / "mobilenetv2-7" / "model.onnx"
 WORKDIR = Path("/tmp/onnxq_saturation_study")
@@ -83,29 +84,14 @@ def kernel_probe() -> list[tuple[str, int, int]]:
     return out
 
 
-class _Reader:
-    """CalibrationDataReader over a fixed array of preprocessed images (one image per feed)."""
-
-    def __init__(self, name: str, x: np.ndarray):
-        self.name, self.x, self.i = name, x, 0
-
-    def get_next(self):
-        if self.i >= len(self.x):
-            return None
-        self.i += 1
-        return {self.name: self.x[self.i - 1:self.i]}
-
-    def rewind(self):
-        self.i = 0
-
-
 def quantize(out_path: Path, calib: np.ndarray, kwargs: dict) -> float:
     """Run ORT quantize_static (QDQ, MinMax) with ``kwargs``; returns seconds taken."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     name = onnx.load(str(MODEL), load_external_data=False).graph.input[0].name
     t = time.perf_counter()
-    quantize_static(str(MODEL), str(out_path), _Reader(name, calib), quant_format=QuantFormat.QDQ,
+    reader = FeedReader([{name: calib[i:i + 1]} for i in range(len(calib))])  # one image per feed
+    quantize_static(str(MODEL), str(out_path), reader, quant_format=QuantFormat.QDQ,
                     calibrate_method=CalibrationMethod.MinMax, **kwargs)
     return time.perf_counter() - t
 

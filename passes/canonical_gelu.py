@@ -102,6 +102,16 @@ def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
     return b if a is t else a if b is t else None
 
 
+def _dtype(x: gs.Tensor, scale: gs.Node) -> np.dtype:
+    """The dtype of ``x``; without one (shape inference may not have run) that of the constant ``scale``
+    multiplies or divides it by, which must have it too."""
+    if x.dtype is not None:
+        return np.dtype(x.dtype)
+    const = _values(_other(scale, x))
+    assert const is not None  # _match matched scale's other input as a scalar constant
+    return const.dtype
+
+
 def _match(erf: gs.Node, outs: set[int]) -> _Gelu | None:
     """Match the GELU around ``erf`` in any of the exporters' orders; None when it is not one."""
     u = erf.inputs[0]
@@ -117,13 +127,7 @@ def _match(erf: gs.Node, outs: set[int]) -> _Gelu | None:
         return None
     if x is None or isinstance(x, gs.Constant):
         return None
-    # the dtype of x (shape inference may not have run: the constants must have it too)
-    if x.dtype is not None:
-        dtype = np.dtype(x.dtype)
-    else:
-        const = _values(_other(scale, x))
-        assert const is not None  # the scalar constant matched above
-        dtype = const.dtype
+    dtype = _dtype(x, scale)
     if dtype not in (np.float32, np.float16):
         return None
     add = _only_reader(erf.outputs[0], outs)

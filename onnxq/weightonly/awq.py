@@ -366,7 +366,9 @@ def awq(
     return AWQResult(scales=s, search=search, weights=weights, clips=clips, loss=loss, rtn_loss=rtn_loss)
 
 
-def _check(ws: list[np.ndarray], h: np.ndarray | None, x_absmean: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def _check(
+    ws: list[np.ndarray], h: np.ndarray | None, x_absmean: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Validate shapes; returns the weights concatenated along N (float32), ``H`` (float64) and ``x_absmean``."""
     if not ws:
         raise ValueError("AWQ needs at least one weight")

@@ -13,12 +13,13 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+from typing import Callable
 
 __all__ = ["release"]
 
 
 @functools.cache
-def _trim() -> object | None:
+def _trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc.malloc_trim

@@ -50,7 +50,7 @@ __all__ = ["BatchJob", "JobOutcome", "BatchInterrupted", "jobs_from_folder", "jo
 _STATE_DIR = ".onnxq-batch"
 _SUMMARY = "batch-summary.json"
 _GRACE_S = 5.0  # how long stopped workers get to clean up before SIGKILL
-_SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+_SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 @dataclass

@@ -439,6 +439,7 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
         recipe = recipe.with_(calibration=dataclasses.replace(recipe.calibration, samples=calib_size))
     calibration = {k: v for k, v in {"calib": calib, "calib_preprocess": calib_preprocess, "tokenizer": tokenizer}.items() if v}
     if source.is_dir():
+        assert recipe is not None  # w8a8 by default above
         jobs = jobs_from_folder(source, outdir, recipe, calibration)
     else:  # --calib-size is every model's default; a manifest's calib_size overrides it
         jobs = jobs_from_manifest(source, outdir, recipe, calibration, calib_size=calib_size)

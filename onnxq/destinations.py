@@ -261,7 +261,7 @@ def temp_beside(dest: Path, temps: list[Path], mode: str = "wb") -> IO[Any]:
     temps.append(Path(name))
     st = _stat(dest)
     os.chmod(name, (st.st_mode & 0o777) if st is not None and stat.S_ISREG(st.st_mode) else new_file_mode())
-    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    return os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8")
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, *, role: str = "output file") -> Path:

@@ -218,7 +218,7 @@ class Comparison:
     """What ``onnxq compare`` reports."""
 
     samples: int
-    outputs: dict[str, dict[str, float | None]]
+    outputs: dict[str, dict[str, float | str | None]]  # per output: sqnr_db, cosine, ..., degenerate (a reason)
     top1_agreement: float | None
     tensors: list[dict[str, Any]]  # worst SQNR first
     unmatched: list[str]
@@ -464,7 +464,7 @@ def _update_tensor_stats(
 
 def _tensor_rows(matches: list[TensorMatch], t_stats: dict[str, TensorStats]) -> list[dict[str, Any]]:
     """One row per matched tensor that was measured, worst SQNR first."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in matches:
         st = t_stats[m.float_name]
         if st.count:

@@ -147,7 +147,7 @@ class EvalSet:
             for st, a, b in zip(stats, ref, got):
                 st.update(a, b)
             seen += n
-            if floor is not None and metric == "agreement":
+            if floor is not None and metric == "agreement" and self.classifier is not None:  # (not None: checked above)
                 top = stats[self.classifier]
                 total = min(limit or self.samples, self.samples)
                 best_possible = (total - (top.top1_total - top.top1_same)) / total
@@ -159,7 +159,7 @@ class EvalSet:
         if any(st.degenerate for st in stats):  # NaN, all-zero or input-blind outputs: no budget is met
             self.degenerate = next(f"output '{o}': {st.degenerate}" for (o, _), st in zip(pairs, stats) if st.degenerate)
             return -math.inf if metric == "sqnr" else 0.0
-        if metric == "agreement":
+        if metric == "agreement" and self.classifier is not None:  # (not None: checked above)
             return stats[self.classifier].top1_agreement or 0.0
         if metric == "cosine":
             return min(s.cosine for s in stats)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, BinaryIO, Iterator
+from typing import IO, Any, Iterator
 
 import onnx
 import onnx.version_converter
@@ -68,7 +68,7 @@ def _external_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
     A crafted model must never make onnxq read arbitrary files, so absolute paths, escapes through ``..``
     or symlinks, and missing files are UnsafeModelError before onnx's loader sees them.
     """
-    root, files = base_dir.resolve(), {}
+    root, files = base_dir.resolve(), dict[Path, None]()  # a dict keeps first-seen order, unlike a set
     for t in filter(_is_external, _iter_tensors(model)):
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
@@ -346,7 +346,7 @@ class ExternalValues(LazyValues):
         return arr.astype(np_dtype, copy=False).reshape(self.shape)
 
     @property
-    def tensor(self) -> onnx.TensorProto:  # type: ignore[override] - gs exports LazyValues through .tensor
+    def tensor(self) -> onnx.TensorProto:  # type: ignore[override]  # gs exports LazyValues through .tensor
         return onnx.numpy_helper.from_array(self.load(), self.name)
 
     def __str__(self) -> str:
@@ -472,7 +472,7 @@ def _refuse_input_overwrite(targets: list[Path], input_path: Path) -> None:
                                      f"(input model {input_path}); choose a different output path (-o)")
 
 
-def _write_all(f: BinaryIO, data: bytes) -> None:
+def _write_all(f: IO[bytes], data: bytes) -> None:
     """Write ``data`` in 64 MiB pieces."""
     view = memoryview(data)
     for i in range(0, len(view), 1 << 26):
@@ -501,7 +501,7 @@ def _varint(n: int) -> bytes:
     return bytes(out + bytes([n]))
 
 
-def _serialize_external(model: onnx.ModelProto, f: BinaryIO, location: str) -> bytes:
+def _serialize_external(model: onnx.ModelProto, f: IO[bytes], location: str) -> bytes:
     """Write initializers of >= 1 KiB to ``f`` (aligned) and return the model file's bytes, pointing at them.
 
     The proto is assembled field by field (ModelProto.graph is field 7, GraphProto.initializer field 5) so

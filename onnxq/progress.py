@@ -36,11 +36,15 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:6.1f} {self.unit}/s" if speed else f"    - {self.unit}/s", style="progress.data.speed")
 
 
+def _no_advance(n: int = 1) -> None:
+    """The ``advance`` of a disabled progress bar: counts nothing."""
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, description: str, *, enabled: bool = True, unit: str = "samples") -> Iterator[Callable[[int], None]]:
     """A context manager yielding ``advance(n)``; shows count, rate and ETA when enabled."""
     if not enabled:
-        yield lambda n=1: None
+        yield _no_advance
         return
     console = Console(stderr=True)
     columns = (
@@ -54,4 +58,8 @@ def progress_bar(total: int, description: str, *, enabled: bool = True, unit: st
     )
     with Progress(*columns, console=console, transient=False) as prog:
         task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            prog.advance(task, n)
+
+        yield advance

@@ -75,6 +75,8 @@ def compare_for_report(src: Path, quant: onnx.ModelProto, opts: CalibrationOptio
     """Float vs quantized on ``samples`` samples (per-tensor SQNR, outputs, size, latency) as a dict."""
     from onnxq.evaluate import compare_models
 
+    if not opts.source:
+        raise ValueError("compare_for_report needs a calibration or evaluation source (opts.source)")
     float_model = load_model(src)
     source = open_source(opts.source, float_model, preprocess=opts.preprocess, resize=opts.resize, crop=opts.crop,
                          tokenizer=opts.tokenizer, max_length=opts.max_length, seq_len=opts.seq_len, limit=samples,

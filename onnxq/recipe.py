@@ -596,7 +596,7 @@ def recipe_from_dict(data: Mapping[str, Any], *, where: str = "recipe") -> Recip
         base = preset(data["preset"]) if "preset" in data else Recipe()
         top = {k: data[k] for k in _TOP_LEVEL if k in data and k not in _TABLES and k not in ("preset", "override")}
         check_fields(Recipe, top, "")
-    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
+    changes: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in top.items()}
     for key, cls in _TABLES.items():
         if key in data:
             changes[key] = _build(cls, data[key], f"[{key}]", where, dataclasses.asdict(getattr(base, key)))

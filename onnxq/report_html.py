@@ -323,7 +323,7 @@ def _histograms(hists: list[Any], plt: Any | None) -> str:
         rng = _l(h.get("range"))
         ok = (len(edges) == len(counts) + 1 and len(counts) > 0 and all(map(_isnum, edges + counts)))
         lo, hi = (rng[0], rng[1]) if len(rng) == 2 and all(map(_isnum, rng)) else (None, None)
-        share = _outside_share(edges, counts, lo, hi) if ok and lo is not None else None
+        share = _outside_share(edges, counts, lo, hi) if ok and lo is not None and hi is not None else None
         rows.append([_code(name), f"{_f(edges[0], 4)} .. {_f(edges[-1], 4)}" if ok else "—",
                      f"{_f(lo, 4)} .. {_f(hi, 4)}" if lo is not None else "—",
                      f"{share * 100:.3f}%" if share is not None else "—", _f(h.get("sqnr_db")), _e(h.get("method", ""))])

@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, TypeGuard
 
 import numpy as np
 import onnx
@@ -111,7 +112,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _known(shape: list | None) -> bool:  # fully static
+def _known(shape: list[int | str | None] | None) -> TypeGuard[list[int]]:  # fully static
     return shape is not None and all(isinstance(d, int) for d in shape)
 
 
@@ -158,8 +159,9 @@ def _ms_shape(node: onnx.NodeProto, tm: TypeMap) -> tuple[int, list[int]] | None
         return None
     if node.op_type in _SAME_SHAPE_MS:
         return e0, s0
-    if node.op_type in ("QLinearAdd", "QLinearMul") and len(ins) > 3 and _known(ins[3][1]):
-        return e0, list(np.broadcast_shapes(tuple(s0), tuple(ins[3][1])))
+    s3 = ins[3][1] if len(ins) > 3 else None
+    if node.op_type in ("QLinearAdd", "QLinearMul") and _known(s3):
+        return e0, list(np.broadcast_shapes(tuple(s0), tuple(s3)))
     if node.op_type == "QLinearGlobalAveragePool" and len(s0) >= 3:
         return e0, [s0[0]] + [1] * (len(s0) - 2) + [s0[-1]] if a.get("channels_last") else s0[:2] + [1] * (len(s0) - 2)
     if node.op_type == "MatMulNBits":
@@ -171,7 +173,8 @@ def _ms_shape(node: onnx.NodeProto, tm: TypeMap) -> tuple[int, list[int]] | None
 
 def _fold(n: onnx.NodeProto, tm: TypeMap, vals: dict[str, np.ndarray]) -> None:
     """Evaluate one node of small integer shape arithmetic (Shape, Gather, Concat...) into ``vals``."""
-    a, ins, op = _attrs(n), [vals.get(i) for i in n.input], n.op_type
+    # the inputs are None where not folded; the guard below returns before any of them is read as None
+    a, ins, op = _attrs(n), list[Any]([vals.get(i) for i in n.input]), n.op_type
     try:
         if op == "Shape" and _known(tm.get(n.input[0], (0, None))[1]):
             out = np.array(tm[n.input[0]][1], np.int64)[a.get("start", 0):a.get("end", None)]
@@ -188,17 +191,18 @@ def _fold(n: onnx.NodeProto, tm: TypeMap, vals: dict[str, np.ndarray]) -> None:
         elif op == "Concat":
             out = np.concatenate([np.atleast_1d(x) for x in ins], axis=int(a.get("axis", 0)))  # type: ignore[call-overload]
         elif op == "Slice" and len(ins) >= 3 and ins[1] is not None and ins[2] is not None:
-            sl = [slice(None)] * ins[0].ndim  # type: ignore[union-attr]
+            sl = [slice(None)] * ins[0].ndim
             axes = ins[3] if len(ins) > 3 and ins[3] is not None else range(len(ins[1]))
             steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1] * len(ins[1])
             for st, en, ax, sp in zip(ins[1], ins[2], axes, steps):
                 sl[int(ax)] = slice(int(st), int(en), int(sp))
-            out = ins[0][tuple(sl)]  # type: ignore[index]
+            out = ins[0][tuple(sl)]
         elif op in ("Add", "Sub", "Mul", "Div"):
-            f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": lambda x, y: np.trunc(x / y)}[op]
-            out = np.asarray(f(ins[0], ins[1])).astype(ins[0].dtype)  # type: ignore[union-attr]
+            binops: dict[str, Callable[[Any, Any], Any]] = {
+                "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": lambda x, y: np.trunc(x / y)}
+            out = np.asarray(binops[op](ins[0], ins[1])).astype(ins[0].dtype)
         elif op == "Cast":
-            out = ins[0].astype(helper.tensor_dtype_to_np_dtype(int(a["to"])))  # type: ignore[union-attr,call-overload]
+            out = ins[0].astype(helper.tensor_dtype_to_np_dtype(int(a["to"])))  # type: ignore[call-overload]
         else:
             return
         if np.asarray(out).dtype.kind in "iu":
@@ -262,7 +266,7 @@ def _macs(node: onnx.NodeProto, w_idx: int, tm: TypeMap) -> int | None:
     """Multiply-accumulates of one compute node, or None when its shapes are unknown."""
     def shp(names: list[str], i: int) -> list[int] | None:
         s = tm.get(names[i], (0, None))[1] if i < len(names) and names[i] else None
-        return s if _known(s) else None  # type: ignore[return-value]
+        return s if _known(s) else None
 
     a, op = _attrs(node), node.op_type
     x, w, y = shp(list(node.input), 0), shp(list(node.input), w_idx), shp(list(node.output), 0)
@@ -329,7 +333,7 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> 
         params += int(a["K"]) * int(a["N"]) if "K" in a and "N" in a else numel  # type: ignore[call-overload]
     total, qmacs = sum(o.macs or 0 for o in compute), sum(o.macs or 0 for o in compute if o.quantized)
     order = sorted(by_bytes, key=lambda k: -by_bytes[k])
-    inits, counts = {t.name for t in g.initializer}, {}  # IR 3: initializers are also listed as inputs
+    inits, counts = {t.name for t in g.initializer}, dict[str, int]()  # IR 3: initializers are also listed as inputs
     node_count = _census(g, counts)
     info = [TensorInfo(vi.name, _dtype(e)[0], sh) for vi in [*g.input, *g.output] for e, sh in [_vi_shape(vi)]]
     qdq = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] in producers]

@@ -102,10 +102,21 @@ def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
     return b if a is t else a if b is t else None
 
 
+def _dtype(x: gs.Tensor, scale: gs.Node) -> np.dtype:
+    """The dtype of ``x``; without one (shape inference may not have run) that of the constant ``scale``
+    multiplies or divides it by, which must have it too."""
+    if x.dtype is not None:
+        return np.dtype(x.dtype)
+    const = _values(_other(scale, x))
+    assert const is not None  # _match matched scale's other input as a scalar constant
+    return const.dtype
+
+
 def _match(erf: gs.Node, outs: set[int]) -> _Gelu | None:
     """Match the GELU around ``erf`` in any of the exporters' orders; None when it is not one."""
     u = erf.inputs[0]
-    if len(u.inputs) != 1 or _only_reader(u, outs) is not erf:
+    # `reader is None` first: mypy would otherwise narrow erf to the reader's Optional type
+    if len(u.inputs) != 1 or (reader := _only_reader(u, outs)) is None or reader is not erf:
         return None
     scale = u.inputs[0]
     if scale.op == "Div" and len(scale.inputs) == 2 and _near(_scalar(scale.inputs[1]), _SQRT2):
@@ -116,8 +127,7 @@ def _match(erf: gs.Node, outs: set[int]) -> _Gelu | None:
         return None
     if x is None or isinstance(x, gs.Constant):
         return None
-    # the dtype of x (shape inference may not have run: the constants must have it too)
-    dtype = np.dtype(x.dtype) if x.dtype is not None else _values(_other(scale, x)).dtype
+    dtype = _dtype(x, scale)
     if dtype not in (np.float32, np.float16):
         return None
     add = _only_reader(erf.outputs[0], outs)
@@ -141,7 +151,8 @@ def _match(erf: gs.Node, outs: set[int]) -> _Gelu | None:
             return None
         return _Gelu(x, m2.outputs[0], (scale, erf, add, m1, m2), canonical=False, dtype=dtype)
     # (x * 0.5) * (1 + erf)
-    if len(first.inputs) != 1 or first.inputs[0].op != "Mul" or _only_reader(first, outs) is not m1:
+    if (len(first.inputs) != 1 or first.inputs[0].op != "Mul"
+            or (reader := _only_reader(first, outs)) is None or reader is not m1):
         return None
     half = first.inputs[0]
     if _split(half, 0.5) is not x:

@@ -15,6 +15,7 @@ infer shapes, and this keeps models over 2 GB under protobuf's serialisation lim
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,7 +39,7 @@ def _model_for_inference(graph: gs.Graph) -> onnx.ModelProto:
     the export and restored after), so no copy of the weights is ever made: for a 2.5 GB model the export
     would otherwise double the process's memory.
     """
-    swapped: dict[str, tuple[gs.Constant, object, tuple[int, ...]]] = {}
+    swapped: dict[str, tuple[gs.Constant, Any, tuple[int, ...]]] = {}  # Any: a LazyValues or an array
     for t in graph.tensors().values():
         if not isinstance(t, gs.Constant):
             continue

@@ -31,7 +31,7 @@ __all__ = ["UpcastFloat16Pass", "upcast_float16"]
 
 logger = logging.getLogger(__name__)
 
-_HALF = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+_HALF: dict[int, str] = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
 def _half_kind(dtype: object) -> str | None:

@@ -111,7 +111,7 @@ def save_cache(
     """Write a cache atomically (temporary file + rename, mode 0644 under the usual umask), after checking it
     as a reader will; a destination that is not a regular file is refused
     (:func:`onnxq.destinations.write_text_atomic`)."""
-    doc = {
+    doc: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "model_sha256": model_sha256,

@@ -548,7 +548,7 @@ def _split(names: list[str], sizes: dict[str, int | None], budget: int) -> list[
     groups: list[list[str]] = [[]]
     used = 0
     for n in names:
-        size = sizes[n] if sizes[n] is not None else default
+        size = default if (known_size := sizes[n]) is None else known_size
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0

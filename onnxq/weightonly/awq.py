@@ -262,11 +262,12 @@ def awq_scale_search(
     h32 = None if h64 is None or score is not None else h64.astype(np.float32)
 
     def loss(s: np.ndarray) -> float:
-        if score is None and not clip:
+        if score is not None:
+            return float(score(awq_fake_quantize(ws, s, grid, h=hc, n_grid=clip_grid, max_shrink=max_shrink)))
+        assert h64 is not None and h32 is not None  # refused above: no score needs H
+        if not clip:
             return _scaled_loss(w_cat, h64, s, grid)
         qs = awq_fake_quantize(ws, s, grid, h=hc, n_grid=clip_grid, max_shrink=max_shrink)
-        if score is not None:
-            return float(score(qs))
         return sum(_quadratic(q - np.asarray(w, np.float32), h32) for q, w in zip(qs, ws))
 
     ratios = np.arange(n_grid) / n_grid
@@ -365,7 +366,9 @@ def awq(
     return AWQResult(scales=s, search=search, weights=weights, clips=clips, loss=loss, rtn_loss=rtn_loss)
 
 
-def _check(ws: list[np.ndarray], h: np.ndarray, x_absmean: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check(
+    ws: list[np.ndarray], h: np.ndarray | None, x_absmean: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Validate shapes; returns the weights concatenated along N (float32), ``H`` (float64) and ``x_absmean``."""
     if not ws:
         raise ValueError("AWQ needs at least one weight")

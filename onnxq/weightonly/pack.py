@@ -188,7 +188,7 @@ def pack_matmulnbits(qw: QuantizedWeight) -> MatMulNBitsArrays:
     bits = qw.grid.bits
     bs = _nbits_block_size(qw)
     nb = math.ceil(k / bs)
-    codes = np.zeros((n, nb * bs), np.uint8)
+    codes: np.ndarray = np.zeros((n, nb * bs), np.uint8)
     codes[:, :k] = np.asarray(qw.q, np.uint8).T
     codes = codes.reshape(n, nb, bs)
     b = _pack_nibbles(codes) if bits == 4 else codes

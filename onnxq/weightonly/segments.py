@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -36,6 +37,9 @@ from onnxq._ort import make_session
 from onnxq.calibration.sources import CalibrationSource
 from onnxq.errors import CalibrationError
 from onnxq.graphs import downstream_tensors
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["Wave", "SegmentRunner", "Probe"]
 
@@ -65,7 +69,7 @@ class Probe:
     Made by :meth:`SegmentRunner.probe`; :meth:`run` evaluates it for one set of weights on every sample
     kept, so trying many candidate weights costs one session."""
 
-    def __init__(self, session: object, weights: list[gs.Constant], outputs: list[str], inputs: list[dict[str, np.ndarray]]) -> None:
+    def __init__(self, session: ort.InferenceSession, weights: list[gs.Constant], outputs: list[str], inputs: list[dict[str, np.ndarray]]) -> None:
         self.session = session
         self.weights = [(w.name, w.values.dtype) for w in weights]
         self.outputs = outputs
@@ -356,7 +360,7 @@ class SegmentRunner:
             self._dropped = 0
 
     def _segment_model(self, nodes: list[gs.Node], feeds: list[str], outputs: list[str],
-                       fed_constants: list[gs.Constant] = ()) -> onnx.ModelProto:  # fmt: skip
+                       fed_constants: Sequence[gs.Constant] = ()) -> onnx.ModelProto:  # fmt: skip
         """The nodes as a model reading ``feeds`` (stored activations) and, as float inputs in place of
         their initializers, ``fed_constants``."""
         tensors = self.graph.tensors()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import numpy as np
 from onnxq.calibration.sources.base import CalibrationSource, InputSpec, count_text, evenly_spaced, shape_text
@@ -93,7 +93,7 @@ class ImageFolderSource(CalibrationSource):
         self.layout, self.channels = _image_layout(spec)
         hw = spec.shape[2:4] if self.layout == "NCHW" else spec.shape[1:3]
         if crop is None:
-            crop = (hw[0], hw[1]) if all(isinstance(d, int) and d > 0 for d in hw) else 224  # type: ignore[assignment]
+            crop = cast("tuple[int, int]", (hw[0], hw[1])) if all(isinstance(d, int) and d > 0 for d in hw) else 224
         self.crop: tuple[int, int] = (crop, crop) if isinstance(crop, int) else tuple(crop)  # type: ignore[assignment]
         self.resize = resize if resize is not None else int(round(min(self.crop) * 256 / 224))
         self.files = sorted((p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),

@@ -6,7 +6,7 @@ import contextlib
 import csv
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import numpy as np
 from onnxq.calibration.sources.base import CalibrationSource, InputSpec, count_text, evenly_spaced
@@ -108,7 +108,7 @@ class TextSource(CalibrationSource):
             pad_token, pad_id = found[0] if found else (tok.id_to_token(0) or "[PAD]", 0)
         tok.enable_padding(length=self.max_length, pad_id=pad_id, pad_token=pad_token)
 
-    def _lines(self) -> Iterator[tuple[int, str]]:
+    def _lines(self) -> Generator[tuple[int, str], None, None]:
         """(1-based line number, line without its newline) for every non-blank line."""
         with open(self.path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -140,7 +140,7 @@ class TextSource(CalibrationSource):
             raise CalibrationError(f"line {n} of {self.path} holds a JSON {type(obj).__name__}, not an object or string")
         return obj
 
-    def _rows(self) -> Iterator[tuple[int, list[str]]]:
+    def _rows(self) -> Generator[tuple[int, list[str]], None, None]:
         """(1-based row number, cells) for every non-blank row of a TSV/CSV file."""
         if self.delimiter == "\t":
             for n, line in self._lines():
@@ -171,7 +171,7 @@ class TextSource(CalibrationSource):
         if self.header and self.column < len(row0):
             self.column_name = row0[self.column].strip()
 
-    def _texts(self) -> Iterator[tuple[int, str]]:
+    def _texts(self) -> Generator[tuple[int, str], None, None]:
         """(line number, text) for every sample, in file order."""
         if self.kind == "lines":
             for n, line in self._lines():

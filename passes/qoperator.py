@@ -57,14 +57,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.target import PROFILES, TargetProfile, refuse_cuda
 
-from .qoperator_lowerings import (
-    LOWERED_OPS, LOWERINGS, Done, Lowering, fold_constant_quantize, is_unit, remove_identity_pairs,
-)  # fmt: skip
+from .qdq_units import ABSORBABLE, MOVES, S8, U8, const_value, is_dequantized, producer, qparams
+from .qoperator_lowerings import LOWERED_OPS, LOWERINGS, Done, Lowering
 
 __all__ = ["QOperatorPass", "lower_to_qoperator", "LOWERED_OPS"]
 
@@ -76,6 +76,69 @@ _CUDA_REFUSAL = (
     "QDQ format (--format qdq): ORT's CUDA provider and TensorRT fuse Q/DQ pairs themselves"
 )
 """Why the pass refuses the cuda target (see :func:`onnxq.target.refuse_cuda`)."""
+
+
+# --------------------------------------------------------------------------- graph-level steps
+
+
+def _fold_constant_quantize(lw: Lowering) -> None:
+    """QuantizeLinear of a constant (QAT fake-quant weights) -> an integer initializer."""
+    for q in [n for n in lw.graph.nodes if n.op == "QuantizeLinear"]:
+        values = const_value(q.inputs[0])
+        y = q.outputs[0]
+        if values is None or y.name in lw.graph_outputs or not np.issubdtype(values.dtype, np.floating):
+            continue
+        p = qparams(q, q.inputs[0])
+        if isinstance(p, str) or p.dtype not in (U8, S8, np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32)):
+            continue
+        shape = [1] * values.ndim
+        if p.axis is not None:
+            shape[p.axis] = -1
+        info = np.iinfo(p.dtype)
+        scaled = np.asarray(values, np.float32) / p.scale_v.reshape(shape)
+        codes = np.rint(scaled).astype(np.float64) + p.zp_v.reshape(shape).astype(np.float64)
+        codes = np.clip(codes, info.min, info.max).astype(p.dtype)
+        name = q.inputs[0].name
+        c = lw.const(f"{name}_quantized", codes)
+        for consumer in list(y.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is y:
+                    consumer.inputs[i] = c
+        q.inputs.clear()
+        q.outputs.clear()
+        lw.counts["weights_folded"] += 1
+
+
+def _remove_identity_pairs(lw: Lowering) -> None:
+    """DequantizeLinear -> QuantizeLinear with identical parameters: consumers read the codes directly."""
+    for q in [n for n in lw.graph.nodes if n.op == "QuantizeLinear" and n.inputs]:
+        dq = producer(q.inputs[0])
+        y = q.outputs[0]
+        if dq is None or dq.op != "DequantizeLinear" or y.name in lw.graph_outputs:
+            continue
+        a, b = qparams(dq, dq.inputs[0]), qparams(q, y)
+        if isinstance(a, str) or isinstance(b, str) or not a.same_params(b):
+            continue
+        for consumer in list(y.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is y:
+                    consumer.inputs[i] = a.codes
+        q.inputs.clear()
+        q.outputs.clear()
+        lw.counts["qdq_pairs_removed"] += 1
+
+
+def _is_unit(node: gs.Node) -> bool:
+    """A QDQ node unit: reads a dequantized tensor and is quantized at its output (directly, or through a
+    Relu/Clip and/or a data-movement op), or is a Conv/MatMul/Gemm, which can also have a float output."""
+    if node.op in ("QuantizeLinear", "DequantizeLinear") or not any(is_dequantized(t) for t in node.inputs):
+        return False
+    if node.op in ("Conv", "MatMul", "Gemm"):
+        return True
+    after = [c for y in node.outputs for c in y.outputs]
+    after += [c for a in after if a.op in ABSORBABLE for y in a.outputs for c in y.outputs]
+    after += [c for a in after if a.op in MOVES for y in a.outputs for c in y.outputs]
+    return any(c.op == "QuantizeLinear" for c in after)
 
 
 class QOperatorPass(Pass):
@@ -90,11 +153,11 @@ class QOperatorPass(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
         lw = Lowering(graph, target, ctx.scratch.setdefault("doc_strings", {}))
-        fold_constant_quantize(lw)
+        _fold_constant_quantize(lw)
         kept: dict[tuple[str, str], list[str]] = {}
         lowered: Counter[str] = Counter()
         for node in list(graph.nodes):
-            if not node.outputs or not is_unit(node):
+            if not node.outputs or not _is_unit(node):
                 continue  # already rewritten (an absorbed Relu, a removed Q), or not a QDQ unit
             lower = LOWERINGS.get(node.op)
             if lower is None:
@@ -105,7 +168,7 @@ class QOperatorPass(Pass):
                 lowered[f"{node.op}->{result}"] += 1
             else:
                 kept.setdefault((node.op, result), []).append(node.name)
-        remove_identity_pairs(lw)
+        _remove_identity_pairs(lw)
         n_lowered = sum(lowered.values())
         counts: dict[str, int] = {"nodes_lowered": n_lowered, "units_kept_qdq": sum(len(v) for v in kept.values())}
         counts.update({k: v for k, v in lw.counts.items() if v})

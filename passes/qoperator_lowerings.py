@@ -3,11 +3,9 @@
 Each ``_lower_<op>`` function checks everything a unit needs (dtypes ORT has kernels for, per-channel
 axes, bias, saturation on the target) before it changes the graph, then rewrites the unit in place and
 returns :class:`Done` naming the op it produced, or returns the reason the unit stays QDQ. :data:`LOWERINGS`
-maps op types to them. :class:`Lowering` holds the state of one run (graph, target, fresh names, counts),
-and the graph-level steps the pass runs around the lowerings live here too: folding ``QuantizeLinear``
-of constants (:func:`fold_constant_quantize`), recognising node units (:func:`is_unit`) and removing
-``DequantizeLinear -> QuantizeLinear`` pairs with identical parameters (:func:`remove_identity_pairs`).
-The pass itself (target checks, the loop over nodes, counts and notes) is in :mod:`onnxq.passes.qoperator`.
+maps op types to them. :class:`Lowering` holds the state of one run (graph, target, fresh names, counts).
+The pass itself (target checks, the graph-level steps around the lowerings, the loop over nodes, counts
+and notes) is in :mod:`onnxq.passes.qoperator`.
 """
 
 from __future__ import annotations
@@ -23,11 +21,11 @@ from onnxq.graphs import FreshNames
 from onnxq.target import TargetProfile
 
 from .qdq_units import (
-    ABSORBABLE, MOVES, S8, U8, QTensor, UnitOutput, absorbable, const_value, dequantized, is_dequantized, present_input,
-    producer, qparams, tensor_rank, unit_output,
+    S8, U8, QTensor, UnitOutput, absorbable, const_value, dequantized, is_dequantized, present_input, tensor_rank,
+    unit_output,
 )  # fmt: skip
 
-__all__ = ["LOWERED_OPS", "LOWERINGS", "Done", "Lowering", "fold_constant_quantize", "is_unit", "remove_identity_pairs"]
+__all__ = ["LOWERED_OPS", "LOWERINGS", "Done", "Lowering"]
 
 _MS = "com.microsoft"
 _ALL8 = {(U8, U8), (U8, S8), (S8, U8), (S8, S8)}
@@ -588,67 +586,3 @@ def _doc(node: gs.Node, x: QTensor, w: QTensor | None) -> str:
     if w is not None:
         text += f", {w.dtype.name} weights {'per tensor' if w.axis is None else f'per channel (axis {w.axis})'}"
     return text
-
-
-# --------------------------------------------------------------------------- graph-level steps
-
-
-def fold_constant_quantize(lw: Lowering) -> None:
-    """QuantizeLinear of a constant (QAT fake-quant weights) -> an integer initializer."""
-    for q in [n for n in lw.graph.nodes if n.op == "QuantizeLinear"]:
-        values = const_value(q.inputs[0])
-        y = q.outputs[0]
-        if values is None or y.name in lw.graph_outputs or not np.issubdtype(values.dtype, np.floating):
-            continue
-        p = qparams(q, q.inputs[0])
-        if isinstance(p, str) or p.dtype not in (U8, S8, np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32)):
-            continue
-        shape = [1] * values.ndim
-        if p.axis is not None:
-            shape[p.axis] = -1
-        info = np.iinfo(p.dtype)
-        scaled = np.asarray(values, np.float32) / p.scale_v.reshape(shape)
-        codes = np.rint(scaled).astype(np.float64) + p.zp_v.reshape(shape).astype(np.float64)
-        codes = np.clip(codes, info.min, info.max).astype(p.dtype)
-        name = q.inputs[0].name
-        c = lw.const(f"{name}_quantized", codes)
-        for consumer in list(y.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is y:
-                    consumer.inputs[i] = c
-        q.inputs.clear()
-        q.outputs.clear()
-        lw.counts["weights_folded"] += 1
-
-
-def remove_identity_pairs(lw: Lowering) -> None:
-    """DequantizeLinear -> QuantizeLinear with identical parameters: consumers read the codes directly."""
-    for q in [n for n in lw.graph.nodes if n.op == "QuantizeLinear" and n.inputs]:
-        dq = producer(q.inputs[0])
-        y = q.outputs[0]
-        if dq is None or dq.op != "DequantizeLinear" or y.name in lw.graph_outputs:
-            continue
-        a, b = qparams(dq, dq.inputs[0]), qparams(q, y)
-        if isinstance(a, str) or isinstance(b, str) or not a.same_params(b):
-            continue
-        for consumer in list(y.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is y:
-                    consumer.inputs[i] = a.codes
-        q.inputs.clear()
-        q.outputs.clear()
-        lw.counts["qdq_pairs_removed"] += 1
-
-
-def is_unit(node: gs.Node) -> bool:
-    """A QDQ node unit: reads a dequantized tensor and is quantized at its output (directly, or through a
-    Relu/Clip and/or a data-movement op), or is a Conv/MatMul/Gemm, which can also have a float output."""
-    if node.op in ("QuantizeLinear", "DequantizeLinear") or not any(is_dequantized(t) for t in node.inputs):
-        return False
-    if node.op in ("Conv", "MatMul", "Gemm"):
-        return True
-    after = [c for y in node.outputs for c in y.outputs]
-    after += [c for a in after if a.op in ABSORBABLE for y in a.outputs for c in y.outputs]
-    after += [c for a in after if a.op in MOVES for y in a.outputs for c in y.outputs]
-    return any(c.op == "QuantizeLinear" for c in after)
-

@@ -20,21 +20,9 @@ from onnxq.target import PROFILES
 from onnxq.validation import check_instance, rule, show, suggest
 
 __all__ = [
-    "QUANTIZABLE_OPS",
-    "FLOAT16_BLOCK_LIST",
-    "PASS_NAMES",
-    "ActivationSpec",
-    "WeightSpec",
-    "CalibrationSpec",
-    "ExcludeSpec",
-    "Float16Spec",
-    "SmoothQuantSpec",
-    "DynamicSpec",
-    "WeightOnlySpec",
-    "Override",
-    "NodeConfig",
-    "Recipe",
-]
+    "QUANTIZABLE_OPS", "FLOAT16_BLOCK_LIST", "PASS_NAMES", "ActivationSpec", "WeightSpec", "CalibrationSpec", "ExcludeSpec",
+    "Float16Spec", "SmoothQuantSpec", "DynamicSpec", "WeightOnlySpec", "Override", "NodeConfig", "Recipe",
+]  # fmt: skip
 
 QUANTIZABLE_OPS: tuple[str, ...] = (
     "Conv", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool",

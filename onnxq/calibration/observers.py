@@ -28,18 +28,9 @@ This module is the public face: the protocol, the registry and the min-max obser
 from __future__ import annotations
 
 from onnxq.calibration.histogram import (
-    EntropyObserver,
-    HistogramObserver,
-    MSEObserver,
-    MSEPercentileObserver,
-    PercentileObserver,
-    entropy_threshold,
-    fold_abs,
-    kl_divergences,
-    mse_search,
-    mse_table,
-    percentile_range,
-)
+    EntropyObserver, HistogramObserver, MSEObserver, MSEPercentileObserver, PercentileObserver, entropy_threshold, fold_abs,
+    kl_divergences, mse_search, mse_table, percentile_range,
+)  # fmt: skip
 from onnxq.calibration.observer_base import (
     DOMINANCE_FACTOR,
     EXTREME_FACTOR,

@@ -4,17 +4,18 @@ Passes never touch files; everything that reads or writes a model goes through h
 live in one place: external-data paths must stay inside the model's folder, writes are atomic (temporary
 file, fsync, rename) and never overwrite the input, and models over protobuf's 2 GB limit are written
 with their tensors in one external-data file.
+
+This module loads, upgrades and converts models; saving is in :mod:`onnxq.model_save` and the checks of
+external-data files and the model hash in :mod:`onnxq.model_files`. :func:`save_model`, :func:`model_hash`
+and :data:`EXTERNAL_DATA_THRESHOLD` are re-exported here, so every name stays importable from this module.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import math
 import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import IO, Any, Iterator
+from pathlib import Path
 
 import onnx
 import onnx.version_converter
@@ -22,74 +23,19 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxq.destinations import Dest, check_destinations, temp_beside
-from onnxq.errors import ModelLoadError, ModelSaveError, UnsafeModelError
+from onnxq.errors import ModelLoadError, ModelSaveError
 from onnxq.text import printable
 from onnxq.model_checks import check_operators, check_runnable, check_versions_and_shapes, run_checker, sort_nodes
+from onnxq.model_files import checked_external_files, is_external, model_hash
+from onnxq.model_save import EXTERNAL_DATA_THRESHOLD, save_model
 
 __all__ = ["load_model", "densify_sparse_initializers", "save_model", "model_hash", "upgrade_opset", "default_opset", "strip_initializer_inputs",
-           "to_graph", "to_model", "model_template", "ExternalValues"]
+           "to_graph", "to_model", "model_template", "ExternalValues", "EXTERNAL_DATA_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # tensor bytes above which save_model goes external (protobuf: 2 GB)
-_MIN_EXTERNAL_TENSOR = 1024  # smaller tensors stay inline
-_CHUNK = 1 << 22
 # Minimum IR version of element types added after IR 3 (onnx.proto's Version enum).
 _DTYPE_MIN_IR = {16: 4, 17: 9, 18: 9, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 12, 25: 13, 26: 13, 27: 14, 28: 14}
-
-
-def _iter_tensors(item: onnx.ModelProto | onnx.GraphProto | onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto: initializers, sparse initializers, node attributes, subgraphs, local functions."""
-    if isinstance(item, onnx.ModelProto):
-        yield from _iter_tensors(item.graph)
-        for node in (n for f in item.functions for n in f.node):
-            yield from _iter_tensors(node)
-    elif isinstance(item, onnx.GraphProto):
-        yield from item.initializer
-        for sparse in item.sparse_initializer:
-            yield from (sparse.values, sparse.indices)
-        for node in item.node:
-            yield from _iter_tensors(node)
-    else:
-        for attr in item.attribute:
-            yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
-            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _iter_tensors(g)
-
-
-def _is_external(t: onnx.TensorProto) -> bool:
-    return bool(t.data_location == onnx.TensorProto.EXTERNAL)
-
-
-def _external_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
-    """Check that every external-data reference is a file inside ``base_dir``; return the files, in order.
-
-    A crafted model must never make onnxq read arbitrary files, so absolute paths, escapes through ``..``
-    or symlinks, and missing files are UnsafeModelError before onnx's loader sees them.
-    """
-    root, files = base_dir.resolve(), dict[Path, None]()  # a dict keeps first-seen order, unlike a set
-    for t in filter(_is_external, _iter_tensors(model)):
-        info = {e.key: e.value for e in t.external_data}
-        loc = info.get("location", "")
-        where = f"tensor {t.name!r} has external data location {loc!r}"
-        if not loc or loc[0] in "/\\" or PurePosixPath(loc).is_absolute() or PureWindowsPath(loc).drive:
-            raise UnsafeModelError(f"{where}: only relative paths inside the model's folder {base_dir} are allowed")
-        target = (base_dir / loc).resolve()
-        if not target.is_relative_to(root):
-            raise UnsafeModelError(f"{where}, which points outside the model's folder {base_dir}; refusing to read it")
-        if (base_dir / loc).is_symlink():  # onnx's loader refuses links even inside the folder
-            raise UnsafeModelError(f"{where}, which is a symbolic link; onnx does not follow them, put the file there")
-        if not target.is_file():
-            raise UnsafeModelError(f"{where}, but {base_dir / loc} does not exist; copy the data file beside the model")
-        try:
-            end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        except ValueError:
-            raise ModelLoadError(f"{where} with a non-numeric offset or length; the model looks corrupt") from None
-        if end > target.stat().st_size:
-            raise ModelLoadError(f"{where}, but that file ends before byte {end}: it looks truncated")
-        files[target] = None
-    return list(files)
 
 
 def _check_structure(model: onnx.ModelProto, path: Path) -> None:
@@ -173,7 +119,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
     model = _parse(path)
     try:
         _check_structure(model, path)
-        files = _external_files(model, path.parent)
+        files = checked_external_files(model, path.parent)
         if external_files is not None:
             external_files.extend(files)
         tolerated = check_operators(model, path, runnable=runnable)
@@ -368,7 +314,7 @@ def to_graph(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None = Non
         for t in graph.tensors().values():
             v = getattr(t, "_values", None)
             if isinstance(t, gs.Constant) and isinstance(v, LazyValues) and isinstance(v.tensor, onnx.TensorProto) \
-                    and _is_external(v.tensor):  # (a sparse initializer's is a SparseTensorProto)
+                    and is_external(v.tensor):  # (a sparse initializer's is a SparseTensorProto)
                 t._values = ExternalValues(v.tensor, root)  # noqa: SLF001 - replacing gs's lazy loader
                 t.data_location = None  # once loaded (and maybe changed) it is exported inline, not "external"
     return graph
@@ -416,190 +362,3 @@ def to_model(graph: gs.Graph, *, template: onnx.ModelProto | None = None) -> onn
         model.metadata_props.extend(template.metadata_props)
     model.ir_version = min(max(base, _min_ir_version(model)), onnx.IR_VERSION)
     return model
-
-
-def _stream(path: Path, h: Any = None) -> bool:
-    """Feed ``path`` to hash ``h`` in chunks; return whether it contains b"location" (external data)."""
-    found, tail = False, b""
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            if h is not None:
-                h.update(chunk)
-            found = found or b"location" in chunk or b"location" in tail + chunk[:8]
-            tail = chunk[-8:]
-    return found
-
-
-def _external_files_of(path: Path, *, scanned: bool = False) -> list[Path]:
-    """The checked external-data files of a model file; parses it only if it can hold a reference."""
-    if not scanned and not _stream(path):
-        return []
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except Exception:
-        raise ModelLoadError(f"{path} is not an ONNX model (protobuf could not decode it)") from None
-    return _external_files(model, path.parent)
-
-
-def model_hash(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a model file and then its external-data files, read in chunks.
-
-    It keys calibration caches and is recorded in outputs, so it must change when external weights do.
-    """
-    path = Path(os.path.abspath(path))
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}; check the path")
-    h = hashlib.sha256()
-    if _stream(path, h):
-        for file in _external_files_of(path, scanned=True):
-            _stream(file, h)
-    return h.hexdigest()
-
-
-def _refuse_input_overwrite(targets: list[Path], input_path: Path) -> None:
-    """ModelSaveError when a file to be written is the input model or one of its external-data files."""
-    protected = [input_path]
-    if input_path.is_file() and any(t.exists() for t in targets):
-        try:
-            protected += _external_files_of(input_path)
-        except ModelLoadError:
-            pass
-    for target in targets:
-        for p in protected:
-            same = os.path.samefile(target, p) if target.exists() and p.exists() else False
-            if same or os.path.realpath(target) == os.path.realpath(p):
-                raise ModelSaveError(f"refusing to overwrite the input: writing {target} would replace {p} "
-                                     f"(input model {input_path}); choose a different output path (-o)")
-
-
-def _write_all(f: IO[bytes], data: bytes) -> None:
-    """Write ``data`` in 64 MiB pieces."""
-    view = memoryview(data)
-    for i in range(0, len(view), 1 << 26):
-        f.write(view[i:i + (1 << 26)])
-
-
-def _copy_fields(msg: Any, keep: Any) -> Any:
-    """A new message with only the fields of ``msg`` whose descriptor passes ``keep`` (the rest is not copied)."""
-    out = type(msg)()
-    for fd, value in msg.ListFields():
-        if keep(fd):
-            if hasattr(value, "extend"):
-                getattr(out, fd.name).extend(value)
-            elif hasattr(value, "CopyFrom"):
-                getattr(out, fd.name).CopyFrom(value)
-            else:
-                setattr(out, fd.name, value)
-    return out
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    return bytes(out + bytes([n]))
-
-
-def _serialize_external(model: onnx.ModelProto, f: IO[bytes], location: str) -> bytes:
-    """Write initializers of >= 1 KiB to ``f`` (aligned) and return the model file's bytes, pointing at them.
-
-    The proto is assembled field by field (ModelProto.graph is field 7, GraphProto.initializer field 5) so
-    that neither the caller's model nor a copy of all its data is needed: memory stays at the model plus
-    one tensor.
-    """
-    parts, offset = [], 0
-    for t in model.graph.initializer:
-        raw = t.raw_data if t.HasField("raw_data") else b""
-        if len(raw) < _MIN_EXTERNAL_TENSOR:
-            parts.append(t.SerializeToString())
-            continue
-        pad = -offset % (65536 if len(raw) >= 1 << 20 else 64)
-        _write_all(f, b"\0" * pad)
-        _write_all(f, raw)
-        offset += pad
-        skel = _copy_fields(t, lambda fd: fd.name not in ("raw_data", "data_location", "external_data"))
-        skel.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-            entry = skel.external_data.add()
-            entry.key, entry.value = key, value
-        offset += len(raw)
-        parts.append(skel.SerializeToString())
-    g = model.graph
-    graph = b"".join([_copy_fields(g, lambda fd: fd.number < 5).SerializeToString(),
-                      *(b"\x2a" + _varint(len(p)) + p for p in parts),
-                      _copy_fields(g, lambda fd: fd.number > 5).SerializeToString()])
-    blob = b"".join([_copy_fields(model, lambda fd: fd.number < 7).SerializeToString(), b"\x3a", _varint(len(graph)),
-                     graph, _copy_fields(model, lambda fd: fd.number > 7).SerializeToString()])
-    if len(blob) >= 2**31:
-        raise ModelSaveError("the model is over 2 GB even without its initializers; turn large Constant nodes "
-                             "into initializers first")
-    return blob
-
-
-def save_model(
-    model: onnx.ModelProto,
-    path: str | os.PathLike,
-    *,
-    input_path: str | os.PathLike | None = None,
-    external_data: bool | None = None,
-) -> list[Path]:
-    """Write a model atomically, never over the input; return the files written (the model is unchanged).
-
-    Each file goes to a temporary file in the destination folder (parents are created), is fsynced, then
-    renamed over the destination, so a failure leaves any previous output intact and no temporary files.
-    ``input_path``: writing over that model or its external data is refused. ``external_data``: True or
-    False to force; None uses it when tensor data exceeds ~1.8 GB. With external data, every initializer
-    of 1 KiB or more goes to one ``<name>.data`` beside the model (relative location), renamed in first.
-    Temporary files of earlier killed runs for the same destination are removed (:mod:`onnxq.destinations`).
-
-    Raises:
-        ModelSaveError: A bad output path (a directory, FIFO, device or other non-regular file, a folder
-            that cannot be written: DestinationError), the output would overwrite the input, or the write failed.
-    """
-    out = Path(os.path.abspath(path))
-    check_destinations([Dest(path, "output (-o)")])
-    ext = [t.name for t in _iter_tensors(model) if _is_external(t)]
-    if ext:
-        raise ModelSaveError(f"tensor {ext[0]!r} still refers to external data; load the model with its data first")
-    if external_data is None:
-        size = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in _iter_tensors(model))
-        external_data = size > EXTERNAL_DATA_THRESHOLD
-    written = [out.with_name(out.name + ".data"), out] if external_data else [out]
-    if external_data:
-        check_destinations([Dest(written[0], "external data file of the output")])
-    if input_path is not None:
-        _refuse_input_overwrite(written, Path(os.path.abspath(input_path)))
-    temps: list[Path] = []
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if external_data:
-            with temp_beside(written[0], temps) as f:
-                blob = _serialize_external(model, f, written[0].name)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            blob = model.SerializeToString()
-        with temp_beside(out, temps) as f:
-            _write_all(f, blob)
-            f.flush()
-            os.fsync(f.fileno())
-        del blob
-        for tmp, dest in zip(list(temps), written):
-            os.replace(tmp, dest)
-            temps.remove(tmp)
-    except BaseException as exc:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, ModelSaveError) or not isinstance(exc, Exception):
-            raise
-        hint = "; save it with external_data=True" if "2GB" in str(exc) or "too large" in str(exc) else ""
-        raise ModelSaveError(f"cannot write {out}: {exc}{hint}".splitlines()[0]) from None
-    with contextlib.suppress(OSError):  # make the renames durable where the platform allows it
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    logger.info("saved %s", ", ".join(map(str, written)))
-    return written

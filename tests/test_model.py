@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq.model as om
+import onnxq.model_save as model_save
 from onnxq.errors import ModelLoadError, ModelSaveError, OnnxqError, UnsafeModelError
 from onnxq.model import (
     default_opset,
@@ -239,7 +240,7 @@ def test_load_external_data_false_keeps_references(tmp_path: Path) -> None:
 
 def test_auto_external_data_above_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert save_model(tiny_model(), tmp_path / "small.onnx") == [tmp_path / "small.onnx"]
-    monkeypatch.setattr(om, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(model_save, "EXTERNAL_DATA_THRESHOLD", 1000)
     files = save_model(tiny_model(), tmp_path / "big.onnx")
     assert files == [tmp_path / "big.onnx.data", tmp_path / "big.onnx"]
     np.testing.assert_allclose(run_ort(load_model(files[1]), FEED)[0], run_ort(tiny_model(), FEED)[0])
@@ -293,9 +294,9 @@ def test_missing_and_truncated_external_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- atomic save, input protection
 
 def failing_write(monkeypatch: pytest.MonkeyPatch, nth: int) -> None:
-    """Make the nth non-empty om._write_all call write half its bytes, then fail like a full disk."""
+    """Make the nth non-empty model_save._write_all call write half its bytes, then fail like a full disk."""
     calls = {"n": 0}
-    real = om._write_all
+    real = model_save._write_all
 
     def write_all(f, data):  # type: ignore[no-untyped-def]
         calls["n"] += bool(len(data))
@@ -304,7 +305,7 @@ def failing_write(monkeypatch: pytest.MonkeyPatch, nth: int) -> None:
             raise OSError(28, "No space left on device")
         real(f, data)
 
-    monkeypatch.setattr(om, "_write_all", write_all)
+    monkeypatch.setattr(model_save, "_write_all", write_all)
 
 
 @pytest.mark.parametrize("external, nth", [(False, 1), (True, 1), (True, 2)])  # (True, 2): data done, model fails

@@ -199,16 +199,16 @@ def test_regrow_merges_in_powers_of_two():
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_large_batches_are_binned_block_by_block(signed, monkeypatch):
-    from onnxq.calibration import observers
+    from onnxq.calibration import histogram
 
-    monkeypatch.setattr(observers, "_BLOCK", 1000)  # many blocks, the last one partial
+    monkeypatch.setattr(histogram, "_BLOCK", 1000)  # many blocks, the last one partial
     g = rng(31)
     batches = []
     for scale in (1.0, 3.0, 0.5):
         x = (g.standard_normal(25_345) * scale).astype(np.float32)
         batches.append(x if signed else np.maximum(x, 0))
     blocked = feed(MSEObserver(), batches)
-    monkeypatch.setattr(observers, "_BLOCK", 1 << 20)  # one block each
+    monkeypatch.setattr(histogram, "_BLOCK", 1 << 20)  # one block each
     whole = feed(MSEObserver(), batches)
     assert np.array_equal(blocked.hist, whole.hist) and blocked.zeros == whole.zeros
     x = finite(batches)

@@ -363,7 +363,7 @@ def test_an_ordinary_run_with_a_report_still_works(tmp_path: Path, model: Path, 
 
 _SIGNAL_MID_WRITE = r"""
 import os, signal, sys
-import onnxq.model as om
+import onnxq.model_save as om
 real, sig = om._write_all, getattr(signal, sys.argv[1])
 def write_then_signal(f, data):
     real(f, data[: len(data) // 2])

@@ -35,7 +35,8 @@ added reductions, so every observed tensor keeps its float meaning, and the sess
 heavy ops with the fast (NCHWc) kernels.
 
 :class:`CalibrationSession` is lazy and caches: ``ranges(graph, names)`` calibrates the first time
-it is asked and answers later questions about the same tensors from the cache.
+it is asked and answers later questions about the same tensors from the cache. The observer model itself
+and the grouping of tensors within the memory budget are built by :mod:`onnxq.calibration.observer_model`.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from onnxq._ort import available_providers, make_session
 from onnxq.calibration.batching import concat_feeds, group_samples, takes_batches
+from onnxq.calibration.observer_model import build_observer_model, split_groups, tensor_groups, tensor_sizes
 from onnxq.calibration.observers import (
     EXTREME_FACTOR,
     HistogramObserver,
@@ -77,8 +78,6 @@ if TYPE_CHECKING:
 __all__ = ["CalibrationSession", "choose_providers", "build_observer_model", "tensor_groups", "EXPOSE_BUDGET_BYTES"]
 
 logger = logging.getLogger(__name__)
-
-_MIN, _MAX = "/onnxq_observe_min", "/onnxq_observe_max"
 
 EXPOSE_BUDGET_BYTES = 1 << 30
 """Most bytes of whole tensors one batch may expose at once (histogram observers); more go in groups.
@@ -113,22 +112,6 @@ def choose_providers(device: str) -> list[str]:
     if device != "auto":
         raise CalibrationError(f"unknown device '{device}'; valid: auto, cpu, cuda")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-
-
-def build_observer_model(model: onnx.ModelProto, names: list[str], *, reduce: bool = True) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are the observed tensors (reduced to min/max when ``reduce``)."""
-    obs = onnx.ModelProto()
-    obs.CopyFrom(model)
-    g = obs.graph
-    del g.output[:]
-    for i, name in enumerate(names):
-        if reduce:
-            for op, suffix in (("ReduceMin", _MIN), ("ReduceMax", _MAX)):
-                g.node.append(helper.make_node(op, [name], [name + suffix], name=f"onnxq_observe_{i}{suffix}", keepdims=0))
-                g.output.append(helper.make_empty_tensor_value_info(name + suffix))
-        else:
-            g.output.append(helper.make_empty_tensor_value_info(name))
-    return obs
 
 
 class CalibrationSession:
@@ -292,10 +275,10 @@ class CalibrationSession:
             first = next(it, None)
         if first is None:
             return 0
-        sizes = _tensor_sizes(model, from_graph, first)  # for one sample
+        sizes = tensor_sizes(model, from_graph, first)  # for one sample
         size = self._batch_size(model, first, sum(v or 0 for v in sizes.values()))
         sizes = {n: None if v is None else v * size for n, v in sizes.items()}
-        groups = _split(from_graph, sizes, EXPOSE_BUDGET_BYTES) if from_graph else [[]]
+        groups = split_groups(from_graph, sizes, EXPOSE_BUDGET_BYTES) if from_graph else [[]]
         biggest = max((sum(sizes[n] or 0 for n in g) for g in groups), default=0)
         slots = 2 if 2 * biggest <= EXPOSE_BUDGET_BYTES else 1  # two batches alive only within the budget
         if len(groups) > 1:
@@ -490,71 +473,6 @@ def _severity(entry: dict[str, Any]) -> tuple[int, float]:
 def _span(names: list[str]) -> str:
     """One name for the samples of a batch: the name, or ``first .. last``."""
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else ""
-
-
-def _tensor_sizes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, int | None]:
-    """Bytes of each named tensor for one run on ``feed`` (None where its shape is unknown); see
-    :func:`tensor_groups`."""
-    infos = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
-
-    def has_shape(n: str) -> bool:
-        vi = infos.get(n)
-        return vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
-
-    if not all(has_shape(n) for n in names):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 - too large for the in-memory API, or an op it cannot type
-            logger.debug("shape inference failed while sizing observed tensors", exc_info=True)
-        else:
-            infos.update({vi.name: vi for vi in inferred.graph.value_info})
-    dims: dict[str, int] = {}
-    for vi in model.graph.input:
-        if vi.name in feed and vi.type.HasField("tensor_type"):
-            for d, size in zip(vi.type.tensor_type.shape.dim, np.shape(feed[vi.name])):
-                if d.dim_param:
-                    dims[d.dim_param] = int(size)
-    sizes: dict[str, int | None] = {}
-    for n in names:
-        if not has_shape(n):
-            sizes[n] = None
-            continue
-        tt = infos[n].type.tensor_type
-        elems = 1
-        for d in tt.shape.dim:
-            elems *= d.dim_value if d.dim_value > 0 else dims.get(d.dim_param, 1)
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize if tt.elem_type else 4
-        sizes[n] = elems * itemsize
-    return sizes
-
-
-def tensor_groups(
-    model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray], budget: int
-) -> list[list[str]]:
-    """Split ``names`` into groups whose tensors for one batch (``feed``) fit in ``budget`` bytes.
-
-    Sizes come from the model's shapes (ONNX shape inference fills in tensors the model does not
-    annotate), with symbolic dims resolved from the feed's shapes where a graph input names them and
-    other unknown dims taken as 1. A tensor of unknown shape counts as large as the largest known one
-    (as nothing when no size is known). A single tensor over the budget gets a group of its own.
-    """
-    return _split(names, _tensor_sizes(model, names, feed), budget)
-
-
-def _split(names: list[str], sizes: dict[str, int | None], budget: int) -> list[list[str]]:
-    """Consecutive groups of ``names`` within ``budget`` bytes (unknown sizes count as the largest known)."""
-    known = [v for v in sizes.values() if v is not None]
-    default = max(known) if known else 0
-    groups: list[list[str]] = [[]]
-    used = 0
-    for n in names:
-        size = default if (known_size := sizes[n]) is None else known_size
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(n)
-        used += size
-    return groups
 
 
 def _cores() -> int:

@@ -249,6 +249,18 @@ def _operands(node: gs.Node) -> tuple[QTensor, QTensor] | str:
     return a, b
 
 
+def _eight_bit_operands(node: gs.Node) -> tuple[QTensor, QTensor] | str:
+    """The dequantized A and B of a MatMul / Gemm unit when the integer kernels take them (an 8-bit per-tensor
+    A, an 8-bit B), or why not."""
+    pair = _operands(node)
+    if isinstance(pair, str):
+        return pair
+    a, b = pair
+    if a.axis is not None or a.dtype not in (U8, S8) or b.dtype not in (U8, S8):
+        return f"needs an 8-bit per-tensor A and an 8-bit B (got {a.dtype.name} / {b.dtype.name})"
+    return a, b
+
+
 def _output_like(lw: Lowering, node: gs.Node, a: QTensor) -> UnitOutput | str:
     """The unit's output (float, or quantized to ``a``'s dtype), or why it cannot be lowered."""
     out = unit_output(node, lw.graph_outputs, allow_float=True)
@@ -323,12 +335,10 @@ def _lower_conv(lw: Lowering, node: gs.Node) -> str:
 
 
 def _lower_matmul(lw: Lowering, node: gs.Node) -> str:
-    pair = _operands(node)
+    pair = _eight_bit_operands(node)
     if isinstance(pair, str):
         return pair
     a, b = pair
-    if a.axis is not None or a.dtype not in (U8, S8) or b.dtype not in (U8, S8):
-        return f"needs an 8-bit per-tensor A and an 8-bit B (got {a.dtype.name} / {b.dtype.name})"
     if b.axis is not None and not (tensor_rank(b.codes) == 2 and b.axis == 1):
         return "its B is quantized per axis other than the columns of a 2-D matrix"
     out = _output_like(lw, node, a)
@@ -352,14 +362,12 @@ def _lower_matmul(lw: Lowering, node: gs.Node) -> str:
 
 
 def _lower_gemm(lw: Lowering, node: gs.Node) -> str:
-    pair = _operands(node)
+    pair = _eight_bit_operands(node)
     if isinstance(pair, str):
         return pair
     a, b = pair
     if not b.is_const or b.codes.values.ndim != 2:
         return "its B is not a constant 2-D matrix"
-    if a.axis is not None or a.dtype not in (U8, S8) or b.dtype not in (U8, S8):
-        return f"needs an 8-bit per-tensor A and 8-bit B (got {a.dtype.name} / {b.dtype.name})"
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
     if alpha != 1.0 or (beta != 1.0 and present_input(node, 2) is not None):
         return "alpha or beta is not 1"

@@ -12,8 +12,9 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 from rich.console import Console
@@ -23,6 +24,9 @@ from onnxq import __version__
 from onnxq.calibration.observers import OBSERVERS
 from onnxq.errors import OnnxqError
 from onnxq.text import PrintableFormatter, markup_safe, printable
+
+if TYPE_CHECKING:  # the library is imported by each command when it runs: `onnxq --help` stays fast
+    from onnxq.quantize import CalibrationOptions
 
 __all__ = ["main"]
 
@@ -108,6 +112,187 @@ class _Group(click.Group):
             raise
 
 
+class _Preprocess(Sequence[str]):
+    """``onnxq.calibration.sources.PREPROCESS`` (the named image preprocessings), read when click first needs it:
+    importing the calibration sources at start-up would cost every command a second."""
+
+    def _names(self) -> tuple[str, ...]:
+        from onnxq.calibration.sources import PREPROCESS
+
+        return PREPROCESS
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+_CALIB_OPTIONS = ("calib", "preprocess", "size", "resize", "crop", "tokenizer", "max_length", "seq_len")
+"""The calibration options in the order ``--help`` lists them (CalibrationOptions field names)."""
+
+_CALIB_HELP = {
+    "calib": "Calibration data (as for `onnxq quantize --calib`).",
+    "preprocess": "Named image preprocessing (image folders).",
+    "size": "How many calibration samples (default: the recipe's).",
+    "resize": "Resize the shorter image side before cropping.",
+    "crop": "Center-crop size.",
+    "tokenizer": "tokenizer.json for text calibration files.",
+    "max_length": "Truncate tokenized text samples to this many tokens.",
+    "seq_len": "Window length for token-id .json files.",
+}
+"""The short help of each calibration option; a command gives its own wording where it says more."""
+
+
+def _calibration_option(key: str, help: str, *, required: bool, size_default: int | None) -> Callable[[Any], Any]:
+    """The click option of one CalibrationOptions field (``--calib-size`` for ``size``, ...)."""
+    flag = {"calib": "--calib", "preprocess": "--calib-preprocess", "size": "--calib-size", "resize": "--calib-resize",
+            "crop": "--calib-crop", "tokenizer": "--tokenizer", "max_length": "--max-length", "seq_len": "--seq-len"}[key]  # fmt: skip
+    name = "_calib_" + key
+    if key in ("calib", "tokenizer"):
+        return click.option(flag, name, required=required and key == "calib", help=help)
+    if key == "preprocess":
+        return click.option(flag, name, type=click.Choice(_Preprocess()), help=help)
+    if key == "size" and size_default is not None:
+        return click.option(flag, name, type=click.IntRange(min=1), default=size_default, show_default=True, help=help)
+    return click.option(flag, name, type=click.IntRange(min=1), help=help)
+
+
+def calibration_options(*, only: tuple[str, ...] = _CALIB_OPTIONS, required: bool = False,
+                        size_default: int | None = None, **helps: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # fmt: skip
+    """Add the calibration options (``--calib``, ``--calib-preprocess``, ``--calib-size``, ``--calib-resize``,
+    ``--calib-crop``, ``--tokenizer``, ``--max-length``, ``--seq-len``) to a command, declared once here, and
+    pass them to it as one ``calibration: CalibrationOptions`` argument (Polygraphy's argument groups).
+
+    ``only`` is a command's subset (the others stay None), ``required`` makes ``--calib`` required,
+    ``size_default`` gives ``--calib-size`` a default, and ``helps`` (keyed by field name) a command's own
+    wording of an option's help.
+    """
+    unknown = set(only) - set(_CALIB_OPTIONS) | set(helps) - set(_CALIB_OPTIONS)
+    assert not unknown, f"unknown calibration options {sorted(unknown)}"
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {key: kwargs.pop("_calib_" + key, None) for key in only}
+            from onnxq.quantize import CalibrationOptions
+
+            values["source"] = values.pop("calib")
+            return fn(*args, calibration=CalibrationOptions(**values), **kwargs)
+
+        for key in reversed(only):
+            command = _calibration_option(key, helps.get(key, _CALIB_HELP[key]), required=required,
+                                          size_default=size_default)(command)  # fmt: skip
+        return command
+
+    return decorate
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeChoice:
+    """``--preset`` / ``--recipe`` as given: :meth:`recipe` reads them with the library's single rule."""
+
+    preset: str | None
+    file: Path | None
+
+    def recipe(self, *, default: bool = True) -> Any:
+        """The recipe (``onnxq.api.choose_recipe``); None when neither is given and ``default`` is False.
+
+        Both at once is a usage error (exit 2), as click's own.
+        """
+        from onnxq.api import choose_recipe
+        from onnxq.errors import RecipeConflictError
+
+        if not default and self.preset is None and self.file is None:
+            return None
+        try:
+            return choose_recipe(self.preset, self.file)
+        except RecipeConflictError:
+            raise click.UsageError("give either --preset or --recipe, not both") from None
+
+    def reads(self) -> list[Any]:
+        """The recipe file as a file the run reads (never to be written over)."""
+        from onnxq.destinations import Read
+
+        return [Read(self.file, "recipe (--recipe)")]
+
+
+def recipe_options(preset_help: str, recipe_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add ``--preset`` and ``--recipe`` to a command and pass them as one ``choice: RecipeChoice`` argument."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(*args: Any, _preset: str | None, _recipe_file: Path | None, **kwargs: Any) -> Any:
+            return fn(*args, choice=RecipeChoice(_preset, _recipe_file), **kwargs)
+
+        command = click.option("--recipe", "_recipe_file", type=click.Path(path_type=Path), help=recipe_help)(command)
+        return click.option("--preset", "_preset", default=None, help=preset_help)(command)
+
+    return decorate
+
+
+_RECIPE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "calibrator": ("--calibrator", {"type": click.Choice(sorted(OBSERVERS)), "help": "Activation range method (default: the recipe's)."}),
+    "target": ("--target", {"help": "Deployment target profile: auto (this CPU), x86-avx2, x86-avx2-u8, x86-vnni, arm64, generic, cuda."}),
+    "device": ("--device", {"type": click.Choice(["auto", "cpu", "cuda"]), "help": "Where calibration runs (auto prefers CUDA when onnxruntime-gpu sees a GPU)."}),
+    "exclude_op": ("--exclude-op", {"multiple": True, "help": "Leave every node of this op type in float (repeatable)."}),
+    "exclude_node": ("--exclude-node", {"multiple": True, "help": "Leave this node (exact name) in float (repeatable)."}),
+    "exclude_regex": ("--exclude-regex", {"multiple": True, "help": "Leave nodes whose name matches this regex in float (repeatable)."}),
+    "exclude_activation_matmuls": ("--exclude-activation-matmuls", {"is_flag": True, "help": "Leave MatMuls of two activations (attention Q @ K^T and probs @ V) in float."}),
+    "out_format": ("--format", {"type": click.Choice(["qdq", "qoperator", "matmulnbits"]), "help": "Output form: qdq (QuantizeLinear/DequantizeLinear around float ops; default; for weight-only presets: int4 DequantizeLinear + MatMul, opset 21), qoperator (QLinearConv, QLinearMatMul, MatMulInteger, ...: lowered for the --target's kernels) or matmulnbits (com.microsoft.MatMulNBits; the default of the w4-* presets)."}),
+    "block_size": ("--block-size", {"type": int, "help": "Weight-only presets: rows of K sharing one scale per output column (16, 32, 64, 128 (default), 256; 0 = per channel)."}),
+    "symmetric": ("--symmetric", {"is_flag": True, "help": "Weight-only presets: symmetric int4 (zero point fixed at 8) instead of a zero point per block."}),
+    "lm_head": ("--lm-head", {"type": click.Choice(["same", "int8", "float"]), "help": "Weight-only presets: the output projection (the last weight MatMul) in 8 bits (int8, the default of the w4-* presets), quantized like the rest (same), or left float."}),
+    "alpha": ("--alpha", {"help": "SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer (presets with smoothquant)."}),
+}  # fmt: skip
+"""The options that change the recipe (``RecipeFlags`` fields), declared once: flag and click settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeFlags:
+    """The command-line changes to a recipe (``--calibrator``, ``--exclude-op``, ``--format``, ...)."""
+
+    calibrator: str | None = None
+    target: str | None = None
+    device: str | None = None
+    exclude_op: tuple[str, ...] = ()
+    exclude_node: tuple[str, ...] = ()
+    exclude_regex: tuple[str, ...] = ()
+    exclude_activation_matmuls: bool = False
+    out_format: str | None = None
+    block_size: int | None = None
+    symmetric: bool = False
+    lm_head: str | None = None
+    alpha: str | None = None
+
+    def apply(self, recipe: Any, calib_size: int | None) -> Any:
+        """``recipe`` with these flags (and ``--calib-size``) folded in; a flag the recipe cannot take is a usage error."""
+        recipe = _apply_flags(recipe, self, calib_size)
+        recipe = _apply_format_alpha(recipe, self.out_format, self.alpha)
+        recipe = _apply_weight_only(recipe, block_size=self.block_size, symmetric=self.symmetric, lm_head=self.lm_head)
+        if self.exclude_activation_matmuls:
+            recipe = recipe.with_(exclude=dataclasses.replace(recipe.exclude, activation_matmuls=True))
+        return recipe
+
+
+def recipe_flags(*only: str, **helps: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the recipe-changing options named in ``only`` (all when none; ``helps`` a command's own wording)
+    and pass them to the command as one ``flags: RecipeFlags`` argument."""
+    names = only or tuple(_RECIPE_FLAGS)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, flags=RecipeFlags(**{n: kwargs.pop("_flag_" + n) for n in names}), **kwargs)
+
+        for name in reversed(names):
+            flag, settings = _RECIPE_FLAGS[name]
+            command = click.option(flag, "_flag_" + name, **{**settings, **({"help": helps[name]} if name in helps else {})})(command)
+        return command
+
+    return decorate
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="onnxq")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
@@ -130,29 +315,19 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized model (never the input).")
-@click.option("--preset", default=None, help="A preset name (see `onnxq presets`); default w8a8.")
-@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
-@click.option("--calib", help="Calibration data: an image folder, .npz/.npy file or folder, a test_data_set folder, a text file (.txt/.jsonl/.tsv, with --tokenizer), a token-id .json list, or 'random[:N]'.")
-@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders): torch = ImageNet mean/std on RGB 0..1; caffe_bgr = BGR 0..255 minus means; tf127 = (x-127)/128; raw255 = RGB 0..255.")
-@click.option("--calib-size", type=click.IntRange(min=1), help="How many calibration samples to use (evenly spaced over the source). Default: the recipe's (128).")
-@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side to this before cropping (default: crop*256/224).")
-@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size (default: the model's input size).")
-@click.option("--tokenizer", help="tokenizer.json (or its folder) for text calibration files (.txt, .jsonl, .tsv/.csv).")
-@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens (default 128).")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files (default: the model's, else 512); with a text file and --tokenizer, the text is tokenized whole and cut into windows of this many tokens (LLM calibration; the default, 512, for the w4 presets).")
-@click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
-@click.option("--target", help="Deployment target profile: auto (this CPU), x86-avx2, x86-avx2-u8, x86-vnni, arm64, generic, cuda.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs (auto prefers CUDA when onnxruntime-gpu sees a GPU).")
-@click.option("--exclude-op", multiple=True, help="Leave every node of this op type in float (repeatable).")
-@click.option("--exclude-node", multiple=True, help="Leave this node (exact name) in float (repeatable).")
-@click.option("--exclude-regex", multiple=True, help="Leave nodes whose name matches this regex in float (repeatable).")
-@click.option("--exclude-activation-matmuls", is_flag=True, help="Leave MatMuls of two activations (attention Q @ K^T and probs @ V) in float.")
+@recipe_options("A preset name (see `onnxq presets`); default w8a8.", "A TOML recipe file (instead of --preset).")
+@calibration_options(
+    calib="Calibration data: an image folder, .npz/.npy file or folder, a test_data_set folder, a text file (.txt/.jsonl/.tsv, with --tokenizer), a token-id .json list, or 'random[:N]'.",
+    preprocess="Named image preprocessing (image folders): torch = ImageNet mean/std on RGB 0..1; caffe_bgr = BGR 0..255 minus means; tf127 = (x-127)/128; raw255 = RGB 0..255.",
+    size="How many calibration samples to use (evenly spaced over the source). Default: the recipe's (128).",
+    resize="Resize the shorter image side to this before cropping (default: crop*256/224).",
+    crop="Center-crop size (default: the model's input size).",
+    tokenizer="tokenizer.json (or its folder) for text calibration files (.txt, .jsonl, .tsv/.csv).",
+    max_length="Truncate tokenized text samples to this many tokens (default 128).",
+    seq_len="Window length for token-id .json files (default: the model's, else 512); with a text file and --tokenizer, the text is tokenized whole and cut into windows of this many tokens (LLM calibration; the default, 512, for the w4 presets).",
+)  # fmt: skip
+@recipe_flags()
 @click.option("--calib-cache", type=click.Path(path_type=Path), help="Reuse ranges saved by `onnxq calibrate` (must match this model and calibration settings) instead of calibrating.")
-@click.option("--format", "out_format", type=click.Choice(["qdq", "qoperator", "matmulnbits"]), help="Output form: qdq (QuantizeLinear/DequantizeLinear around float ops; default; for weight-only presets: int4 DequantizeLinear + MatMul, opset 21), qoperator (QLinearConv, QLinearMatMul, MatMulInteger, ...: lowered for the --target's kernels) or matmulnbits (com.microsoft.MatMulNBits; the default of the w4-* presets).")
-@click.option("--block-size", type=int, help="Weight-only presets: rows of K sharing one scale per output column (16, 32, 64, 128 (default), 256; 0 = per channel).")
-@click.option("--symmetric", is_flag=True, help="Weight-only presets: symmetric int4 (zero point fixed at 8) instead of a zero point per block.")
-@click.option("--lm-head", type=click.Choice(["same", "int8", "float"]), help="Weight-only presets: the output projection (the last weight MatMul) in 8 bits (int8, the default of the w4-* presets), quantized like the rest (same), or left float.")
-@click.option("--alpha", help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer (presets with smoothquant).")
 @click.option("--accuracy-budget", "accuracy_budget", help="Mixed precision: the accuracy to keep, e.g. agreement=0.99 (top-1 agreement with the float model), sqnr=30 (output SQNR, dB) or cosine=0.999. Layers are ranked by sensitivity and the fewest fall back (int16 activations, then float) until it holds; the report lists them and the cost.")
 @click.option("--eval", "eval_source", help="Samples the accuracy budget and the report's comparison are measured on (default: --calib). Same formats and preprocessing options as --calib.")
 @click.option("--eval-size", type=click.IntRange(min=1), default=128, show_default=True, help="How many --eval samples (evenly spaced) the budget is measured on.")
@@ -161,13 +336,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--checked", is_flag=True, help="Validate the graph (onnx.checker + ORT load) after every pass (slower).")
 @_handle_errors
-def quantize(model: Path, output: str, preset: str | None, recipe_file: Path | None, calib: str | None,
-             calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
-             tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
-             exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], calib_cache: Path | None,
-             out_format: str | None, block_size: int | None, symmetric: bool, lm_head: str | None,
-             alpha: str | None, exclude_activation_matmuls: bool, accuracy_budget: str | None,
-             eval_source: str | None, eval_size: int,
+def quantize(model: Path, output: str, choice: RecipeChoice, calibration: CalibrationOptions, flags: RecipeFlags,
+             calib_cache: Path | None, accuracy_budget: str | None, eval_source: str | None, eval_size: int,
              report_dir: Path | None, as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
     """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
 
@@ -186,57 +356,27 @@ def quantize(model: Path, output: str, preset: str | None, recipe_file: Path | N
 
     The output is written atomically; on any error nothing is written and the exit code is 1.
     """
-    from onnxq.calibration.sources import TEXT_SUFFIXES
-    from onnxq.quantize import CalibrationOptions, quantize_file
-    from onnxq.recipe import load_recipe
-    from onnxq.recipe import preset as get_preset
+    from onnxq.api import calibration_defaults, check_calibration_given
+    from onnxq.quantize import quantize_file
 
-    if preset and recipe_file:
-        raise click.UsageError("give either --preset or --recipe, not both")
-    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or "w8a8")
-    recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=target, device=device,
-                          exclude_op=exclude_op, exclude_node=exclude_node, exclude_regex=exclude_regex)  # fmt: skip
-    recipe = _apply_format_alpha(recipe, out_format, alpha)
-    recipe = _apply_weight_only(recipe, block_size=block_size, symmetric=symmetric, lm_head=lm_head)
-    if exclude_activation_matmuls:
-        recipe = recipe.with_(exclude=dataclasses.replace(recipe.exclude, activation_matmuls=True))
-    if recipe.needs_calibration() and not calib and "weight_only" in recipe.passes:
-        method = recipe.weight_only.method.upper()
-        raise OnnxqError(
-            f"preset/recipe '{recipe.name}' runs {method}, which needs calibration text: --calib TOKENS.json "
-            "(token ids) or a text file with --tokenizer, e.g. --calib-size 32 --seq-len 512; --preset w4-rtn needs none"
-        )
-    if recipe.needs_calibration() and not calib and not calib_cache:
-        raise OnnxqError(
-            f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
-            ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)"
-        )
-    if "weight_only" in recipe.passes and calib and seq_len is None and max_length is None and Path(calib).suffix.lower() in TEXT_SUFFIXES:
-        seq_len = 512  # an LLM is calibrated on windows of running text, not one short line per sample
-    opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
-                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, size=calib_size)  # fmt: skip
+    recipe = flags.apply(choice.recipe(), calibration.size)
+    check_calibration_given(recipe, calibration, calib_cache)
+    opts = calibration_defaults(recipe, calibration)
     budget = None
     if accuracy_budget:
         from onnxq.mixed_precision import AccuracyBudget
 
         budget = AccuracyBudget.parse(accuracy_budget)
-        if not (calib or eval_source):
+        if not (calibration.source or eval_source):
             raise click.UsageError("--accuracy-budget is measured on samples: give --calib or --eval")
     evaluation = dataclasses.replace(opts, source=eval_source) if eval_source else None
     result = quantize_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
                            checked=checked, report_dir=report_dir, calib_cache=calib_cache, budget=budget,
-                           evaluation=evaluation, eval_size=eval_size, reads=_recipe_read(recipe_file))  # fmt: skip
+                           evaluation=evaluation, eval_size=eval_size, reads=choice.reads())  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.report.to_dict(), indent=2, default=str))
         return
     _print_quantize_summary(result.report, output)
-
-
-def _recipe_read(recipe_file: Path | None) -> list[Any]:
-    """The recipe file as a file the run reads (never to be written over)."""
-    from onnxq.destinations import Read
-
-    return [Read(recipe_file, "recipe (--recipe)")]
 
 
 def _human(n: int) -> str:
@@ -247,28 +387,28 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _apply_flags(recipe: Any, **flags: Any) -> Any:
-    """Fold the command-line overrides into the recipe."""
+def _apply_flags(recipe: Any, flags: RecipeFlags, calib_size: int | None) -> Any:
+    """Fold the command-line overrides of the calibration, exclusions and target into the recipe."""
     calib = recipe.calibration
-    if flags["calib_size"]:
-        calib = dataclasses.replace(calib, samples=flags["calib_size"])
-    if flags["calibrator"]:
-        calib = dataclasses.replace(calib, method=flags["calibrator"])
-    if flags["device"]:
-        calib = dataclasses.replace(calib, device=flags["device"])
+    if calib_size:
+        calib = dataclasses.replace(calib, samples=calib_size)
+    if flags.calibrator:
+        calib = dataclasses.replace(calib, method=flags.calibrator)
+    if flags.device:
+        calib = dataclasses.replace(calib, device=flags.device)
     ex = recipe.exclude
     ex = dataclasses.replace(
         ex,
-        op_types=ex.op_types + flags["exclude_op"],
-        names=ex.names + flags["exclude_node"],
-        name_regex=ex.name_regex + flags["exclude_regex"],
+        op_types=ex.op_types + flags.exclude_op,
+        names=ex.names + flags.exclude_node,
+        name_regex=ex.name_regex + flags.exclude_regex,
     )
     changes: dict[str, Any] = {"calibration": calib, "exclude": ex}
-    if flags["target"]:
+    if flags.target:
         from onnxq.target import resolve_target
 
-        resolve_target(flags["target"])  # validates the name
-        changes["target"] = flags["target"]
+        resolve_target(flags.target)  # validates the name
+        changes["target"] = flags.target
     return recipe.with_(**changes)
 
 
@@ -353,25 +493,14 @@ def _print_quantize_summary(report: Any, output: str) -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the statistics (JSON).")
-@click.option("--preset", default=None, help="The preset the statistics are for (default w8a8).")
-@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
-@click.option("--calib", required=True, help="Calibration data (as for `onnxq quantize --calib`).")
-@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders).")
-@click.option("--calib-size", type=click.IntRange(min=1), help="How many calibration samples (default: the recipe's).")
-@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side before cropping.")
-@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size.")
-@click.option("--tokenizer", help="tokenizer.json for text calibration files.")
-@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens.")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files.")
-@click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs.")
+@recipe_options("The preset the statistics are for (default w8a8).", "A TOML recipe file (instead of --preset).")
+@calibration_options(required=True)
+@recipe_flags("calibrator", "device", device="Where calibration runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was saved as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_handle_errors
-def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | None, calib: str,
-              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
-              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None,
-              device: str | None, as_json: bool, no_progress: bool) -> None:  # fmt: skip
+def calibrate(model: Path, output: str, choice: RecipeChoice, calibration: CalibrationOptions, flags: RecipeFlags, as_json: bool,
+              no_progress: bool) -> None:  # fmt: skip
     """Calibrate MODEL and save the activation ranges to -o STATS.json for `quantize --calib-cache`.
 
     \b
@@ -380,19 +509,11 @@ def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | 
       onnxq calibrate model.onnx --calib images/ --calib-preprocess torch -o stats.json
       onnxq quantize model.onnx -o model.int8.onnx --calib-cache stats.json
     """
-    from onnxq.quantize import CalibrationOptions, calibrate_file
-    from onnxq.recipe import load_recipe
-    from onnxq.recipe import preset as get_preset
+    from onnxq.quantize import calibrate_file
 
-    if preset and recipe_file:
-        raise click.UsageError("give either --preset or --recipe, not both")
-    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or "w8a8")
-    recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=None, device=device,
-                          exclude_op=(), exclude_node=(), exclude_regex=())  # fmt: skip
-    opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
-                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, size=calib_size)  # fmt: skip
-    info = calibrate_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
-                          reads=_recipe_read(recipe_file))  # fmt: skip
+    recipe = flags.apply(choice.recipe(), calibration.size)
+    info = calibrate_file(model, output, recipe, calibration=calibration, progress=not no_progress and not as_json,
+                          reads=choice.reads())  # fmt: skip
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
@@ -405,17 +526,13 @@ def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | 
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder (one <name>.onnx per model, batch-summary.json).")
-@click.option("--preset", default=None, help="Preset for every model (a manifest can override it per model).")
-@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="TOML recipe for every model (instead of --preset).")
+@recipe_options("Preset for every model (a manifest can override it per model).", "TOML recipe for every model (instead of --preset).")
 @click.option("-j", "--jobs", "workers", type=click.IntRange(min=1), default=1, show_default=True, help="Models converted in parallel (worker processes).")
-@click.option("--calib", help="Calibration data for every model (a manifest can set calib per model).")
-@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing.")
-@click.option("--calib-size", type=click.IntRange(min=1), help="Calibration samples per model.")
-@click.option("--tokenizer", help="tokenizer.json for text calibration files.")
+@calibration_options(only=("calib", "preprocess", "size", "tokenizer"), calib="Calibration data for every model (a manifest can set calib per model).",
+                     preprocess="Named image preprocessing.", size="Calibration samples per model.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @_handle_errors
-def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | None, workers: int, calib: str | None,
-          calib_preprocess: str | None, calib_size: int | None, tokenizer: str | None, as_json: bool) -> None:  # fmt: skip
+def batch(source: Path, outdir: Path, choice: RecipeChoice, workers: int, calibration: CalibrationOptions, as_json: bool) -> None:
     """Convert every model in SOURCE (a folder of *.onnx, or a TOML manifest) into OUTDIR.
 
     \b
@@ -427,22 +544,17 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
     SIGINT/SIGTERM stop every worker and exit 130/143, saying which models were written.
     """
     from onnxq.batch import BatchInterrupted, jobs_from_folder, jobs_from_manifest, run_batch
-    from onnxq.recipe import load_recipe
-    from onnxq.recipe import preset as get_preset
 
-    if preset and recipe_file:
-        raise click.UsageError("give either --preset or --recipe, not both")
-    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset) if preset else None
-    if source.is_dir():
-        recipe = recipe or get_preset("w8a8")
+    calib_size = calibration.size
+    recipe = choice.recipe(default=source.is_dir())  # a manifest's models may each name their own
     if recipe is not None and calib_size:
         recipe = recipe.with_(calibration=dataclasses.replace(recipe.calibration, samples=calib_size))
-    calibration = {k: v for k, v in {"calib": calib, "calib_preprocess": calib_preprocess, "tokenizer": tokenizer}.items() if v}
+    given = {"calib": calibration.source, "calib_preprocess": calibration.preprocess, "tokenizer": calibration.tokenizer}
+    settings = {k: v for k, v in given.items() if v}
     if source.is_dir():
-        assert recipe is not None  # w8a8 by default above
-        jobs = jobs_from_folder(source, outdir, recipe, calibration)
+        jobs = jobs_from_folder(source, outdir, recipe, settings)
     else:  # --calib-size is every model's default; a manifest's calib_size overrides it
-        jobs = jobs_from_manifest(source, outdir, recipe, calibration, calib_size=calib_size)
+        jobs = jobs_from_manifest(source, outdir, recipe, settings, calib_size=calib_size)
     try:
         outcomes = run_batch(jobs, outdir, workers=workers, live=not as_json and sys.stderr.isatty())
     except BatchInterrupted as stop:
@@ -471,22 +583,16 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
 @main.command()
 @click.argument("float_model", type=click.Path(path_type=Path))
 @click.argument("quant_model", type=click.Path(path_type=Path))
-@click.option("--calib", "data", required=True, help="Inputs to run both models on (any --calib source of `onnxq quantize`).")
-@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders).")
-@click.option("--calib-size", "size", type=click.IntRange(min=1), default=64, show_default=True, help="How many samples (evenly spaced over the source).")
-@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side before cropping.")
-@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size.")
-@click.option("--tokenizer", help="tokenizer.json for text files.")
-@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens.")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files / running text.")
+@calibration_options(required=True, size_default=64, calib="Inputs to run both models on (any --calib source of `onnxq quantize`).",
+                     size="How many samples (evenly spaced over the source).", tokenizer="tokenizer.json for text files.",
+                     seq_len="Window length for token-id .json files / running text.")  # fmt: skip
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Worst tensors to show.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--outputs-only", is_flag=True, help="Compare the outputs only (faster on many samples: no per-tensor SQNR).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (all tensors, worst first).")
 @_handle_errors
-def compare(float_model: Path, quant_model: Path, data: str, calib_preprocess: str | None, size: int,
-            calib_resize: int | None, calib_crop: int | None, tokenizer: str | None, max_length: int | None,
-            seq_len: int | None, top: int, no_latency: bool, outputs_only: bool, as_json: bool) -> None:  # fmt: skip
+def compare(float_model: Path, quant_model: Path, calibration: CalibrationOptions, top: int, no_latency: bool, outputs_only: bool,
+            as_json: bool) -> None:  # fmt: skip
     """Run FLOAT_MODEL and QUANT_MODEL on the same inputs and show where they differ.
 
     \b
@@ -501,8 +607,10 @@ def compare(float_model: Path, quant_model: Path, data: str, calib_preprocess: s
     from onnxq.model import load_model
 
     fm, qm = load_model(float_model), load_model(quant_model)
-    source = open_source(data, fm, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop, limit=size,
-                         tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+    c = calibration
+    assert c.source is not None  # --calib is required
+    source = open_source(c.source, fm, preprocess=c.preprocess, resize=c.resize, crop=c.crop, limit=c.size,
+                         tokenizer=c.tokenizer, max_length=c.max_length, seq_len=c.seq_len)  # fmt: skip
     result = compare_models(fm, qm, source, float_path=float_model, quant_path=quant_model, latency=not no_latency,
                             tensors=not outputs_only, histograms=0, progress=not as_json)  # fmt: skip
     d = result.to_dict()

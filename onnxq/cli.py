@@ -217,12 +217,21 @@ def _print_calibration_warnings(cal: dict[str, Any] | None) -> None:
         _out.print(f"[bold yellow]warning:[/] {markup_safe(line)}", highlight=False, soft_wrap=True)
 
 
-def _print_quantize_summary(report: Any, output: str) -> None:
-    info = report.info
+def _reported_counts(report: Any) -> dict[str, int]:
+    """The counts the passes report to users (each pass's ``reported_counts``), summed over the steps, in
+    pipeline order; the zeros left out."""
+    from onnxq.passes import PASSES
+
     counts: dict[str, int] = {}
     for step in report.steps:
-        for k, v in step.counts.items():
-            counts[k] = counts.get(k, 0) + v
+        for key in getattr(PASSES.get(step.name), "reported_counts", ()):
+            if step.counts.get(key):
+                counts[key] = counts.get(key, 0) + step.counts[key]
+    return counts
+
+
+def _print_quantize_summary(report: Any, output: str) -> None:
+    info = report.info
     size = info.get("size", {})
     _out.print(f"[bold green]wrote[/] {markup_safe(output)}  ({size.get('input_bytes', 0) / 1e6:.2f} MB -> "
                f"{size.get('output_bytes', 0) / 1e6:.2f} MB, {100 * size.get('ratio', 0):.1f}% of the input)")  # fmt: skip
@@ -241,12 +250,11 @@ def _print_quantize_summary(report: Any, output: str) -> None:
         _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples{where} in "
                    f"{cal.get('seconds')} s; source: {printable(cal.get('source'))}", markup=False, highlight=False)  # fmt: skip
     _print_calibration_warnings(cal)
-    keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
-            "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
-            "casts_inserted", "values_clamped", "batchnorms_folded", "gelus_rewritten", "nodes_folded", "layers_quantized",
-            "layers_int8", "layers_left_float", "embeddings_quantized", "awq_groups_scaled", "segments_run")  # fmt: skip
-    _out.print("done: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in keys if counts.get(k)))
-    step_notes = [n for st in report.steps if st.name in ("float16", "weight_only") for n in st.notes]
+    counts = _reported_counts(report)
+    _out.print("done: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+    from onnxq.passes import PASSES
+
+    step_notes = [n for st in report.steps if getattr(PASSES.get(st.name), "reports_notes", False) for n in st.notes]
     for note in [*report.notes, *step_notes]:
         if not note.startswith("target profile"):
             _out.print(f"note: {printable(note)}", markup=False, highlight=False)

@@ -164,7 +164,8 @@ def quantize(
         checked: validate the graph (onnx.checker and an ORT load) after every pass.
         **calibration: how the ``calib`` source is read, as the ``--calib-*`` options: ``preprocess``
             (``torch``, ``caffe_bgr``, ``tf127``, ``raw255``), ``resize``, ``crop``, ``tokenizer``,
-            ``max_length``, ``seq_len``, ``seed``.
+            ``max_length``, ``seq_len``, ``seed``. A weight-only preset on a text file without
+            ``seq_len`` or ``max_length`` reads windows of 512 tokens (:func:`calibration_defaults`), as the CLI does.
 
     Returns:
         The :class:`onnxq.QuantizeResult`: ``model`` (the quantized ``onnx.ModelProto``), ``report`` (what

@@ -21,15 +21,15 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from onnxq.calibration.sources import open_source
-from onnxq.errors import CalibrationError, OnnxqError, RecipeError
+from onnxq.calibration.sources import TEXT_SUFFIXES, open_source
+from onnxq.errors import CalibrationError, OnnxqError, RecipeConflictError
 from onnxq.evaluate import Comparison, compare_models
 from onnxq.model import load_model
 from onnxq.quantize import CalibrationOptions, QuantizeResult, quantize_file, quantize_model
 from onnxq.recipe import Recipe, load_recipe, recipe_from_dict
 from onnxq.recipe import preset as get_preset
 
-__all__ = ["quantize", "compare", "choose_recipe", "PathLike", "ModelLike", "COMPARE_SAMPLES", "DEFAULT_PRESET"]
+__all__ = ["quantize", "compare", "choose_recipe", "calibration_defaults", "check_calibration_given", "PathLike", "ModelLike", "COMPARE_SAMPLES", "DEFAULT_PRESET"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 """A file or folder path."""
@@ -51,10 +51,10 @@ def choose_recipe(preset: str | None = None, recipe: Recipe | PathLike | Mapping
     """The recipe a run uses: ``recipe`` (a Recipe, a TOML recipe file's path, or the same settings as a
     dict), else the preset named ``preset`` (``w8a8`` when neither is given).
 
-    Both at once is a RecipeError: one of them would be silently ignored.
+    Both at once is a RecipeConflictError (a RecipeError): one of them would be silently ignored.
     """
     if preset is not None and recipe is not None:
-        raise RecipeError(f"give either preset={preset!r} or recipe=..., not both (a recipe file can start from a "
+        raise RecipeConflictError(f"give either preset={preset!r} or recipe=..., not both (a recipe file can start from a "
                           "preset: preset = \"w8a8\")")  # fmt: skip
     if recipe is None:
         return get_preset(DEFAULT_PRESET if preset is None else preset)
@@ -63,6 +63,42 @@ def choose_recipe(preset: str | None = None, recipe: Recipe | PathLike | Mapping
     if isinstance(recipe, Mapping):
         return recipe_from_dict(recipe)
     return load_recipe(Path(recipe))
+
+
+LLM_SEQ_LEN = 512
+"""The window length of running text a weight-only recipe is calibrated on when none is given."""
+
+
+def calibration_defaults(recipe: Recipe, options: CalibrationOptions) -> CalibrationOptions:
+    """``options`` with the defaults that depend on the recipe: a weight-only recipe (an LLM) calibrated on a
+    text file without ``seq_len`` or ``max_length`` reads windows of :data:`LLM_SEQ_LEN` tokens of running
+    text, not one short line per sample."""
+    if not options.source or "weight_only" not in recipe.passes:
+        return options
+    if options.seq_len is None and options.max_length is None and Path(options.source).suffix.lower() in TEXT_SUFFIXES:
+        return dataclasses.replace(options, seq_len=LLM_SEQ_LEN)
+    return options
+
+
+def check_calibration_given(recipe: Recipe, options: CalibrationOptions | None, calib_cache: PathLike | None = None) -> None:
+    """Refuse, before any work, a recipe that needs calibration samples when none are given (no source, no
+    ``calib_cache``): GPTQ/AWQ need calibration text, static quantization needs samples or ``random``.
+
+    The message names the ``onnxq quantize`` options (``--calib``, ...).
+    """
+    if not recipe.needs_calibration() or (options is not None and options.source):
+        return
+    if "weight_only" in recipe.passes:
+        raise CalibrationError(
+            f"preset/recipe '{recipe.name}' runs {recipe.weight_only.method.upper()}, which needs calibration text: "
+            "--calib TOKENS.json (token ids) or a text file with --tokenizer, e.g. --calib-size 32 --seq-len 512; "
+            "--preset w4-rtn needs none"
+        )
+    if calib_cache is None:
+        raise CalibrationError(
+            f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
+            ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)"
+        )
 
 
 def _check_source_options(options: Mapping[str, Any], *, unused: str | None = None) -> None:
@@ -128,7 +164,8 @@ def quantize(
         checked: validate the graph (onnx.checker and an ORT load) after every pass.
         **calibration: how the ``calib`` source is read, as the ``--calib-*`` options: ``preprocess``
             (``torch``, ``caffe_bgr``, ``tf127``, ``raw255``), ``resize``, ``crop``, ``tokenizer``,
-            ``max_length``, ``seq_len``, ``seed``.
+            ``max_length``, ``seq_len``, ``seed``. A weight-only preset on a text file without
+            ``seq_len`` or ``max_length`` reads windows of 512 tokens (:func:`calibration_defaults`), as the CLI does.
 
     Returns:
         The :class:`onnxq.QuantizeResult`: ``model`` (the quantized ``onnx.ModelProto``), ``report`` (what
@@ -143,6 +180,8 @@ def quantize(
     if calib_size is not None:
         chosen = chosen.with_(calibration=dataclasses.replace(chosen.calibration, samples=calib_size))
     opts = _calibration_options(calib, calib_size, calibration)
+    if opts is not None:
+        opts = calibration_defaults(chosen, opts)
     if output_path is None:
         if report_dir is not None or calib_cache is not None:
             raise OnnxqError("report_dir and calib_cache need output_path: the report describes, and the cache is "

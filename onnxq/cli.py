@@ -13,16 +13,25 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from onnxq import __version__
-from onnxq.calibration.observers import OBSERVERS
+from onnxq.cli_options import (
+    RecipeChoice,
+    RecipeFlags,
+    calibration_options,
+    recipe_flags,
+    recipe_options,
+)
 from onnxq.errors import OnnxqError
 from onnxq.text import PrintableFormatter, markup_safe, printable
+
+if TYPE_CHECKING:  # the library is imported by each command when it runs: `onnxq --help` stays fast
+    from onnxq.quantize import CalibrationOptions
 
 __all__ = ["main"]
 
@@ -130,29 +139,19 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized model (never the input).")
-@click.option("--preset", default=None, help="A preset name (see `onnxq presets`); default w8a8.")
-@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
-@click.option("--calib", help="Calibration data: an image folder, .npz/.npy file or folder, a test_data_set folder, a text file (.txt/.jsonl/.tsv, with --tokenizer), a token-id .json list, or 'random[:N]'.")
-@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders): torch = ImageNet mean/std on RGB 0..1; caffe_bgr = BGR 0..255 minus means; tf127 = (x-127)/128; raw255 = RGB 0..255.")
-@click.option("--calib-size", type=click.IntRange(min=1), help="How many calibration samples to use (evenly spaced over the source). Default: the recipe's (128).")
-@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side to this before cropping (default: crop*256/224).")
-@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size (default: the model's input size).")
-@click.option("--tokenizer", help="tokenizer.json (or its folder) for text calibration files (.txt, .jsonl, .tsv/.csv).")
-@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens (default 128).")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files (default: the model's, else 512); with a text file and --tokenizer, the text is tokenized whole and cut into windows of this many tokens (LLM calibration; the default, 512, for the w4 presets).")
-@click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
-@click.option("--target", help="Deployment target profile: auto (this CPU), x86-avx2, x86-avx2-u8, x86-vnni, arm64, generic, cuda.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs (auto prefers CUDA when onnxruntime-gpu sees a GPU).")
-@click.option("--exclude-op", multiple=True, help="Leave every node of this op type in float (repeatable).")
-@click.option("--exclude-node", multiple=True, help="Leave this node (exact name) in float (repeatable).")
-@click.option("--exclude-regex", multiple=True, help="Leave nodes whose name matches this regex in float (repeatable).")
-@click.option("--exclude-activation-matmuls", is_flag=True, help="Leave MatMuls of two activations (attention Q @ K^T and probs @ V) in float.")
+@recipe_options("A preset name (see `onnxq presets`); default w8a8.", "A TOML recipe file (instead of --preset).")
+@calibration_options(
+    calib="Calibration data: an image folder, .npz/.npy file or folder, a test_data_set folder, a text file (.txt/.jsonl/.tsv, with --tokenizer), a token-id .json list, or 'random[:N]'.",
+    preprocess="Named image preprocessing (image folders): torch = ImageNet mean/std on RGB 0..1; caffe_bgr = BGR 0..255 minus means; tf127 = (x-127)/128; raw255 = RGB 0..255.",
+    size="How many calibration samples to use (evenly spaced over the source). Default: the recipe's (128).",
+    resize="Resize the shorter image side to this before cropping (default: crop*256/224).",
+    crop="Center-crop size (default: the model's input size).",
+    tokenizer="tokenizer.json (or its folder) for text calibration files (.txt, .jsonl, .tsv/.csv).",
+    max_length="Truncate tokenized text samples to this many tokens (default 128).",
+    seq_len="Window length for token-id .json files (default: the model's, else 512); with a text file and --tokenizer, the text is tokenized whole and cut into windows of this many tokens (LLM calibration; the default, 512, for the w4 presets).",
+)  # fmt: skip
+@recipe_flags()
 @click.option("--calib-cache", type=click.Path(path_type=Path), help="Reuse ranges saved by `onnxq calibrate` (must match this model and calibration settings) instead of calibrating.")
-@click.option("--format", "out_format", type=click.Choice(["qdq", "qoperator", "matmulnbits"]), help="Output form: qdq (QuantizeLinear/DequantizeLinear around float ops; default; for weight-only presets: int4 DequantizeLinear + MatMul, opset 21), qoperator (QLinearConv, QLinearMatMul, MatMulInteger, ...: lowered for the --target's kernels) or matmulnbits (com.microsoft.MatMulNBits; the default of the w4-* presets).")
-@click.option("--block-size", type=int, help="Weight-only presets: rows of K sharing one scale per output column (16, 32, 64, 128 (default), 256; 0 = per channel).")
-@click.option("--symmetric", is_flag=True, help="Weight-only presets: symmetric int4 (zero point fixed at 8) instead of a zero point per block.")
-@click.option("--lm-head", type=click.Choice(["same", "int8", "float"]), help="Weight-only presets: the output projection (the last weight MatMul) in 8 bits (int8, the default of the w4-* presets), quantized like the rest (same), or left float.")
-@click.option("--alpha", help="SmoothQuant migration strength in [0, 1] (default 0.5), or 'auto' to search it per layer (presets with smoothquant).")
 @click.option("--accuracy-budget", "accuracy_budget", help="Mixed precision: the accuracy to keep, e.g. agreement=0.99 (top-1 agreement with the float model), sqnr=30 (output SQNR, dB) or cosine=0.999. Layers are ranked by sensitivity and the fewest fall back (int16 activations, then float) until it holds; the report lists them and the cost.")
 @click.option("--eval", "eval_source", help="Samples the accuracy budget and the report's comparison are measured on (default: --calib). Same formats and preprocessing options as --calib.")
 @click.option("--eval-size", type=click.IntRange(min=1), default=128, show_default=True, help="How many --eval samples (evenly spaced) the budget is measured on.")
@@ -161,13 +160,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--checked", is_flag=True, help="Validate the graph (onnx.checker + ORT load) after every pass (slower).")
 @_handle_errors
-def quantize(model: Path, output: str, preset: str | None, recipe_file: Path | None, calib: str | None,
-             calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
-             tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None, target: str | None, device: str | None, exclude_op: tuple[str, ...],
-             exclude_node: tuple[str, ...], exclude_regex: tuple[str, ...], calib_cache: Path | None,
-             out_format: str | None, block_size: int | None, symmetric: bool, lm_head: str | None,
-             alpha: str | None, exclude_activation_matmuls: bool, accuracy_budget: str | None,
-             eval_source: str | None, eval_size: int,
+def quantize(model: Path, output: str, choice: RecipeChoice, calibration: CalibrationOptions, flags: RecipeFlags,
+             calib_cache: Path | None, accuracy_budget: str | None, eval_source: str | None, eval_size: int,
              report_dir: Path | None, as_json: bool, no_progress: bool, checked: bool) -> None:  # fmt: skip
     """Quantize MODEL into -o OUTPUT with a preset or recipe and calibration data.
 
@@ -186,57 +180,27 @@ def quantize(model: Path, output: str, preset: str | None, recipe_file: Path | N
 
     The output is written atomically; on any error nothing is written and the exit code is 1.
     """
-    from onnxq.calibration.sources import TEXT_SUFFIXES
-    from onnxq.quantize import CalibrationOptions, quantize_file
-    from onnxq.recipe import load_recipe
-    from onnxq.recipe import preset as get_preset
+    from onnxq.api import calibration_defaults, check_calibration_given
+    from onnxq.quantize import quantize_file
 
-    if preset and recipe_file:
-        raise click.UsageError("give either --preset or --recipe, not both")
-    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or "w8a8")
-    recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=target, device=device,
-                          exclude_op=exclude_op, exclude_node=exclude_node, exclude_regex=exclude_regex)  # fmt: skip
-    recipe = _apply_format_alpha(recipe, out_format, alpha)
-    recipe = _apply_weight_only(recipe, block_size=block_size, symmetric=symmetric, lm_head=lm_head)
-    if exclude_activation_matmuls:
-        recipe = recipe.with_(exclude=dataclasses.replace(recipe.exclude, activation_matmuls=True))
-    if recipe.needs_calibration() and not calib and "weight_only" in recipe.passes:
-        method = recipe.weight_only.method.upper()
-        raise OnnxqError(
-            f"preset/recipe '{recipe.name}' runs {method}, which needs calibration text: --calib TOKENS.json "
-            "(token ids) or a text file with --tokenizer, e.g. --calib-size 32 --seq-len 512; --preset w4-rtn needs none"
-        )
-    if recipe.needs_calibration() and not calib and not calib_cache:
-        raise OnnxqError(
-            f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
-            ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)"
-        )
-    if "weight_only" in recipe.passes and calib and seq_len is None and max_length is None and Path(calib).suffix.lower() in TEXT_SUFFIXES:
-        seq_len = 512  # an LLM is calibrated on windows of running text, not one short line per sample
-    opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
-                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, size=calib_size)  # fmt: skip
+    recipe = flags.apply(choice.recipe(), calibration.size)
+    check_calibration_given(recipe, calibration, calib_cache)
+    opts = calibration_defaults(recipe, calibration)
     budget = None
     if accuracy_budget:
         from onnxq.mixed_precision import AccuracyBudget
 
         budget = AccuracyBudget.parse(accuracy_budget)
-        if not (calib or eval_source):
+        if not (calibration.source or eval_source):
             raise click.UsageError("--accuracy-budget is measured on samples: give --calib or --eval")
     evaluation = dataclasses.replace(opts, source=eval_source) if eval_source else None
     result = quantize_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
                            checked=checked, report_dir=report_dir, calib_cache=calib_cache, budget=budget,
-                           evaluation=evaluation, eval_size=eval_size, reads=_recipe_read(recipe_file))  # fmt: skip
+                           evaluation=evaluation, eval_size=eval_size, reads=choice.reads())  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.report.to_dict(), indent=2, default=str))
         return
     _print_quantize_summary(result.report, output)
-
-
-def _recipe_read(recipe_file: Path | None) -> list[Any]:
-    """The recipe file as a file the run reads (never to be written over)."""
-    from onnxq.destinations import Read
-
-    return [Read(recipe_file, "recipe (--recipe)")]
 
 
 def _human(n: int) -> str:
@@ -247,79 +211,27 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _apply_flags(recipe: Any, **flags: Any) -> Any:
-    """Fold the command-line overrides into the recipe."""
-    calib = recipe.calibration
-    if flags["calib_size"]:
-        calib = dataclasses.replace(calib, samples=flags["calib_size"])
-    if flags["calibrator"]:
-        calib = dataclasses.replace(calib, method=flags["calibrator"])
-    if flags["device"]:
-        calib = dataclasses.replace(calib, device=flags["device"])
-    ex = recipe.exclude
-    ex = dataclasses.replace(
-        ex,
-        op_types=ex.op_types + flags["exclude_op"],
-        names=ex.names + flags["exclude_node"],
-        name_regex=ex.name_regex + flags["exclude_regex"],
-    )
-    changes: dict[str, Any] = {"calibration": calib, "exclude": ex}
-    if flags["target"]:
-        from onnxq.target import resolve_target
-
-        resolve_target(flags["target"])  # validates the name
-        changes["target"] = flags["target"]
-    return recipe.with_(**changes)
-
-
-def _apply_format_alpha(recipe: Any, out_format: str | None, alpha: str | None) -> Any:
-    """``--format`` and ``--alpha`` into the recipe (``--alpha`` only where the recipe smooths)."""
-    if out_format:
-        recipe = recipe.with_(format=out_format)
-    if alpha is not None:
-        if "smoothquant" not in recipe.passes:
-            raise click.UsageError(f"--alpha applies to SmoothQuant, which preset/recipe '{recipe.name}' does not run; "
-                                   "use --preset w8a8-smoothquant")  # fmt: skip
-        if alpha != "auto":
-            try:
-                value: float | str = float(alpha)
-            except ValueError:
-                raise click.UsageError(f"--alpha must be a number in [0, 1] or 'auto', got '{alpha}'") from None
-        else:
-            value = alpha
-        recipe = recipe.with_(smoothquant=dataclasses.replace(recipe.smoothquant, alpha=value))
-    return recipe
-
-
-def _apply_weight_only(recipe: Any, *, block_size: int | None, symmetric: bool, lm_head: str | None) -> Any:
-    """``--block-size``, ``--symmetric`` and ``--lm-head`` into the recipe's ``[weight_only]`` table."""
-    changes: dict[str, Any] = {}
-    if block_size is not None:
-        changes["block_size"] = block_size
-    if symmetric:
-        changes["symmetric"] = True
-    if lm_head:
-        changes["lm_head"] = lm_head
-    if not changes:
-        return recipe
-    if "weight_only" not in recipe.passes:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changes)
-        raise click.UsageError(f"{flags} applies to weight-only presets (w4-rtn, w4-gptq, w4-awq), not '{recipe.name}'")
-    return recipe.with_(weight_only=dataclasses.replace(recipe.weight_only, **changes))
-
-
 def _print_calibration_warnings(cal: dict[str, Any] | None) -> None:
     """The calibration data's warnings (bad samples and tensors, a sample count the source cannot give)."""
     for line in (cal or {}).get("warnings", []):
         _out.print(f"[bold yellow]warning:[/] {markup_safe(line)}", highlight=False, soft_wrap=True)
 
 
-def _print_quantize_summary(report: Any, output: str) -> None:
-    info = report.info
+def _reported_counts(report: Any) -> dict[str, int]:
+    """The counts the passes report to users (each pass's ``reported_counts``), summed over the steps, in
+    pipeline order; the zeros left out."""
+    from onnxq.passes import PASSES
+
     counts: dict[str, int] = {}
     for step in report.steps:
-        for k, v in step.counts.items():
-            counts[k] = counts.get(k, 0) + v
+        for key in getattr(PASSES.get(step.name), "reported_counts", ()):
+            if step.counts.get(key):
+                counts[key] = counts.get(key, 0) + step.counts[key]
+    return counts
+
+
+def _print_quantize_summary(report: Any, output: str) -> None:
+    info = report.info
     size = info.get("size", {})
     _out.print(f"[bold green]wrote[/] {markup_safe(output)}  ({size.get('input_bytes', 0) / 1e6:.2f} MB -> "
                f"{size.get('output_bytes', 0) / 1e6:.2f} MB, {100 * size.get('ratio', 0):.1f}% of the input)")  # fmt: skip
@@ -338,12 +250,11 @@ def _print_quantize_summary(report: Any, output: str) -> None:
         _out.print(f"calibration: {cal.get('method')} over {cal.get('samples_seen')} samples{where} in "
                    f"{cal.get('seconds')} s; source: {printable(cal.get('source'))}", markup=False, highlight=False)  # fmt: skip
     _print_calibration_warnings(cal)
-    keys = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized",
-            "activations_absorbed", "nodes_converted", "initializers_converted", "nodes_kept_float32",
-            "casts_inserted", "values_clamped", "batchnorms_folded", "gelus_rewritten", "nodes_folded", "layers_quantized",
-            "layers_int8", "layers_left_float", "embeddings_quantized", "awq_groups_scaled", "segments_run")  # fmt: skip
-    _out.print("done: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in keys if counts.get(k)))
-    step_notes = [n for st in report.steps if st.name in ("float16", "weight_only") for n in st.notes]
+    counts = _reported_counts(report)
+    _out.print("done: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+    from onnxq.passes import PASSES
+
+    step_notes = [n for st in report.steps if getattr(PASSES.get(st.name), "reports_notes", False) for n in st.notes]
     for note in [*report.notes, *step_notes]:
         if not note.startswith("target profile"):
             _out.print(f"note: {printable(note)}", markup=False, highlight=False)
@@ -353,25 +264,14 @@ def _print_quantize_summary(report: Any, output: str) -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the statistics (JSON).")
-@click.option("--preset", default=None, help="The preset the statistics are for (default w8a8).")
-@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="A TOML recipe file (instead of --preset).")
-@click.option("--calib", required=True, help="Calibration data (as for `onnxq quantize --calib`).")
-@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders).")
-@click.option("--calib-size", type=click.IntRange(min=1), help="How many calibration samples (default: the recipe's).")
-@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side before cropping.")
-@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size.")
-@click.option("--tokenizer", help="tokenizer.json for text calibration files.")
-@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens.")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files.")
-@click.option("--calibrator", type=click.Choice(sorted(OBSERVERS)), help="Activation range method (default: the recipe's).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where calibration runs.")
+@recipe_options("The preset the statistics are for (default w8a8).", "A TOML recipe file (instead of --preset).")
+@calibration_options(required=True)
+@recipe_flags("calibrator", "device", device="Where calibration runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was saved as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_handle_errors
-def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | None, calib: str,
-              calib_preprocess: str | None, calib_size: int | None, calib_resize: int | None, calib_crop: int | None,
-              tokenizer: str | None, max_length: int | None, seq_len: int | None, calibrator: str | None,
-              device: str | None, as_json: bool, no_progress: bool) -> None:  # fmt: skip
+def calibrate(model: Path, output: str, choice: RecipeChoice, calibration: CalibrationOptions, flags: RecipeFlags, as_json: bool,
+              no_progress: bool) -> None:  # fmt: skip
     """Calibrate MODEL and save the activation ranges to -o STATS.json for `quantize --calib-cache`.
 
     \b
@@ -380,19 +280,11 @@ def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | 
       onnxq calibrate model.onnx --calib images/ --calib-preprocess torch -o stats.json
       onnxq quantize model.onnx -o model.int8.onnx --calib-cache stats.json
     """
-    from onnxq.quantize import CalibrationOptions, calibrate_file
-    from onnxq.recipe import load_recipe
-    from onnxq.recipe import preset as get_preset
+    from onnxq.quantize import calibrate_file
 
-    if preset and recipe_file:
-        raise click.UsageError("give either --preset or --recipe, not both")
-    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or "w8a8")
-    recipe = _apply_flags(recipe, calib_size=calib_size, calibrator=calibrator, target=None, device=device,
-                          exclude_op=(), exclude_node=(), exclude_regex=())  # fmt: skip
-    opts = CalibrationOptions(source=calib, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop,
-                              tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, size=calib_size)  # fmt: skip
-    info = calibrate_file(model, output, recipe, calibration=opts, progress=not no_progress and not as_json,
-                          reads=_recipe_read(recipe_file))  # fmt: skip
+    recipe = flags.apply(choice.recipe(), calibration.size)
+    info = calibrate_file(model, output, recipe, calibration=calibration, progress=not no_progress and not as_json,
+                          reads=choice.reads())  # fmt: skip
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
@@ -405,17 +297,13 @@ def calibrate(model: Path, output: str, preset: str | None, recipe_file: Path | 
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder (one <name>.onnx per model, batch-summary.json).")
-@click.option("--preset", default=None, help="Preset for every model (a manifest can override it per model).")
-@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="TOML recipe for every model (instead of --preset).")
+@recipe_options("Preset for every model (a manifest can override it per model).", "TOML recipe for every model (instead of --preset).")
 @click.option("-j", "--jobs", "workers", type=click.IntRange(min=1), default=1, show_default=True, help="Models converted in parallel (worker processes).")
-@click.option("--calib", help="Calibration data for every model (a manifest can set calib per model).")
-@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing.")
-@click.option("--calib-size", type=click.IntRange(min=1), help="Calibration samples per model.")
-@click.option("--tokenizer", help="tokenizer.json for text calibration files.")
+@calibration_options(only=("calib", "preprocess", "size", "tokenizer"), calib="Calibration data for every model (a manifest can set calib per model).",
+                     preprocess="Named image preprocessing.", size="Calibration samples per model.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @_handle_errors
-def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | None, workers: int, calib: str | None,
-          calib_preprocess: str | None, calib_size: int | None, tokenizer: str | None, as_json: bool) -> None:  # fmt: skip
+def batch(source: Path, outdir: Path, choice: RecipeChoice, workers: int, calibration: CalibrationOptions, as_json: bool) -> None:
     """Convert every model in SOURCE (a folder of *.onnx, or a TOML manifest) into OUTDIR.
 
     \b
@@ -427,22 +315,17 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
     SIGINT/SIGTERM stop every worker and exit 130/143, saying which models were written.
     """
     from onnxq.batch import BatchInterrupted, jobs_from_folder, jobs_from_manifest, run_batch
-    from onnxq.recipe import load_recipe
-    from onnxq.recipe import preset as get_preset
 
-    if preset and recipe_file:
-        raise click.UsageError("give either --preset or --recipe, not both")
-    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset) if preset else None
-    if source.is_dir():
-        recipe = recipe or get_preset("w8a8")
+    calib_size = calibration.size
+    recipe = choice.recipe(default=source.is_dir())  # a manifest's models may each name their own
     if recipe is not None and calib_size:
         recipe = recipe.with_(calibration=dataclasses.replace(recipe.calibration, samples=calib_size))
-    calibration = {k: v for k, v in {"calib": calib, "calib_preprocess": calib_preprocess, "tokenizer": tokenizer}.items() if v}
+    given = {"calib": calibration.source, "calib_preprocess": calibration.preprocess, "tokenizer": calibration.tokenizer}
+    settings = {k: v for k, v in given.items() if v}
     if source.is_dir():
-        assert recipe is not None  # w8a8 by default above
-        jobs = jobs_from_folder(source, outdir, recipe, calibration)
+        jobs = jobs_from_folder(source, outdir, recipe, settings)
     else:  # --calib-size is every model's default; a manifest's calib_size overrides it
-        jobs = jobs_from_manifest(source, outdir, recipe, calibration, calib_size=calib_size)
+        jobs = jobs_from_manifest(source, outdir, recipe, settings, calib_size=calib_size)
     try:
         outcomes = run_batch(jobs, outdir, workers=workers, live=not as_json and sys.stderr.isatty())
     except BatchInterrupted as stop:
@@ -471,22 +354,16 @@ def batch(source: Path, outdir: Path, preset: str | None, recipe_file: Path | No
 @main.command()
 @click.argument("float_model", type=click.Path(path_type=Path))
 @click.argument("quant_model", type=click.Path(path_type=Path))
-@click.option("--calib", "data", required=True, help="Inputs to run both models on (any --calib source of `onnxq quantize`).")
-@click.option("--calib-preprocess", type=click.Choice(["torch", "caffe_bgr", "tf127", "raw255"]), help="Named image preprocessing (image folders).")
-@click.option("--calib-size", "size", type=click.IntRange(min=1), default=64, show_default=True, help="How many samples (evenly spaced over the source).")
-@click.option("--calib-resize", type=click.IntRange(min=1), help="Resize the shorter image side before cropping.")
-@click.option("--calib-crop", type=click.IntRange(min=1), help="Center-crop size.")
-@click.option("--tokenizer", help="tokenizer.json for text files.")
-@click.option("--max-length", type=click.IntRange(min=1), help="Truncate tokenized text samples to this many tokens.")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length for token-id .json files / running text.")
+@calibration_options(required=True, size_default=64, calib="Inputs to run both models on (any --calib source of `onnxq quantize`).",
+                     size="How many samples (evenly spaced over the source).", tokenizer="tokenizer.json for text files.",
+                     seq_len="Window length for token-id .json files / running text.")  # fmt: skip
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Worst tensors to show.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--outputs-only", is_flag=True, help="Compare the outputs only (faster on many samples: no per-tensor SQNR).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (all tensors, worst first).")
 @_handle_errors
-def compare(float_model: Path, quant_model: Path, data: str, calib_preprocess: str | None, size: int,
-            calib_resize: int | None, calib_crop: int | None, tokenizer: str | None, max_length: int | None,
-            seq_len: int | None, top: int, no_latency: bool, outputs_only: bool, as_json: bool) -> None:  # fmt: skip
+def compare(float_model: Path, quant_model: Path, calibration: CalibrationOptions, top: int, no_latency: bool, outputs_only: bool,
+            as_json: bool) -> None:  # fmt: skip
     """Run FLOAT_MODEL and QUANT_MODEL on the same inputs and show where they differ.
 
     \b
@@ -501,8 +378,10 @@ def compare(float_model: Path, quant_model: Path, data: str, calib_preprocess: s
     from onnxq.model import load_model
 
     fm, qm = load_model(float_model), load_model(quant_model)
-    source = open_source(data, fm, preprocess=calib_preprocess, resize=calib_resize, crop=calib_crop, limit=size,
-                         tokenizer=tokenizer, max_length=max_length, seq_len=seq_len)  # fmt: skip
+    c = calibration
+    assert c.source is not None  # --calib is required
+    source = open_source(c.source, fm, preprocess=c.preprocess, resize=c.resize, crop=c.crop, limit=c.size,
+                         tokenizer=c.tokenizer, max_length=c.max_length, seq_len=c.seq_len)  # fmt: skip
     result = compare_models(fm, qm, source, float_path=float_model, quant_path=quant_model, latency=not no_latency,
                             tensors=not outputs_only, histograms=0, progress=not as_json)  # fmt: skip
     d = result.to_dict()

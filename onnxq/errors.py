@@ -44,6 +44,10 @@ class RecipeError(OnnxqError):
     """A recipe, preset name or override is invalid."""
 
 
+class RecipeConflictError(RecipeError):
+    """Both a preset and a recipe were given: one would be silently ignored (the CLI's usage error, exit 2)."""
+
+
 class CalibrationError(OnnxqError):
     """Calibration data is missing, empty or does not match the model's inputs."""
 

@@ -88,6 +88,11 @@ class Pass(abc.ABC):
 
     name: ClassVar[str] = "pass"
     in_place: ClassVar[bool] = True
+    reported_counts: ClassVar[tuple[str, ...]] = ()
+    """The counts of :class:`PassResult` a user reads in ``onnxq quantize``'s summary, in that order (the
+    others are in the report only)."""
+    reports_notes: ClassVar[bool] = False
+    """Whether the summary prints this pass's notes."""
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:  # noqa: B027 - optional hook
         """Raise to refuse a graph this pass cannot handle (the error is wrapped to name the pass)."""

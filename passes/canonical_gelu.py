@@ -203,6 +203,7 @@ class CanonicalGeluPass(Pass):
     """
 
     name = "canonical_gelu"
+    reported_counts = ("gelus_rewritten",)
     in_place = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

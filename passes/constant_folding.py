@@ -97,6 +97,7 @@ class ConstantFoldingPass(Pass):
     """
 
     name = "constant_folding"
+    reported_counts = ("nodes_folded",)
     in_place = True
 
     def __init__(self, *, max_output_bytes: int = 64 << 20) -> None:

@@ -159,6 +159,7 @@ class DynamicQuantizePass(Pass):
     """Rewrite weight MatMul/Gemm into dynamic int8 integer products; see the module docstring."""
 
     name = "dynamic"
+    reported_counts = ("nodes_quantized", "nodes_excluded", "weights_quantized")
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:

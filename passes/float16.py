@@ -479,6 +479,8 @@ class Float16Pass(Pass):
     """
 
     name = "float16"
+    reported_counts = ("nodes_converted", "initializers_converted", "nodes_kept_float32", "casts_inserted", "values_clamped")  # fmt: skip
+    reports_notes = True
     in_place = True
 
     def __init__(self, dtype: str | None = None, keep_io_types: bool | None = None,

@@ -135,6 +135,7 @@ class FoldBatchNormPass(Pass):
     """
 
     name = "fold_batchnorm"
+    reported_counts = ("batchnorms_folded",)
     in_place = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

@@ -323,6 +323,7 @@ class InsertQDQPass(Pass):
     """Insert Q/DQ pairs and quantize weights; see the module docstring."""
 
     name = "insert_qdq"
+    reported_counts = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized", "activations_absorbed")  # fmt: skip
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:

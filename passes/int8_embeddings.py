@@ -108,6 +108,7 @@ class Int8EmbeddingsPass(Pass):
     """
 
     name = "int8_embeddings"
+    reported_counts = ("embeddings_quantized",)
     in_place = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

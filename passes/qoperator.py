@@ -145,6 +145,7 @@ class QOperatorPass(Pass):
     """Lower QDQ node units to QOperator ops for the target's execution provider; see the module docstring."""
 
     name = "qoperator"
+    reported_counts = ("activations_absorbed",)
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:

@@ -161,6 +161,7 @@ class UpcastFloat16Pass(Pass):
     """
 
     name = "upcast_float16"
+    reported_counts = ("casts_inserted",)
     in_place = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

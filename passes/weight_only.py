@@ -137,6 +137,8 @@ class WeightOnlyPass(Pass):
     """Quantize the weights of every MatMul with a constant weight (see the module docstring)."""
 
     name = "weight_only"
+    reported_counts = ("layers_quantized", "layers_int8", "layers_left_float", "embeddings_quantized", "awq_groups_scaled", "segments_run")  # fmt: skip
+    reports_notes = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         spec = ctx.recipe.weight_only

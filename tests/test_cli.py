@@ -213,3 +213,17 @@ def test_calibration_cache_refused_for_other_model_or_settings(tiny: Path, tmp_p
     code, _, err = run_cli("quantize", str(other), "-o", str(tmp_path / "b.onnx"), "--calib-cache", str(stats))
     _assert_one_line_error(code, err, "different model")
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+def test_summary_counts_come_from_what_the_passes_declare() -> None:
+    """The done: line sums each pass's declared counts in pipeline order, skipping zeros and internal counts."""
+    from onnxq.cli import _reported_counts
+    from onnxq.report import Report
+
+    report = Report()
+    report.add_step("constant_folding", 0.0, True, {"nodes_folded": 3}, [])
+    report.add_step("insert_qdq", 0.0, True, {"qdq_pairs": 4, "nodes_excluded": 0, "shared_weights": 2, "nodes_quantized": 5}, [])
+    report.add_step("qoperator", 0.0, True, {"activations_absorbed": 1, "nodes_lowered": 4}, [])
+    report.add_step("shape_inference", 0.0, False, {"tensors_updated": 9}, [])
+    counts = _reported_counts(report)
+    assert list(counts.items()) == [("nodes_folded", 3), ("nodes_quantized", 5), ("qdq_pairs", 4), ("activations_absorbed", 1)]

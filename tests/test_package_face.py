@@ -171,3 +171,30 @@ def test_all_names_resolve_and_are_listed() -> None:
     assert {"quantize", "compare", "preset", "Recipe", "load_recipe", "OnnxqError"} <= set(onnxq.__all__)
     with pytest.raises(AttributeError, match="has no attribute 'quantise'"):
         onnxq.quantise  # noqa: B018
+
+
+def test_calibration_rules_live_in_the_library(tmp_path: Path) -> None:
+    """The LLM window default and the needs-calibration checks are library functions (the CLI calls them)."""
+    from onnxq.api import calibration_defaults, check_calibration_given
+
+    text = CalibrationOptions(source=str(tmp_path / "wiki.txt"), tokenizer="tok.json")
+    assert calibration_defaults(onnxq.preset("w4-rtn"), text).seq_len == 512  # windows of running text
+    assert calibration_defaults(onnxq.preset("w4-rtn"), dataclasses.replace(text, max_length=64)).seq_len is None
+    assert calibration_defaults(onnxq.preset("w8a8"), text).seq_len is None  # not weight-only: one line per sample
+    assert calibration_defaults(onnxq.preset("w4-rtn"), CalibrationOptions(source="tokens.json")).seq_len is None
+    with pytest.raises(CalibrationError, match="runs GPTQ, which needs calibration text"):
+        check_calibration_given(onnxq.preset("w4-gptq"), CalibrationOptions(), calib_cache="stats.json")
+    with pytest.raises(CalibrationError, match="is static quantization and needs --calib"):
+        check_calibration_given(onnxq.preset("w8a8"), None)
+    check_calibration_given(onnxq.preset("w8a8"), CalibrationOptions(), calib_cache="stats.json")  # ranges cached
+    check_calibration_given(onnxq.preset("w4-rtn"), None)  # data-free
+
+
+def test_both_preset_and_recipe_is_a_conflict_error() -> None:
+    """The CLI turns exactly this error (and no other RecipeError) into its usage error, exit 2."""
+    from onnxq.errors import RecipeConflictError
+
+    with pytest.raises(RecipeConflictError, match="not both"):
+        choose_recipe("w8a8", onnxq.preset("w8a8"))
+    code = CliRunner().invoke(main, ["quantize", str(MODEL), "-o", "x.onnx", "--preset", "w8a8", "--recipe", "r.toml"]).exit_code
+    assert code == 2

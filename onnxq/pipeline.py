@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -144,14 +145,35 @@ def check_graph(graph: gs.Graph, *, where: str) -> None:
             raise PassError(where, f"ONNX Runtime cannot load the graph: {exc}") from exc
 
 
+RELEASE_MIN_BYTES = 64 << 20
+"""The weight size from which :class:`Pipeline` gives freed memory back to the OS after each pass: below it the
+few megabytes a pass frees are not worth a full garbage collection per pass (which made small models' runs
+several times slower)."""
+
+
+def weight_bytes(graph: gs.Graph) -> int:
+    """Bytes of the graph's constant tensors, from their shapes and dtypes (lazily loaded weights are not read)."""
+    total = 0
+    for t in graph.tensors().values():
+        shape = t.shape if isinstance(t, gs.Constant) else None
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            try:
+                itemsize = np.dtype(t.dtype).itemsize
+            except TypeError:  # a dtype numpy does not name: count it as 4 bytes
+                itemsize = 4
+            total += int(np.prod(shape, dtype=np.int64)) * itemsize
+    return total
+
+
 class Pipeline:
     """An ordered list of passes run one after the other on one graph.
 
     Args:
         passes: the passes, in order.
         checked: validate the graph after every pass (see :func:`check_graph`).
-        release_memory: return freed memory to the OS after every pass (a full garbage collection: worth it
-            for one large model, not for the mixed-precision search's many rebuilds of a small one).
+        release_memory: return freed memory to the OS after every pass of a graph whose weights reach
+            :data:`RELEASE_MIN_BYTES` (a full garbage collection, about 0.1 s in a busy process: worth it for one
+            large model, not for a small one or the mixed-precision search's many rebuilds).
     """
 
     def __init__(self, passes: Sequence[Pass], *, checked: bool = False, release_memory: bool = True) -> None:
@@ -169,6 +191,7 @@ class Pipeline:
         """Run every pass, record its time and counts in ``ctx.report``, and return the final graph."""
         done: list[str] = []
         checked = self.checked or ctx.checked
+        release_memory = self.release_memory and weight_bytes(graph) >= RELEASE_MIN_BYTES
         for p in self.passes:
             if on_pass is not None:
                 on_pass(p)
@@ -182,7 +205,7 @@ class Pipeline:
                 raise PassError(p.name, f"{type(exc).__name__}: {exc} (passes already run: {ran})") from exc
             seconds = time.perf_counter() - t0
             graph = result.graph
-            if self.release_memory:
+            if release_memory:
                 release()  # the pass's freed temporaries back to the OS (see onnxq._memory)
             ctx.report.add_step(p.name, seconds, result.modified, result.counts, result.notes)
             logger.debug("pass %s: modified=%s counts=%s (%.3fs)", p.name, result.modified, result.counts, seconds)

@@ -116,3 +116,27 @@ def test_noop_pipeline_keeps_numerics() -> None:
     g = Pipeline([_Noop()], checked=True).run(_graph(), make_ctx())
     x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
     np.testing.assert_array_equal(run_ort(to_model(g), {"x": x})[0], -np.maximum(x, 0))
+
+
+def _with_weight(n: int) -> gs.Graph:
+    graph = _graph()
+    w = gs.Constant("w", np.zeros((n, 2, 3), np.float32))
+    out = gs.Variable("z", dtype=np.float32, shape=(n, 2, 3))
+    graph.nodes.append(gs.Node("Add", inputs=[graph.outputs[0], w], outputs=[out], name="add"))
+    return graph
+
+
+@pytest.mark.parametrize(("rows", "threshold", "releases"), [(1, 24, 2), (1, 25, 0), (1000, 64 << 20, 0)])
+def test_freed_memory_is_given_back_only_for_large_graphs(monkeypatch: pytest.MonkeyPatch, rows: int,
+                                                          threshold: int, releases: int) -> None:  # fmt: skip
+    """A full garbage collection after each pass costs ~0.1 s in a busy process: only worth it for large weights
+    (the [1, 2, 3] float weight is 24 bytes)."""
+    import onnxq.pipeline as pipeline
+
+    calls: list[int] = []
+    monkeypatch.setattr(pipeline, "RELEASE_MIN_BYTES", threshold)
+    monkeypatch.setattr(pipeline, "release", lambda: calls.append(1))
+    graph = _with_weight(rows)
+    assert pipeline.weight_bytes(graph) == rows * 6 * 4
+    Pipeline([_Noop(), _Noop()]).run(graph, make_ctx())
+    assert len(calls) == releases

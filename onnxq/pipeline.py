@@ -181,7 +181,8 @@ class Pass(abc.ABC):
         return result
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        settings = getattr(self, "settings", None)  # a configured pass shows its settings object
+        return f"{type(self).__name__}({'' if settings is None else repr(settings)})"
 
 
 def check_graph(graph: gs.Graph, *, where: str) -> None:

@@ -182,9 +182,6 @@ class DynamicQuantizePass(Pass):
     def from_recipe(cls, recipe: Recipe) -> DynamicQuantizePass:
         return cls(DynamicSettings.from_recipe(recipe))
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.settings!r})"
-
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         refuse_cuda(ctx.target, self.name, _CUDA_REFUSAL)
         spec = self.settings.selection.weights

@@ -358,9 +358,6 @@ class InsertQDQPass(Pass):
     def missing_calibration_message(self, recipe_name: str) -> str:
         return STATIC_CALIBRATION_REFUSAL.format(recipe=recipe_name)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.settings!r})"
-
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calibration is None:
             raise CalibrationError(

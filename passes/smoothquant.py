@@ -102,9 +102,6 @@ class SmoothQuantPass(Pass):
     def missing_calibration_message(self, recipe_name: str) -> str:
         return STATIC_CALIBRATION_REFUSAL.format(recipe=recipe_name)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.settings!r})"
-
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         spec = self.settings.spec
         counts = {"layers_smoothed": 0, "groups_smoothed": 0, "folded_layernorm": 0, "folded_linear": 0,

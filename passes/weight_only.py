@@ -153,9 +153,6 @@ class WeightOnlyPass(Pass):
     def from_recipe(cls, recipe: Recipe) -> WeightOnlyPass:
         return cls(WeightOnlySettings.from_recipe(recipe))
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.settings!r})"
-
     def needs_calibration(self) -> bool:
         return self.settings.method != "rtn"
 

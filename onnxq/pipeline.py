@@ -22,7 +22,7 @@ import abc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Sequence, TypeVar
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from onnxq.recipe import Recipe
     from onnxq.report import Report
 
-__all__ = ["Pass", "PassResult", "PassContext", "Pipeline", "PreconditionError", "PostconditionError"]
+__all__ = ["Pass", "ConfiguredPass", "PassResult", "PassContext", "Pipeline", "PreconditionError", "PostconditionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,28 @@ class Pass(abc.ABC):
     def __repr__(self) -> str:
         settings = getattr(self, "settings", None)  # a configured pass shows its settings object
         return f"{type(self).__name__}({'' if settings is None else repr(settings)})"
+
+
+S = TypeVar("S")
+
+
+class ConfiguredPass(Pass, Generic[S]):
+    """A pass with a settings object: ``settings_class`` is its frozen dataclass, whose ``from_recipe(recipe)``
+    picks what the pass reads of a recipe; ``ConfiguredPass()`` uses the dataclass's defaults."""
+
+    settings_class: ClassVar[Any]
+    needs_samples: ClassVar[bool] = False
+    """Whether the pass always reads calibration samples (:meth:`needs_calibration`)."""
+
+    def __init__(self, settings: S | None = None) -> None:
+        self.settings: S = settings if settings is not None else self.settings_class()
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Pass:
+        return cls(cls.settings_class.from_recipe(recipe))
+
+    def needs_calibration(self) -> bool:
+        return self.needs_samples
 
 
 def check_graph(graph: gs.Graph, *, where: str) -> None:

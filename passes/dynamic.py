@@ -63,7 +63,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.recipe import DynamicSpec, NodeConfig, NodeSelection, Recipe
 from onnxq.scheme import QuantScheme, choose_qparams, choose_qparams_mse, quantize
 from onnxq.target import TargetProfile, refuse_cuda, weight_scheme
@@ -168,19 +168,13 @@ class DynamicSettings:
         return cls(recipe.selection(), recipe.dynamic)
 
 
-class DynamicQuantizePass(Pass):
+class DynamicQuantizePass(ConfiguredPass[DynamicSettings]):
     """Rewrite weight MatMul/Gemm into dynamic int8 integer products; see the module docstring."""
 
     name = "dynamic"
+    settings_class = DynamicSettings
     reported_counts = ("nodes_quantized", "nodes_excluded", "weights_quantized")
     in_place = True
-
-    def __init__(self, settings: DynamicSettings | None = None) -> None:
-        self.settings = settings or DynamicSettings()
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> DynamicQuantizePass:
-        return cls(DynamicSettings.from_recipe(recipe))
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         refuse_cuda(ctx.target, self.name, _CUDA_REFUSAL)

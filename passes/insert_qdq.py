@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import CalibrationError
 from onnxq.graphs import FreshNames
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.recipe import NodeConfig, NodeSelection, Recipe
 from onnxq.scheme import (
     PerChannel,
@@ -338,22 +338,14 @@ def _constant_scheme(
     return None
 
 
-class InsertQDQPass(Pass):
+class InsertQDQPass(ConfiguredPass[InsertQDQSettings]):
     """Insert Q/DQ pairs and quantize weights; see the module docstring."""
 
     name = "insert_qdq"
+    settings_class = InsertQDQSettings
+    needs_samples = True
     reported_counts = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized", "activations_absorbed")  # fmt: skip
     in_place = True
-
-    def __init__(self, settings: InsertQDQSettings | None = None) -> None:
-        self.settings = settings or InsertQDQSettings()
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> InsertQDQPass:
-        return cls(InsertQDQSettings.from_recipe(recipe))
-
-    def needs_calibration(self) -> bool:
-        return True
 
     def missing_calibration_message(self, recipe_name: str) -> str:
         return STATIC_CALIBRATION_REFUSAL.format(recipe=recipe_name)

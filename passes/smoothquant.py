@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 from onnxq.calibration.channel_stats import ChannelStats, collect_channel_stats
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.recipe import NodeConfig, NodeSelection, Recipe, SmoothQuantSpec
 from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
 from onnxq.target import TargetProfile, weight_scheme
@@ -79,7 +79,7 @@ class SmoothQuantSettings:
         return cls(recipe.selection(), recipe.smoothquant)
 
 
-class SmoothQuantPass(Pass):
+class SmoothQuantPass(ConfiguredPass[SmoothQuantSettings]):
     """Smooth the input of every MatMul/Gemm with a constant weight (see the module docstring).
 
     Needs calibration samples (``ctx.calibration`` with a source); reads ``ctx.target``. Writes
@@ -88,16 +88,8 @@ class SmoothQuantPass(Pass):
     """
 
     name = "smoothquant"
-
-    def __init__(self, settings: SmoothQuantSettings | None = None) -> None:
-        self.settings = settings or SmoothQuantSettings()
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> SmoothQuantPass:
-        return cls(SmoothQuantSettings.from_recipe(recipe))
-
-    def needs_calibration(self) -> bool:
-        return True
+    settings_class = SmoothQuantSettings
+    needs_samples = True
 
     def missing_calibration_message(self, recipe_name: str) -> str:
         return STATIC_CALIBRATION_REFUSAL.format(recipe=recipe_name)

@@ -44,7 +44,7 @@ from onnxq._memory import release
 from onnxq.calibration.runner import choose_providers
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames, downstream_tensors
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.progress import progress_bar
 from onnxq.recipe import Recipe
 from onnxq.target import TargetProfile
@@ -137,21 +137,15 @@ def _accuracy_level(level: int | str, target: TargetProfile) -> int:
     return 0 if target.name in ("cuda", "generic") else 4
 
 
-class WeightOnlyPass(Pass):
+class WeightOnlyPass(ConfiguredPass[WeightOnlySettings]):
     """Quantize the weights of every MatMul with a constant weight (see the module docstring)."""
 
     name = "weight_only"
+    settings_class = WeightOnlySettings
     reported_counts = ("layers_quantized", "layers_int8", "layers_left_float", "embeddings_quantized", "awq_groups_scaled", "segments_run")  # fmt: skip
     reports_notes = True
     calibrates_on_text_windows = True
     cache_answers_calibration = False
-
-    def __init__(self, settings: WeightOnlySettings | None = None) -> None:
-        self.settings = settings or WeightOnlySettings()
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> WeightOnlyPass:
-        return cls(WeightOnlySettings.from_recipe(recipe))
 
     def needs_calibration(self) -> bool:
         return self.settings.method != "rtn"

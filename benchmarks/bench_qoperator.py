@@ -37,7 +37,7 @@ from _common import ASSETS, IMAGENET, calibration_indices, cpu_info, load_images
 from _harness import FeedReader, round_robin
 
 from onnxq.model import to_graph, to_model  # noqa: E402
-from onnxq.passes import PASSES  # noqa: E402
+from onnxq.passes import build_passes  # noqa: E402
 from onnxq.pipeline import PassContext, Pipeline  # noqa: E402
 from onnxq.recipe import preset  # noqa: E402
 from onnxq.report import Report  # noqa: E402
@@ -47,10 +47,9 @@ from onnxq.target import PROFILES, detect_target  # noqa: E402
 def lower(path: Path, out: Path, target: str | None = None) -> tuple[dict, list[str], float]:
     """Lower a QDQ file with the qoperator preset's passes for ``target`` (default: this machine's profile)."""
     model = onnx.load(path)
-    ctx = PassContext(recipe=preset("qoperator"), report=Report(), progress=False)
-    ctx.scratch["target"] = PROFILES[target] if target else detect_target()[0]
+    ctx = PassContext(report=Report(), progress=False, target=PROFILES[target] if target else detect_target()[0])
     t0 = time.perf_counter()
-    graph = Pipeline([PASSES["shape_inference"](), PASSES["qoperator"]()]).run(to_graph(model), ctx)
+    graph = Pipeline(build_passes(preset("qoperator"))).run(to_graph(model), ctx)
     seconds = time.perf_counter() - t0
     onnx.save(to_model(graph, template=model), out)
     step = ctx.report.steps[-1]

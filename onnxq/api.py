@@ -73,7 +73,9 @@ def calibration_defaults(recipe: Recipe, options: CalibrationOptions) -> Calibra
     """``options`` with the defaults that depend on the recipe: a weight-only recipe (an LLM) calibrated on a
     text file without ``seq_len`` or ``max_length`` reads windows of :data:`LLM_SEQ_LEN` tokens of running
     text, not one short line per sample."""
-    if not options.source or "weight_only" not in recipe.passes:
+    from onnxq.passes import build_passes
+
+    if not options.source or not any(p.calibrates_on_text_windows for p in build_passes(recipe)):
         return options
     if options.seq_len is None and options.max_length is None and Path(options.source).suffix.lower() in TEXT_SUFFIXES:
         return dataclasses.replace(options, seq_len=LLM_SEQ_LEN)
@@ -86,19 +88,15 @@ def check_calibration_given(recipe: Recipe, options: CalibrationOptions | None, 
 
     The message names the ``onnxq quantize`` options (``--calib``, ...).
     """
-    if not recipe.needs_calibration() or (options is not None and options.source):
+    from onnxq.passes import build_passes
+
+    if options is not None and options.source:
         return
-    if "weight_only" in recipe.passes:
-        raise CalibrationError(
-            f"preset/recipe '{recipe.name}' runs {recipe.weight_only.method.upper()}, which needs calibration text: "
-            "--calib TOKENS.json (token ids) or a text file with --tokenizer, e.g. --calib-size 32 --seq-len 512; "
-            "--preset w4-rtn needs none"
-        )
-    if calib_cache is None:
-        raise CalibrationError(
-            f"preset/recipe '{recipe.name}' is static quantization and needs --calib (an image folder, "
-            ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)"
-        )
+    # the passes a range cache cannot stand in for are asked first (their refusal holds even with a cache)
+    needing = sorted((p for p in build_passes(recipe) if p.needs_calibration()), key=lambda p: p.cache_answers_calibration)
+    for p in needing:
+        if calib_cache is None or not p.cache_answers_calibration:
+            raise CalibrationError(p.missing_calibration_message(recipe.name))
 
 
 def _check_source_options(options: Mapping[str, Any], *, unused: str | None = None) -> None:

@@ -236,7 +236,7 @@ def _apply_format_alpha(recipe: Any, out_format: str | None, alpha: str | None) 
     if out_format:
         recipe = recipe.with_(format=out_format)
     if alpha is not None:
-        if "smoothquant" not in recipe.passes:
+        if not recipe.runs("smoothquant"):
             raise click.UsageError(f"--alpha applies to SmoothQuant, which preset/recipe '{recipe.name}' does not run; "
                                    "use --preset w8a8-smoothquant")  # fmt: skip
         if alpha != "auto":
@@ -261,7 +261,7 @@ def _apply_weight_only(recipe: Any, *, block_size: int | None, symmetric: bool, 
         changes["lm_head"] = lm_head
     if not changes:
         return recipe
-    if "weight_only" not in recipe.passes:
+    if not recipe.runs("weight_only"):
         flags = ", ".join("--" + k.replace("_", "-") for k in changes)
         raise click.UsageError(f"{flags} applies to weight-only presets (w4-rtn, w4-gptq, w4-awq), not '{recipe.name}'")
     return recipe.with_(weight_only=dataclasses.replace(recipe.weight_only, **changes))

@@ -5,6 +5,12 @@ A pass is a small class with one entry point, :meth:`Pass.run`, that takes an on
 mutate their input (``in_place``); the pipeline holds them to it. Optional ``requires`` / ``ensures``
 hooks check pre- and postconditions and their failures name the pass.
 
+A pass gets its own settings when it is built (:meth:`Pass.from_recipe`, a frozen dataclass such as
+``InsertQDQSettings``; ``onnxq.passes.build_passes(recipe)`` builds a recipe's passes), never the whole
+recipe; what it tells the driver (whether it needs calibration, the opset it needs, ...) it declares
+through the methods of :class:`Pass`. The facts passes share within one run (the target profile, node
+doc strings, the nodes quantized, ...) are typed fields of :class:`PassContext`.
+
 The :class:`Pipeline` is a plain ordered list of passes. In *checked* mode (always on in tests) it runs
 ``onnx.checker`` with ``full_check`` and loads the model in ONNX Runtime after every pass, so a pass
 that leaves the graph invalid is caught at the pass that did it.
@@ -16,7 +22,7 @@ import abc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -24,13 +30,14 @@ import onnx_graphsurgeon as gs
 
 from onnxq._memory import release
 from onnxq.errors import OnnxqError, PassError
+from onnxq.target import PROFILES, TargetProfile
 
 if TYPE_CHECKING:
     from onnxq.calibration.runner import CalibrationSession
     from onnxq.recipe import Recipe
     from onnxq.report import Report
 
-__all__ = ["Pass", "PassResult", "PassContext", "Pipeline", "PreconditionError", "PostconditionError"]
+__all__ = ["Pass", "ConfiguredPass", "PassResult", "PassContext", "Pipeline", "PreconditionError", "PostconditionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +66,40 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """Everything a pass may need besides the graph.
+    """Everything a pass may need besides the graph and its own settings: the run's shared facts, typed.
 
     Attributes:
-        recipe: the recipe being applied.
-        calibration: lazily computed calibration statistics (None when the recipe needs none).
         report: where passes and the pipeline record what they did.
+        calibration: lazily computed calibration statistics (None when no pass needs them).
         checked: run onnx.checker + an ORT load after each pass.
         progress: show progress bars.
-        scratch: per-run values passes hand each other (e.g. the target profile); keys are documented
-            by the pass that writes them.
+        target: the deployment target profile; set by the driver (:func:`onnxq.quantize.quantize_model`),
+            read by insert_qdq, dynamic, smoothquant, qoperator and weight_only.
+        doc_strings: node name -> doc string (why the node exists, shown in Netron); written by every pass
+            that inserts nodes, copied into the model by the driver at the end (graphsurgeon drops them).
+        quantized_nodes: (name, op type) of every compute node quantized, in graph order; written by
+            insert_qdq and dynamic, read by the mixed-precision search (the layers it may move back).
+        weight_qparams_memo: weight scales kept between runs on the same graph, by (name, scheme, method,
+            shape); given by the mixed-precision search (one build per candidate), read and filled by insert_qdq.
+        source_float_dtype: ``"float16"`` or ``"bfloat16"`` when the model was upcast; written by
+            upcast_float16.
+        smoothquant_alphas: per smoothed activation, the alpha used and the factor range; written by
+            smoothquant (for tests and debugging).
+        weight_only_layers: per quantized MatMul, its method, grid and relative output error (and AWQ's ratio);
+            written by weight_only (for tests and debugging).
     """
 
-    recipe: Recipe
     report: Report
     calibration: CalibrationSession | None = None
     checked: bool = False
     progress: bool = True
-    scratch: dict[str, Any] = field(default_factory=dict)
+    target: TargetProfile = field(default_factory=lambda: PROFILES["generic"])
+    doc_strings: dict[str, str] = field(default_factory=dict)
+    quantized_nodes: list[tuple[str, str]] = field(default_factory=list)
+    weight_qparams_memo: dict[Any, Any] | None = None
+    source_float_dtype: str | None = None
+    smoothquant_alphas: dict[str, Any] = field(default_factory=dict)
+    weight_only_layers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Pass(abc.ABC):
@@ -94,6 +117,39 @@ class Pass(abc.ABC):
     others are in the report only)."""
     reports_notes: ClassVar[bool] = False
     """Whether the summary prints this pass's notes."""
+    calibrates_on_text_windows: ClassVar[bool] = False
+    """Whether calibration text for this pass is read as windows of running text (an LLM's), not one line per
+    sample (:func:`onnxq.api.calibration_defaults`)."""
+    cache_answers_calibration: ClassVar[bool] = True
+    """Whether saved activation ranges (``onnxq calibrate``'s cache) can stand in for calibration samples."""
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Pass:
+        """This pass configured from ``recipe``: the settings it reads and nothing else (the default: a pass
+        with no settings)."""
+        return cls()
+
+    def needs_calibration(self) -> bool:
+        """Whether this pass reads calibration samples (activation ranges, layer statistics)."""
+        return False
+
+    def missing_calibration_message(self, recipe_name: str) -> str:
+        """The one-line refusal when this pass needs calibration and none was given (names the CLI options)."""
+        return f"preset/recipe '{recipe_name}' runs {self.name}, which needs calibration data: --calib SOURCE"
+
+    def min_opset(self) -> tuple[int, str] | None:
+        """The default-domain opset this pass needs and why (the "opset upgraded" note), or None to leave it to
+        the recipe's quantization dtypes."""
+        return None
+
+    def runs_on_ort_cpu(self) -> bool:
+        """Whether ONNX Runtime's CPU provider can run what this pass produces (False: checked with onnx only)."""
+        return True
+
+    def node_names(self) -> list[tuple[str, str]]:
+        """The exact node names this pass's settings select, each with how a warning names the selector
+        (``("float16.node_block_list entry", "fc1")``): a name no node has is reported as having no effect."""
+        return []
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:  # noqa: B027 - optional hook
         """Raise to refuse a graph this pass cannot handle (the error is wrapped to name the pass)."""
@@ -126,7 +182,30 @@ class Pass(abc.ABC):
         return result
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        settings = getattr(self, "settings", None)  # a configured pass shows its settings object
+        return f"{type(self).__name__}({'' if settings is None else repr(settings)})"
+
+
+S = TypeVar("S")
+
+
+class ConfiguredPass(Pass, Generic[S]):
+    """A pass with a settings object: ``settings_class`` is its frozen dataclass, whose ``from_recipe(recipe)``
+    picks what the pass reads of a recipe; ``ConfiguredPass()`` uses the dataclass's defaults."""
+
+    settings_class: ClassVar[Any]
+    needs_samples: ClassVar[bool] = False
+    """Whether the pass always reads calibration samples (:meth:`needs_calibration`)."""
+
+    def __init__(self, settings: S | None = None) -> None:
+        self.settings: S = settings if settings is not None else self.settings_class()
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Pass:
+        return cls(cls.settings_class.from_recipe(recipe))
+
+    def needs_calibration(self) -> bool:
+        return self.needs_samples
 
 
 def check_graph(graph: gs.Graph, *, where: str) -> None:

@@ -23,7 +23,7 @@ from onnxq.calibration.cache import CachedCalibration, save_cache
 from onnxq.calibration.runner import CalibrationSession
 from onnxq.calibration.sources import IMAGE_SUFFIXES, CalibrationSource, open_source
 from onnxq.destinations import Dest, Read, check_destinations
-from onnxq.errors import OnnxqError, PassError
+from onnxq.errors import OnnxqError
 from onnxq.model import (
     default_opset,
     densify_sparse_initializers,
@@ -36,7 +36,7 @@ from onnxq.model import (
     to_model,
     upgrade_opset,
 )
-from onnxq.passes import PASSES
+from onnxq.passes import build_passes
 from onnxq.pipeline import Pass, PassContext, Pipeline
 from onnxq.mixed_precision import AccuracyBudget, EvalSet, search_mixed_precision
 from onnxq.recipe import Override, Recipe, recipe_to_dict, unmatched_selectors
@@ -91,16 +91,18 @@ class QuantizeResult:
     recipe: Recipe | None = None  # the recipe as applied (with the mixed-precision overrides, if any)
 
 
-def _required_opset(recipe: Recipe) -> int:
-    if "weight_only" in recipe.passes:
-        # blocked int4 DequantizeLinear needs opset 21; MatMulNBits is a contrib op and needs nothing
-        return 21 if recipe.format == "qdq" else 13
+def _required_opset(recipe: Recipe, passes: list[Pass]) -> tuple[int, str]:
+    """The opset the run needs and why: what the passes declare (:meth:`Pass.min_opset`), else what the
+    recipe's quantization dtypes need (per-channel QDQ: 13; int4/int16: 21)."""
+    declared = [need for need in (p.min_opset() for p in passes) if need is not None]
+    if declared:
+        return max(declared, key=lambda need: need[0])
     dtypes = {QuantDtype(recipe.activations.dtype), QuantDtype(recipe.weights.dtype)}
     for o in recipe.overrides:
         for spec in (o.activations, o.weights):
             if "dtype" in spec:
                 dtypes.add(QuantDtype(spec["dtype"]))
-    return max([13] + [d.min_opset for d in dtypes])
+    return max([13] + [d.min_opset for d in dtypes]), "per-channel QDQ needs opset 13+, int4/int16 QDQ opset 21"
 
 
 def quantize_model(
@@ -144,13 +146,13 @@ def quantize_model(
     if budget is not None:  # the float model's outputs are the reference the budget is measured against
         float_ref = load_model(Path(model)) if isinstance(model, (str, os.PathLike)) else model
     work, base_dir, copy_input = _working_copy(model, copy_input)
-    work = _normalise_model(work, recipe, report)
+    passes = build_passes(recipe)
+    work = _normalise_model(work, _required_opset(recipe, passes), report)
     target = _resolve_target(recipe, report)
     calib_session = _calibration_session(recipe, report, work, calibration, source, calibration_session, progress)
 
-    ctx = PassContext(recipe=recipe, report=report, calibration=calib_session, checked=checked, progress=progress)
-    ctx.scratch["target"] = target
-    passes = _build_passes(recipe)
+    ctx = PassContext(report=report, calibration=calib_session, checked=checked, progress=progress, target=target)
+    applied = recipe  # the recipe as applied: the mixed-precision search adds its per-node overrides
     hook = (lambda p: on_stage(p.name)) if on_stage is not None else None
     graph_in = to_graph(work, base_dir=base_dir)
     # the graph now holds its own copy of every weight: keep only the model-level fields of the protobuf
@@ -171,17 +173,17 @@ def quantize_model(
     else:
         assert float_ref is not None
         eval_source = _evaluation_source(float_ref, evaluation, calibration, eval_size)
-        graph = _run_with_budget(graph_in, passes, ctx, budget, float_ref, eval_source, template, hook)
+        graph, applied = _run_with_budget(graph_in, recipe, passes, ctx, budget, float_ref, eval_source, template, hook)
     del graph_in
     _note_nothing_quantized(report, ops, doubles)
     _note_transformer_hint(report, recipe, ops)
     out = to_model(graph, template=template)
-    _annotate(out, ctx.scratch.get("doc_strings", {}), ctx.recipe)
+    _annotate(out, ctx.doc_strings, applied)
     if isinstance(calib_session, CalibrationSession):
         _record_calibration(report, calib_session, calibration)
     report.info["seconds"] = round(time.perf_counter() - t_start, 2)
     report.info["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    return QuantizeResult(out, report, calibration=calib_session, recipe=ctx.recipe)
+    return QuantizeResult(out, report, calibration=calib_session, recipe=applied)
 
 
 def _working_copy(
@@ -207,19 +209,18 @@ def _working_copy(
     return work, None, copy_input
 
 
-def _normalise_model(work: onnx.ModelProto, recipe: Recipe, report: Report) -> onnx.ModelProto:
-    """Dense initializers, no initializers listed as graph inputs, and the opset the recipe needs; each
-    change is a report note."""
+def _normalise_model(work: onnx.ModelProto, opset: tuple[int, str], report: Report) -> onnx.ModelProto:
+    """Dense initializers, no initializers listed as graph inputs, and the opset the run needs (``opset``: the
+    version and why, :func:`_required_opset`); each change is a report note."""
     if densify_sparse_initializers(work):
         report.note("sparse initializers were made dense (onnxq quantizes dense weights)")
     stripped = strip_initializer_inputs(work)
     if stripped:
         report.note(f"{stripped} initializers were also listed as graph inputs (IR < 4); treated as constants")
     before = default_opset(work)
-    work = upgrade_opset(work, _required_opset(recipe))
+    version, why = opset
+    work = upgrade_opset(work, version)
     if default_opset(work) != before:
-        why = ("blocked int4 DequantizeLinear needs opset 21" if "weight_only" in recipe.passes
-               else "per-channel QDQ needs opset 13+, int4/int16 QDQ opset 21")  # fmt: skip
         report.note(f"opset upgraded from {before} to {default_opset(work)} ({why})")
     return work
 
@@ -274,14 +275,6 @@ def _calibration_session(
     return session
 
 
-def _build_passes(recipe: Recipe) -> list[Pass]:
-    """One fresh instance of every pass the recipe runs, in order."""
-    try:
-        return [PASSES[name]() for name in recipe.pass_names()]
-    except KeyError as exc:
-        raise PassError(str(exc.args[0]), f"unknown pass; valid: {', '.join(PASSES)}") from None
-
-
 def _evaluation_source(
     float_ref: onnx.ModelProto,
     evaluation: CalibrationOptions | None,
@@ -313,7 +306,7 @@ def _note_nothing_quantized(report: Report, ops: set[str], doubles: list[str]) -
 
 def _note_transformer_hint(report: Report, recipe: Recipe, ops: set[str]) -> None:
     """Suggest w8a8-smoothquant when plain w8a8 percentile ranges meet a model that looks like a transformer."""
-    if ("insert_qdq" in recipe.passes and "smoothquant" not in recipe.passes and recipe.calibration.method == "mse-percentile"
+    if (recipe.runs("insert_qdq") and not recipe.runs("smoothquant") and recipe.calibration.method == "mse-percentile"
             and ops & ({"LayerNormalization", "SimplifiedLayerNormalization"} | ({"Softmax"} if "MatMul" in ops else set()))):  # fmt: skip
         report.note("this looks like a transformer: the w8a8 percentile ranges clip the rare large activations it "
                     "relies on; --preset w8a8-smoothquant (SmoothQuant + MSE ranges) is usually far more accurate "
@@ -340,18 +333,21 @@ def _calibration_warnings(session: CalibrationSession, options: CalibrationOptio
     return lines
 
 
-def _run_with_budget(graph_in: Any, passes: list[Any], ctx: PassContext, budget: AccuracyBudget, float_ref: onnx.ModelProto,
-                     eval_source: CalibrationSource, template: Any, hook: Any) -> Any:  # fmt: skip
-    """The pipeline with a mixed-precision search between preprocessing and quantization.
+def _run_with_budget(graph_in: Any, recipe: Recipe, passes: list[Pass], ctx: PassContext, budget: AccuracyBudget,
+                     float_ref: onnx.ModelProto, eval_source: CalibrationSource, template: Any,
+                     hook: Any) -> tuple[Any, Recipe]:  # fmt: skip
+    """The pipeline with a mixed-precision search between preprocessing and quantization; returns the graph
+    and the recipe as applied (with the search's per-node overrides).
 
     The passes before the quantizing one (``insert_qdq`` or ``dynamic``) run once; the quantizing pass and
-    those after it run once per candidate on a copy of the preprocessed graph, with per-node overrides.
+    those after it run once per candidate on a copy of the preprocessed graph, built from ``recipe`` with
+    per-node overrides.
     """
     names = [p.name for p in passes]
     cut = next((i for i, n in enumerate(names) if n in ("insert_qdq", "dynamic")), None)
     if cut is None:
         raise OnnxqError(f"--accuracy-budget applies to int8 recipes (w8a8, w8a8-smoothquant, int8-dynamic, ...); "
-                         f"recipe '{ctx.recipe.name}' runs {', '.join(names)}")  # fmt: skip
+                         f"recipe '{recipe.name}' runs {', '.join(names)}")  # fmt: skip
     pre = Pipeline(passes[:cut], checked=ctx.checked).run(graph_in, ctx, on_pass=hook)
     pre_model = to_model(pre, template=template)
     del pre
@@ -368,11 +364,11 @@ def _run_with_budget(graph_in: Any, passes: list[Any], ctx: PassContext, budget:
         return upgraded[21]
 
     def build(cfg: dict[str, str]) -> onnx.ModelProto:
-        sub = PassContext(recipe=with_levels(ctx.recipe, cfg), report=Report(), calibration=ctx.calibration,
-                          progress=False, scratch={"target": ctx.scratch["target"], "weight_qparams_memo": memo})  # fmt: skip
-        g = Pipeline([PASSES[n]() for n in names[cut:]], release_memory=False).run(to_graph(base_for(cfg)), sub)
+        sub = PassContext(report=Report(), calibration=ctx.calibration, progress=False, target=ctx.target,
+                          weight_qparams_memo=memo)  # fmt: skip
+        g = Pipeline(build_passes(with_levels(recipe, cfg))[cut:], release_memory=False).run(to_graph(base_for(cfg)), sub)
         if not cfg and not found:
-            found.extend(sub.scratch.get("quantized_nodes", []))
+            found.extend(sub.quantized_nodes)
         return to_model(g, template=template)
 
     status = _Status(ctx.progress)
@@ -389,8 +385,9 @@ def _run_with_budget(graph_in: Any, passes: list[Any], ctx: PassContext, budget:
     ctx.report.note(f"accuracy budget {result.target}: int8 {result.baseline} -> {result.final} "
                     f"({'met' if result.met else 'NOT met'}) with {n16} layer(s) at int16 activations and {nfl} in float, "
                     f"of {len(found)}; {result.forward_passes} forward passes, {result.builds} builds, {result.seconds} s")  # fmt: skip
-    ctx.recipe = with_levels(ctx.recipe, result.levels)
-    return Pipeline([PASSES[n]() for n in names[cut:]], checked=ctx.checked).run(to_graph(base_for(result.levels)), ctx, on_pass=hook)
+    applied = with_levels(recipe, result.levels)
+    graph = Pipeline(build_passes(applied)[cut:], checked=ctx.checked).run(to_graph(base_for(result.levels)), ctx, on_pass=hook)
+    return graph, applied
 
 
 class _Status:
@@ -528,7 +525,7 @@ def quantize_file(
 def _verify(result: QuantizeResult, recipe: Recipe, report: Report) -> bool:
     """Check that the output loads (onnx.checker, and ONNX Runtime unless it is bfloat16); record the full
     recipe. Returns True for a bfloat16 output (which ORT's CPU provider cannot run)."""
-    bf16 = "float16" in recipe.passes and recipe.float16.dtype == "bfloat16"
+    bf16 = not all(p.runs_on_ort_cpu() for p in build_passes(recipe))
     if bf16:
         report.note("bfloat16 output: ONNX Runtime's CPU provider has no bfloat16 kernels for most ops, so the "
                     "model was checked with onnx.checker only; run it on a bfloat16-capable provider (CUDA)")  # fmt: skip

@@ -55,6 +55,7 @@ from onnxq.recipe_schema import (
     ExcludeSpec,
     Float16Spec,
     NodeConfig,
+    NodeSelection,
     Override,
     Recipe,
     SmoothQuantSpec,
@@ -82,6 +83,7 @@ __all__ = [
     "QUANTIZABLE_OPS",
     "Override",
     "NodeConfig",
+    "NodeSelection",
     "Recipe",
     "PRESETS",
     "preset",
@@ -187,8 +189,9 @@ def unmatched_selectors(recipe: Recipe, nodes: Iterable[tuple[str, str]]) -> lis
     out += [miss("exclusion --exclude-node (recipe exclude.names)", n, names) for n in ex.names if n not in names]
     out += [miss("exclusion --exclude-regex (recipe exclude.name_regex)", rx, set())
             for rx in ex.name_regex if not any(re.search(rx, n) for n in names)]  # fmt: skip
-    if "float16" in recipe.passes:
-        out += [miss("float16.node_block_list entry", n, names) for n in recipe.float16.node_block_list if n not in names]
+    from onnxq.passes import build_passes
+
+    out += [miss(subject, n, names) for p in build_passes(recipe) for subject, n in p.node_names() if n not in names]
     for ov in recipe.overrides:
         if not any(ov.matches(n, o) for n, o in pairs):
             pool = {"op_type": ops, "name": names}.get(ov.selector_key, set())

@@ -21,7 +21,7 @@ from onnxq.validation import check_instance, rule, show, suggest
 
 __all__ = [
     "QUANTIZABLE_OPS", "FLOAT16_BLOCK_LIST", "PASS_NAMES", "ActivationSpec", "WeightSpec", "CalibrationSpec", "ExcludeSpec",
-    "Float16Spec", "SmoothQuantSpec", "DynamicSpec", "WeightOnlySpec", "Override", "NodeConfig", "Recipe",
+    "Float16Spec", "SmoothQuantSpec", "DynamicSpec", "WeightOnlySpec", "Override", "NodeConfig", "NodeSelection", "Recipe",
 ]  # fmt: skip
 
 QUANTIZABLE_OPS: tuple[str, ...] = (
@@ -348,6 +348,35 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class NodeSelection:
+    """Which nodes a quantizing pass touches and with what settings: the recipe's ``op_types``, ``[exclude]``,
+    ``[[override]]`` tables and its global ``[activations]`` / ``[weights]`` schemes. The passes that choose
+    nodes (insert_qdq, dynamic, smoothquant, weight_only) carry one in their settings instead of the recipe."""
+
+    op_types: tuple[str, ...] = QUANTIZABLE_OPS
+    exclude: ExcludeSpec = field(default_factory=ExcludeSpec)
+    overrides: tuple[Override, ...] = ()
+    activations: ActivationSpec = field(default_factory=ActivationSpec)
+    weights: WeightSpec = field(default_factory=WeightSpec)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> NodeSelection:
+        return cls(recipe.op_types, recipe.exclude, recipe.overrides, recipe.activations, recipe.weights)
+
+    def config_for(self, name: str, op_type: str) -> NodeConfig | None:
+        """Resolved settings for a node, or None when it stays in float (excluded or skipped)."""
+        if op_type not in self.op_types or self.exclude.excludes(name, op_type):
+            return None
+        act, wt = self.activations, self.weights
+        for ov in sorted((o for o in self.overrides if o.matches(name, op_type)), key=lambda o: o.priority):
+            if ov.skip:
+                return None
+            act = dataclasses.replace(act, **dict(ov.activations))
+            wt = dataclasses.replace(wt, **dict(ov.weights))
+        return NodeConfig(act, wt)
+
+
+@dataclass(frozen=True)
 class Recipe(_Table):
     """A complete, serialisable description of one quantization run."""
 
@@ -374,12 +403,12 @@ class Recipe(_Table):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.format == "matmulnbits" and "weight_only" not in self.passes:
+        if self.format == "matmulnbits" and not self.runs("weight_only"):
             raise RecipeError(
                 "format 'matmulnbits' packs weight-only quantized MatMuls: use it with a weight-only preset "
                 "(w4-rtn, w4-gptq, w4-awq)"
             )
-        if self.format == "qoperator" and "weight_only" in self.passes:
+        if self.format == "qoperator" and self.runs("weight_only"):
             raise RecipeError(
                 "weight-only presets have no QOperator form (activations stay float): use --format matmulnbits "
                 "(com.microsoft.MatMulNBits) or --format qdq (int4 DequantizeLinear + MatMul)"
@@ -389,31 +418,30 @@ class Recipe(_Table):
                 raise RecipeError(f"[[override]] {ov.selector} never applies: this recipe quantizes only the op types "
                                   f"{', '.join(self.op_types)} (op_types)")  # fmt: skip
 
+    def runs(self, name: str) -> bool:
+        """Whether the pass called ``name`` runs (:meth:`pass_names`): the one place a question about the
+        recipe's passes is asked by name (what a pass does is asked of the built pass instead)."""
+        return name in self.pass_names()
+
     def needs_calibration(self) -> bool:
-        """Whether the passes need calibration samples (activation ranges or weight-only statistics)."""
-        return (
-            "insert_qdq" in self.passes
-            or "smoothquant" in self.passes
-            or ("weight_only" in self.passes and self.weight_only.method != "rtn")
-        )
+        """Whether the passes need calibration samples (activation ranges or weight-only statistics): asked
+        of the passes this recipe builds (:meth:`onnxq.pipeline.Pass.needs_calibration`)."""
+        from onnxq.passes import build_passes
+
+        return any(p.needs_calibration() for p in build_passes(self))
 
     def pass_names(self) -> tuple[str, ...]:
         """The passes to run: ``passes``, plus the ``qoperator`` lowering at the end for ``format = "qoperator"``."""
-        if self.format == "qoperator" and "qoperator" not in self.passes:
-            return (*self.passes, "qoperator")
-        return self.passes
+        extra = ("qoperator",) if self.format == "qoperator" else ()
+        return tuple(dict.fromkeys((*self.passes, *extra)))
+
+    def selection(self) -> NodeSelection:
+        """The node choice of this recipe (op types, exclusions, overrides, global schemes)."""
+        return NodeSelection.from_recipe(self)
 
     def config_for(self, name: str, op_type: str) -> NodeConfig | None:
         """Resolved settings for a node, or None when it stays in float (excluded or skipped)."""
-        if op_type not in self.op_types or self.exclude.excludes(name, op_type):
-            return None
-        act, wt = self.activations, self.weights
-        for ov in sorted((o for o in self.overrides if o.matches(name, op_type)), key=lambda o: o.priority):
-            if ov.skip:
-                return None
-            act = dataclasses.replace(act, **dict(ov.activations))
-            wt = dataclasses.replace(wt, **dict(ov.weights))
-        return NodeConfig(act, wt)
+        return self.selection().config_for(name, op_type)
 
     def with_(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)

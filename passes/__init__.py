@@ -1,10 +1,14 @@
 """onnxq's graph passes, one module each; ``PASSES`` maps each pass's short name to its class.
 
-Recipes name passes by these short names (``recipe.passes``).
+Recipes name passes by these short names (``recipe.passes``); :func:`build_passes` builds a recipe's passes,
+each with its own settings (:meth:`onnxq.pipeline.Pass.from_recipe`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from onnxq.errors import PassError
 from onnxq.pipeline import Pass
 
 from .canonical_gelu import CanonicalGeluPass, canonical_gelu
@@ -21,8 +25,12 @@ from .shape_inference import ShapeInferencePass, infer_shapes
 from .upcast_float16 import UpcastFloat16Pass, upcast_float16
 from .weight_only import WeightOnlyPass, quantize_weight_only
 
+if TYPE_CHECKING:
+    from onnxq.recipe import Recipe
+
 __all__ = [
     "PASSES",
+    "build_passes",
     "CanonicalGeluPass",
     "ConstantFoldingPass",
     "DynamicQuantizePass",
@@ -69,3 +77,12 @@ PASSES: dict[str, type[Pass]] = {
         Float16Pass,
     )
 }
+
+
+def build_passes(recipe: Recipe) -> list[Pass]:
+    """One fresh instance of every pass ``recipe`` runs (:meth:`Recipe.pass_names`), in order, each configured
+    with its own settings from the recipe."""
+    unknown = [name for name in recipe.pass_names() if name not in PASSES]
+    if unknown:
+        raise PassError(unknown[0], f"unknown pass; valid: {', '.join(PASSES)}")
+    return [PASSES[name].from_recipe(recipe) for name in recipe.pass_names()]

@@ -48,14 +48,14 @@ and carry doc strings; the node's output tensor keeps its name, so graph outputs
 Nodes the recipe excludes (``config_for`` returns None) or that are not in ``[dynamic] op_types`` stay
 float; nodes whose B is not a 2-D float32 constant are left alone with a note.
 
-``ctx.scratch`` keys read: ``"target"`` (a :class:`onnxq.target.TargetProfile`); written:
-``"doc_strings"``.
+Settings: :class:`DynamicSettings` (the node selection and the ``[dynamic]`` table). Reads ``ctx.target``;
+writes ``ctx.doc_strings`` and ``ctx.quantized_nodes``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -63,12 +63,12 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
-from onnxq.pipeline import Pass, PassContext, PassResult
-from onnxq.recipe import NodeConfig
+from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
+from onnxq.recipe import DynamicSpec, NodeConfig, NodeSelection, Recipe
 from onnxq.scheme import QuantScheme, choose_qparams, choose_qparams_mse, quantize
-from onnxq.target import PROFILES, TargetProfile, refuse_cuda, weight_scheme
+from onnxq.target import TargetProfile, refuse_cuda, weight_scheme
 
-__all__ = ["DynamicQuantizePass", "quantize_dynamic", "hadamard", "hadamard_block", "ROW_QMAX", "ROW_ZERO_POINT",
+__all__ = ["DynamicQuantizePass", "DynamicSettings", "quantize_dynamic", "hadamard", "hadamard_block", "ROW_QMAX", "ROW_ZERO_POINT",
            "ROW_SCALE_FLOOR"]
 
 logger = logging.getLogger(__name__)
@@ -155,16 +155,30 @@ def _why_not(node: gs.Node) -> str | None:
     return None
 
 
-class DynamicQuantizePass(Pass):
+@dataclass(frozen=True)
+class DynamicSettings:
+    """What :class:`DynamicQuantizePass` reads of a recipe: which nodes with which weight schemes, and the
+    ``[dynamic]`` table (activation granularity, op types, Hadamard block)."""
+
+    selection: NodeSelection = field(default_factory=NodeSelection)
+    spec: DynamicSpec = field(default_factory=DynamicSpec)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> DynamicSettings:
+        return cls(recipe.selection(), recipe.dynamic)
+
+
+class DynamicQuantizePass(ConfiguredPass[DynamicSettings]):
     """Rewrite weight MatMul/Gemm into dynamic int8 integer products; see the module docstring."""
 
     name = "dynamic"
+    settings_class = DynamicSettings
     reported_counts = ("nodes_quantized", "nodes_excluded", "weights_quantized")
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        refuse_cuda(ctx.scratch.get("target", PROFILES["generic"]), self.name, _CUDA_REFUSAL)
-        spec = ctx.recipe.weights
+        refuse_cuda(ctx.target, self.name, _CUDA_REFUSAL)
+        spec = self.settings.selection.weights
         if spec.dtype != "int8":
             raise PassError(
                 self.name,
@@ -173,79 +187,91 @@ class DynamicQuantizePass(Pass):
             )
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        recipe = ctx.recipe
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
-        per_row = recipe.dynamic.activation_granularity == "per-row"
+        per_row = self.settings.spec.activation_granularity == "per-row"
         self._hadamards: dict[int, gs.Constant] = {}
-        counts = {"nodes_quantized": 0, "nodes_excluded": 0, "nodes_skipped": 0, "activation_products": 0,
-                  "weights_quantized": 0, "shared_weights": 0, "activations_quantized": 0,
-                  "activations_rotated": 0}  # fmt: skip
-        notes: list[str] = []
+        self._counts = {"nodes_quantized": 0, "nodes_excluded": 0, "nodes_skipped": 0, "activation_products": 0,
+                        "weights_quantized": 0, "shared_weights": 0, "activations_quantized": 0,
+                        "activations_rotated": 0}  # fmt: skip
         self._fresh = FreshNames(graph)
         self._opset = int(graph.opset or 13)
-        self._docs: dict[str, str] = ctx.scratch.setdefault("doc_strings", {})
-        weights: dict[tuple[str, bool, str, str, int], _Weight] = {}
-        activations: dict[tuple[str, int], _Activation] = {}
-        unrotated: list[str] = []
-        skipped: dict[str, list[str]] = {}
-        bits_note: set[str] = set()
-
+        self._docs: dict[str, str] = ctx.doc_strings
+        self._weights: dict[tuple[str, bool, str, str, int], _Weight] = {}
+        self._activations: dict[tuple[str, int], _Activation] = {}
+        self._unrotated: list[str] = []
+        self._skipped: dict[str, list[str]] = {}
+        self._bits_note: set[str] = set()
         for node in list(graph.nodes):
-            if node.op not in ("MatMul", "Gemm") or node.op not in recipe.dynamic.op_types:
-                continue
-            if len(node.inputs) > 1 and not isinstance(node.inputs[1], gs.Constant):
-                counts["activation_products"] += 1  # attention's Q x K^T, P x V: no weight to quantize
-                continue
-            cfg = recipe.config_for(node.name, node.op)
-            if cfg is None:
-                counts["nodes_excluded"] += 1
-                continue
-            why = _why_not(node)
-            if why is not None:
-                counts["nodes_skipped"] += 1
-                skipped.setdefault(why, []).append(node.name or node.outputs[0].name)
-                continue
-            scheme = self._weight_scheme(node, cfg, target)
-            bits_note.add(f"{scheme.dtype.value} {scheme.qmin}..{scheme.qmax}")
-            w_const: gs.Constant = node.inputs[1]
-            trans_b = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
-            k = int(w_const.values.shape[1 if trans_b else 0])
-            block = hadamard_block(k, recipe.dynamic.hadamard_block)
-            if recipe.dynamic.hadamard_block and not block:
-                unrotated.append(node.name)
-            key = (w_const.name, trans_b, str(scheme), cfg.weights.range_method, block)
-            if key in weights:
-                counts["shared_weights"] += 1
-            else:
-                weights[key] = self._quantize_weight(w_const, trans_b, scheme, cfg.weights.range_method, block)
-                counts["weights_quantized"] += 1
-            x = node.inputs[0]
-            if node.op == "Gemm" and node.attrs.get("transA", 0):
-                x = self._transpose_input(graph, node, x)
-            if (x.name, block) not in activations:
-                counts["activations_rotated"] += bool(block)
-                activations[(x.name, block)] = self._quantize_activation(graph, x, per_row, k, block)
-                counts["activations_quantized"] += 1
-            ctx.scratch.setdefault("quantized_nodes", []).append((node.name, node.op))
-            self._rewrite(graph, node, activations[(x.name, block)], weights[key], per_row)
-            counts["nodes_quantized"] += 1
+            cfg = self._chosen(node)
+            if cfg is not None:
+                self._quantize_node(graph, node, cfg, ctx, per_row)
+        counts = self._counts
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(graph, modified=counts["nodes_quantized"] > 0, counts=counts, notes=self._notes(per_row, ctx.target))
 
-        for why, names in skipped.items():
+    def _chosen(self, node: gs.Node) -> NodeConfig | None:
+        """The node's settings when it is rewritten; None (counted or noted) when it stays float."""
+        if node.op not in ("MatMul", "Gemm") or node.op not in self.settings.spec.op_types:
+            return None
+        if len(node.inputs) > 1 and not isinstance(node.inputs[1], gs.Constant):
+            self._counts["activation_products"] += 1  # attention's Q x K^T, P x V: no weight to quantize
+            return None
+        cfg = self.settings.selection.config_for(node.name, node.op)
+        if cfg is None:
+            self._counts["nodes_excluded"] += 1
+            return None
+        why = _why_not(node)
+        if why is not None:
+            self._counts["nodes_skipped"] += 1
+            self._skipped.setdefault(why, []).append(node.name or node.outputs[0].name)
+            return None
+        return cfg
+
+    def _quantize_node(self, graph: gs.Graph, node: gs.Node, cfg: NodeConfig, ctx: PassContext, per_row: bool) -> None:
+        """Quantize one chosen node's weight (once per scheme) and input (once per block) and rewrite it."""
+        counts, hadamard_cap = self._counts, self.settings.spec.hadamard_block
+        scheme = self._weight_scheme(node, cfg, ctx.target)
+        self._bits_note.add(f"{scheme.dtype.value} {scheme.qmin}..{scheme.qmax}")
+        w_const: gs.Constant = node.inputs[1]
+        trans_b = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
+        k = int(w_const.values.shape[1 if trans_b else 0])
+        block = hadamard_block(k, hadamard_cap)
+        if hadamard_cap and not block:
+            self._unrotated.append(node.name)
+        key = (w_const.name, trans_b, str(scheme), cfg.weights.range_method, block)
+        if key in self._weights:
+            counts["shared_weights"] += 1
+        else:
+            self._weights[key] = self._quantize_weight(w_const, trans_b, scheme, cfg.weights.range_method, block)
+            counts["weights_quantized"] += 1
+        x = node.inputs[0]
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            x = self._transpose_input(graph, node, x)
+        if (x.name, block) not in self._activations:
+            counts["activations_rotated"] += bool(block)
+            self._activations[(x.name, block)] = self._quantize_activation(graph, x, per_row, k, block)
+            counts["activations_quantized"] += 1
+        ctx.quantized_nodes.append((node.name, node.op))
+        self._rewrite(graph, node, self._activations[(x.name, block)], self._weights[key], per_row)
+        counts["nodes_quantized"] += 1
+
+    def _notes(self, per_row: bool, target: TargetProfile) -> list[str]:
+        """The pass's notes: nodes left float and why, unrotated inputs, and the schemes used."""
+        counts, notes = self._counts, []
+        for why, names in self._skipped.items():
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             notes.append(f"left in float ({why}): {', '.join(names[:3])}{more}")
-        if unrotated:
-            more = f" and {len(unrotated) - 3} more" if len(unrotated) > 3 else ""
+        if self._unrotated:
+            more = f" and {len(self._unrotated) - 3} more" if len(self._unrotated) > 3 else ""
             notes.append(f"no Hadamard rotation (K has no power-of-two factor >= {_MIN_BLOCK}): "
-                         f"{', '.join(unrotated[:3])}{more}")  # fmt: skip
+                         f"{', '.join(self._unrotated[:3])}{more}")  # fmt: skip
         if counts["activation_products"]:
             notes.append(f"{counts['activation_products']} activation x activation products (no constant weight) stay float")
         if counts["nodes_quantized"]:
             act = "per-row symmetric uint8 activations" if per_row else "per-tensor uint8 activations (DynamicQuantizeLinear)"
             if counts["activations_rotated"]:
-                act += f", block-{recipe.dynamic.hadamard_block} Hadamard rotation"
-            notes.append(f"{act}; weights on target {target.name}: {', '.join(sorted(bits_note))}")
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(graph, modified=counts["nodes_quantized"] > 0, counts=counts, notes=notes)
+                act += f", block-{self.settings.spec.hadamard_block} Hadamard rotation"
+            notes.append(f"{act}; weights on target {target.name}: {', '.join(sorted(self._bits_note))}")
+        return notes
 
     # ------------------------------------------------------------------ helpers
 
@@ -423,6 +449,9 @@ class DynamicQuantizePass(Pass):
             self._node(graph, "Add", f"{base}/AddBias", [y, bias], [out], f"onnxq: Gemm '{node.name}' bias added in float")
 
 
-def quantize_dynamic(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    """Convenience function: run :class:`DynamicQuantizePass` on ``graph``."""
-    return DynamicQuantizePass()(graph, ctx).graph
+def quantize_dynamic(graph: gs.Graph, ctx: PassContext, recipe: Recipe | None = None) -> gs.Graph:
+    """Convenience function: run :class:`DynamicQuantizePass` configured from ``recipe`` (default: the
+    ``int8-dynamic`` preset) on ``graph``."""
+    from onnxq.presets import preset
+
+    return DynamicQuantizePass.from_recipe(recipe or preset("int8-dynamic"))(graph, ctx).graph

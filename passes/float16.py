@@ -44,7 +44,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.pipeline import Pass, PassContext, PassResult
-from onnxq.recipe import FLOAT16_BLOCK_LIST, Float16Spec
+from onnxq.recipe import FLOAT16_BLOCK_LIST, Float16Spec, Recipe
 
 __all__ = ["DEFAULT_BLOCK_LIST", "Float16Pass", "convert_float16"]
 
@@ -470,9 +470,9 @@ def _convert(graph: gs.Graph, dtype: str, keep_io_types: bool, op_block_list: Se
 class Float16Pass(Pass):
     """Convert float32 computation to float16 / bfloat16 (see the module docstring).
 
-    Arguments left as None come from the recipe's ``[float16]`` table (:class:`onnxq.recipe.Float16Spec`):
-    ``dtype`` ``"float16"``, ``keep_io_types`` True, ``op_block_list`` :data:`DEFAULT_BLOCK_LIST`,
-    ``node_block_list`` empty.
+    Arguments left as None come from ``spec`` (the recipe's ``[float16]`` table, :class:`onnxq.recipe.Float16Spec`,
+    given by :meth:`from_recipe`; default: ``dtype`` ``"float16"``, ``keep_io_types`` True, ``op_block_list``
+    :data:`DEFAULT_BLOCK_LIST`, ``node_block_list`` empty).
 
     counts: ``initializers_converted``, ``values_clamped`` (finite values beyond the half range),
     ``values_flushed_to_zero``, ``casts_inserted``, ``nodes_converted``, ``nodes_kept_float32``.
@@ -484,23 +484,32 @@ class Float16Pass(Pass):
     in_place = True
 
     def __init__(self, dtype: str | None = None, keep_io_types: bool | None = None,
-                 op_block_list: Sequence[str] | None = None, node_block_list: Sequence[str] | None = None) -> None:  # fmt: skip
+                 op_block_list: Sequence[str] | None = None, node_block_list: Sequence[str] | None = None,
+                 *, spec: Float16Spec | None = None) -> None:  # fmt: skip
         if dtype is not None and dtype not in _HALF:
             raise ValueError(f"dtype must be 'float16' or 'bfloat16', got '{dtype}'")
         self.dtype, self.keep_io_types = dtype, keep_io_types
-        self.op_block_list, self.node_block_list = op_block_list, node_block_list
-
-    def _settings(self, ctx: PassContext) -> Float16Spec:
-        spec: Float16Spec = getattr(ctx.recipe, "float16", None) or Float16Spec()
-        return Float16Spec(
-            dtype=self.dtype or spec.dtype,  # type: ignore[arg-type]
-            keep_io_types=spec.keep_io_types if self.keep_io_types is None else self.keep_io_types,
-            op_block_list=tuple(spec.op_block_list if self.op_block_list is None else self.op_block_list),
-            node_block_list=tuple(spec.node_block_list if self.node_block_list is None else self.node_block_list),
+        spec = spec or Float16Spec()
+        self.settings = Float16Spec(
+            dtype=dtype or spec.dtype,  # type: ignore[arg-type]
+            keep_io_types=spec.keep_io_types if keep_io_types is None else keep_io_types,
+            op_block_list=tuple(spec.op_block_list if op_block_list is None else op_block_list),
+            node_block_list=tuple(spec.node_block_list if node_block_list is None else node_block_list),
         )
 
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Float16Pass:
+        return cls(spec=recipe.float16)
+
+    def runs_on_ort_cpu(self) -> bool:
+        """bfloat16 output: ONNX Runtime's CPU provider has no bfloat16 kernels for most ops."""
+        return self.settings.dtype != "bfloat16"
+
+    def node_names(self) -> list[tuple[str, str]]:
+        return [("float16.node_block_list entry", n) for n in self.settings.node_block_list]
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        s = self._settings(ctx)
+        s = self.settings
         modified, counts, notes = _convert(graph, s.dtype, s.keep_io_types, s.op_block_list, s.node_block_list)
         logger.info("float16 (%s): modified=%s %s", s.dtype, modified, counts)
         return PassResult(graph, modified, counts, notes)

@@ -21,10 +21,11 @@ What the pass does, per quantized node (the recipe decides which nodes; excluded
 Inserted nodes are named after the tensor they serve (``<tensor>/QuantizeLinear``) and carry a doc
 string with the scheme, calibration method and range, so the result reads well in Netron.
 
-``ctx.scratch`` keys read: ``"target"`` (a :class:`onnxq.target.TargetProfile`) and, where present,
-``"weight_qparams_memo"`` (a dict that keeps weight scales between runs on the same graph: the
-mixed-precision search of :mod:`onnxq.mixed_precision` rebuilds the model once per candidate).
-Written: ``"quantized_nodes"`` (name, op type) of every quantized compute node, in graph order.
+Settings: :class:`InsertQDQSettings` (the node selection, ``quantize_outputs``, the calibration method).
+Reads ``ctx.target`` and, where set, ``ctx.weight_qparams_memo`` (weight scales kept between runs on the
+same graph: the mixed-precision search of :mod:`onnxq.mixed_precision` rebuilds the model once per
+candidate). Writes ``ctx.quantized_nodes`` (name, op type) of every quantized compute node, in graph order,
+and ``ctx.doc_strings``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import CalibrationError
 from onnxq.graphs import FreshNames
-from onnxq.pipeline import Pass, PassContext, PassResult
-from onnxq.recipe import NodeConfig, Recipe
+from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
+from onnxq.recipe import NodeConfig, NodeSelection, Recipe
 from onnxq.scheme import (
     PerChannel,
     QuantDtype,
@@ -49,9 +50,9 @@ from onnxq.scheme import (
     dequantize,
     quantize,
 )
-from onnxq.target import PROFILES, TargetProfile, weight_scheme
+from onnxq.target import TargetProfile, weight_scheme
 
-__all__ = ["InsertQDQPass", "insert_qdq", "PASS_THROUGH_OPS"]
+__all__ = ["InsertQDQPass", "InsertQDQSettings", "insert_qdq", "PASS_THROUGH_OPS", "STATIC_CALIBRATION_REFUSAL"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,24 @@ _CONST_OPERAND_OPS = frozenset({"Add", "Mul", "Concat"})
 _ABSORBABLE = frozenset({"Relu", "Clip"})
 _ELEMENTWISE_OPS = frozenset({"Add", "Mul"})
 _FLOAT_TYPES = (np.float32, np.float16)  # QuantizeLinear takes no float64: such tensors stay as they are
+
+STATIC_CALIBRATION_REFUSAL = ("preset/recipe '{recipe}' is static quantization and needs --calib (an image folder, "
+                              ".npz/.npy files, a test_data_set folder, or 'random' for data-free ranges)")  # fmt: skip
+"""The refusal of a static recipe run with no calibration samples and no range cache (``{recipe}``: its name)."""
+
+
+@dataclass(frozen=True)
+class InsertQDQSettings:
+    """What :class:`InsertQDQPass` reads of a recipe: which nodes with which schemes, whether graph outputs
+    are quantized too, and the calibration method (named in the Q/DQ doc strings)."""
+
+    selection: NodeSelection = field(default_factory=NodeSelection)
+    quantize_outputs: bool = False
+    calibration_method: str = "mse-percentile"
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> InsertQDQSettings:
+        return cls(recipe.selection(), recipe.quantize_outputs, recipe.calibration.method)
 
 
 @dataclass(frozen=True)
@@ -154,7 +173,7 @@ class _Demand:
     quantized: set[int] = field(default_factory=set)  # nodes that read quantized inputs (others keep float)
 
 
-def _node_configs(graph: gs.Graph, recipe: Recipe, counts: dict[str, int]) -> dict[int, NodeConfig]:
+def _node_configs(graph: gs.Graph, selection: NodeSelection, counts: dict[str, int]) -> dict[int, NodeConfig]:
     """The recipe's settings for every node it quantizes (by ``id``); counts the excluded ones.
 
     Nodes with no float output are left out (nothing to quantize); activation MatMuls are excluded when
@@ -162,10 +181,10 @@ def _node_configs(graph: gs.Graph, recipe: Recipe, counts: dict[str, int]) -> di
     """
     configs: dict[int, NodeConfig] = {}
     for node in graph.nodes:
-        if node.op not in recipe.op_types:
+        if node.op not in selection.op_types:
             continue
-        cfg = recipe.config_for(node.name, node.op)
-        if cfg is not None and recipe.exclude.activation_matmuls and _activation_matmul(node):
+        cfg = selection.config_for(node.name, node.op)
+        if cfg is not None and selection.exclude.activation_matmuls and _activation_matmul(node):
             cfg = None
         if cfg is None:
             counts["nodes_excluded"] += 1
@@ -319,12 +338,17 @@ def _constant_scheme(
     return None
 
 
-class InsertQDQPass(Pass):
+class InsertQDQPass(ConfiguredPass[InsertQDQSettings]):
     """Insert Q/DQ pairs and quantize weights; see the module docstring."""
 
     name = "insert_qdq"
+    settings_class = InsertQDQSettings
+    needs_samples = True
     reported_counts = ("nodes_quantized", "nodes_excluded", "qdq_pairs", "weights_quantized", "biases_quantized", "activations_absorbed")  # fmt: skip
     in_place = True
+
+    def missing_calibration_message(self, recipe_name: str) -> str:
+        return STATIC_CALIBRATION_REFUSAL.format(recipe=recipe_name)
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calibration is None:
@@ -334,20 +358,19 @@ class InsertQDQPass(Pass):
             )
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        recipe = ctx.recipe
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        settings, target = self.settings, ctx.target
         counts = {"nodes_quantized": 0, "nodes_excluded": 0, "qdq_pairs": 0, "weights_quantized": 0,
                   "biases_quantized": 0, "shared_weights": 0, "activations_absorbed": 0}  # fmt: skip
         # names already in the model: inserted tensors and nodes must not reuse one (a model may well have an
         # initializer called "x_scale" already, e.g. when it was quantized before)
         self._fresh = FreshNames(graph)
         # weight scales by (name, scheme, method): the mixed-precision search rebuilds the same graph many times
-        self._memo: dict | None = ctx.scratch.get("weight_qparams_memo")
+        self._memo: dict | None = ctx.weight_qparams_memo
         notes: list[str] = []
-        configs = _node_configs(graph, recipe, counts)
+        configs = _node_configs(graph, settings.selection, counts)
         graph_outputs = {t.name for t in graph.outputs}
         # 1. which tensors get a Q/DQ pair, decided backwards from demand
-        plan = _plan_demand(graph, configs, graph_outputs, recipe.quantize_outputs)
+        plan = _plan_demand(graph, configs, graph_outputs, settings.quantize_outputs)
         # 2. calibrate every tensor that needs its own range (pass-through outputs share their input's); the
         #    inputs of absorbable Relu/Clip are calibrated only where absorption turns out inexact (step 4):
         #    usually none, and each calibrated tensor costs a histogram on every sample
@@ -375,10 +398,10 @@ class InsertQDQPass(Pass):
         """Quantize the weights, biases and constant operands of every quantized node.
 
         A constant read by several nodes with the same scheme (tied weights) is quantized once and shared;
-        the names of quantized compute nodes go to ``ctx.scratch["quantized_nodes"]`` for the
+        the names of quantized compute nodes go to ``ctx.quantized_nodes`` for the
         mixed-precision search.
         """
-        docs: dict[str, str] = ctx.scratch.setdefault("doc_strings", {})
+        docs = ctx.doc_strings
         weight_cache: dict[tuple[str, str], tuple[gs.Variable, _QParams]] = {}
         for node in list(graph.nodes):
             cfg = configs.get(id(node))
@@ -386,7 +409,7 @@ class InsertQDQPass(Pass):
                 continue
             counts["nodes_quantized"] += 1
             if node.op not in PASS_THROUGH_OPS:  # the layers a mixed-precision search may move back
-                ctx.scratch.setdefault("quantized_nodes", []).append((node.name, node.op))
+                ctx.quantized_nodes.append((node.name, node.op))
             for i, inp in enumerate(list(node.inputs)):
                 if not isinstance(inp, gs.Constant) or not np.issubdtype(inp.values.dtype, np.floating):
                     continue
@@ -409,7 +432,7 @@ class InsertQDQPass(Pass):
         A float consumer (a residual Add, a LayerNormalization, a Softmax) keeps the exact tensor, so the
         quantization error stays local.
         """
-        quantize_outputs = ctx.recipe.quantize_outputs
+        quantize_outputs = self.settings.quantize_outputs
         for name, (t, _cfg) in plan.wanted.items():
             consumers = [c for c in t.outputs if id(c) in plan.quantized]
             if not consumers and not (quantize_outputs and name in graph_outputs):
@@ -429,12 +452,11 @@ class InsertQDQPass(Pass):
         zp = gs.Constant(self._fresh(f"{base}_zero_point"), np.asarray(p.zero_point).reshape(()).astype(p.scheme.dtype.numpy_dtype))
         q_out = gs.Variable(self._fresh(f"{base}_quantized"), dtype=p.scheme.dtype.numpy_dtype, shape=t.shape)
         dq_out = gs.Variable(self._fresh(f"{base}_dequantized"), dtype=np.float32, shape=t.shape)
-        method = ctx.recipe.calibration.method
+        method = self.settings.calibration_method
         doc = f"onnxq: activation {p.scheme}; calibration {method}; range [{p.rmin:.6g}, {p.rmax:.6g}]"
         q = gs.Node("QuantizeLinear", self._fresh(f"{base}/QuantizeLinear"), inputs=[t, scale, zp], outputs=[q_out])
         dq = gs.Node("DequantizeLinear", self._fresh(f"{base}/DequantizeLinear"), inputs=[q_out, scale, zp], outputs=[dq_out])
-        docs = ctx.scratch.setdefault("doc_strings", {})
-        docs[q.name] = docs[dq.name] = doc
+        ctx.doc_strings[q.name] = ctx.doc_strings[dq.name] = doc
         graph.nodes.extend([q, dq])
         return dq_out
 
@@ -564,6 +586,6 @@ def _clip_bounds(act: gs.Node) -> tuple[float | None, float | None]:
     return (lo if lo is not None else None), hi
 
 
-def insert_qdq(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    """Convenience function: run :class:`InsertQDQPass` on ``graph``."""
-    return InsertQDQPass()(graph, ctx).graph
+def insert_qdq(graph: gs.Graph, ctx: PassContext, recipe: Recipe | None = None) -> gs.Graph:
+    """Convenience function: run :class:`InsertQDQPass` configured from ``recipe`` (default: ``Recipe()``) on ``graph``."""
+    return InsertQDQPass.from_recipe(recipe or Recipe())(graph, ctx).graph

@@ -15,7 +15,8 @@ Only float32 2-D tables gathered along axis 0 by a graph input (the token ids) a
 or rotary table indexed by computed positions is not a token embedding, and a float16 table is already
 half the size. Excluded nodes (``--exclude-op Gather``, ``--exclude-node``...) stay as they are.
 
-``ctx.scratch`` key written: ``"doc_strings"`` (why each new node exists, for Netron).
+Settings: the recipe's ``[exclude]`` table (excluded Gather nodes stay float). Writes ``ctx.doc_strings``
+(why each new node exists, for Netron).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.graphs import FreshNames
 from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.recipe import ExcludeSpec, Recipe
 
 __all__ = ["Int8EmbeddingsPass", "int8_rows", "quantize_embedding_tables"]
 
@@ -111,9 +113,19 @@ class Int8EmbeddingsPass(Pass):
     reported_counts = ("embeddings_quantized",)
     in_place = True
 
+    def __init__(self, exclude: ExcludeSpec | None = None) -> None:
+        self.exclude = exclude or ExcludeSpec()
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Int8EmbeddingsPass:
+        return cls(recipe.exclude)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.exclude!r})"
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        docs = ctx.scratch.setdefault("doc_strings", {})
-        n = quantize_embedding_tables(graph, FreshNames(graph), docs, lambda node: ctx.recipe.exclude.excludes(node.name, node.op))
+        exclude = self.exclude
+        n = quantize_embedding_tables(graph, FreshNames(graph), ctx.doc_strings, lambda node: exclude.excludes(node.name, node.op))
         if n:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, n > 0, {"embeddings_quantized": n})

@@ -39,7 +39,7 @@ removed, and so are nodes and initializers nothing uses. ``QuantizeLinear`` at g
 ``DequantizeLinear`` before graph outputs stay. A unit that cannot be lowered stays QDQ (a valid
 model that still runs) and the pass says which and why.
 
-Targets (``ctx.scratch["target"]``): every CPU profile gets the ops above. Weights of uint8-activation
+Targets (``ctx.target``): every CPU profile gets the ops above. Weights of uint8-activation
 units are stored as uint8 (zero point + 128: the same values, so ORT runs its u8 x u8 kernels, which never
 saturate) on ``x86-avx2-u8``, and on ``x86-avx2`` / ``generic`` where they use more than 7 bits outside a
 depthwise convolution: there ORT's u8 x s8 kernels add product pairs in a saturating int16 (see
@@ -61,7 +61,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.pipeline import Pass, PassContext, PassResult
-from onnxq.target import PROFILES, TargetProfile, refuse_cuda
+from onnxq.target import refuse_cuda
 
 from .qdq_units import ABSORBABLE, MOVES, S8, U8, const_value, is_dequantized, producer, qparams
 from .qoperator_lowerings import LOWERED_OPS, LOWERINGS, Done, Lowering
@@ -149,11 +149,11 @@ class QOperatorPass(Pass):
     in_place = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        refuse_cuda(ctx.scratch.get("target", PROFILES["generic"]), self.name, _CUDA_REFUSAL)
+        refuse_cuda(ctx.target, self.name, _CUDA_REFUSAL)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
-        lw = Lowering(graph, target, ctx.scratch.setdefault("doc_strings", {}))
+        target = ctx.target
+        lw = Lowering(graph, target, ctx.doc_strings)
         _fold_constant_quantize(lw)
         kept: dict[tuple[str, str], list[str]] = {}
         lowered: Counter[str] = Counter()

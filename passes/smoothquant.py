@@ -33,14 +33,15 @@ import onnx_graphsurgeon as gs
 from onnxq.calibration.channel_stats import ChannelStats, collect_channel_stats
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
-from onnxq.pipeline import Pass, PassContext, PassResult
-from onnxq.recipe import NodeConfig
+from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
+from onnxq.recipe import NodeConfig, NodeSelection, Recipe, SmoothQuantSpec
 from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
-from onnxq.target import PROFILES, TargetProfile, weight_scheme
+from onnxq.target import TargetProfile, weight_scheme
 
+from .insert_qdq import STATIC_CALIBRATION_REFUSAL
 from .scale_folding import ScaleEdit, apply_edit, float_constant, plan_node, plan_producer, value_readers
 
-__all__ = ["SmoothQuantPass", "smooth_factors", "smoothquant"]
+__all__ = ["SmoothQuantPass", "SmoothQuantSettings", "smooth_factors", "smoothquant"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,36 @@ class _Group:
     others: list[gs.Node] = field(default_factory=list)
 
 
-class SmoothQuantPass(Pass):
+@dataclass(frozen=True)
+class SmoothQuantSettings:
+    """What :class:`SmoothQuantPass` reads of a recipe: the nodes the quantizing pass will quantize (only those
+    are smoothed, with their schemes) and the ``[smoothquant]`` table."""
+
+    selection: NodeSelection = field(default_factory=NodeSelection)
+    spec: SmoothQuantSpec = field(default_factory=SmoothQuantSpec)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> SmoothQuantSettings:
+        return cls(recipe.selection(), recipe.smoothquant)
+
+
+class SmoothQuantPass(ConfiguredPass[SmoothQuantSettings]):
     """Smooth the input of every MatMul/Gemm with a constant weight (see the module docstring).
 
-    Needs calibration samples (``ctx.calibration`` with a source). Writes ``ctx.scratch["doc_strings"]``
-    for the smoothed nodes and ``ctx.scratch["smoothquant"]`` (per-activation alpha and factor range).
+    Needs calibration samples (``ctx.calibration`` with a source); reads ``ctx.target``. Writes
+    ``ctx.doc_strings`` for the smoothed nodes and ``ctx.smoothquant_alphas`` (per-activation alpha and
+    factor range).
     """
 
     name = "smoothquant"
+    settings_class = SmoothQuantSettings
+    needs_samples = True
+
+    def missing_calibration_message(self, recipe_name: str) -> str:
+        return STATIC_CALIBRATION_REFUSAL.format(recipe=recipe_name)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        spec = ctx.recipe.smoothquant
+        spec = self.settings.spec
         counts = {"layers_smoothed": 0, "groups_smoothed": 0, "folded_layernorm": 0, "folded_linear": 0,
                   "folded_mul": 0, "producers_cloned": 0, "muls_inserted": 0, "groups_left_unsmoothed": 0}  # fmt: skip
         notes: list[str] = []
@@ -93,9 +113,9 @@ class SmoothQuantPass(Pass):
         device = getattr(getattr(ctx.calibration, "spec", None), "device", "auto")
         stats = collect_channel_stats(graph, [g.x.name for g in groups], source, device=device,
                                       sample_rows=spec.max_rows, progress=ctx.progress)  # fmt: skip
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        target = ctx.target
         self._fresh = FreshNames(graph)
-        docs = ctx.scratch.setdefault("doc_strings", {})
+        docs = ctx.doc_strings
         chosen: dict[str, dict[str, float]] = {}
         for g in groups:
             st = stats[g.x.name]
@@ -113,7 +133,7 @@ class SmoothQuantPass(Pass):
             for c in g.consumers:
                 docs[c.name] = (f"onnxq: SmoothQuant alpha {alpha:g}, weight rows x s (s in [{s.min():.3g}, "
                                 f"{s.max():.3g}]); input divided by s in {where}")  # fmt: skip
-        ctx.scratch["smoothquant"] = chosen
+        ctx.smoothquant_alphas = chosen
         alphas = np.array([v["alpha"] for v in chosen.values()] or [np.nan])
         if counts["groups_left_unsmoothed"]:
             notes.append(f"{counts['groups_left_unsmoothed']} of {len(groups)} layer inputs left unsmoothed: smoothing "
@@ -130,7 +150,7 @@ class SmoothQuantPass(Pass):
     # -- which activations -------------------------------------------------------------------------
 
     def _groups(self, graph: gs.Graph, ctx: PassContext) -> list[_Group]:
-        ops = ctx.recipe.smoothquant.op_types
+        ops = self.settings.spec.op_types
         by_x: dict[str, _Group] = {}
         for node in graph.nodes:
             if node.op not in ops or len(node.inputs) < 2:
@@ -143,7 +163,7 @@ class SmoothQuantPass(Pass):
             if not np.issubdtype(w.values.dtype, np.floating):
                 continue
             # only layers that will be quantized: smoothing a float layer buys nothing
-            if ctx.recipe.config_for(node.name, node.op) is None:
+            if self.settings.selection.config_for(node.name, node.op) is None:
                 continue
             by_x.setdefault(x.name, _Group(x, [])).consumers.append(node)
         groups = list(by_x.values())
@@ -161,7 +181,7 @@ class SmoothQuantPass(Pass):
         No smoothing wins e.g. for a GELU output, which is asymmetric (-0.17 .. large): dividing its
         small channels by s < 1 widens the negative side of an affine per-tensor range.
         """
-        spec = ctx.recipe.smoothquant
+        spec = self.settings.spec
         grid = list(spec.alpha_grid) if spec.alpha == "auto" else [float(spec.alpha)]
         rows = st.sample
         if rows is None or rows.shape[0] == 0:
@@ -169,7 +189,7 @@ class SmoothQuantPass(Pass):
         rows = rows[np.isfinite(rows).all(axis=1)]
         ws = [_weight_rows(c).astype(np.float32) for c in g.consumers]
         refs = [rows @ w for w in ws]
-        cfgs = [ctx.recipe.config_for(c.name, c.op) for c in g.consumers]
+        cfgs = [self.settings.selection.config_for(c.name, c.op) for c in g.consumers]
         act_scheme = cfgs[0].activations.scheme() if cfgs[0] is not None else None
         if act_scheme is not None and target.symmetric_activations:
             act_scheme = act_scheme.with_(symmetry=Symmetry.SYMMETRIC)
@@ -281,6 +301,6 @@ def _fake_quant_weight(node: gs.Node, w_kn: np.ndarray, cfg: NodeConfig | None, 
     return dequantize(quantize(w_kn, scale, zp, scheme, clip_to_scheme=True), scale, zp, scheme)
 
 
-def smoothquant(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    """Convenience function: run :class:`SmoothQuantPass` on ``graph``."""
-    return SmoothQuantPass()(graph, ctx).graph
+def smoothquant(graph: gs.Graph, ctx: PassContext, recipe: Recipe | None = None) -> gs.Graph:
+    """Convenience function: run :class:`SmoothQuantPass` configured from ``recipe`` (default: ``Recipe()``) on ``graph``."""
+    return SmoothQuantPass.from_recipe(recipe or Recipe())(graph, ctx).graph

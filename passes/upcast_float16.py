@@ -12,7 +12,7 @@ user to convert the model first, this pass upcasts it inside the pipeline:
 * each float16 graph output keeps its name and type: its producer now writes ``<output>/float32`` and a
   ``Cast`` node named ``<output>/cast_to_float16`` (``cast_to_bfloat16``) produces the output.
 
-The source dtype is recorded in ``ctx.scratch["source_float_dtype"]`` (``"float16"`` or ``"bfloat16"``)
+The source dtype is recorded in ``ctx.source_float_dtype`` (``"float16"`` or ``"bfloat16"``)
 so a later pass can convert back. A model without float16/bfloat16 is left untouched.
 """
 
@@ -157,7 +157,7 @@ class UpcastFloat16Pass(Pass):
 
     counts: ``initializers_upcast`` (initializers and Constant values), ``casts_inserted`` (at the
     graph's inputs and outputs), ``attributes_changed`` (``Cast.to`` / ``dtype`` attributes).
-    Writes ``ctx.scratch["source_float_dtype"]`` when it fires.
+    Writes ``ctx.source_float_dtype`` when it fires.
     """
 
     name = "upcast_float16"
@@ -168,7 +168,7 @@ class UpcastFloat16Pass(Pass):
         kind, counts = _upcast(graph)
         if kind is None:
             return PassResult(graph, False, counts)
-        ctx.scratch["source_float_dtype"] = kind
+        ctx.source_float_dtype = kind
         note = f"{kind} model computed in float32 inside the pipeline; inputs/outputs keep {kind}"
         logger.info("upcast_float16: %s (%s)", note, counts)
         return PassResult(graph, True, counts, [note])

@@ -25,8 +25,11 @@ dequantized values; at the end each MatMul is packed as ``com.microsoft.MatMulNB
 "qdq"``). The output projection (``lm_head``) can stay float or use 8 bits, and constant Gather tables
 (token embeddings) are stored as int8 with one scale per row.
 
-``ctx.scratch`` keys read: ``"target"`` (picks MatMulNBits' ``accuracy_level`` when ``"auto"``).
-Written: ``"doc_strings"`` for the rewritten nodes, ``"weight_only"`` (per-layer method and error).
+Settings: :class:`~onnxq.weightonly.settings.WeightOnlySettings` (the recipe's flat ``[weight_only]`` table
+split by algorithm: RTN, :class:`~onnxq.weightonly.settings.GPTQSettings`,
+:class:`~onnxq.weightonly.settings.AWQSettings`). Reads ``ctx.target`` (picks MatMulNBits'
+``accuracy_level`` when ``"auto"``); writes ``ctx.doc_strings`` for the rewritten nodes and
+``ctx.weight_only_layers`` (per-layer method and error).
 """
 
 from __future__ import annotations
@@ -41,15 +44,16 @@ from onnxq._memory import release
 from onnxq.calibration.runner import choose_providers
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames, downstream_tensors
-from onnxq.pipeline import Pass, PassContext, PassResult
+from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.progress import progress_bar
-from onnxq.recipe import WeightOnlySpec
-from onnxq.target import PROFILES, TargetProfile
+from onnxq.recipe import Recipe
+from onnxq.target import TargetProfile
 from onnxq.weightonly.awq import ScaleSearch, awq_clip_search, awq_scale_search, output_error
 from onnxq.weightonly.grid import QuantizedWeight, WeightGrid, rtn
 from onnxq.weightonly.gptq import gptq, output_energy, proxy_loss
 from onnxq.weightonly.pack import ensure_opset, to_dequantize_matmul, to_matmulnbits
 from onnxq.weightonly.segments import SegmentRunner, Wave
+from onnxq.weightonly.settings import AWQSettings, GPTQSettings, WeightOnlySettings
 
 from .int8_embeddings import quantize_embedding_tables
 from .scale_folding import ScaleEdit, apply_edit, channel_ties, plan_producer, value_readers
@@ -125,78 +129,116 @@ def output_projections(graph: gs.Graph, targets: list[gs.Node]) -> set[int]:
     return found
 
 
-def _accuracy_level(spec: WeightOnlySpec, target: TargetProfile) -> int:
-    if spec.accuracy_level != "auto":
-        return int(spec.accuracy_level)
+def _accuracy_level(level: int | str, target: TargetProfile) -> int:
+    if level != "auto":
+        return int(level)
     # int8 activations inside MatMulNBits (accuracy_level 4) use the CPU's integer dot products; GPUs and
     # the generic profile keep fp32 accumulation of the dequantized weights
     return 0 if target.name in ("cuda", "generic") else 4
 
 
-class WeightOnlyPass(Pass):
+class WeightOnlyPass(ConfiguredPass[WeightOnlySettings]):
     """Quantize the weights of every MatMul with a constant weight (see the module docstring)."""
 
     name = "weight_only"
+    settings_class = WeightOnlySettings
     reported_counts = ("layers_quantized", "layers_int8", "layers_left_float", "embeddings_quantized", "awq_groups_scaled", "segments_run")  # fmt: skip
     reports_notes = True
+    calibrates_on_text_windows = True
+    cache_answers_calibration = False
+
+    def needs_calibration(self) -> bool:
+        return self.settings.method != "rtn"
+
+    def missing_calibration_message(self, recipe_name: str) -> str:
+        return (f"preset/recipe '{recipe_name}' runs {self.settings.method.upper()}, which needs calibration text: "
+                "--calib TOKENS.json (token ids) or a text file with --tokenizer, e.g. --calib-size 32 --seq-len 512; "
+                "--preset w4-rtn needs none")  # fmt: skip
+
+    def min_opset(self) -> tuple[int, str] | None:
+        # blocked int4 DequantizeLinear needs opset 21; MatMulNBits is a contrib op and needs nothing
+        return (21 if self.settings.format == "qdq" else 13), "blocked int4 DequantizeLinear needs opset 21"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        spec = ctx.recipe.weight_only
-        target: TargetProfile = ctx.scratch.get("target", PROFILES["generic"])
+        settings = self.settings
         counts = {"layers_quantized": 0, "layers_int8": 0, "layers_left_float": 0, "embeddings_quantized": 0,
                   "awq_groups_scaled": 0, "awq_groups_unscaled": 0, "segments_run": 0}  # fmt: skip
         notes: list[str] = []
         self._fresh = FreshNames(graph)
         self._awq_unscaled: dict[str, str] = {}  # first MatMul of an AWQ group kept at s = 1 -> why
         self._refined = False  # whether refine_static_dims ran (once, when a fold first needs it)
+        layers = self._layers(graph, counts, notes)
+        if not layers and settings.embeddings == "float":
+            return PassResult(graph, False, counts, notes + ["no MatMul with a constant weight to quantize"])
+        if layers:
+            self._quantize(graph, layers, ctx, counts)
+        self._pack(graph, layers, ctx.target, ctx)
+        if settings.format == "qdq" and layers:
+            ensure_opset(graph, 21)
+        if settings.embeddings == "int8":
+            counts["embeddings_quantized"] = self._embeddings(graph, ctx)
+        base = settings.grid.weight_grid()
+        counts["layers_quantized"] = sum(1 for layer in layers if layer.grid == base)
+        counts["layers_int8"] = len(layers) - counts["layers_quantized"]
+        summary = self._summary_notes(layers, base, counts)
+        notes[:0] = summary[:1]
+        notes.extend(summary[1:])
+        ctx.weight_only_layers = {
+            layer.node.name: {"method": layer.method, "grid": str(layer.grid), "rel_error": layer.error}
+            | ({"awq_ratio": layer.awq["ratio"], "awq_scored_on": layer.awq["scored_on"]} if layer.awq else {})
+            for layer in layers
+        }
+        graph.cleanup().toposort()
+        return PassResult(graph, True, counts, notes)
+
+    def _layers(self, graph: gs.Graph, counts: dict[str, int], notes: list[str]) -> list[_Layer]:
+        """The MatMuls to quantize, each with its grid (the output projection per ``lm_head``); counts and notes
+        the ones left float."""
+        settings = self.settings
         candidates = [n for n in graph.nodes if _weight_matmul(n)]
         gemms = [n for n in graph.nodes if n.op == "Gemm" and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
         if gemms:
             notes.append(f"{len(gemms)} Gemm nodes left float (weight-only packing covers MatMul)")
-        selected = [n for n in candidates if ctx.recipe.config_for(n.name, n.op) is not None]
+        selected = [n for n in candidates if settings.selection.config_for(n.name, n.op) is not None]
         counts["layers_left_float"] = len(candidates) - len(selected)
         heads = output_projections(graph, selected)
-        base = WeightGrid(spec.bits, spec.symmetric, spec.block_size or None)
+        base = settings.grid.weight_grid()
         layers: list[_Layer] = []
         for n in selected:
-            if id(n) in heads and spec.lm_head == "float":
+            if id(n) in heads and settings.lm_head == "float":
                 counts["layers_left_float"] += 1
                 notes.append(f"output projection '{n.name}' left float (lm_head = \"float\")")
                 continue
-            grid = WeightGrid(8, spec.symmetric, spec.block_size or None) if id(n) in heads and spec.lm_head == "int8" else base
+            grid = settings.grid.weight_grid(8) if id(n) in heads and settings.lm_head == "int8" else base
             layers.append(_Layer(n, grid))
-        if not layers and spec.embeddings == "float":
-            return PassResult(graph, False, counts, notes + ["no MatMul with a constant weight to quantize"])
+        return layers
 
-        method = spec.method
-        if layers:
-            if method == "rtn":
-                self._rtn(graph, layers, spec, target, ctx)
-            else:
-                source = getattr(ctx.calibration, "source", None)
-                if source is None:
-                    raise PassError(
-                        self.name,
-                        f"{method.upper()} needs calibration text (the inputs of every layer): pass --calib with token "
-                        "ids (.json) or text and --tokenizer, e.g. 32 windows of 512 tokens; or use --preset w4-rtn",
-                    )
-                device = getattr(getattr(ctx.calibration, "spec", None), "device", "auto")
-                runner = SegmentRunner(graph, [layer.node for layer in layers], source, providers=choose_providers(device))
-                self._sequential(runner, layers, spec, ctx, counts)
-                counts["segments_run"] = runner.segments_run
-                del runner
+    def _quantize(self, graph: gs.Graph, layers: list[_Layer], ctx: PassContext, counts: dict[str, int]) -> None:
+        """Quantize ``layers`` with the configured algorithm (RTN at once; GPTQ/AWQ segment by segment)."""
+        method = self.settings.method
+        if method == "rtn":
+            self._rtn(graph, layers, ctx.target, ctx)
+            return
+        source = getattr(ctx.calibration, "source", None)
+        if source is None:
+            raise PassError(
+                self.name,
+                f"{method.upper()} needs calibration text (the inputs of every layer): pass --calib with token "
+                "ids (.json) or text and --tokenizer, e.g. 32 windows of 512 tokens; or use --preset w4-rtn",
+            )
+        device = getattr(getattr(ctx.calibration, "spec", None), "device", "auto")
+        runner = SegmentRunner(graph, [layer.node for layer in layers], source, providers=choose_providers(device))
+        self._sequential(runner, layers, ctx, counts)
+        counts["segments_run"] = runner.segments_run
+        del runner
 
-        self._pack(graph, layers, spec, target, ctx, counts)
-        if ctx.recipe.format == "qdq" and layers:
-            ensure_opset(graph, 21)
-        if spec.embeddings == "int8":
-            counts["embeddings_quantized"] = self._embeddings(graph, ctx)
-        counts["layers_quantized"] = sum(1 for layer in layers if layer.grid == base)
-        counts["layers_int8"] = len(layers) - counts["layers_quantized"]
-        fmt = "com.microsoft.MatMulNBits" if ctx.recipe.format == "matmulnbits" else "DequantizeLinear + MatMul (opset 21)"
-        notes.insert(0, f"{method.upper()} {base} on {counts['layers_quantized']} MatMuls"
-                        + (f", {counts['layers_int8']} output projection(s) in int8" if counts["layers_int8"] else "")
-                        + f", packed as {fmt}")  # fmt: skip
+    def _summary_notes(self, layers: list[_Layer], base: WeightGrid, counts: dict[str, int]) -> list[str]:
+        """The notes that sum the run up: the first goes before the pass's other notes, the rest after."""
+        method = self.settings.method
+        fmt = "com.microsoft.MatMulNBits" if self.settings.format == "matmulnbits" else "DequantizeLinear + MatMul (opset 21)"
+        notes = [f"{method.upper()} {base} on {counts['layers_quantized']} MatMuls"
+                 + (f", {counts['layers_int8']} output projection(s) in int8" if counts["layers_int8"] else "")
+                 + f", packed as {fmt}"]  # fmt: skip
         errs = [layer.error for layer in layers if layer.error is not None]
         if errs:
             notes.append(f"{method.upper()}: relative output error per layer median {np.median(errs):.2e}, "
@@ -208,18 +250,11 @@ class WeightOnlyPass(Pass):
                          + (f"; {len(unfoldable)} because nothing before them can absorb 1/s exactly: "
                             f"{', '.join(unfoldable[:4])}{', ...' if len(unfoldable) > 4 else ''}" if unfoldable else "")
                          + "); their weights were still clip-searched")  # fmt: skip
-        ctx.scratch["weight_only"] = {
-            layer.node.name: {"method": layer.method, "grid": str(layer.grid), "rel_error": layer.error}
-            | ({"awq_ratio": layer.awq["ratio"], "awq_scored_on": layer.awq["scored_on"]} if layer.awq else {})
-            for layer in layers
-        }
-        graph.cleanup().toposort()
-        return PassResult(graph, True, counts, notes)
+        return notes
 
     # -- the three methods ------------------------------------------------------------------------------
 
-    def _rtn(self, graph: gs.Graph, layers: list[_Layer], spec: WeightOnlySpec, target: TargetProfile,
-             ctx: PassContext) -> None:  # fmt: skip
+    def _rtn(self, graph: gs.Graph, layers: list[_Layer], target: TargetProfile, ctx: PassContext) -> None:
         """Round each weight to nearest and pack it at once, so only one float weight is held at a time
         (when the weights are read lazily from external data)."""
         cache: dict[tuple[int, WeightGrid], QuantizedWeight] = {}
@@ -239,17 +274,18 @@ class WeightOnlyPass(Pass):
                 else:
                     qw = cache[key]
                 layer.qw, layer.method = qw, "rtn"
-                self._pack_one(graph, layer, spec, target, ctx)
+                self._pack_one(graph, layer, target, ctx)
                 if pending >= 256 << 20:  # a collection costs ~0.1 s on a large graph: not after every layer
                     release()
                     pending = 0
                 advance(1)
 
-    def _sequential(self, runner: SegmentRunner, layers: list[_Layer], spec: WeightOnlySpec, ctx: PassContext,
-                    counts: dict[str, int]) -> None:  # fmt: skip
+    def _sequential(self, runner: SegmentRunner, layers: list[_Layer], ctx: PassContext, counts: dict[str, int]) -> None:
+        algo = self.settings.algorithm
+        awq = algo if isinstance(algo, AWQSettings) else algo.awq if isinstance(algo, GPTQSettings) else None
         by_node = {id(layer.node): layer for layer in layers}
         done: dict[int, QuantizedWeight] = {}  # weight constant id -> its quantized form (tied weights)
-        label = spec.method.upper()
+        label = algo.name.upper()
         with progress_bar(len(layers), label, enabled=ctx.progress, unit="layers") as advance:
             for wave in runner.waves():
                 groups: dict[str, list[_Layer]] = {}
@@ -257,18 +293,18 @@ class WeightOnlyPass(Pass):
                     groups.setdefault(node.inputs[0].name, []).append(by_node[id(node)])
                 for x_name, group in groups.items():
                     h, absmean = _statistics(wave, x_name)
-                    if spec.method == "awq" or (spec.method == "gptq" and spec.awq_scales):
-                        h = self._awq_scale(runner, group, h, absmean, spec, counts, by_node)
+                    if awq is not None:
+                        h = self._awq_scale(runner, group, h, absmean, awq, counts, by_node)
                     for layer in group:
                         w = layer.node.inputs[1]
                         if id(w) in done:  # a weight shared with an earlier layer: quantized once
                             layer.qw, layer.method = done[id(w)], "shared"
-                        elif spec.method == "gptq":
-                            res = gptq(w.values, h, layer.grid, damp=spec.damp, act_order=spec.act_order,
-                                       mse_range=spec.mse_range, compare_rtn=False)  # fmt: skip
+                        elif isinstance(algo, GPTQSettings):
+                            res = gptq(w.values, h, layer.grid, damp=algo.damp, act_order=algo.act_order,
+                                       mse_range=algo.mse_range, compare_rtn=False)  # fmt: skip
                             layer.qw, layer.method = res.weight, "gptq"
                         else:
-                            clip = awq_clip_search(w.values, h, layer.grid, n_grid=AWQ_CLIP_GRID) if spec.awq_clip else None
+                            clip = awq_clip_search(w.values, h, layer.grid, n_grid=AWQ_CLIP_GRID) if awq and awq.clip else None
                             layer.qw, layer.method = rtn(w.values, layer.grid, clip=clip), "awq"
                         deq = layer.qw.dequantize()
                         layer.error = _relative_error(w.values, deq, h)
@@ -278,7 +314,7 @@ class WeightOnlyPass(Pass):
                         advance(1)
 
     def _awq_scale(self, runner: SegmentRunner, group: list[_Layer], h: np.ndarray, absmean: np.ndarray,
-                   spec: WeightOnlySpec, counts: dict[str, int], by_node: dict[int, _Layer]) -> np.ndarray:  # fmt: skip
+                   awq: AWQSettings, counts: dict[str, int], by_node: dict[int, _Layer]) -> np.ndarray:  # fmt: skip
         """Search AWQ's scale for the layers reading one activation, fold it, and return the scaled input's H.
 
         A group whose input cannot absorb ``1/s`` is not searched. Channels that must share a scale for
@@ -301,20 +337,20 @@ class WeightOnlyPass(Pass):
         constants = list({id(n.inputs[1]): n.inputs[1] for n in nodes}.values())  # a weight read twice counts once
         ws = [c.values for c in constants]
         score, scored_on = None, "linear output"
-        module = runner.module_outputs(nodes) if spec.awq_loss == "module" else None
+        module = runner.module_outputs(nodes) if awq.loss == "module" else None
         if module is not None:
-            runs = 1 + spec.awq_grid + (spec.awq_grid + 1 if spec.awq_duo else 0)  # the reference, the candidates
+            runs = 1 + awq.grid + (awq.grid + 1 if awq.duo else 0)  # the reference, the candidates
             probe = runner.probe(nodes, module, max_macs=AWQ_MODULE_MACS / runs)
             score = output_error(probe.run, ws)
             scored_on = f"output of {', '.join(t.name for t in module)} on {probe.samples} samples"
-        clip = spec.method == "awq" and spec.awq_clip
+        clip = awq.clip  # off under GPTQ (see AWQSettings)
 
         def search(duo: bool) -> ScaleSearch:
-            return awq_scale_search(ws, h, absmean, group[0].grid, n_grid=spec.awq_grid, duo=duo, clip=clip,
+            return awq_scale_search(ws, h, absmean, group[0].grid, n_grid=awq.grid, duo=duo, clip=clip,
                                     clip_grid=AWQ_SEARCH_CLIP_GRID, score=score, ties=tied)  # fmt: skip
 
         result = search(False)
-        if spec.awq_duo:
+        if awq.duo:
             duo = search(True)
             result = duo if duo.loss < result.loss else result
         s = np.asarray(result.scales, np.float32)
@@ -398,22 +434,22 @@ class WeightOnlyPass(Pass):
 
     # -- packing ------------------------------------------------------------------------------------------
 
-    def _pack(self, graph: gs.Graph, layers: list[_Layer], spec: WeightOnlySpec, target: TargetProfile,
-              ctx: PassContext, counts: dict[str, int]) -> None:  # fmt: skip
+    def _pack(self, graph: gs.Graph, layers: list[_Layer], target: TargetProfile, ctx: PassContext) -> None:
         for layer in layers:
             if layer.qw is not None and not layer.packed:
-                self._pack_one(graph, layer, spec, target, ctx)
+                self._pack_one(graph, layer, target, ctx)
 
-    def _pack_one(self, graph: gs.Graph, layer: _Layer, spec: WeightOnlySpec, target: TargetProfile, ctx: PassContext) -> None:
+    def _pack_one(self, graph: gs.Graph, layer: _Layer, target: TargetProfile, ctx: PassContext) -> None:
         """Rewrite one quantized MatMul into the recipe's format and let go of its float weight."""
         assert layer.qw is not None
-        docs = ctx.scratch.setdefault("doc_strings", {})
+        docs = ctx.doc_strings
         doc = f"onnxq: {layer.method.upper()} weight-only {layer.grid}"
         if layer.error is not None:
             doc += f"; relative output error on calibration data {layer.error:.2e}"
         node = layer.node
-        if ctx.recipe.format == "matmulnbits":
-            new = [to_matmulnbits(graph, node, layer.qw, accuracy_level=_accuracy_level(spec, target), names=self._fresh)]
+        if self.settings.format == "matmulnbits":
+            level = _accuracy_level(self.settings.accuracy_level, target)
+            new = [to_matmulnbits(graph, node, layer.qw, accuracy_level=level, names=self._fresh)]
             node.inputs.clear()  # the MatMul left the graph: its float weight can be freed now (unless shared)
             node.outputs.clear()
         else:
@@ -427,12 +463,8 @@ class WeightOnlyPass(Pass):
 
     def _embeddings(self, graph: gs.Graph, ctx: PassContext) -> int:
         """Store constant Gather tables (token embeddings) as int8 rows with one scale each."""
-        docs = ctx.scratch.setdefault("doc_strings", {})
-        return quantize_embedding_tables(graph, self._fresh, docs, lambda node: _excluded(ctx, node))
-
-
-def _excluded(ctx: PassContext, node: gs.Node) -> bool:
-    return ctx.recipe.exclude.excludes(node.name, node.op)
+        exclude = self.settings.selection.exclude
+        return quantize_embedding_tables(graph, self._fresh, ctx.doc_strings, lambda node: exclude.excludes(node.name, node.op))
 
 
 def _statistics(wave: Wave, name: str, rows_per_product: int = ROWS_PER_PRODUCT) -> tuple[np.ndarray, np.ndarray]:
@@ -488,6 +520,9 @@ def _downstream(nodes: list[gs.Node], *, stop: dict[int, int], cut: int) -> set[
     return {t.name for t in downstream_tensors([t for n in nodes for t in n.outputs], follow)}
 
 
-def quantize_weight_only(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    """Convenience function: run :class:`WeightOnlyPass` on ``graph``."""
-    return WeightOnlyPass()(graph, ctx).graph
+def quantize_weight_only(graph: gs.Graph, ctx: PassContext, recipe: Recipe | None = None) -> gs.Graph:
+    """Convenience function: run :class:`WeightOnlyPass` configured from ``recipe`` (default: the ``w4-rtn``
+    preset) on ``graph``."""
+    from onnxq.presets import preset
+
+    return WeightOnlyPass.from_recipe(recipe or preset("w4-rtn"))(graph, ctx).graph

@@ -90,13 +90,11 @@ def op_types(model: onnx.ModelProto | gs.Graph) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-def make_ctx(recipe: object = None, **kwargs: object) -> PassContext:
-    """A PassContext for tests: checked mode on, no progress bars."""
-    if recipe is None:
-        from onnxq.recipe import Recipe
+def make_ctx(target: str = "generic", **kwargs: object) -> PassContext:
+    """A PassContext for tests: checked mode on, no progress bars, the ``target`` profile."""
+    from onnxq.target import PROFILES
 
-        recipe = Recipe()
-    return PassContext(recipe=recipe, report=Report(), checked=True, progress=False, **kwargs)  # type: ignore[arg-type]
+    return PassContext(report=Report(), checked=True, progress=False, target=PROFILES[target], **kwargs)  # type: ignore[arg-type]
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:

@@ -21,7 +21,6 @@ from onnxq.model import to_model
 from onnxq.passes import PASSES, DynamicQuantizePass
 from onnxq.passes.dynamic import hadamard, hadamard_block
 from onnxq.recipe import DynamicSpec, ExcludeSpec, Override, Recipe, WeightSpec, preset, recipe_from_dict
-from onnxq.target import PROFILES
 
 RNG = np.random.default_rng(0)
 GRANULARITIES = ("per-tensor", "per-row")
@@ -55,9 +54,8 @@ def _recipe(granularity: str = "per-tensor", **changes: object) -> Recipe:
 
 
 def _quantize(model: onnx.ModelProto, recipe: Recipe | None = None, target: str = "x86-avx2"):
-    ctx = make_ctx(recipe or _recipe())
-    ctx.scratch["target"] = PROFILES[target]
-    result = DynamicQuantizePass()(gs.import_onnx(model), ctx)
+    ctx = make_ctx(target)
+    result = DynamicQuantizePass.from_recipe(recipe or _recipe())(gs.import_onnx(model), ctx)
     out = to_model(result.graph, template=model)
     full_check(out)
     return out, result, ctx
@@ -90,7 +88,7 @@ def test_op_types_and_counts(granularity: str) -> None:
     assert result.counts["nodes_quantized"] == 1 and result.counts["weights_quantized"] == 1
     assert result.counts["activation_products"] == 1
     assert not any(t.name == "W" for t in q.graph.initializer), "the float weight must be gone"
-    docs = ctx.scratch["doc_strings"]
+    docs = ctx.doc_strings
     assert docs["fc/MatMulInteger"].startswith("onnxq: dynamic int8")
     assert node_named(q, "fc/MatMulInteger").op_type == "MatMulInteger"
     # graph outputs keep their names and float dtype

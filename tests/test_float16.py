@@ -398,11 +398,11 @@ def test_float16_table_in_recipe_is_strict() -> None:
 def test_pass_takes_settings_from_recipe_unless_given() -> None:
     recipe = preset("fp16").with_(float16=Float16Spec(keep_io_types=False, node_block_list=("fc",)))
     graph = gs.import_onnx(_cnn())
-    Pipeline([Float16Pass()], checked=True).run(graph, make_ctx(recipe))
+    Pipeline([Float16Pass.from_recipe(recipe)], checked=True).run(graph, make_ctx())
     assert graph.inputs[0].dtype == F16
     assert next(n for n in graph.nodes if n.name == "fc").inputs[1].dtype == F32
     graph = gs.import_onnx(_cnn())
-    Float16Pass(keep_io_types=True)(graph, make_ctx(recipe))
+    Float16Pass(keep_io_types=True, spec=recipe.float16)(graph, make_ctx())
     assert graph.inputs[0].dtype == F32
 
 

@@ -17,7 +17,7 @@ from onnxq.errors import CalibrationError
 from onnxq.model import to_model
 from onnxq.passes import InsertQDQPass
 from onnxq.recipe import CalibrationSpec, ExcludeSpec, Recipe, WeightSpec
-from onnxq.target import PROFILES, cpu_features, detect_target
+from onnxq.target import cpu_features, detect_target
 
 RNG = np.random.default_rng(0)
 
@@ -34,10 +34,9 @@ _graph = functools.partial(make_model, opset=13, infer_shapes=True)  # opset 13 
 def _quantize(model: onnx.ModelProto, recipe: Recipe | None = None, target: str = "x86-vnni", samples: int = 16):
     recipe = recipe or Recipe(calibration=CalibrationSpec(method="minmax", samples=samples, device="cpu"))
     source = RandomSource(input_specs(model), count=samples, seed=1)
-    ctx = make_ctx(recipe, calibration=CalibrationSession(source, recipe.calibration, progress=False))
-    ctx.scratch["target"] = PROFILES[target]
+    ctx = make_ctx(target, calibration=CalibrationSession(source, recipe.calibration, progress=False))
     graph = gs.import_onnx(model)
-    result = InsertQDQPass()(graph, ctx)
+    result = InsertQDQPass.from_recipe(recipe)(graph, ctx)
     out = to_model(result.graph, template=model)
     full_check(out)
     return out, result, ctx
@@ -224,7 +223,7 @@ def test_does_not_fire_without_quantizable_ops() -> None:
 
 def test_needs_calibration() -> None:
     model = _matmul_model()
-    ctx = make_ctx(Recipe())
+    ctx = make_ctx()
     with pytest.raises(CalibrationError, match="--calib"):
         InsertQDQPass()(gs.import_onnx(model), ctx)
 

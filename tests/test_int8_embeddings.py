@@ -72,7 +72,7 @@ def test_token_table_becomes_int8_rows_bit_exact() -> None:
     step = np.abs(table).max(axis=1) / 127
     assert np.all(np.abs(got - table[IDS]) <= step[IDS][..., None] / 2 * 1.0001)
     assert np.abs(got[0, 2] - table[0]).max() <= np.abs(table[0]).max() / 254 * 1.0001
-    docs = ctx.scratch["doc_strings"]  # written into the model's nodes at the end of quantize_model
+    docs = ctx.doc_strings  # written into the model's nodes at the end of quantize_model
     assert len(docs) == 4 and all(k.startswith("tok_gather/") and "int8" in d for k, d in docs.items())
 
 
@@ -93,7 +93,7 @@ def test_float16_tables_and_excluded_nodes_stay() -> None:
     assert result.counts == {"embeddings_quantized": 0} and not result.modified
     recipe = preset("w8a8")
     recipe = recipe.with_(exclude=dataclasses.replace(recipe.exclude, names=("tok_gather",)))
-    result = Int8EmbeddingsPass()(gs.import_onnx(_model()), make_ctx(recipe))
+    result = Int8EmbeddingsPass.from_recipe(recipe)(gs.import_onnx(_model()), make_ctx())
     assert result.counts == {"embeddings_quantized": 0}
 
 

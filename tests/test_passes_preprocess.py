@@ -394,7 +394,7 @@ def test_upcast_float16_computes_in_float32_with_float16_interface() -> None:
     graph = _graph(model)
     ctx = make_ctx()
     result = UpcastFloat16Pass()(graph, ctx)
-    assert result.modified and ctx.scratch["source_float_dtype"] == "float16"
+    assert result.modified and ctx.source_float_dtype == "float16"
     assert result.counts["initializers_upcast"] == 2 and result.counts["casts_inserted"] == 3
     assert op_types(graph).count("Cast") == 5
     names = {n.name for n in graph.nodes}
@@ -425,7 +425,7 @@ def test_upcast_bfloat16_keeps_bfloat16_interface() -> None:
     graph = _graph(model)
     ctx = make_ctx()
     result = UpcastFloat16Pass()(graph, ctx)
-    assert result.modified and ctx.scratch["source_float_dtype"] == "bfloat16"
+    assert result.modified and ctx.source_float_dtype == "bfloat16"
     assert op_types(graph) == ["Cast", "Mul", "Cast"]
     assert [n.name for n in graph.nodes if n.op == "Cast"] == ["x/cast_to_float32", "y/cast_to_bfloat16"]
     exported = full_check(graph)
@@ -470,7 +470,7 @@ def test_upcast_leaves_float32_model_untouched() -> None:
     ctx = make_ctx()
     result = UpcastFloat16Pass()(graph, ctx)
     assert not result.modified and result.counts["casts_inserted"] == 0
-    assert "source_float_dtype" not in ctx.scratch
+    assert ctx.source_float_dtype is None
     assert gs.export_onnx(upcast_float16(graph)).SerializeToString() == before
 
 
@@ -492,7 +492,7 @@ def test_preprocess_squeezenet_fp16(assets) -> None:
     ctx = make_ctx()
     passes = [UpcastFloat16Pass(), ShapeInferencePass(), ConstantFoldingPass(), FoldBatchNormPass(), RemoveDeadNodesPass()]
     graph = Pipeline(passes, checked=True).run(graph, ctx)
-    assert ctx.scratch["source_float_dtype"] == "float16"
+    assert ctx.source_float_dtype == "float16"
     assert "Dropout" not in op_types(graph)
     assert op_types(graph).count("Conv") == 26
 

@@ -21,8 +21,6 @@ from onnxq.errors import PassError
 from onnxq.model import to_model
 from onnxq.passes import PASSES, QOperatorPass
 from onnxq.pipeline import Pipeline
-from onnxq.recipe import preset
-from onnxq.target import PROFILES
 
 DATA = Path(__file__).resolve().parent / "data"
 RNG = np.random.default_rng(0)
@@ -81,8 +79,7 @@ def _codes(shape: tuple[int, ...], lo: int = -60, hi: int = 60, dtype: Any = np.
 
 def _lower(model: onnx.ModelProto, target: str = "x86-avx2", **expect: int) -> tuple[onnx.ModelProto, Any]:
     """Run shape inference + qoperator (checked: onnx.checker + ORT load after each pass)."""
-    ctx = make_ctx(preset("qoperator"))
-    ctx.scratch["target"] = PROFILES[target]
+    ctx = make_ctx(target)
     graph = gs.import_onnx(model)
     graph = Pipeline([PASSES["shape_inference"](), QOperatorPass()], checked=True).run(graph, ctx)
     result = ctx.report.steps[-1]
@@ -441,8 +438,7 @@ def test_cuda_target_is_refused() -> None:
     w = b.weight("w", _codes((8, 4)), 0.01)
     b.node("MatMul", [a, w], "y")
     qdq = b.model(["y"])
-    ctx = make_ctx(preset("qoperator"))
-    ctx.scratch["target"] = PROFILES["cuda"]
+    ctx = make_ctx("cuda")
     with pytest.raises(PassError, match="CUDA execution provider has no kernels") as err:
         QOperatorPass()(gs.import_onnx(qdq), ctx)
     assert "--format qdq" in str(err.value) and "TensorRT" in str(err.value)
@@ -463,8 +459,7 @@ def _qoperator_model() -> onnx.ModelProto:
 def test_already_qoperator_model_passes_through_untouched() -> None:
     model = _qoperator_model()
     graph = gs.import_onnx(model)
-    ctx = make_ctx(preset("qoperator"))
-    ctx.scratch["target"] = PROFILES["x86-avx2"]
+    ctx = make_ctx("x86-avx2")
     result = QOperatorPass()(graph, ctx)
     assert not result.modified and result.counts["nodes_lowered"] == 0
     assert any("already in QOperator form (QLinearConv x1)" in n for n in result.notes)
@@ -544,8 +539,7 @@ def test_cli_w8a8_format_qoperator(tmp_path: Path) -> None:
 @pytest.mark.assets
 def test_zoo_int8_mobilenetv2_passes_through(assets: Path) -> None:
     model = onnx.load(asset(assets, "cnn/mobilenetv2-12-int8-zoo/model.onnx"))
-    ctx = make_ctx(preset("qoperator"))
-    ctx.scratch["target"] = PROFILES["x86-avx2"]
+    ctx = make_ctx("x86-avx2")
     before = [n.op_type for n in model.graph.node]
     result = QOperatorPass()(gs.import_onnx(model), ctx)
     assert not result.modified and result.counts["nodes_lowered"] == 0 and result.counts["units_kept_qdq"] == 0

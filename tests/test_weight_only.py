@@ -288,16 +288,16 @@ def test_gptq_beats_rtn_on_held_out_tokens(tmp_path: Path) -> None:
     assert e_gptq < 0.8 * e_rtn, f"GPTQ {e_gptq:.4f} vs RTN {e_rtn:.4f}"
 
 
-def test_gptq_pass_reports_every_layer_in_scratch(tmp_path: Path) -> None:
-    """The pass run directly (ctx.calibration a CalibrationSession): ctx.scratch["weight_only"] has the
+def test_gptq_pass_reports_every_layer_in_the_context(tmp_path: Path) -> None:
+    """The pass run directly (ctx.calibration a CalibrationSession): ctx.weight_only_layers has the
     method, grid and relative error of every layer."""
     model = onnx.shape_inference.infer_shapes(_tiny())
     recipe = _recipe("w4-gptq", embeddings="float", bits=8, block_size=0, symmetric=True)
     source = TokenFileSource(_tokens_file(tmp_path), input_specs(model), seq_len=16, limit=8)
-    ctx = make_ctx(recipe, calibration=CalibrationSession(source, recipe.calibration, progress=False))
-    result = WeightOnlyPass()(gs.import_onnx(model), ctx)
+    ctx = make_ctx(calibration=CalibrationSession(source, recipe.calibration, progress=False))
+    result = WeightOnlyPass.from_recipe(recipe)(gs.import_onnx(model), ctx)
     assert result.modified and result.counts["layers_quantized"] == N_WEIGHT_MATMULS
-    info = ctx.scratch["weight_only"]
+    info = ctx.weight_only_layers
     assert set(info) == set(WEIGHT)
     assert {v["method"] for v in info.values()} == {"gptq"} and {v["grid"] for v in info.values()} == {"int8 symmetric per-channel"}
     assert all(0 < v["rel_error"] < 1e-3 for v in info.values()), info
@@ -332,9 +332,9 @@ def test_awq_loss_linear_scores_every_layer_on_its_own_output(tmp_path: Path, na
     recipe = recipe.with_(weight_only=dataclasses.replace(recipe.weight_only, awq_loss=loss))
     assert preset("w4-gptq-awq").weight_only.awq_loss == "linear" and preset("w4-awq").weight_only.awq_loss == "module"
     source = TokenFileSource(_tokens_file(tmp_path), input_specs(model), seq_len=16, limit=8)
-    ctx = make_ctx(recipe, calibration=CalibrationSession(source, recipe.calibration, progress=False))
-    WeightOnlyPass()(gs.import_onnx(model), ctx)
-    scored = {v["awq_scored_on"] for v in ctx.scratch["weight_only"].values() if "awq_scored_on" in v}
+    ctx = make_ctx(calibration=CalibrationSession(source, recipe.calibration, progress=False))
+    WeightOnlyPass.from_recipe(recipe)(gs.import_onnx(model), ctx)
+    scored = {v["awq_scored_on"] for v in ctx.weight_only_layers.values() if "awq_scored_on" in v}
     assert scored == {"linear"}
 
 
@@ -347,9 +347,9 @@ def test_awq_scores_qkv_and_gate_up_on_their_module_output(tmp_path: Path) -> No
     model = onnx.shape_inference.infer_shapes(_tiny())
     recipe = _recipe("w4-awq", embeddings="float")
     source = TokenFileSource(_tokens_file(tmp_path), input_specs(model), seq_len=16, limit=8)
-    ctx = make_ctx(recipe, calibration=CalibrationSession(source, recipe.calibration, progress=False))
-    WeightOnlyPass()(gs.import_onnx(model), ctx)
-    info = ctx.scratch["weight_only"]
+    ctx = make_ctx(calibration=CalibrationSession(source, recipe.calibration, progress=False))
+    WeightOnlyPass.from_recipe(recipe)(gs.import_onnx(model), ctx)
+    info = ctx.weight_only_layers
     modules = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
     assert {k: v["awq_scored_on"] for k, v in info.items()} == {
         k: "module" if k.split("/")[-1] in modules else "linear" for k in WEIGHT
@@ -437,7 +437,7 @@ def test_awq_fold_is_exact(tmp_path: Path) -> None:
 def test_gptq_and_awq_without_calibration_are_refused() -> None:
     for name in ("w4-gptq", "w4-awq", "w4-gptq-awq"):
         with pytest.raises(PassError, match=r"needs calibration text.*--calib.*w4-rtn"):
-            WeightOnlyPass()(gs.import_onnx(_tiny()), make_ctx(_recipe(name)))
+            WeightOnlyPass.from_recipe(_recipe(name))(gs.import_onnx(_tiny()), make_ctx())
 
 
 def test_gptq_with_a_weight_shared_by_two_layers(tmp_path: Path) -> None:
@@ -669,7 +669,7 @@ def test_stories260k_gqa_o_proj_fold_is_exact(assets: Path) -> None:
 
     model = onnx.load(str(asset(assets, STORIES)))
     graph = gs.import_onnx(model)
-    ctx = PassContext(recipe=preset("w4-awq"), report=Report(), progress=False)
+    ctx = PassContext(report=Report(), progress=False)
     for name in ("shape_inference", "constant_folding", "remove_dead_nodes"):
         graph = PASSES[name]()(graph, ctx).graph
     o_inputs = [n.inputs[0] for n in graph.nodes if n.op == "MatMul" and n.name.endswith("attention/wo/MatMul")]

@@ -262,7 +262,7 @@ def test_dequantize_layout_and_names(grid_id: str, qtype: int, attrs: dict, scal
 
 
 def test_rewrite_returns_the_new_nodes_with_the_scheme_and_detaches_the_matmul() -> None:
-    """graphsurgeon 0.6 does not export node doc strings: passes copy them into ctx.scratch["doc_strings"]."""
+    """graphsurgeon 0.6 does not export node doc strings: passes copy them into ctx.doc_strings."""
     w = _weight(64)
     qw = rtn(w, WeightGrid(4, True, 32))
     graph = gs.import_onnx(_model(w, ["M", 64]))

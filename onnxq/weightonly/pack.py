@@ -331,7 +331,7 @@ def to_matmulnbits(
     """Replace MatMul ``node`` (weight = ``qw``'s float weight) by one ``com.microsoft.MatMulNBits`` node.
 
     The new node, named ``<node>/MatMulNBits`` with the grid in its ``doc_string`` (graphsurgeon does not
-    export node doc strings: a pass copies them into ``ctx.scratch["doc_strings"]``), takes the MatMul's
+    export node doc strings: a pass copies them into ``ctx.doc_strings``), takes the MatMul's
     activation and output tensor (downstream is unchanged); the MatMul leaves ``graph.nodes`` and the
     float weight stays until ``graph.cleanup()`` finds it unused (another node may share it). New
     initializers are named after the weight (``<w>_q4``, ``<w>_scales``, ``<w>_zero_points``) through

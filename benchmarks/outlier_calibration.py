@@ -40,7 +40,7 @@ def corrupt(x: np.ndarray, variant: str) -> np.ndarray:
 
 def quantize(model: Path, npz: Path, out: Path) -> tuple[float, list[str]]:
     """Default w8a8 on ``npz``; (seconds, the calibration warnings of the report)."""
-    from onnxq.quantize import CalibrationOptions, quantize_file
+    from onnxq.quantization import CalibrationOptions, quantize_file
     from onnxq.recipe import preset
 
     t0 = time.perf_counter()

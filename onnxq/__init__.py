@@ -22,13 +22,13 @@ __version__ = "0.1.0"
 
 #: The package face: each name and the module it comes from, imported on first use.
 _FACE: dict[str, str] = {
-    "quantize": "onnxq.quantize",  # the submodule itself, callable: calling it calls onnxq.api.quantize
+    "quantize": "onnxq.api",
     "compare": "onnxq.api",
     "Recipe": "onnxq.recipe",
     "preset": "onnxq.recipe",
     "load_recipe": "onnxq.recipe",
-    "CalibrationOptions": "onnxq.quantize",
-    "QuantizeResult": "onnxq.quantize",
+    "CalibrationOptions": "onnxq.quantization",
+    "QuantizeResult": "onnxq.quantization",
     "Comparison": "onnxq.evaluate",
     "OnnxqError": "onnxq.errors",
 }
@@ -41,8 +41,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as if imported h
     from onnxq.api import quantize as quantize
     from onnxq.errors import OnnxqError as OnnxqError
     from onnxq.evaluate import Comparison as Comparison
-    from onnxq.quantize import CalibrationOptions as CalibrationOptions
-    from onnxq.quantize import QuantizeResult as QuantizeResult
+    from onnxq.quantization import CalibrationOptions as CalibrationOptions
+    from onnxq.quantization import QuantizeResult as QuantizeResult
     from onnxq.recipe import Recipe as Recipe
     from onnxq.recipe import load_recipe as load_recipe
     from onnxq.recipe import preset as preset
@@ -53,10 +53,7 @@ def __getattr__(name: str) -> Any:
     where = _FACE.get(name)
     if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(where)
-    if where == f"{__name__}.{name}":
-        return module  # a submodule: importing it has set the attribute already
-    value = getattr(module, name)
+    value = getattr(importlib.import_module(where), name)
     globals()[name] = value
     return value
 

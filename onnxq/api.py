@@ -3,8 +3,8 @@
 Thin wrappers for library users. They take what a script has at hand (a path or an in-memory
 ``onnx.ModelProto``, a preset name or a :class:`~onnxq.recipe.Recipe`, a calibration source written as
 ``onnxq quantize --calib`` takes it) and call the library's own functions:
-:func:`onnxq.quantize.quantize_file` (a file written, with its checks and report) or
-:func:`onnxq.quantize.quantize_model` (in memory), and :func:`onnxq.evaluate.compare_models`. They add no
+:func:`onnxq.quantization.quantize_file` (a file written, with its checks and report) or
+:func:`onnxq.quantization.quantize_model` (in memory), and :func:`onnxq.evaluate.compare_models`. They add no
 quantization logic, only the choice of what to call, so a script and the CLI give the same model for the
 same settings. Errors are :class:`~onnxq.errors.OnnxqError` subclasses, one line each, as in the CLI.
 """
@@ -25,7 +25,7 @@ from onnxq.calibration.sources import TEXT_SUFFIXES, open_source
 from onnxq.errors import CalibrationError, OnnxqError, RecipeConflictError
 from onnxq.evaluate import Comparison, compare_models
 from onnxq.model import load_model
-from onnxq.quantize import CalibrationOptions, QuantizeResult, quantize_file, quantize_model
+from onnxq.quantization import CalibrationOptions, QuantizeResult, quantize_file, quantize_model
 from onnxq.recipe import Recipe, load_recipe, recipe_from_dict
 from onnxq.recipe import preset as get_preset
 
@@ -138,9 +138,9 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize ``model`` with a preset or recipe, and write it to ``output_path`` when one is given.
 
-    The same run as ``onnxq quantize``: with ``output_path``, :func:`onnxq.quantize.quantize_file` (the
+    The same run as ``onnxq quantize``: with ``output_path``, :func:`onnxq.quantization.quantize_file` (the
     model is verified to load in ONNX Runtime, then written atomically; the input is never overwritten);
-    without, :func:`onnxq.quantize.quantize_model` (nothing written; ``result.model`` is the quantized model).
+    without, :func:`onnxq.quantization.quantize_model` (nothing written; ``result.model`` is the quantized model).
 
     Args:
         model: the float model: an ``.onnx`` path or an ``onnx.ModelProto`` (not modified). Writing a file

@@ -515,7 +515,7 @@ def _worker(spec_path: str, status_path: str) -> int:
         _atomic_write(status, json.dumps({**doc, "pid": os.getpid()}))
 
     try:
-        from onnxq.quantize import CalibrationOptions, quantize_file
+        from onnxq.quantization import CalibrationOptions, quantize_file
 
         write({"stage": "starting"})
         spec = json.loads(Path(spec_path).read_text())

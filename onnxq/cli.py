@@ -31,7 +31,7 @@ from onnxq.errors import OnnxqError
 from onnxq.text import PrintableFormatter, markup_safe, printable
 
 if TYPE_CHECKING:  # the library is imported by each command when it runs: `onnxq --help` stays fast
-    from onnxq.quantize import CalibrationOptions
+    from onnxq.quantization import CalibrationOptions
 
 __all__ = ["main"]
 
@@ -181,7 +181,7 @@ def quantize(model: Path, output: str, choice: RecipeChoice, calibration: Calibr
     The output is written atomically; on any error nothing is written and the exit code is 1.
     """
     from onnxq.api import calibration_defaults, check_calibration_given
-    from onnxq.quantize import quantize_file
+    from onnxq.quantization import quantize_file
 
     recipe = flags.apply(choice.recipe(), calibration.size)
     check_calibration_given(recipe, calibration, calib_cache)
@@ -280,7 +280,7 @@ def calibrate(model: Path, output: str, choice: RecipeChoice, calibration: Calib
       onnxq calibrate model.onnx --calib images/ --calib-preprocess torch -o stats.json
       onnxq quantize model.onnx -o model.int8.onnx --calib-cache stats.json
     """
-    from onnxq.quantize import calibrate_file
+    from onnxq.quantization import calibrate_file
 
     recipe = flags.apply(choice.recipe(), calibration.size)
     info = calibrate_file(model, output, recipe, calibration=calibration, progress=not no_progress and not as_json,

@@ -88,7 +88,7 @@ def calibration_options(*, only: tuple[str, ...] = _CALIB_OPTIONS, required: boo
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
             values = {key: kwargs.pop("_calib_" + key, None) for key in only}
-            from onnxq.quantize import CalibrationOptions
+            from onnxq.quantization import CalibrationOptions
 
             values["source"] = values.pop("calib")
             return fn(*args, calibration=CalibrationOptions(**values), **kwargs)

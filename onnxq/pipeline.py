@@ -73,7 +73,7 @@ class PassContext:
         calibration: lazily computed calibration statistics (None when no pass needs them).
         checked: run onnx.checker + an ORT load after each pass.
         progress: show progress bars.
-        target: the deployment target profile; set by the driver (:func:`onnxq.quantize.quantize_model`),
+        target: the deployment target profile; set by the driver (:func:`onnxq.quantization.quantize_model`),
             read by insert_qdq, dynamic, smoothquant, qoperator and weight_only.
         doc_strings: node name -> doc string (why the node exists, shown in Netron); written by every pass
             that inserts nodes, copied into the model by the driver at the end (graphsurgeon drops them).

@@ -1,4 +1,4 @@
-"""The report side of :func:`onnxq.quantize.quantize_file`: the float-vs-quantized comparison that goes into
+"""The report side of :func:`onnxq.quantization.quantize_file`: the float-vs-quantized comparison that goes into
 the report and the Q/DQ doc strings, and writing ``report.json`` / ``report.html`` beside the output."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from onnxq.recipe import Recipe
 from onnxq.report import Report
 
 if TYPE_CHECKING:
-    from onnxq.quantize import CalibrationOptions, QuantizeResult
+    from onnxq.quantization import CalibrationOptions, QuantizeResult
 
 __all__ = ["annotate_sqnr", "compare_into_report", "record_sizes_and_report", "report_view", "write_report"]
 

@@ -425,7 +425,7 @@ def test_minilm_embeddings_close_to_fp32(assets: Path) -> None:
     tok.no_padding()
     sentences = ["A man is playing a guitar.", "The cat sleeps on the warm windowsill all afternoon.",
                  "Stock markets fell sharply after the announcement.", "Two children are riding bicycles."]  # fmt: skip
-    from onnxq.quantize import quantize_model
+    from onnxq.quantization import quantize_model
 
     recipe = preset("int8-dynamic").with_(target="x86-avx2", weights=WeightSpec(range_method="minmax"))
     q = quantize_model(model, recipe).model

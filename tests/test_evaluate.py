@@ -16,7 +16,7 @@ from helpers import run_ort, sqnr_db
 from onnxq.calibration.sources import open_source
 from onnxq.cli import main
 from onnxq.evaluate import TensorStats, compare_models, match_tensors
-from onnxq.quantize import quantize_model
+from onnxq.quantization import quantize_model
 from onnxq.recipe import preset
 
 

@@ -26,7 +26,7 @@ from onnxq.errors import RecipeError
 from onnxq.passes import PASSES
 from onnxq.passes.float16 import DEFAULT_BLOCK_LIST, Float16Pass, convert_float16
 from onnxq.pipeline import Pipeline
-from onnxq.quantize import quantize_model
+from onnxq.quantization import quantize_model
 from onnxq.recipe import Float16Spec, preset, recipe_from_dict
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)

@@ -57,7 +57,7 @@ from onnxq.calibration.sources import RandomSource, input_specs
 from onnxq.cli import main
 from onnxq.errors import ModelLoadError, OnnxqError
 from onnxq.model import load_model
-from onnxq.quantize import quantize_model
+from onnxq.quantization import quantize_model
 from onnxq.recipe import preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -288,7 +288,7 @@ def test_all_supported_ops_quantize_and_run() -> None:
 
 
 def test_uint16_activations_need_and_get_opset_21() -> None:
-    from onnxq.quantize import quantize_model
+    from onnxq.quantization import quantize_model
     from onnxq.recipe import preset
 
     model = _conv_relu_model("Relu")

@@ -19,7 +19,7 @@ from conftest import asset
 from helpers import full_check, make_ctx, make_model, run_ort, value_info
 from onnxq.calibration.sources import RandomSource, input_specs
 from onnxq.passes.int8_embeddings import Int8EmbeddingsPass
-from onnxq.quantize import quantize_model
+from onnxq.quantization import quantize_model
 from onnxq.recipe import preset
 
 VOCAB, DIM = 128, 16  # RandomSource draws ids in [0, 100)
@@ -110,7 +110,7 @@ def test_int8_presets_store_embeddings_in_int8(name: str) -> None:
 
 @pytest.mark.assets
 def test_minilm_int8_dynamic_is_a_quarter_of_fp32_and_keeps_its_embeddings(assets: Path, tmp_path: Path) -> None:
-    from onnxq.quantize import quantize_file
+    from onnxq.quantization import quantize_file
 
     src = asset(assets, "minilm/model.onnx")
     dst = tmp_path / "minilm.dyn.onnx"

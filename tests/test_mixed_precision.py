@@ -17,7 +17,7 @@ from onnxq.calibration.sources import open_source
 from onnxq.cli import main
 from onnxq.errors import OnnxqError
 from onnxq.mixed_precision import AccuracyBudget
-from onnxq.quantize import CalibrationOptions, quantize_file, quantize_model, with_levels
+from onnxq.quantization import CalibrationOptions, quantize_file, quantize_model, with_levels
 from onnxq.recipe import preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))

@@ -6,6 +6,7 @@ CLI's output file byte for byte, and the source's sample count."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import subprocess
@@ -23,7 +24,7 @@ import onnxq
 from onnxq.api import choose_recipe
 from onnxq.cli import main
 from onnxq.errors import CalibrationError, OnnxqError, RecipeError
-from onnxq.quantize import CalibrationOptions
+from onnxq.quantization import CalibrationOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "digits-cnn.onnx"
@@ -141,26 +142,23 @@ def test_refusals_are_one_line_errors_and_write_nothing(tmp_path: Path, call: ob
 def test_import_onnxq_stays_light() -> None:
     """The CLI imports onnxq before every command: the face is imported on first use, not with the package."""
     code = ("import sys, onnxq\n"
-            "print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime', 'onnxq.api', 'onnxq.quantize') if m in sys.modules))")
+            "print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime', 'onnxq.api', 'onnxq.quantization') if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
                          check=False)  # fmt: skip
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr[-2000:]
 
 
-def test_onnxq_quantize_is_the_callable_submodule_whichever_import_came_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    # importing the submodule onnxq.quantize sets the package attribute `quantize` (as it has here), so
-    # that module is made callable; and a first access through the package's __getattr__ gives it too
-    module: object = sys.modules["onnxq.quantize"]  # (type checkers see the function onnxq.api.quantize)
-    import onnxq.quantize as oq
-    from onnxq.quantize import quantize_file
+def test_onnxq_quantize_is_the_function_whatever_was_imported_first() -> None:
+    """The library's run module is ``onnxq.quantization``: importing it (as the CLI and batch do) leaves the
+    package face's ``onnxq.quantize`` the function, with no module of the same name to shadow it."""
+    import onnxq.quantization as oq
+    from onnxq.api import quantize
 
-    face: object = onnxq.quantize
-    assert face is oq is module and oq.quantize_file is quantize_file and callable(onnxq.quantize)
-    with pytest.raises(RecipeError, match="give either preset='w8a8' or recipe"):  # reached onnxq.api.quantize
+    assert onnxq.quantize is quantize and onnxq.quantize is not oq
+    assert importlib.util.find_spec("onnxq.quantize") is None
+    with pytest.raises(RecipeError, match="give either preset='w8a8' or recipe"):
         onnxq.quantize(MODEL, preset="w8a8", recipe="r.toml")
-    monkeypatch.delattr(onnxq, "quantize")
-    assert "quantize" not in vars(onnxq) and onnxq.__getattr__("quantize") is module  # what onnxq.quantize calls now
 
 
 def test_all_names_resolve_and_are_listed() -> None:

@@ -16,7 +16,7 @@ from onnxq.passes import PASSES, build_passes
 from onnxq.passes.dynamic import DynamicSettings
 from onnxq.passes.insert_qdq import InsertQDQSettings
 from onnxq.passes.smoothquant import SmoothQuantSettings
-from onnxq.quantize import CalibrationOptions, _required_opset
+from onnxq.quantization import CalibrationOptions, _required_opset
 from onnxq.recipe import PRESETS, ExcludeSpec, NodeSelection, Recipe, load_recipe, preset, recipe_from_dict, recipe_to_dict
 from onnxq.weightonly.settings import AWQSettings, GPTQSettings, IntGrid, RTNSettings, WeightOnlySettings
 

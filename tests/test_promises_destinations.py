@@ -36,12 +36,12 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
-import onnxq.quantize as oq
+import onnxq.quantization as oq
 from onnxq.calibration.cache import save_cache
 from onnxq.cli import main
 from onnxq.errors import ModelSaveError, OnnxqError
 from onnxq.model import save_model
-from onnxq.quantize import CalibrationOptions, calibrate_file, quantize_file
+from onnxq.quantization import CalibrationOptions, calibrate_file, quantize_file
 from onnxq.recipe import Recipe, preset
 from onnxq.report import Report
 from onnxq.report_html import write_html
@@ -528,7 +528,7 @@ def test_whatever_the_destination_check_accepts_is_written_without_damage(out_ki
     """Any output x report path kind: refused with nothing changed, or written with every read file,
     special file and link intact, the output a regular file."""
     from onnxq.destinations import Read, check_destinations
-    from onnxq.quantize import output_destinations
+    from onnxq.quantization import output_destinations
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -189,7 +189,7 @@ def test_an_op_of_an_unknown_domain_is_refused_at_load_naming_node_op_and_domain
 
 
 def test_the_library_refuses_an_in_memory_model_it_cannot_run_before_any_work() -> None:
-    from onnxq.quantize import quantize_model
+    from onnxq.quantization import quantize_model
     from onnxq.recipe import preset
 
     nodes = [_matmul("t"), oh.make_node("Frob", ["t"], ["y"], name="frob", domain="com.example")]

@@ -38,7 +38,7 @@ from onnxq.calibration.cache import CachedCalibration, save_cache
 from onnxq.calibration.sources import RandomSource, input_specs
 from onnxq.cli import main
 from onnxq.errors import CalibrationError, RecipeError
-from onnxq.quantize import quantize_model
+from onnxq.quantization import quantize_model
 from onnxq.recipe import (
     PRESETS,
     CalibrationSpec,

@@ -16,7 +16,7 @@ import pytest
 from conftest import asset
 
 from onnxq.calibration.sources import load_image
-from onnxq.quantize import CalibrationOptions, quantize_file
+from onnxq.quantization import CalibrationOptions, quantize_file
 from onnxq.recipe import preset
 
 pytestmark = pytest.mark.assets

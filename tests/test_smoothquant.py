@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 from onnxq.cli import main
-from onnxq.quantize import CalibrationOptions, quantize_model
+from onnxq.quantization import CalibrationOptions, quantize_model
 from onnxq.recipe import SmoothQuantSpec, preset, recipe_from_dict
 from onnxq.errors import RecipeError
 import onnx_graphsurgeon as gs

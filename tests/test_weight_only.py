@@ -25,7 +25,7 @@ from onnxq.errors import PassError, RecipeError
 from onnxq.model import to_model
 from onnxq.passes import WeightOnlyPass
 from onnxq.passes.weight_only import AWQ_SEARCH_CLIP_GRID
-from onnxq.quantize import CalibrationOptions, QuantizeResult, quantize_model
+from onnxq.quantization import CalibrationOptions, QuantizeResult, quantize_model
 from onnxq.recipe import Recipe, load_recipe, preset, recipe_from_dict
 from onnxq.report import StepRecord
 from onnxq.weightonly.awq import awq_candidate_scales, awq_clip_search

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -49,20 +47,6 @@ from onnxq.model_checks import check_operators, check_runnable
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
 
 logger = logging.getLogger(__name__)
-
-
-class _CallableModule(types.ModuleType):
-    """``onnxq.quantize`` names both this module and the package face's function: importing a submodule
-    sets the package attribute of its name, so the function cannot hold it alone. Calling the module
-    calls :func:`onnxq.api.quantize`, and ``onnxq.quantize.quantize_file`` still works, whichever came first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> QuantizeResult:
-        from onnxq.api import quantize
-
-        return quantize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 @dataclass(frozen=True)

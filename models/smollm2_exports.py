@@ -38,7 +38,9 @@ Usage (run with the build venv's python; ``HF_HUB_OFFLINE=1`` is set by the scri
     /work/llm/venv-build/bin/python models/smollm2_exports.py --out /work/llm \\
         --optimum-python /work/llm/venv-optimum/bin/python --check
 
-Writes ``OUT/{hf,genai-fp32,genai-int4,optimum-fp32}``. About 4 minutes on 2 CPU cores; ~2.2 GB of disk.
+Writes ``OUT/{hf,genai-fp32,genai-int4,optimum-fp32}`` (+ ``OUT/logs``). About 5-6 minutes on 2 CPU cores (the GGUF
+dequantization in transformers is ~2 of them); ~2.2 GB of disk. A rerun into a clean folder gave byte-identical
+genai-fp32 files.
 """
 
 from __future__ import annotations
@@ -169,7 +171,11 @@ def check_optimum(folder: Path, steps: int = 8) -> str:
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ids = tok.encode(PROMPT).ids
-    past = {i.name: np.zeros((1, 3, 0, 64), np.float32) for i in sess.get_inputs() if i.name.startswith("past_key_values")}
+    past = {
+        i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)  # [batch, kv_heads, past_len, head_dim]
+        for i in sess.get_inputs()
+        if i.name.startswith("past_key_values")
+    }
     n_layers = len(past) // 2
     cur, total, out = ids, 0, []
     for _ in range(steps):

@@ -21,7 +21,7 @@ from onnxq.validation import check_instance, rule, show, suggest
 
 __all__ = [
     "QUANTIZABLE_OPS", "FLOAT16_BLOCK_LIST", "PASS_NAMES", "ActivationSpec", "WeightSpec", "CalibrationSpec", "ExcludeSpec",
-    "Float16Spec", "SmoothQuantSpec", "DynamicSpec", "WeightOnlySpec", "Override", "NodeConfig", "NodeSelection", "Recipe",
+    "Float16Spec", "SmoothQuantSpec", "DynamicSpec", "WeightOnlySpec", "Override", "NodeConfig", "NodeSelection", "TableSettings", "Recipe",
 ]  # fmt: skip
 
 QUANTIZABLE_OPS: tuple[str, ...] = (
@@ -374,6 +374,20 @@ class NodeSelection:
             act = dataclasses.replace(act, **dict(ov.activations))
             wt = dataclasses.replace(wt, **dict(ov.weights))
         return NodeConfig(act, wt)
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """The settings of a pass that chooses nodes (``selection``) and has its own recipe table (``spec``, the
+    table ``TABLE_KEY`` names); a subclass names its table and gives ``spec`` its type and default."""
+
+    TABLE_KEY: ClassVar[str] = ""
+    selection: NodeSelection = field(default_factory=NodeSelection)
+    spec: Any = None
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Any:
+        return cls(recipe.selection(), getattr(recipe, cls.TABLE_KEY))
 
 
 @dataclass(frozen=True)

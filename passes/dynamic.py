@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -64,7 +65,8 @@ import onnx_graphsurgeon as gs
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
 from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
-from onnxq.recipe import DynamicSpec, NodeConfig, NodeSelection, Recipe
+from onnxq.recipe import DynamicSpec, NodeConfig, Recipe
+from onnxq.recipe_schema import TableSettings
 from onnxq.scheme import QuantScheme, choose_qparams, choose_qparams_mse, quantize
 from onnxq.target import TargetProfile, refuse_cuda, weight_scheme
 
@@ -156,16 +158,12 @@ def _why_not(node: gs.Node) -> str | None:
 
 
 @dataclass(frozen=True)
-class DynamicSettings:
+class DynamicSettings(TableSettings):
     """What :class:`DynamicQuantizePass` reads of a recipe: which nodes with which weight schemes, and the
     ``[dynamic]`` table (activation granularity, op types, Hadamard block)."""
 
-    selection: NodeSelection = field(default_factory=NodeSelection)
+    TABLE_KEY: ClassVar[str] = "dynamic"
     spec: DynamicSpec = field(default_factory=DynamicSpec)
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> DynamicSettings:
-        return cls(recipe.selection(), recipe.dynamic)
 
 
 class DynamicQuantizePass(ConfiguredPass[DynamicSettings]):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -34,7 +35,8 @@ from onnxq.calibration.channel_stats import ChannelStats, collect_channel_stats
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
 from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
-from onnxq.recipe import NodeConfig, NodeSelection, Recipe, SmoothQuantSpec
+from onnxq.recipe import NodeConfig, Recipe, SmoothQuantSpec
+from onnxq.recipe_schema import TableSettings
 from onnxq.scheme import Symmetry, choose_qparams, dequantize, quantize
 from onnxq.target import TargetProfile, weight_scheme
 
@@ -67,16 +69,12 @@ class _Group:
 
 
 @dataclass(frozen=True)
-class SmoothQuantSettings:
+class SmoothQuantSettings(TableSettings):
     """What :class:`SmoothQuantPass` reads of a recipe: the nodes the quantizing pass will quantize (only those
     are smoothed, with their schemes) and the ``[smoothquant]`` table."""
 
-    selection: NodeSelection = field(default_factory=NodeSelection)
+    TABLE_KEY: ClassVar[str] = "smoothquant"
     spec: SmoothQuantSpec = field(default_factory=SmoothQuantSpec)
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> SmoothQuantSettings:
-        return cls(recipe.selection(), recipe.smoothquant)
 
 
 class SmoothQuantPass(ConfiguredPass[SmoothQuantSettings]):

@@ -42,7 +42,7 @@ from onnxq.quantize_report import compare_into_report, record_sizes_and_report
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import TargetProfile, resolve_target
-from onnxq.model_checks import check_operators, check_runnable
+from onnxq.model_checks import ModelCheckError, check_operators, check_runnable, validate
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
 
@@ -422,15 +422,12 @@ def _annotate(model: onnx.ModelProto, docs: dict[str, str], recipe: Recipe) -> N
 
 
 def verify_loads(model: onnx.ModelProto, *, ort_load: bool = True) -> None:
-    """The final check before saving: onnx.checker and (unless ``ort_load`` is False) an ORT CPU load."""
-    from onnxq._ort import make_session
-
+    """The final check before saving: onnx.checker, with ONNX Runtime's schemas for the ops only it knows, and
+    (unless ``ort_load`` is False) an ORT CPU load (see :func:`onnxq.model_checks.validate`)."""
     try:
-        onnx.checker.check_model(model, full_check=False)
-        if ort_load and model.ByteSize() < 1_900_000_000:
-            make_session(model.SerializeToString(), optimization="basic")
-    except Exception as exc:  # noqa: BLE001
-        raise OnnxqError(f"the quantized model does not load ({exc}); nothing was written. Please report this.") from exc
+        validate(model, ort_load=ort_load, optimization="basic")
+    except ModelCheckError as exc:
+        raise OnnxqError(f"the quantized model does not load ({exc}); nothing was written. Please report this.") from None
 
 
 def quantize_file(

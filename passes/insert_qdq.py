@@ -38,6 +38,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import CalibrationError
 from onnxq.graphs import FreshNames
+from onnxq.passes.constant_folding import materialize_weight_transposes
 from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.recipe import NodeConfig, NodeSelection, Recipe
 from onnxq.scheme import (
@@ -358,6 +359,7 @@ class InsertQDQPass(ConfiguredPass[InsertQDQSettings]):
             )
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        materialize_weight_transposes(graph)  # a tied weight's Transpose kept by constant folding
         settings, target = self.settings, ctx.target
         counts = {"nodes_quantized": 0, "nodes_excluded": 0, "qdq_pairs": 0, "weights_quantized": 0,
                   "biases_quantized": 0, "shared_weights": 0, "activations_absorbed": 0}  # fmt: skip

@@ -44,6 +44,7 @@ from onnxq._memory import release
 from onnxq.calibration.runner import choose_providers
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames, downstream_tensors
+from onnxq.passes.constant_folding import materialize_weight_transposes
 from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.progress import progress_bar
 from onnxq.recipe import Recipe
@@ -160,6 +161,7 @@ class WeightOnlyPass(ConfiguredPass[WeightOnlySettings]):
         return (21 if self.settings.format == "qdq" else 13), "blocked int4 DequantizeLinear needs opset 21"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        materialize_weight_transposes(graph)  # a tied weight's Transpose kept by constant folding
         settings = self.settings
         counts = {"layers_quantized": 0, "layers_int8": 0, "layers_left_float": 0, "embeddings_quantized": 0,
                   "awq_groups_scaled": 0, "awq_groups_unscaled": 0, "segments_run": 0}  # fmt: skip

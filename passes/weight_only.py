@@ -57,7 +57,7 @@ from onnxq.weightonly.segments import SegmentRunner, Wave
 from onnxq.weightonly.settings import AWQSettings, GPTQSettings, WeightOnlySettings
 
 from .int8_embeddings import quantize_embedding_tables
-from .scale_folding import ScaleEdit, apply_edit, channel_ties, plan_producer, value_readers
+from .scale_folding import ScaleEdit, apply_edit, channel_ties, plan_producer, scaled_outputs, value_readers
 from .shape_inference import refine_static_dims
 
 __all__ = ["WeightOnlyPass", "quantize_weight_only", "output_projections"]
@@ -519,7 +519,7 @@ def _downstream(nodes: list[gs.Node], *, stop: dict[int, int], cut: int) -> set[
     def follow(r: gs.Node) -> bool:  # Shape/Size read only the shape, which scaling keeps
         return r.op not in ("Shape", "Size") and stop.get(id(r), cut) < cut
 
-    return {t.name for t in downstream_tensors([t for n in nodes for t in n.outputs], follow)}
+    return {t.name for t in downstream_tensors([t for n in nodes for t in scaled_outputs(n)], follow)}
 
 
 def quantize_weight_only(graph: gs.Graph, ctx: PassContext, recipe: Recipe | None = None) -> gs.Graph:

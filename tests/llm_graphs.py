@@ -11,7 +11,8 @@ dimension 16, 2 layers, vocabulary 128, random weights from a fixed seed, and a 
   cos/sin caches inside, ``seqlens_k`` and ``total_sequence_length`` made from ``attention_mask`` as the builder
   does); SwiGLU with Sigmoid/Mul; the tied ``lm_head.MatMul.weight`` [hidden, vocab] read by the lm_head MatMul and
   by ``Transpose -> Gather`` for the embedding. The head dimension of the past inputs is symbolic
-  (``kv_cache_dim``) as in the builder's graph. No ``position_ids``.
+  (``kv_cache_dim``) as in the builder's graph. No ``position_ids``. Every intermediate tensor has a value info
+  with its element type, as the builder writes them.
 * :func:`optimum_llm`: opset 18, plain ONNX: ``position_ids`` input, RMSNorm decomposed (Pow/ReduceMean/Add/
   Sqrt/Div/Mul), separate q/k/v projections, rotary from ``position_ids`` (Cos/Sin/Neg/Slice/Concat), attention
   with MatMul/Softmax and a causal + padding mask (Range/LessOrEqual/And/Where), past and present concatenated,
@@ -156,6 +157,26 @@ def builder_llm(cfg: LlmShape = LlmShape(), seed: int = 0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="onnxruntime-genai")  # fmt: skip
     model.ir_version = 10
+    return _with_value_info(model, cfg)
+
+
+def _with_value_info(model: onnx.ModelProto, cfg: LlmShape) -> onnx.ModelProto:
+    """Record the type and shape of every intermediate tensor, as the builder does (onnx's shape inference cannot
+    see through the contrib ops): found by running a 3-token prefill, batch and sequence dims made symbolic."""
+    graph_outputs = {o.name for o in model.graph.output}
+    names = [o for n in model.graph.node for o in n.output if o and o not in graph_outputs]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    sess = session(probe)
+    ids = np.zeros((1, 3), np.int64)
+    past = {i.name: np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+    values = sess.run(names, {"input_ids": ids, "attention_mask": np.ones((1, 3), np.int64), **past})
+    for name, v in zip(names, values):
+        dims: list[int | str] = list(v.shape)
+        if v.ndim == 3:
+            dims[:2] = ["batch_size", "sequence_length"]
+        model.graph.value_info.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), dims))
     return model
 
 

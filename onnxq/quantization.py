@@ -42,6 +42,7 @@ from onnxq.quantize_report import compare_into_report, record_sizes_and_report
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import TargetProfile, resolve_target
+from onnxq.model_folders import copy_companions, resolve_folders
 from onnxq.model_checks import ModelCheckError, check_operators, check_runnable, validate
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
@@ -460,13 +461,18 @@ def quantize_file(
     string of each tensor's QuantizeLinear/DequantizeLinear, and ``report.html`` is written beside
     ``report.json``.
 
+    ``input_path`` may be a model folder (onnxruntime-genai's, see :mod:`onnxq.model_folders`): its decoder is
+    quantized into the folder ``output_path`` under the same name, and its other files are copied beside it.
+
     Before any work (after validating the input), every destination is checked (see
     :func:`onnxq.destinations.check_destinations`): ``output_path``, its ``.data`` sibling and the report
     files must be regular files or absent, in writable folders, and none of the files this run reads
     (the model and its external data, the calibration and evaluation sources, the tokenizer, the cache
     and ``reads``: what the caller read, such as a recipe or a manifest).
     """
-    src, dst = Path(input_path), Path(output_path)
+    folder = Path(input_path)
+    src, dst, from_folder = resolve_folders(folder, Path(output_path))  # a model folder: its decoder, into a folder
+    output_path = dst
     report = Report()
     if on_stage:
         on_stage("loading")
@@ -499,6 +505,8 @@ def quantize_file(
     if on_stage:
         on_stage("saving")
     result.files = save_model(result.model, dst, input_path=src)
+    if from_folder:  # the tokenizer and config files beside the quantized model
+        result.files = [*result.files, *copy_companions(folder, dst.parent, files)]
     record_sizes_and_report(result, report, in_bytes, comparison, report_dir)
     return result
 

@@ -472,7 +472,8 @@ def quantize_file(
     """
     folder = Path(input_path)
     src, dst, from_folder = resolve_folders(folder, Path(output_path))  # a model folder: its decoder, into a folder
-    output_path = dst
+    if from_folder:
+        output_path = dst  # else as given: the destination checks name the path as the user wrote it
     report = Report()
     if on_stage:
         on_stage("loading")

@@ -125,7 +125,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True,
         tolerated = check_operators(model, path, runnable=runnable)
         if runnable:
             check_runnable(model, path)
-        run_checker(model, path, files, tolerated)
+        run_checker(model, path, files, tolerated if runnable else set())
         if files and load_external_data:
             onnx.load_external_data_for_model(model, str(path.parent))
     except ModelLoadError:

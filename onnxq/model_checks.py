@@ -10,7 +10,8 @@ parsed, and never an internal error late in the pipeline:
 * :func:`check_runnable`: what onnxq cannot run (an opset newer than the installed onnx/onnxruntime, no
   graph outputs, non-tensor graph inputs/outputs, duplicate node names, string initializers, inputs no
   sample can fill).
-* :func:`run_checker`: ``onnx.checker``, with its reason and node when it rejects the model.
+* :func:`validate`: ``onnx.checker`` where onnx has the schemas, ONNX Runtime where only it has them (contrib
+  ops); :func:`run_checker` is its form for loading (the reason and node when it rejects the model).
 * :func:`sort_nodes`: a graph whose nodes are out of order (ONNX Runtime accepts it, ``onnx.checker``
   and onnxq's passes do not) is put in topological order instead of being called corrupt.
 
@@ -32,32 +33,123 @@ import onnx
 from onnxq.errors import ModelLoadError
 from onnxq.text import printable
 
-__all__ = ["check_operators", "check_runnable", "check_versions_and_shapes", "run_checker", "highest_opset",
-           "sort_nodes"]
+__all__ = ["ModelCheckError", "check_operators", "check_runnable", "check_versions_and_shapes", "run_checker",
+           "highest_opset", "ort_only_nodes", "sort_nodes", "validate"]
 
 logger = logging.getLogger(__name__)
 
 
 def run_checker(model: onnx.ModelProto, path: Path, files: list[Path], tolerated: set[str]) -> None:
-    """``onnx.checker`` on a parsed model; ModelLoadError with its reason and node when it rejects the model.
+    """Validate a parsed model at load (:func:`validate`); ModelLoadError with the reason, node and op type.
 
-    ``tolerated``: op types onnx does not know but ONNX Runtime runs (:func:`check_operators`); a complaint
-    about one of them does not block loading, since the model runs as it is.
+    ``tolerated``: op types onnx does not know but ONNX Runtime runs (:func:`check_operators`). onnx.checker
+    skips such nodes (they are moved to a domain it does not check) and checks the rest of the graph; the
+    model is then loaded in ONNX Runtime, whose schemas validate those nodes. A model without them is checked
+    by onnx.checker alone, as before.
     """
     try:
-        # The proto checker resolves external data against the CWD, so check by path when there is some.
-        onnx.checker.check_model(str(path) if files else model)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        text = str(exc)
-        if any(re.search(rf"\b{re.escape(op)}\b", text) for op in tolerated):
-            logger.debug("onnx.checker does not know an op onnxruntime runs; accepted: %s", text.splitlines()[0])
-            return
-        first = (text.strip().splitlines() or [type(exc).__name__])[0]
-        node = re.search(r"Name: ?(.*?) OpType: ?(\S+)", text)
-        where = f" (node {node.group(1)!r}, op type {node.group(2)!r})" if node else ""
-        raise ModelLoadError(printable(f"{path} is a readable ONNX model, but the onnx checker (onnx "
-                                       f"{onnx.__version__}) rejects it: {first}{where}; fix the exporter's output "
+        validate(model, path=path if files else None, ort_load=bool(tolerated) and bool(ort_only_nodes(model)))
+    except ModelCheckError as exc:
+        raise ModelLoadError(printable(f"{path} is a readable ONNX model, but {exc}; fix the exporter's output "
                                        "or re-export it")) from None
+
+
+class ModelCheckError(Exception):
+    """A model onnx.checker or ONNX Runtime rejects; the message is one line naming the checker, reason and node."""
+
+
+#: The domain the nodes only ONNX Runtime knows are moved to in the copy onnx.checker sees (it skips unknown domains).
+ORT_ONLY_DOMAIN = "onnxq.ort_only"
+_ORT_MAX_BYTES = 1_900_000_000  # a model this large is not serialised for an ORT load (protobuf's 2 GB limit)
+
+
+def ort_only_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes (subgraphs included) onnx has no schema for at the model's opset but ONNX Runtime has."""
+    imports = {_domain_name(o.domain): int(o.version) for o in model.opset_import}
+    return [node for node in _all_nodes(model.graph) if _ort_only(node, imports)]
+
+
+def _ort_only(node: onnx.NodeProto, imports: dict[str, int]) -> bool:
+    domain = _domain_name(node.domain)
+    version = imports.get(domain, 1)
+    onnx_domain = "" if domain == "ai.onnx" else domain
+    if domain in ("ai.onnx", "ai.onnx.ml") and onnx.defs.has(node.op_type, version, onnx_domain):
+        return False
+    since = _ort_ops().get(onnx_domain, {}).get(node.op_type)
+    return since is not None and since <= max(version, 1)
+
+
+def validate(model: onnx.ModelProto, *, path: Path | None = None, full_check: bool = False, ort_load: bool = True,
+             optimization: str = "disable") -> None:
+    """Check a model with onnx.checker where onnx has the schemas and with ONNX Runtime where only it has them.
+
+    onnx.checker stops at the first node it has no schema for (``SimplifiedLayerNormalization`` in the
+    default domain, as onnxruntime-genai's builder writes it), so tolerating its complaint would leave the
+    rest of the graph unchecked. Instead it checks a shallow copy in which the nodes only ORT knows
+    (:func:`ort_only_nodes`) are moved to :data:`ORT_ONLY_DOMAIN`, which it skips; external-data initializers
+    (files checked at load) are graph inputs there. With ``ort_load`` the real model is then loaded in ONNX
+    Runtime (with ``optimization``, see :func:`onnxq._ort.make_session`), whose schemas validate those nodes; from ``path`` when given (external
+    data is resolved beside it), else from the serialised model when under 1.9 GB. A model without such nodes
+    is checked as it is (by ``path`` when given: onnx resolves external data against the CWD otherwise).
+
+    Raises:
+        ModelCheckError: one line: which checker, its first reason, and the node and op type it names.
+    """
+    special = ort_only_nodes(model)
+    try:
+        if special:
+            onnx.checker.check_model(_checker_copy(model), full_check=full_check)
+        else:
+            onnx.checker.check_model(str(path) if path is not None else model, full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelCheckError(f"the onnx checker (onnx {onnx.__version__}) rejects it: {_one_line(str(exc))}") from None
+    if ort_load and (path is not None or model.ByteSize() < _ORT_MAX_BYTES):
+        from onnxq._ort import make_session
+
+        try:
+            make_session(str(path) if path is not None else model.SerializeToString(), optimization=optimization)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise ModelCheckError(f"{_ort_version()} rejects it: {_one_line(str(exc))}") from None
+
+
+def _one_line(text: str) -> str:
+    """The first line of a checker's message, with the node and op type it names (onnx's and ORT's forms)."""
+    first = (text.strip().splitlines() or ["(no message)"])[0]
+    first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+    first = first.split(", Error ", 1)[-1]  # ORT's "invalid model" lines print the whole node before the reason
+    node = (re.search(r"Name: ?(.*?) OpType: ?(\S+)", text) or re.search(r"Node \(([^)]*)\) Op \(([^)]*)\)", text)
+            or re.search(r"Node\(([^)]*)\) with schema\([^:]*::(\w+):", text))  # fmt: skip
+    where = f" (node {node.group(1)!r}, op type {node.group(2)!r})" if node else ""
+    return first.rstrip(".") + where
+
+
+def _checker_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The copy of ``model`` onnx.checker sees: ORT-only nodes in :data:`ORT_ONLY_DOMAIN`, external-data
+    initializers as graph inputs (their files were checked at load, and their data is not in memory)."""
+    copy = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(copy, field, getattr(model, field))
+    copy.opset_import.extend(model.opset_import)
+    copy.opset_import.add(domain=ORT_ONLY_DOMAIN, version=1)
+    copy.functions.extend(model.functions)
+    src, g = model.graph, copy.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    imports = {_domain_name(o.domain): int(o.version) for o in model.opset_import}
+    for node in _all_nodes(g):
+        if _ort_only(node, imports):
+            node.domain = ORT_ONLY_DOMAIN
+    return copy
 
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")

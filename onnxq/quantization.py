@@ -42,7 +42,8 @@ from onnxq.quantize_report import compare_into_report, record_sizes_and_report
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import TargetProfile, resolve_target
-from onnxq.model_checks import check_operators, check_runnable
+from onnxq.model_folders import copy_companions, resolve_folders
+from onnxq.model_checks import ModelCheckError, check_operators, check_runnable, validate
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
 
@@ -422,15 +423,12 @@ def _annotate(model: onnx.ModelProto, docs: dict[str, str], recipe: Recipe) -> N
 
 
 def verify_loads(model: onnx.ModelProto, *, ort_load: bool = True) -> None:
-    """The final check before saving: onnx.checker and (unless ``ort_load`` is False) an ORT CPU load."""
-    from onnxq._ort import make_session
-
+    """The final check before saving: onnx.checker, with ONNX Runtime's schemas for the ops only it knows, and
+    (unless ``ort_load`` is False) an ORT CPU load (see :func:`onnxq.model_checks.validate`)."""
     try:
-        onnx.checker.check_model(model, full_check=False)
-        if ort_load and model.ByteSize() < 1_900_000_000:
-            make_session(model.SerializeToString(), optimization="basic")
-    except Exception as exc:  # noqa: BLE001
-        raise OnnxqError(f"the quantized model does not load ({exc}); nothing was written. Please report this.") from exc
+        validate(model, ort_load=ort_load, optimization="basic")
+    except ModelCheckError as exc:
+        raise OnnxqError(f"the quantized model does not load ({exc}); nothing was written. Please report this.") from None
 
 
 def quantize_file(
@@ -463,13 +461,19 @@ def quantize_file(
     string of each tensor's QuantizeLinear/DequantizeLinear, and ``report.html`` is written beside
     ``report.json``.
 
+    ``input_path`` may be a model folder (onnxruntime-genai's, see :mod:`onnxq.model_folders`): its decoder is
+    quantized into the folder ``output_path`` under the same name, and its other files are copied beside it.
+
     Before any work (after validating the input), every destination is checked (see
     :func:`onnxq.destinations.check_destinations`): ``output_path``, its ``.data`` sibling and the report
     files must be regular files or absent, in writable folders, and none of the files this run reads
     (the model and its external data, the calibration and evaluation sources, the tokenizer, the cache
     and ``reads``: what the caller read, such as a recipe or a manifest).
     """
-    src, dst = Path(input_path), Path(output_path)
+    folder = Path(input_path)
+    src, dst, from_folder = resolve_folders(folder, Path(output_path))  # a model folder: its decoder, into a folder
+    if from_folder:
+        output_path = dst  # else as given: the destination checks name the path as the user wrote it
     report = Report()
     if on_stage:
         on_stage("loading")
@@ -502,6 +506,8 @@ def quantize_file(
     if on_stage:
         on_stage("saving")
     result.files = save_model(result.model, dst, input_path=src)
+    if from_folder:  # the tokenizer and config files beside the quantized model
+        result.files = [*result.files, *copy_companions(folder, dst.parent, files)]
     record_sizes_and_report(result, report, in_bytes, comparison, report_dir)
     return result
 

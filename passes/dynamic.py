@@ -64,6 +64,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
+from onnxq.passes.constant_folding import materialize_weight_transposes
 from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.recipe import DynamicSpec, NodeConfig, Recipe
 from onnxq.recipe_schema import TableSettings
@@ -185,6 +186,7 @@ class DynamicQuantizePass(ConfiguredPass[DynamicSettings]):
             )
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        materialize_weight_transposes(graph)  # a tied weight's Transpose kept by constant folding
         per_row = self.settings.spec.activation_granularity == "per-row"
         self._hadamards: dict[int, gs.Constant] = {}
         self._counts = {"nodes_quantized": 0, "nodes_excluded": 0, "nodes_skipped": 0, "activation_products": 0,

@@ -38,6 +38,8 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import CalibrationError
 from onnxq.graphs import FreshNames
+from onnxq.calibration.sources.token_inputs import kv_cache_inputs
+from onnxq.passes.constant_folding import materialize_weight_transposes
 from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.recipe import NodeConfig, NodeSelection, Recipe
 from onnxq.scheme import (
@@ -177,15 +179,19 @@ def _node_configs(graph: gs.Graph, selection: NodeSelection, counts: dict[str, i
     """The recipe's settings for every node it quantizes (by ``id``); counts the excluded ones.
 
     Nodes with no float output are left out (nothing to quantize); activation MatMuls are excluded when
-    the recipe says so.
+    the recipe says so; so are the nodes reading a KV-cache input (``past_key_values.*``, the past/present
+    Concat of an Optimum export), since calibration runs prefills with an empty past.
     """
     configs: dict[int, NodeConfig] = {}
+    past = kv_cache_inputs(graph)
     for node in graph.nodes:
         if node.op not in selection.op_types:
             continue
         cfg = selection.config_for(node.name, node.op)
         if cfg is not None and selection.exclude.activation_matmuls and _activation_matmul(node):
             cfg = None
+        if cfg is not None and any(id(t) in past for t in node.inputs):
+            cfg = None  # calibration feeds the KV cache empty (a prefill): its range at decode time is unknown
         if cfg is None:
             counts["nodes_excluded"] += 1
         elif any(_is_float(t) for t in node.outputs):
@@ -358,6 +364,7 @@ class InsertQDQPass(ConfiguredPass[InsertQDQSettings]):
             )
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        materialize_weight_transposes(graph)  # a tied weight's Transpose kept by constant folding
         settings, target = self.settings, ctx.target
         counts = {"nodes_quantized": 0, "nodes_excluded": 0, "qdq_pairs": 0, "weights_quantized": 0,
                   "biases_quantized": 0, "shared_weights": 0, "activations_absorbed": 0}  # fmt: skip

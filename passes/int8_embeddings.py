@@ -28,6 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.graphs import FreshNames
+from onnxq.passes.constant_folding import materialize_weight_transposes
 from onnxq.pipeline import Pass, PassContext, PassResult
 from onnxq.recipe import ExcludeSpec, Recipe
 
@@ -124,6 +125,7 @@ class Int8EmbeddingsPass(Pass):
         return f"{type(self).__name__}({self.exclude!r})"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        materialize_weight_transposes(graph)  # a tied weight's Transpose kept by constant folding
         exclude = self.exclude
         n = quantize_embedding_tables(graph, FreshNames(graph), ctx.doc_strings, lambda node: exclude.excludes(node.name, node.op))
         if n:

@@ -79,7 +79,7 @@ def plan_node(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None = Non
     query heads) can only be scaled by an ``f`` constant along that axis. With ``ties`` (a list), a plan
     is made anyway: the slices of ``f`` that would have to be equal are appended to it as pairs, and the
     first slice is planned (:func:`channel_ties` uses this to learn which channels must share a factor)."""
-    if len(p.outputs) != 1 and not (p.op == "LayerNormalization" and all(not o.outputs for o in p.outputs[1:])):
+    if len(p.outputs) != 1 and not (p.op in _NORM_SCALES and _only_normalized_output(p, t)):
         return None
     planner = _PLANNERS.get(p.op)
     return None if planner is None else planner(p, t, f, ties)
@@ -90,17 +90,38 @@ def _last_only(f: np.ndarray) -> bool:
     return all(d == 1 for d in f.shape[:-1])
 
 
+#: Normalizations over the last axis: the input index of their scale (gamma), and of their bias (beta) if any.
+#: ``SimplifiedLayerNormalization`` (RMSNorm, the default domain) and the com.microsoft ``Skip*`` forms are
+#: onnxruntime's, as onnxruntime-genai's model builder writes them.
+_NORM_SCALES = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None),
+                "SkipLayerNormalization": (2, 3), "SkipSimplifiedLayerNormalization": (2, None)}
+
+
+def _only_normalized_output(p: gs.Node, t: gs.Variable) -> bool:
+    """``t`` is the normalized output 0 and the statistics outputs are unused; a Skip* norm's output 3 (the
+    residual sum input + skip, which the scale does not touch) may be read."""
+    stats = p.outputs[1:3] if p.op.startswith("Skip") else p.outputs[1:]
+    return p.outputs[0] is t and all(not o.outputs for o in stats)
+
+
+def scaled_outputs(node: gs.Node) -> list[gs.Tensor]:
+    """The outputs of an edited node that a :class:`ScaleEdit` changes: all, except a Skip* norm's residual
+    sum (output 3), which its scale does not touch."""
+    return node.outputs[:1] if node.op in _NORM_SCALES and node.op.startswith("Skip") else list(node.outputs)
+
+
 def _plan_layer_norm(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -> list[ScaleEdit] | None:
-    """LayerNormalization over the last axis: scale its weight (and bias)."""
+    """A normalization over the last axis (:data:`_NORM_SCALES`): scale its weight (and bias)."""
     axis = int(p.attrs.get("axis", -1))
-    if not _last_only(f) or axis not in (-1, f.ndim - 1) or len(p.inputs) < 2 or not float_constant(p.inputs[1]):
+    scale, bias = _NORM_SCALES[p.op]
+    if not _last_only(f) or axis not in (-1, f.ndim - 1) or len(p.inputs) <= scale or not float_constant(p.inputs[scale]):
         return None
     vec = f.reshape(-1)
-    edits = [ScaleEdit(p, 1, _fit(vec, p.inputs[1]), where="LayerNormalization")]
-    if len(p.inputs) > 2 and p.inputs[2] is not None and not _empty(p.inputs[2]):
-        if not float_constant(p.inputs[2]):
+    edits = [ScaleEdit(p, scale, _fit(vec, p.inputs[scale]), where="LayerNormalization")]
+    if bias is not None and len(p.inputs) > bias and p.inputs[bias] is not None and not _empty(p.inputs[bias]):
+        if not float_constant(p.inputs[bias]):
             return None
-        edits.append(ScaleEdit(p, 2, _fit(vec, p.inputs[2]), where="LayerNormalization"))
+        edits.append(ScaleEdit(p, bias, _fit(vec, p.inputs[bias]), where="LayerNormalization"))
     return edits
 
 
@@ -197,7 +218,7 @@ def _plan_expand(p: gs.Node, t: gs.Variable, f: np.ndarray, ties: Ties | None) -
 
 _Planner = Callable[[gs.Node, gs.Variable, np.ndarray, Ties | None], list[ScaleEdit] | None]
 _PLANNERS: dict[str, _Planner] = {
-    "LayerNormalization": _plan_layer_norm,
+    **{op: _plan_layer_norm for op in _NORM_SCALES},
     "Mul": _plan_mul_div,
     "Div": _plan_mul_div,
     "Add": _plan_add_sub,

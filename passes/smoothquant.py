@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from onnxq.calibration.channel_stats import ChannelStats, collect_channel_stats
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames
+from onnxq.passes.constant_folding import materialize_weight_transposes
 from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.recipe import NodeConfig, Recipe, SmoothQuantSpec
 from onnxq.recipe_schema import TableSettings
@@ -93,6 +94,7 @@ class SmoothQuantPass(ConfiguredPass[SmoothQuantSettings]):
         return STATIC_CALIBRATION_REFUSAL.format(recipe=recipe_name)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        materialize_weight_transposes(graph)  # a tied weight's Transpose kept by constant folding
         spec = self.settings.spec
         counts = {"layers_smoothed": 0, "groups_smoothed": 0, "folded_layernorm": 0, "folded_linear": 0,
                   "folded_mul": 0, "producers_cloned": 0, "muls_inserted": 0, "groups_left_unsmoothed": 0}  # fmt: skip

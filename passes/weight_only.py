@@ -44,6 +44,7 @@ from onnxq._memory import release
 from onnxq.calibration.runner import choose_providers
 from onnxq.errors import PassError
 from onnxq.graphs import FreshNames, downstream_tensors
+from onnxq.passes.constant_folding import materialize_weight_transposes
 from onnxq.pipeline import ConfiguredPass, PassContext, PassResult
 from onnxq.progress import progress_bar
 from onnxq.recipe import Recipe
@@ -56,7 +57,7 @@ from onnxq.weightonly.segments import SegmentRunner, Wave
 from onnxq.weightonly.settings import AWQSettings, GPTQSettings, WeightOnlySettings
 
 from .int8_embeddings import quantize_embedding_tables
-from .scale_folding import ScaleEdit, apply_edit, channel_ties, plan_producer, value_readers
+from .scale_folding import ScaleEdit, apply_edit, channel_ties, plan_producer, scaled_outputs, value_readers
 from .shape_inference import refine_static_dims
 
 __all__ = ["WeightOnlyPass", "quantize_weight_only", "output_projections"]
@@ -160,6 +161,7 @@ class WeightOnlyPass(ConfiguredPass[WeightOnlySettings]):
         return (21 if self.settings.format == "qdq" else 13), "blocked int4 DequantizeLinear needs opset 21"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        materialize_weight_transposes(graph)  # a tied weight's Transpose kept by constant folding
         settings = self.settings
         counts = {"layers_quantized": 0, "layers_int8": 0, "layers_left_float": 0, "embeddings_quantized": 0,
                   "awq_groups_scaled": 0, "awq_groups_unscaled": 0, "segments_run": 0}  # fmt: skip
@@ -517,7 +519,7 @@ def _downstream(nodes: list[gs.Node], *, stop: dict[int, int], cut: int) -> set[
     def follow(r: gs.Node) -> bool:  # Shape/Size read only the shape, which scaling keeps
         return r.op not in ("Shape", "Size") and stop.get(id(r), cut) < cut
 
-    return {t.name for t in downstream_tensors([t for n in nodes for t in n.outputs], follow)}
+    return {t.name for t in downstream_tensors([t for n in nodes for t in scaled_outputs(n)], follow)}
 
 
 def quantize_weight_only(graph: gs.Graph, ctx: PassContext, recipe: Recipe | None = None) -> gs.Graph:

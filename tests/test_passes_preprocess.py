@@ -509,3 +509,62 @@ def test_preprocess_squeezenet_fp16(assets) -> None:
     assert got.dtype == np.float16 and got.shape == want.shape
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=0, atol=2e-2)
     assert int(np.argmax(got)) == int(np.argmax(want))
+
+
+# ------------------------------------------------------------------- constant folding of LLM exports
+
+
+def test_constant_folding_keeps_the_transpose_of_a_tied_weight_and_quantization_passes_fold_it() -> None:
+    """Optimum's tied embedding: Gather reads the table, Transpose -> lm_head MatMul reads it transposed. Folding the
+    Transpose would store the table twice (108 MiB for SmolLM2); it is kept, and folded by the weight passes."""
+    from llm_graphs import optimum_llm, run_prefill, session, token_ids
+
+    from onnxq.passes.constant_folding import materialize_weight_transposes
+
+    model = optimum_llm()
+    graph = _graph(model)
+    result = ConstantFoldingPass(max_output_bytes=16 << 10)(graph, make_ctx())  # the table is 32 KiB
+    kept = [n for n in graph.nodes if n.op == "Transpose" and isinstance(n.inputs[0], gs.Constant)]
+    assert [n.name for n in kept] == ["/lm_head/Transpose"] and result.counts["nodes_kept_large"] == 1
+    assert any("second copy of initializer 'model.embed_tokens.weight'" in n for n in result.notes), result.notes
+    assert materialize_weight_transposes(graph, 64 << 20) == 0  # only what folding kept under the same limit
+    assert materialize_weight_transposes(graph, 16 << 10) == 1
+    lm_head = next(n for n in graph.nodes if n.name == "/lm_head/MatMul")
+    assert isinstance(lm_head.inputs[1], gs.Constant) and lm_head.inputs[1].shape == (64, 128)
+    ids = token_ids(6)
+    want = run_prefill(session(model), ids, 16)[0]
+    np.testing.assert_array_equal(run_prefill(session(gs.export_onnx(graph)), ids, 16)[0], want)
+
+
+def test_constant_folding_folds_an_unshared_transposed_weight_over_the_limit() -> None:
+    model = _text_with_weight("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 64] x) => (float[1, 128] y) <float[128, 64] w> {
+        wt = Transpose<perm = [1, 0]>(w)
+        y = MatMul(x, wt)
+    }
+    """, "w", np.ones((128, 64), np.float32))
+    graph = _graph(model)
+    result = ConstantFoldingPass(max_output_bytes=1 << 10)(graph, make_ctx())
+    assert op_types(graph) == ["MatMul"] and result.counts["nodes_kept_large"] == 0
+
+
+def test_constant_folding_evaluates_the_whole_graph_once_and_partitions_only_when_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    real = gs.Graph.fold_constants
+
+    def spy(self: gs.Graph, *args: object, **kwargs: object) -> gs.Graph:
+        calls.append(kwargs.get("partitioning"))
+        if kwargs.get("partitioning") is None and fail:
+            raise RuntimeError("ORT cannot run the whole foldable subgraph")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gs.Graph, "fold_constants", spy)
+    fail = False
+    for fail in (False, True):
+        calls.clear()
+        weight = np.random.default_rng(RNG_SEED).standard_normal((5, 12)).astype(np.float32)
+        graph = _graph(_text_with_weight(SHAPE_CHAIN_MODEL, "w_t", weight))
+        result = ConstantFoldingPass()(graph, make_ctx())
+        assert result.counts["nodes_folded"] == 7 and op_types(graph) == ["Reshape", "MatMul"], result.counts
+        assert calls[:2] == ([None, "recursive"] if fail else [None, None])

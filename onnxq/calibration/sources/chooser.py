@@ -12,7 +12,7 @@ from onnxq.calibration.sources.images import IMAGE_SUFFIXES, ImageFolderSource
 from onnxq.calibration.sources.onnx_test_data import TestDataSetSource, find_test_data_dirs
 from onnxq.calibration.sources.random_data import RandomSource, index_bounds
 from onnxq.calibration.sources.text import TEXT_SUFFIXES, TextSource
-from onnxq.calibration.sources.token_inputs import static_seq_len
+from onnxq.calibration.sources.token_inputs import empty_past_specs, static_seq_len
 from onnxq.calibration.sources.tokens import TextWindowSource, TokenFileSource
 from onnxq.errors import CalibrationError
 
@@ -55,6 +55,8 @@ def open_source(spec: str, model: onnx.ModelProto, *, preprocess: str | None = N
         raise CalibrationError(f"calibration source not found: {spec}")
     if p.is_file():
         suffix = p.suffix.lower()
+        if suffix in TEXT_SUFFIXES or suffix == ".json":  # token sources feed a KV cache an empty past
+            specs = empty_past_specs(model, specs)
         if suffix in TEXT_SUFFIXES:
             if tokenizer is None:
                 raise CalibrationError(f"text calibration needs --tokenizer tokenizer.json (a Hugging Face tokenizers "

@@ -10,7 +10,7 @@ from typing import Any, Generator, Iterator
 
 import numpy as np
 from onnxq.calibration.sources.base import CalibrationSource, InputSpec, count_text, evenly_spaced
-from onnxq.calibration.sources.token_inputs import import_tokenizers, is_number, static_seq_len, token_feed, token_roles
+from onnxq.calibration.sources.token_inputs import roles_text, import_tokenizers, is_number, static_seq_len, token_feed, token_roles
 from onnxq.errors import CalibrationError
 
 #: Text file suffixes :class:`TextSource` reads: plain text (one sample a line), JSONL, TSV/CSV.
@@ -233,4 +233,4 @@ class TextSource(CalibrationSource):
             fmt = "one sample per line"
         return (f"text file {self.path} ({count_text(len(self), self.total, 'samples')}; {fmt}; tokenizer "
                 f"{self.tokenizer_path}, max_length {self.max_length}, padding {self.padding}; "
-                + "; ".join([f"inputs {', '.join(self.roles)}", *self.notes]) + ")")
+                + "; ".join([f"inputs {roles_text(self.roles)}", *self.notes]) + ")")

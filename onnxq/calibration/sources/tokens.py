@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 from onnxq.calibration.sources.base import CalibrationSource, InputSpec, count_text, evenly_spaced
 from onnxq.calibration.sources.text import TextSource
-from onnxq.calibration.sources.token_inputs import token_feed, token_roles
+from onnxq.calibration.sources.token_inputs import roles_text, token_feed, token_roles
 from onnxq.errors import CalibrationError
 
 _TOKEN_KEYS = ("input_ids", "tokens", "token_ids", "ids")
@@ -81,7 +81,7 @@ class TokenFileSource(CalibrationSource):
         left = len(self.tokens) - self.windows * self.seq_len
         rest = f", {left} left over" if left else ""
         return (f"token file {self.path} ({count_text(len(self), self.windows, f'windows of {self.seq_len} tokens')}; "
-                f"{len(self.tokens)} tokens{rest}; inputs {', '.join(self.roles)})")
+                f"{len(self.tokens)} tokens{rest}; inputs {roles_text(self.roles)})")
 
 
 class TextWindowSource(TokenFileSource):
@@ -141,4 +141,4 @@ class TextWindowSource(TokenFileSource):
     def describe(self) -> str:
         return (f"text file {self.path} tokenized with {self.text.tokenizer_path} into "
                 f"{count_text(len(self), self.windows, f'windows of {self.seq_len} tokens')} ({len(self.tokens)} tokens; "
-                f"inputs {', '.join(self.roles)})")
+                f"inputs {roles_text(self.roles)})")

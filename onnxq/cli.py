@@ -233,8 +233,11 @@ def _reported_counts(report: Any) -> dict[str, int]:
 def _print_quantize_summary(report: Any, output: str) -> None:
     info = report.info
     size = info.get("size", {})
+    output = info.get("output", output)  # a model folder's run: the model file inside the output folder
     _out.print(f"[bold green]wrote[/] {markup_safe(output)}  ({size.get('input_bytes', 0) / 1e6:.2f} MB -> "
                f"{size.get('output_bytes', 0) / 1e6:.2f} MB, {100 * size.get('ratio', 0):.1f}% of the input)")  # fmt: skip
+    if info.get("copied"):
+        _out.print(f"copied beside it from the input folder: {', '.join(info['copied'])}", markup=False, highlight=False)
     tgt = info.get("target", {})
     if any(st.name == "insert_qdq" for st in report.steps):
         _out.print(f"target profile: [bold]{tgt.get('profile')}[/] ({tgt.get('reason')})")

@@ -8,13 +8,15 @@ chat template) beside it. The input's external-data files are not copied: the ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from onnxq.errors import ModelLoadError, OnnxqError
 
-__all__ = ["copy_companions", "resolve_folders"]
+__all__ = ["copy_companions", "made_folder", "resolve_folders"]
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -39,14 +41,35 @@ def _decoder_file(folder: Path) -> Path:
 
 def resolve_folders(src: Path, dst: Path) -> tuple[Path, Path, bool]:
     """(model file, output file, whether a folder was given): for a folder ``src``, its decoder file and the same
-    name inside the output folder ``dst`` (created; it must be empty or absent). A file ``src`` is returned as is."""
+    name inside the output folder ``dst`` (which must be new or empty; :func:`made_folder` creates it). A file
+    ``src`` is returned as is."""
     if not src.is_dir():
         return src, dst, False
     model = _decoder_file(src)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise OnnxqError(f"-o {dst} is the input model folder itself; give a new folder for the quantized model")
+    if dst.suffix.lower() == ".onnx" and not dst.is_dir():
+        raise OnnxqError(f"{src} is a model folder, so its output is a folder too, but -o {dst} names a model file: give "
+                         f"a new folder (-o {dst.with_suffix('')}), or pass {model} to write that one file")  # fmt: skip
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise OnnxqError(f"the output for the model folder {src} is a folder: -o {dst} must be a new or empty folder")
-    dst.mkdir(parents=True, exist_ok=True)
+        what = "is a file" if not dst.is_dir() else "already holds files"
+        raise OnnxqError(f"-o {dst} {what}; the output of the model folder {src} must be a new or empty folder")
     return model, dst / model.name, True
+
+
+@contextlib.contextmanager
+def made_folder(folder: Path | None) -> Iterator[None]:
+    """Create ``folder`` (None: nothing to do) for the run inside; if the run fails or is stopped, remove it again
+    when it did not exist before, so that a failed folder run leaves nothing behind."""
+    if folder is None or folder.is_dir():
+        yield
+        return
+    folder.mkdir(parents=True)
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def copy_companions(src_dir: Path, dst_dir: Path, skip: list[Path]) -> list[Path]:

@@ -42,7 +42,7 @@ from onnxq.quantize_report import compare_into_report, record_sizes_and_report
 from onnxq.report import Report, peak_rss_mb
 from onnxq.scheme import QuantDtype
 from onnxq.target import TargetProfile, resolve_target
-from onnxq.model_folders import copy_companions, resolve_folders
+from onnxq.model_folders import copy_companions, made_folder, resolve_folders
 from onnxq.model_checks import ModelCheckError, check_operators, check_runnable, validate
 
 __all__ = ["CalibrationOptions", "QuantizeResult", "quantize_model", "quantize_file"]
@@ -461,53 +461,54 @@ def quantize_file(
     string of each tensor's QuantizeLinear/DequantizeLinear, and ``report.html`` is written beside
     ``report.json``.
 
-    ``input_path`` may be a model folder (onnxruntime-genai's, see :mod:`onnxq.model_folders`): its decoder is
-    quantized into the folder ``output_path`` under the same name, and its other files are copied beside it.
+    ``input_path`` may be a model folder (:mod:`onnxq.model_folders`): its decoder is quantized into the new
+    folder ``output_path`` under the same name, its other files copied beside it; a failed run removes the folder.
 
-    Before any work (after validating the input), every destination is checked (see
-    :func:`onnxq.destinations.check_destinations`): ``output_path``, its ``.data`` sibling and the report
-    files must be regular files or absent, in writable folders, and none of the files this run reads
-    (the model and its external data, the calibration and evaluation sources, the tokenizer, the cache
-    and ``reads``: what the caller read, such as a recipe or a manifest).
+    Before any work, every destination is checked (:func:`onnxq.destinations.check_destinations`): the output,
+    its ``.data`` sibling and the report files must be regular files or absent, in writable folders, and none of
+    the files this run reads (model, external data, calibration and evaluation sources, tokenizer, cache, ``reads``).
     """
     folder = Path(input_path)
     src, dst, from_folder = resolve_folders(folder, Path(output_path))  # a model folder: its decoder, into a folder
     if from_folder:
         output_path = dst  # else as given: the destination checks name the path as the user wrote it
-    report = Report()
-    if on_stage:
-        on_stage("loading")
-    files = _model_files(src)  # validates the file and its external data before any work
-    in_bytes = sum(f.stat().st_size for f in files)
-    check_destinations(output_destinations(output_path, report_dir),
-                       [*_reads(files, calibration, evaluation, calib_cache), *reads])  # fmt: skip
-    sha = model_hash(src)
-    report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
-                        "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
-    session = CachedCalibration(calib_cache, model_sha256=sha, spec=recipe.calibration) if calib_cache else None
-    # quantize_model loads the file itself, so no frame here keeps the (large) protobuf alive during the passes
-    result = quantize_model(src, recipe, calibration=calibration, progress=progress, checked=checked, report=report,
-                            calibration_session=session, on_stage=on_stage, budget=budget, evaluation=evaluation,
-                            eval_size=eval_size)  # fmt: skip
-    result.model.metadata_props.add(key="onnxq.input_sha256", value=report.info["input_sha256"])
-    for key, value in (metadata or {}).items():
-        result.model.metadata_props.add(key=key, value=value)
-    if on_stage:
-        on_stage("verifying")
-    bf16 = _verify(result, recipe, report)
-    comparison = None
-    opts = evaluation if evaluation is not None and evaluation.source else calibration
-    if report_dir is not None and opts is not None and opts.source and not bf16 and in_bytes < 1_500_000_000:
+    with made_folder(dst.parent if from_folder else None):  # removed again if the run fails
+        report = Report()
         if on_stage:
-            on_stage("comparing")
-        comparison = compare_into_report(src, result, opts, compare_samples, progress, report, recipe)
-    elif report_dir is not None:
-        report.note("no accuracy comparison in the report: it needs --calib or --eval samples (and a model under 1.5 GB)")
-    if on_stage:
-        on_stage("saving")
-    result.files = save_model(result.model, dst, input_path=src)
-    if from_folder:  # the tokenizer and config files beside the quantized model
-        result.files = [*result.files, *copy_companions(folder, dst.parent, files)]
+            on_stage("loading")
+        files = _model_files(src)  # validates the file and its external data before any work
+        in_bytes = sum(f.stat().st_size for f in files)
+        check_destinations(output_destinations(output_path, report_dir),
+                           [*_reads(files, calibration, evaluation, calib_cache), *reads])  # fmt: skip
+        sha = model_hash(src)
+        report.info.update({"input": str(src), "output": str(dst), "input_sha256": sha,
+                            "onnxq_version": __version__, "recipe": recipe.name})  # fmt: skip
+        session = CachedCalibration(calib_cache, model_sha256=sha, spec=recipe.calibration) if calib_cache else None
+        # quantize_model loads the file itself, so no frame here keeps the (large) protobuf alive during the passes
+        result = quantize_model(src, recipe, calibration=calibration, progress=progress, checked=checked, report=report,
+                                calibration_session=session, on_stage=on_stage, budget=budget, evaluation=evaluation,
+                                eval_size=eval_size)  # fmt: skip
+        result.model.metadata_props.add(key="onnxq.input_sha256", value=report.info["input_sha256"])
+        for key, value in (metadata or {}).items():
+            result.model.metadata_props.add(key=key, value=value)
+        if on_stage:
+            on_stage("verifying")
+        bf16 = _verify(result, recipe, report)
+        comparison = None
+        opts = evaluation if evaluation is not None and evaluation.source else calibration
+        if report_dir is not None and opts is not None and opts.source and not bf16 and in_bytes < 1_500_000_000:
+            if on_stage:
+                on_stage("comparing")
+            comparison = compare_into_report(src, result, opts, compare_samples, progress, report, recipe)
+        elif report_dir is not None:
+            report.note("no accuracy comparison in the report: it needs --calib or --eval samples (and a model under 1.5 GB)")
+        if on_stage:
+            on_stage("saving")
+        result.files = save_model(result.model, dst, input_path=src)
+        if from_folder:  # the tokenizer and config files beside the quantized model
+            copied = copy_companions(folder, dst.parent, files)
+            result.files = [*result.files, *copied]
+            report.info["copied"] = [p.name for p in copied]
     record_sizes_and_report(result, report, in_bytes, comparison, report_dir)
     return result
 

@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env["og"] = "not installed"
     notes = [f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, greedy; {args.warmup} warm-up + "
              f"{args.runs} timed rounds, models in turn; medians; threads {args.threads or 'runtime default'}",
-             f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end"]
+             f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end; interpreter {sys.executable}"]
     section = results_section("bench_decode.py", env, " ".join(argv if argv is not None else sys.argv[1:]), notes,
                               [table(entries, baseline, decode_text)],
                               versions=(("onnxruntime", "onnxruntime"), ("onnxruntime-genai", "og"), ("Python", "python")))

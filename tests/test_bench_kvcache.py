@@ -9,11 +9,11 @@ the past is fed back right and positions continue after it.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -24,21 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB, DIM, HEADS, HD, MAXPOS = 16, 8, 2, 4, 32
 
 
-def _load(name: str, rel: str) -> ModuleType:
-    """Import a benchmark script by path (the scripts put benchmarks/ on sys.path for their siblings)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ppl_script = _load("onnxq_benchmarks_perplexity", "benchmarks/perplexity.py")
-decode_script = _load("onnxq_benchmarks_bench_decode", "benchmarks/bench_decode.py")
-kv = sys.modules["_kvcache"]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their siblings (_kvcache, _harness) by name
+ppl_script = importlib.import_module("perplexity")
+decode_script = importlib.import_module("bench_decode")
+kv = importlib.import_module("_kvcache")
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:

@@ -58,6 +58,8 @@ def _graph_head_dims(model: Path) -> dict[str, int]:
     input's width / kv_num_heads. Widths come from the graph's value_info (the builder writes it)."""
     import onnx
 
+    if not model.is_file():
+        raise KVCacheError(f"{model}: a symbolic head dim is read from the graph; pass the model's path, not a session")
     graph = onnx.load(str(model), load_external_data=False).graph
     widths = {}
     for vi in [*graph.value_info, *graph.input, *graph.output]:

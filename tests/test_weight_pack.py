@@ -401,3 +401,25 @@ def test_float16_activation_and_bad_arguments_refused() -> None:
     bad = QuantizedWeight(qw.q, qw.scales[:1], qw.zero_points[:1], qw.grid)
     with pytest.raises(ValueError, match=r"needs \[2, 48\] scales"):
         pack_matmulnbits(bad)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_symmetric_int4_is_onnxruntimes_own_quantization(block: int) -> None:
+    """The symmetric int4 grid is onnxruntime's (MLAS, matmul_nbits_quantizer): the block's signed extreme lands
+    on code 0 (scale = m / -8), so the packed bytes and scales equal what ORT's own quantizer writes."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    k, n = 64, 6
+    w = _weight(k, n, seed=5)
+    w[:, 1] = np.abs(w[:, 1])  # a column whose extreme is positive (negative scale)
+    w[:block, 2] = 0.0  # an all-zero block
+    nb = k // block
+    packed = np.zeros((n, nb, block // 2), np.uint8)
+    scales = np.zeros((n, nb), np.float32)
+    zp = np.zeros((n, (nb + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, w, scales, zp, block, n, k, True)
+    ours = pack_matmulnbits(rtn(w, WeightGrid(4, True, block)))
+    assert ours.zero_points is None
+    nonzero = scales != 0  # ORT stores scale 0 for an all-zero block, onnxq 1 (codes 8 either way: exact zeros)
+    np.testing.assert_array_equal(ours.scales[nonzero], scales[nonzero])
+    assert np.array_equal(ours.b, packed) and (scales[1] < 0).all() and scales[2, 0] == 0

@@ -69,14 +69,21 @@ def ort_only_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in _all_nodes(model.graph) if _ort_only(node, imports)]
 
 
+def _onnx_knows(node: onnx.NodeProto, domain: str, version: int) -> bool:
+    """Whether onnx has a schema for the node's op (default domains only) at the model's opset ``version``."""
+    return domain in ("ai.onnx", "ai.onnx.ml") and onnx.defs.has(node.op_type, version, "" if domain == "ai.onnx" else domain)
+
+
+def _ort_knows(node: onnx.NodeProto, domain: str, version: int) -> bool:
+    """Whether ONNX Runtime has a schema for the node's op at the model's opset ``version`` of its domain."""
+    since = _ort_ops().get("" if domain == "ai.onnx" else domain, {}).get(node.op_type)
+    return since is not None and since <= max(version, 1)
+
+
 def _ort_only(node: onnx.NodeProto, imports: dict[str, int]) -> bool:
     domain = _domain_name(node.domain)
     version = imports.get(domain, 1)
-    onnx_domain = "" if domain == "ai.onnx" else domain
-    if domain in ("ai.onnx", "ai.onnx.ml") and onnx.defs.has(node.op_type, version, onnx_domain):
-        return False
-    since = _ort_ops().get(onnx_domain, {}).get(node.op_type)
-    return since is not None and since <= max(version, 1)
+    return not _onnx_knows(node, domain, version) and _ort_knows(node, domain, version)
 
 
 def validate(model: onnx.ModelProto, *, path: Path | None = None, full_check: bool = False, ort_load: bool = True,
@@ -237,10 +244,9 @@ def check_operators(model: onnx.ModelProto, path: Path | str, *, runnable: bool 
             imports[domain] = 1
             logger.info("added the missing opset import of domain %r (version 1)", domain)
         version = imports.get(domain, 0)
-        ort_since = ort_ops.get("" if domain == "ai.onnx" else domain, {}).get(node.op_type)
-        ort_knows = ort_since is not None and ort_since <= max(version, 1)
+        ort_knows = _ort_knows(node, domain, version)
         if domain in ("ai.onnx", "ai.onnx.ml"):
-            if onnx.defs.has(node.op_type, version, "" if domain == "ai.onnx" else domain):
+            if _onnx_knows(node, domain, version):
                 continue
             if ort_knows:
                 tolerated.add(node.op_type)

@@ -119,6 +119,7 @@ def empty_past_specs(model: onnx.ModelProto, specs: list[InputSpec]) -> list[Inp
     """``specs`` with each KV-cache input's shape made static: batch 1, past length 0, the KV heads and head
     dimension from the input itself where static, else from the graph (:func:`_kv_dim`)."""
     out = []
+    shapes: dict[str, list[int | None]] | None = None  # read from the graph once, when a dim needs it
     for s in specs:
         if not is_past_input(s):
             out.append(s)
@@ -129,7 +130,8 @@ def empty_past_specs(model: onnx.ModelProto, specs: list[InputSpec]) -> list[Inp
         for axis in (i for i in range(1, 4) if i != seq_axis):
             dim = dims[axis]
             if not (isinstance(dim, int) and dim > 0):
-                dims[axis] = _kv_dim(model, s, axis)
+                shapes = _static_shapes(model) if shapes is None else shapes
+                dims[axis] = _kv_dim(model, shapes, s, axis)
         out.append(InputSpec(s.name, s.dtype, tuple(dims)))
     return out
 
@@ -143,11 +145,11 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return shapes
 
 
-def _kv_dim(model: onnx.ModelProto, spec: InputSpec, axis: int) -> int:
+def _kv_dim(model: onnx.ModelProto, shapes: dict[str, list[int | None]], spec: InputSpec, axis: int) -> int:
     """Dimension ``axis`` (1: KV heads, 3: head dim) of a KV-cache input whose graph input leaves it symbolic: from
     the GroupQueryAttention reading it (``kv_num_heads``; head dim = width of its packed q|k|v input / (num_heads
-    + 2 kv_num_heads), or of its query / num_heads), else from a reader's rank-4 output of the same layout."""
-    shapes = _static_shapes(model)
+    + 2 kv_num_heads), or of its query / num_heads), else from a reader's rank-4 output of the same layout.
+    ``shapes``: :func:`_static_shapes` of the model."""
     for node in (n for n in model.graph.node if spec.name in n.input):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "GroupQueryAttention" and {"num_heads", "kv_num_heads"} <= attrs.keys():

@@ -74,3 +74,17 @@ def test_awq_scales_fold_into_the_builders_norm_gammas(files: Path) -> None:
                if n in gammas and not np.array_equal(t, gammas[n])]  # fmt: skip
     assert "model.layers.0.input_layernorm.weight" in changed  # SimplifiedLayerNormalization
     assert any("post_attention_layernorm" in n or "layers.1.input_layernorm" in n for n in changed), changed  # Skip*
+
+
+@pytest.mark.parametrize("form", ["builder", "optimum"])
+def test_random_calibration_of_an_llm_points_to_text(tmp_path: Path, form: str) -> None:
+    """A careless `--calib random` on a KV-cache model: one line naming the KV-cache input and the text/token fix,
+    nothing written."""
+    model = tmp_path / "m.onnx"
+    onnx.save(builder_llm() if form == "builder" else optimum_llm(), model)
+    out = tmp_path / "q.onnx"
+    code, _, stderr = run_cli("quantize", str(model), "-o", str(out), "--preset", "w8a8-smoothquant", "--calib", "random:4",
+                              "--no-progress")  # fmt: skip
+    text = " ".join(stderr.split())
+    assert code == 1 and "KV-cache input 'past_key_values.0.key'" in text and "--tokenizer tokenizer.json" in text
+    assert not out.exists()

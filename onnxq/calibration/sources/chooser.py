@@ -12,7 +12,7 @@ from onnxq.calibration.sources.images import IMAGE_SUFFIXES, ImageFolderSource
 from onnxq.calibration.sources.onnx_test_data import TestDataSetSource, find_test_data_dirs
 from onnxq.calibration.sources.random_data import RandomSource, index_bounds
 from onnxq.calibration.sources.text import TEXT_SUFFIXES, TextSource
-from onnxq.calibration.sources.token_inputs import empty_past_specs, static_seq_len
+from onnxq.calibration.sources.token_inputs import empty_past_specs, is_past_input, static_seq_len
 from onnxq.calibration.sources.tokens import TextWindowSource, TokenFileSource
 from onnxq.errors import CalibrationError
 
@@ -27,6 +27,10 @@ def _refuse_random_dynamic(specs: list[InputSpec]) -> None:
         if dyn:
             i, d = dyn[0]
             what = f"dim {i} ('{d}')" if d else f"dim {i}"
+            if is_past_input(s):  # an LLM's KV cache: random token ids say nothing about text's activations
+                raise CalibrationError(f"random calibration cannot feed KV-cache input '{s.name}' {shape_text(s.shape)}; "
+                                       "calibrate an LLM on text (--calib FILE.txt --tokenizer tokenizer.json --seq-len "
+                                       "512) or token ids (--calib TOKENS.json), which feed it an empty past")
             raise CalibrationError(f"random calibration cannot size {what} of model input '{s.name}' {shape_text(s.shape)}: "
                                    "it would run at 1 (a 1x1 image); calibrate with real data (--calib images/ or "
                                    "an .npz file), or export the model with fixed input dims")
